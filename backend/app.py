@@ -1,0 +1,221 @@
+"""The WSGI app: label-studio-ml's Flask app (``init_app``) with the MaskInversion model and hardened routes.
+
+label-studio-ml 1.0.9 keeps one model per process, created by ``/setup`` — which Label Studio sends to only
+one of several web workers — and answers errors with a 500 and a Python traceback. So ``/predict`` and
+``/setup`` are replaced by views that build the model from the request's own label config and answer every
+error with JSON and a meaningful status (400 bad request, 401 auth, 422 bad regions, 502/503/504 worker,
+image or queue trouble); ``/webhook`` and ``/train`` acknowledge and ignore training events (MaskInversion
+optimises per region at prediction time). Optional HTTP basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS), as
+Label Studio's ML backend settings support; GET /health stays open for container health checks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import sys
+from typing import Any
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .dispatch import DispatchError
+from .label_config import LabelConfigError
+from .service import PredictError, Service
+from .settings import Settings
+from .torchless import import_label_studio_ml
+
+log = logging.getLogger(__name__)
+
+OPEN_ENDPOINTS = {"health"}
+
+
+def _error(status: int, message: str, details: list[Any] | None = None):
+    body: dict[str, Any] = {"status": status, "error": message}
+    if details:
+        body["errors"] = details
+    return jsonify(body), status
+
+
+def _read_body(limit: int) -> bytes:
+    """The raw request body; 413 beyond ``limit`` bytes (declared or actually sent, chunked bodies included)."""
+    too_big = f"the request body is larger than MASKINV_MAX_BODY_MB allows ({limit} bytes)"
+    if request.content_length is not None and request.content_length > limit:
+        raise PredictError(413, too_big)
+    stream = request.stream
+    chunks, size = [], 0
+    while True:
+        chunk = stream.read(min(1 << 20, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise PredictError(413, too_big)
+    return b"".join(chunks)
+
+
+def _json_body() -> dict[str, Any]:
+    """The request's JSON object; 400 for malformed JSON (deep nesting included), 413 for an oversized body."""
+    raw = _read_body(_service().settings.max_body_bytes)
+    try:
+        data = json.loads(raw) if raw.strip() else None
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise PredictError(400, f"the request body is not valid JSON: {reason}") from None
+    if not isinstance(data, dict):
+        raise PredictError(400, "the request body must be a JSON object (Content-Type: application/json)")
+    return data
+
+
+def _service() -> Service:
+    from flask import current_app
+
+    return current_app.config["MASKINV_SERVICE"]
+
+
+def _guarded(view):
+    """Run a view; PredictError -> its status, anything else -> 500 JSON (traceback only in the log)."""
+    def wrapper(*args: Any, **kwargs: Any):
+        try:
+            return view(*args, **kwargs)
+        except PredictError as exc:
+            log.warning("%s %s -> %d: %s", request.method, request.path, exc.status, exc.message)
+            return _error(exc.status, exc.message, exc.details)
+        except DispatchError as exc:
+            log.error("%s %s -> 503: %s", request.method, request.path, exc)
+            return _error(503, str(exc))
+        except Exception as exc:  # noqa: BLE001 - never a traceback in a response
+            log.exception("%s %s failed", request.method, request.path)
+            return _error(500, f"internal error: {exc.__class__.__name__}: {exc}")
+    wrapper.__name__ = view.__name__
+    return wrapper
+
+
+def predict_view():
+    from .model import MaskInversionModel
+
+    data = _json_body()
+    params = data.get("params")
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise PredictError(400, "'params' must be an object")
+    if "tasks" not in data:
+        raise PredictError(400, "the request has no 'tasks'")
+    model = MaskInversionModel(label_config=data.get("label_config"))
+    extra = {k: v for k, v in params.items() if k != "context"}
+    results = model.predict(data["tasks"], context=params.get("context"), **extra)
+    service = _service()
+    version = service.model_version(model.config, *service.params(extra.get("maskinv")))
+    return jsonify({"results": results, "model_version": version})
+
+
+def setup_view():
+    data = _json_body()
+    service = _service()
+    schema = data.get("schema") or data.get("label_config")
+    try:
+        cfg = service.config(schema)
+    except LabelConfigError as exc:
+        raise PredictError(400, f"label config: {exc}") from None
+    hostname, token = data.get("hostname"), data.get("access_token")
+    service.remember_setup(hostname if isinstance(hostname, str) else None, token if isinstance(token, str) else None)
+    log.info("setup for project %s: controls %s", str(data.get("project"))[:100],
+             {n: len(c.labels) for n, c in cfg.region_controls.items()})
+    return jsonify({"model_version": service.model_version(cfg)})
+
+
+def health_view():
+    info = _service().health()
+    down = info.get("mode") == "queue" and info.get("redis") != "ok"
+    body = {"status": "DOWN" if down else "UP", "model_class": "MaskInversionModel", **info}
+    return jsonify(body), 503 if down else 200
+
+
+def webhook_view():
+    try:
+        data = _json_body()
+    except PredictError as exc:
+        if exc.status == 413:
+            raise
+        data = {}
+    action = data.get("action") if isinstance(data.get("action"), str) else None
+    log.info("ignoring webhook %s: this backend does not train", action)
+    return jsonify({"status": "ignored", "action": action, "reason": "MaskInversion does not train"}), 200
+
+
+def train_view():
+    return jsonify({"status": "ignored", "reason": "MaskInversion does not train"}), 200
+
+
+def is_training_view():
+    return jsonify({"is_training": False, "model_version": _service().model_version()})
+
+
+def versions_view():
+    return jsonify({"versions": _service().versions(), "model_dir": None, "v2": True})
+
+
+VIEWS = {"_predict": predict_view, "_setup": setup_view, "health": health_view, "webhook": webhook_view,
+         "_train": train_view, "_is_training": is_training_view, "get_version": versions_view}
+
+
+def _check_auth():
+    settings = _service().settings
+    if not settings.basic_auth_user or request.endpoint in OPEN_ENDPOINTS:
+        return None
+    auth = request.authorization
+    if (auth is not None and auth.type == "basic"
+            and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+            and hmac.compare_digest((auth.password or "").encode(), (settings.basic_auth_pass or "").encode())):
+        return None
+    resp, status = _error(401, "authentication required (HTTP basic auth, see BASIC_AUTH_USER/BASIC_AUTH_PASS)")
+    resp.headers["WWW-Authenticate"] = 'Basic realm="maskinversion"'
+    return resp, status
+
+
+def _http_error(exc: HTTPException):
+    return _error(exc.code or 500, exc.description or exc.name)
+
+
+def _drop_body_logging(app: Flask, api: Any) -> None:
+    """Remove label-studio-ml's request/response body logging hooks: they read every request body in full
+    (``request.get_data()`` is evaluated whatever the log level) before any size check could refuse it."""
+    for funcs, hook in ((app.before_request_funcs, "log_request_info"), (app.after_request_funcs, "log_response_info")):
+        target = getattr(api, hook, None)
+        if target is not None and target in funcs.get(None, []):
+            funcs[None].remove(target)
+
+
+def configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    root.setLevel(level)
+
+
+def create_app(settings: Settings | None = None, service: Service | None = None) -> Flask:
+    """Build (or re-configure) the backend's Flask app. One app per process: label-studio-ml's is a singleton."""
+    settings = settings or (service.settings if service else Settings.from_env())
+    configure_logging(settings.log_level)
+    api, _ = import_label_studio_ml()
+    from .model import MaskInversionModel
+
+    service = service or Service(settings)
+    MaskInversionModel.service = service
+    app: Flask = api.init_app(MaskInversionModel)
+    app.config["MASKINV_SERVICE"] = service
+    if not app.config.get("MASKINV_INSTALLED"):
+        _drop_body_logging(app, api)
+        for endpoint, view in VIEWS.items():
+            app.view_functions[endpoint] = _guarded(view)
+        app.add_url_rule("/versions", "get_version", methods=["GET"])  # LS 1.23 asks with GET; 1.0.9 has POST
+        app.before_request(_check_auth)
+        app.register_error_handler(HTTPException, _http_error)
+        app.config["MASKINV_INSTALLED"] = True
+    if settings.embedded and settings.warmup and hasattr(service.dispatcher, "warm_up"):
+        service.dispatcher.warm_up()
+    log.info("MaskInversion backend ready: %s mode%s", service.dispatcher.mode,
+             f", queue {settings.queue!r} on {settings.redis_url}" if not settings.embedded else "")
+    return app

@@ -1,0 +1,476 @@
+"""Run label jobs: through RQ + Redis (``REDIS_URL`` set) or in this process (embedded), with a result cache.
+
+One :class:`LabelRequest` = all regions of one image that share a vocabulary. For each request the
+dispatcher
+
+1. encodes the masks (packed bits, worker.payload) and drops duplicates (same mask digest);
+2. looks every region up in the result cache (:mod:`worker.result_cache`) and keeps only the misses;
+3. runs one ``worker.jobs.label_regions`` job for the misses, waits up to a deadline, and merges.
+
+Queue mode: jobs have a deterministic id (hash of image, masks, params and labels), so a request that
+repeats one whose job is still queued or running attaches to it instead of enqueueing it again; the worker
+stores results in the cache when a job finishes, so nothing is lost when the backend stops waiting.
+A job whose worker stops sending heartbeats (killed, crashed) is reported at once; a later identical
+request re-enqueues it.
+
+Embedded mode: the same job function runs in one background thread (``worker.jobs`` is imported lazily, at
+the first job); results go to an in-process LRU, so a request that timed out is served from it later.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from worker.payload import InversionParams, encode_image, encode_mask, sha256_hex
+from worker.result_cache import (JOB_META_KEY, MemoryResultCache, RedisResultCache, ResultCache,
+                                 entries_from_result, params_digest, region_key)
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+JOB_FUNCTION = "worker.jobs.label_regions"
+STORE_CALLBACK = "worker.result_cache.store_job_result"
+JOB_RESULT_TTL_S = 600  # finished jobs (results are also in the result cache, with MASKINV_RESULT_TTL)
+#: times one request re-enqueues a job that vanished from Redis (Redis restarted without persistence)
+MAX_RESUBMITS = 2
+
+
+class DispatchError(RuntimeError):
+    """Jobs cannot be run at all (e.g. Redis unreachable); maps to HTTP 503."""
+
+
+@dataclass
+class LabelRequest:
+    """All regions of one image that share a label set. ``masks``: one bool ``[H, W]`` per region."""
+
+    image: bytes
+    masks: list[np.ndarray]
+    labels: list[str]
+    params: InversionParams
+    image_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.image_sha256:
+            self.image_sha256 = sha256_hex(self.image)
+
+
+@dataclass
+class LabelOutcome:
+    """Per-region results (same order as the request's masks) or a job-level error."""
+
+    regions: list[dict[str, Any]]  # {"labels": [...], "caption", "caption_mode", "error", "cached": bool}
+    model: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    kind: str | None = None  # None, or why the job failed: "timeout" | "no_worker" | "failed" | "rejected"
+    info: dict[str, Any] = field(default_factory=dict)  # job id/status, worker cache counters, timings
+
+
+@dataclass
+class _Prepared:
+    request: LabelRequest
+    shas: list[str]  # per mask
+    encoded: dict[str, dict]  # unique sha -> encoded mask
+    pdigest: str
+    hits: dict[str, dict] = field(default_factory=dict)  # sha -> cached value
+    payload: dict | None = None
+    job_id: str | None = None
+
+
+@dataclass
+class _RunResult:
+    result: dict | None
+    error: str | None
+    info: dict[str, Any]
+    kind: str | None = None  # see LabelOutcome.kind
+
+
+def _region_error(message: str) -> dict[str, Any]:
+    return {"labels": [], "caption": None, "caption_mode": None, "error": message, "cached": False}
+
+
+class Dispatcher:
+    """Common part: cache lookups, payloads and merging. Subclasses run the payloads."""
+
+    mode = "?"
+
+    def __init__(self, settings: Settings, cache: ResultCache):
+        self.settings = settings
+        self.cache = cache
+
+    # -- to implement ------------------------------------------------------------------------------
+    def model_info(self, wait_s: float = 0.0) -> dict[str, Any] | None:
+        """The model that will run the jobs, when known (needed for cache keys); embedded mode may wait up to
+        ``wait_s`` for the model to load."""
+        raise NotImplementedError
+
+    def _run(self, items: list[_Prepared], timeout_s: float) -> list[_RunResult]:
+        raise NotImplementedError
+
+    def health(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- the pipeline --------------------------------------------------------------------------------
+    def label(self, requests: list[LabelRequest], timeout_s: float) -> list[LabelOutcome]:
+        """Label every request's regions; never raises for a single job's failure (see LabelOutcome.error)."""
+        model = self.model_info()
+        prepared = [self._prepare(r, model) for r in requests]
+        todo = [p for p in prepared if p.payload is not None]
+        runs = dict(zip((id(p) for p in todo), self._run(todo, timeout_s))) if todo else {}
+        return [self._merge(p, runs.get(id(p)), model) for p in prepared]
+
+    def _prepare(self, req: LabelRequest, model: dict[str, Any] | None) -> _Prepared:
+        shas, encoded = [], {}
+        for m in req.masks:
+            enc = encode_mask(np.asarray(m, dtype=bool))
+            shas.append(enc["sha256"])
+            encoded.setdefault(enc["sha256"], enc)
+        pdigest = params_digest(req.params.to_dict(), req.labels)
+        p = _Prepared(req, shas, encoded, pdigest)
+        if model and model.get("id") and encoded:
+            keys = {sha: region_key(self.settings.redis_prefix, model["id"], req.image_sha256, sha, pdigest)
+                    for sha in encoded}
+            try:
+                values = self.cache.get_many(list(keys.values()))
+            except Exception as exc:  # noqa: BLE001 - a cache read failure only costs recomputation
+                log.warning("result cache read failed: %s", exc)
+                values = [None] * len(keys)
+            p.hits = {sha: v for sha, v in zip(keys, values) if v is not None}
+        missing = [sha for sha in encoded if sha not in p.hits]
+        if missing:
+            p.payload = {"image": encode_image(req.image),
+                         "regions": [{"id": sha, "mask": encoded[sha]} for sha in missing],
+                         "labels": list(req.labels), "params": req.params.to_dict()}
+            ident = "\n".join([self.settings.queue, req.image_sha256, pdigest, *sorted(missing)])
+            p.job_id = re.sub(r"[^A-Za-z0-9_-]", "_", self.settings.queue) + "-" + sha256_hex(ident.encode())[:40]
+        return p
+
+    def _merge(self, p: _Prepared, run: _RunResult | None, model: dict[str, Any] | None) -> LabelOutcome:
+        by_sha: dict[str, dict] = {sha: {**v, "error": None, "cached": True} for sha, v in p.hits.items()}
+        info: dict[str, Any] = {"result_cache": {"hits": len(p.hits), "misses": len(p.encoded) - len(p.hits)}}
+        error, kind = None, None
+        out_model = dict(model or {})
+        if run is not None:
+            info.update(run.info)
+            if run.result is not None:
+                res = run.result
+                out_model = dict(res.get("model") or out_model)
+                info.update({"cache": res.get("cache", {}), "timings": res.get("timings", {})})
+                error = res.get("error")
+                kind = "rejected" if error else None
+                for region in res.get("regions") or []:
+                    by_sha[str(region.get("id"))] = {
+                        "labels": region.get("labels") or [], "caption": region.get("caption"),
+                        "caption_mode": region.get("caption_mode"), "error": region.get("error"), "cached": False}
+            else:
+                error, kind = run.error, run.kind or "failed"
+        if not out_model and p.hits:
+            out_model = dict(next(iter(p.hits.values())).get("model") or {})
+        regions = [by_sha.get(sha) or _region_error(error or "no result for this region") for sha in p.shas]
+        return LabelOutcome(regions=regions, model=out_model, error=error, kind=kind, info=info)
+
+
+class EmbeddedDispatcher(Dispatcher):
+    """Runs ``worker.jobs.label_regions`` in this process, one job at a time, in a background thread."""
+
+    mode = "embedded"
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings, MemoryResultCache(settings.memory_cache_entries, settings.result_ttl_s))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskinv-embedded")
+        self._model: dict[str, Any] | None = None
+        self._model_error: str | None = None
+        self._loading: Future | None = None
+        self._lock = threading.Lock()
+
+    def warm_up(self) -> Future:
+        """Load the model in the background (so the first request does not pay for it)."""
+        with self._lock:
+            if self._loading is None or (self._loading.done() and self._model is None):
+                self._loading = self._pool.submit(self._load_model)
+            return self._loading
+
+    def _load_model(self) -> dict[str, Any]:
+        from worker import jobs  # torch is imported here, lazily
+
+        with self._lock:
+            if self._model is not None:
+                return dict(self._model)
+        try:
+            info = dict(jobs.warm_up() if hasattr(jobs, "warm_up") else jobs.get_runtime().model_info())
+        except Exception as exc:
+            with self._lock:
+                self._model_error = f"{exc.__class__.__name__}: {exc}"
+            log.error("embedded model failed to load: %s", self._model_error)
+            raise
+        with self._lock:
+            self._model, self._model_error = info, None
+        return info
+
+    def model_info(self, wait_s: float = 0.0) -> dict[str, Any] | None:
+        if wait_s > 0 and self._model is None:
+            try:
+                self.warm_up().result(timeout=wait_s)
+            except Exception:  # noqa: BLE001 - still loading, or failed (reported by /health and the jobs)
+                pass
+        with self._lock:
+            return dict(self._model) if self._model else None
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            return {"mode": self.mode, "model": self._model, "model_error": self._model_error,
+                    "ready": self._model is not None}
+
+    def _job(self, payload: dict) -> dict:
+        from worker import jobs
+
+        if self._model is None:
+            self._load_model()
+        result = jobs.label_regions(payload)
+        entries = entries_from_result(self.settings.redis_prefix, payload, result)
+        self.cache.put_many(entries)
+        return result
+
+    def _run(self, items: list[_Prepared], timeout_s: float) -> list[_RunResult]:
+        futures = [self._pool.submit(self._job, p.payload) for p in items]
+        deadline = time.monotonic() + timeout_s
+        out = []
+        for p, fut in zip(items, futures):
+            t0 = time.monotonic()
+            try:
+                result = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                msg = (f"no result after {timeout_s:g}s (MASKINV_TIMEOUT/MASKINV_BATCH_TIMEOUT); the job keeps "
+                       "running and a repeated request will be served from the result cache")
+                log.warning("embedded job for image %s: %s", p.request.image_sha256[:12], msg)
+                out.append(_RunResult(None, msg, {"status": "running"}, "timeout"))
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported per job
+                log.exception("embedded job for image %s failed", p.request.image_sha256[:12])
+                out.append(_RunResult(None, f"worker error: {exc.__class__.__name__}: {exc}", {"status": "failed"}, "failed"))
+                continue
+            out.append(_RunResult(result, None, {"status": "finished", "waited_s": time.monotonic() - t0}))
+        return out
+
+
+class QueueDispatcher(Dispatcher):
+    """Enqueues jobs on an RQ queue served by ``python -m worker`` processes and waits for them."""
+
+    mode = "queue"
+
+    def __init__(self, settings: Settings, connection: Any | None = None):
+        from redis import Redis
+        from rq import Queue
+
+        from worker.queue_worker import JOB_SERIALIZER, LabelJob, WorkerRegistry
+
+        conn = connection if connection is not None else Redis.from_url(settings.redis_url)
+        super().__init__(settings, RedisResultCache(conn, settings.result_ttl_s))
+        self.connection = conn
+        self.serializer = JOB_SERIALIZER
+        self.queue = Queue(settings.queue, connection=conn, serializer=JOB_SERIALIZER, job_class=LabelJob)
+        self.registry = WorkerRegistry(conn, settings.queue, prefix=settings.redis_prefix)
+
+    def model_info(self, wait_s: float = 0.0) -> dict[str, Any] | None:
+        from redis.exceptions import RedisError
+
+        try:
+            models = self.registry.live_models()
+        except RedisError as exc:
+            raise DispatchError(f"Redis at {self.settings.redis_url} is not reachable: {exc}") from None
+        ids = {m.get("id") for m in models.values()}
+        return next(iter(models.values())) if len(ids) == 1 else None
+
+    def health(self) -> dict[str, Any]:
+        from redis.exceptions import RedisError
+
+        try:
+            self.connection.ping()
+            models = self.registry.live_models()
+            queued = len(self.queue)
+        except RedisError as exc:
+            return {"mode": self.mode, "ready": False, "redis": f"unreachable: {exc}"}
+        ids = sorted({str(m.get("id")) for m in models.values()})
+        return {"mode": self.mode, "ready": bool(models), "redis": "ok", "queue": self.settings.queue,
+                "queued_jobs": queued, "workers": len(models), "models": ids}
+
+    # -- enqueue ---------------------------------------------------------------------------------------
+    def _enqueue(self, p: _Prepared):
+        from rq import Callback
+
+        return self.queue.enqueue_call(
+            JOB_FUNCTION, args=(p.payload,), job_id=p.job_id, unique=True,
+            timeout=self.settings.job_timeout_s, result_ttl=JOB_RESULT_TTL_S, failure_ttl=JOB_RESULT_TTL_S,
+            ttl=max(3600, 2 * self.settings.job_timeout_s),
+            on_success=Callback(STORE_CALLBACK),
+            meta={JOB_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.result_ttl_s}},
+            description=f"label {len(p.payload['regions'])} region(s) of image {p.request.image_sha256[:12]}")
+
+    def _submit(self, p: _Prepared):
+        """Enqueue, or attach to the live job with the same id; replace a failed or orphaned one."""
+        from rq.exceptions import DuplicateJobError, NoSuchJobError
+        from rq.job import Job
+
+        for _ in range(3):
+            try:
+                return self._enqueue(p)
+            except DuplicateJobError:
+                pass
+            try:
+                job = Job.fetch(p.job_id, connection=self.connection, serializer=self.serializer)
+            except NoSuchJobError:
+                continue  # expired in between: enqueue again
+            status, worker = self._peek(job)
+            if status in ("queued", "deferred", "scheduled", "finished", "created") or (
+                    status == "started" and (not worker or self.registry.is_alive(worker))):
+                log.info("attaching to existing job %s (%s)", job.id, status)
+                return job
+            log.info("replacing job %s (status %s, worker %s)", job.id, status, worker or "-")
+            job.delete()
+        raise DispatchError(f"could not enqueue job {p.job_id}")
+
+    def _peek(self, job) -> tuple[str | None, str | None]:
+        status, worker = self.connection.hmget(job.key, "status", "worker_name")
+        dec = (lambda b: b.decode() if isinstance(b, bytes) else b)
+        return dec(status), dec(worker)
+
+    # -- wait ------------------------------------------------------------------------------------------
+    def _run(self, items: list[_Prepared], timeout_s: float) -> list[_RunResult]:
+        """Enqueue (or attach to) one job per item and wait for all of them until ``timeout_s``.
+
+        Redis trouble while waiting (a restart) is waited out until the deadline; a job that vanished from
+        Redis (restarted without persistence) is enqueued again, at most MAX_RESUBMITS times.
+        """
+        from redis.exceptions import RedisError
+
+        t0 = time.monotonic()
+        try:
+            live = self.registry.live_workers()
+            jobs = [self._submit(p) for p in items]
+        except RedisError as exc:
+            raise DispatchError(f"Redis at {self.settings.redis_url} is not reachable: {exc}") from None
+        if not live:
+            msg = (f"no MaskInversion worker is serving queue {self.settings.queue!r} (start one with "
+                   "`python -m worker`); the job stays queued and its results will be cached when a worker "
+                   "takes it")
+            log.error(msg)
+            return [_RunResult(None, msg, {"job_id": j.id, "status": "queued"}, "no_worker") for j in jobs]
+        results: dict[int, _RunResult] = {}
+        pending = dict(enumerate(jobs))
+        resubmits: dict[int, int] = {}
+        deadline = t0 + timeout_s
+        poll = 0.02
+        redis_error: Exception | None = None
+        while pending:
+            try:
+                vanished = self._poll(pending, results, t0)
+                redis_error = None
+            except RedisError as exc:
+                if redis_error is None:
+                    log.warning("Redis at %s is not reachable while waiting for %d job(s): %s; retrying until the "
+                                "deadline", self.settings.redis_url, len(pending), exc)
+                redis_error, vanished = exc, []
+            for k in vanished:
+                job = pending[k]
+                if resubmits.get(k, 0) >= MAX_RESUBMITS:
+                    results[k] = _RunResult(None, f"job {job.id} disappeared from Redis {MAX_RESUBMITS + 1} times "
+                                                  "(expired, deleted or Redis restarted)",
+                                            {"job_id": job.id, "status": None}, "failed")
+                    del pending[k]
+                    continue
+                try:
+                    pending[k] = self._submit(items[k])
+                    resubmits[k] = resubmits.get(k, 0) + 1
+                    log.warning("job %s disappeared from Redis (restarted?); enqueued it again", job.id)
+                except (RedisError, DispatchError) as exc:
+                    redis_error = exc  # try again at the next poll
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                for k, job in pending.items():
+                    results[k] = self._overdue(job, timeout_s, redis_error)
+                break
+            time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+            poll = min(poll * 1.5, 0.25)
+        out = [results[k] for k in range(len(jobs))]
+        for k, n in resubmits.items():
+            out[k].info["resubmitted"] = n
+        return out
+
+    def _overdue(self, job, timeout_s: float, redis_error: Exception | None) -> _RunResult:
+        from redis.exceptions import RedisError
+
+        if redis_error is not None:
+            msg = (f"Redis at {self.settings.redis_url} is not reachable: {redis_error} (waited {timeout_s:g}s); "
+                   "a repeated request will enqueue the job again")
+            log.error(msg)
+            return _RunResult(None, msg, {"job_id": job.id, "status": "unknown"}, "failed")
+        try:
+            status, worker = self._peek(job)
+        except RedisError:
+            status, worker = "unknown", None
+        msg = (f"no result after {timeout_s:g}s (job {job.id} is {status or 'gone'}"
+               f"{' on worker ' + worker if worker and status == 'started' else ''}); the job keeps "
+               "running and a repeated request will be served from the result cache")
+        log.warning(msg)
+        return _RunResult(None, msg, {"job_id": job.id, "status": status or "gone"}, "timeout")
+
+    def _poll(self, pending: dict, results: dict, t0: float) -> list[int]:
+        """Move finished/failed jobs from ``pending`` to ``results``; return the keys of vanished jobs."""
+        pipe = self.connection.pipeline(transaction=False)
+        for job in pending.values():
+            pipe.hmget(job.key, "status", "worker_name")
+        states = pipe.execute()
+        vanished = []
+        for (k, job), (status, worker) in zip(list(pending.items()), states):
+            status = status.decode() if isinstance(status, bytes) else status
+            worker = worker.decode() if isinstance(worker, bytes) else worker
+            info = {"job_id": job.id, "status": status, "worker": worker, "waited_s": time.monotonic() - t0}
+            if status == "finished":
+                result = job.return_value(refresh=True)
+                if isinstance(result, dict):
+                    results[k] = _RunResult(result, None, info)
+                elif result is None and not self.connection.exists(job.key):
+                    vanished.append(k)  # gone between the two reads
+                    continue
+                else:
+                    results[k] = _RunResult(None, f"job {job.id} finished without a result", info, "failed")
+            elif status in ("failed", "stopped", "canceled"):
+                results[k] = _RunResult(None, self._failure(job, status), info, "failed")
+            elif status is None:
+                vanished.append(k)
+                continue
+            elif status == "started" and worker and not self.registry.is_alive(worker):
+                msg = (f"worker {worker} stopped sending heartbeats while running job {job.id} (killed or "
+                       "crashed?); a repeated request will re-enqueue it")
+                log.error(msg)
+                results[k] = _RunResult(None, msg, info, "failed")
+            else:
+                continue
+            del pending[k]
+        return vanished
+
+    @staticmethod
+    def _failure(job, status: str) -> str:
+        last = ""
+        try:
+            res = job.latest_result()
+            if res is not None and res.exc_string:
+                lines = [ln for ln in res.exc_string.strip().splitlines() if ln.strip()]
+                last = lines[-1].strip() if lines else ""
+        except Exception:  # noqa: BLE001 - the status alone is still a clear error
+            pass
+        return f"worker job {job.id} {status}" + (f": {last}" if last else "")
+
+
+def make_dispatcher(settings: Settings) -> Dispatcher:
+    return EmbeddedDispatcher(settings) if settings.embedded else QueueDispatcher(settings)

@@ -1,0 +1,222 @@
+"""Backend settings, read once from environment variables (every variable is documented in docs/service.md).
+
+Nothing here imports torch. A malformed value raises :class:`SettingsError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from worker.payload import DEFAULT_TEMPLATES, InversionParams, PayloadError
+
+from .fetch_policy import HostEntry, parse_allow_list
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the backend cannot use."""
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name)
+    return default if value is None or value.strip() == "" else value.strip()
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise SettingsError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float | None = None) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if lo is not None and not value >= lo:
+        raise SettingsError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def _allow_list(env: Mapping[str, str], name: str) -> tuple[HostEntry, ...]:
+    try:
+        return parse_allow_list(env.get(name))
+    except ValueError as exc:
+        raise SettingsError(f"{name}: {exc} (comma-separated host names, *.domain, IP addresses or CIDR networks, "
+                            "optionally with :port)") from None
+
+
+def _root(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    path = os.path.abspath(raw)
+    if path == os.path.abspath(os.sep):
+        raise SettingsError(f"{name} must not be the file system root")
+    return path
+
+
+def _labels(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = env.get(name, "")
+    labels = tuple(dict.fromkeys(s.strip() for s in raw.split(",") if s.strip()))
+    return labels
+
+
+def _templates(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_TEMPLATES
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = [s for s in raw.split("|") if s.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and "{}" in t for t in value):
+        raise SettingsError(f"{name} must be a JSON list (or '|'-separated list) of templates containing '{{}}', "
+                            f"got {raw!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the backend reads from the environment."""
+
+    # HTTP server
+    host: str = "0.0.0.0"
+    port: int = 9090
+    web_workers: int = 1
+    web_threads: int = 4
+    log_level: str = "INFO"
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+    model_version: str | None = None
+    # Label Studio (images)
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = None
+    fetch_timeout_s: float = 30.0
+    max_image_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    image_cache_bytes: int = 256 * 1024 * 1024
+    mask_max_side: int = 2048
+    allowed_hosts: tuple[HostEntry, ...] = ()
+    local_files_root: str | None = None
+    media_root: str | None = None
+    # Request limits (hostile or accidental overload)
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_tasks: int = 100
+    max_regions: int = 100
+    max_labels: int = 1000
+    max_templates: int = 50
+    max_steps: int = 200
+    max_size: int = 1024
+    # Queue (REDIS_URL unset: embedded mode)
+    redis_url: str | None = None
+    queue: str = "maskinv"
+    redis_prefix: str = "maskinv"
+    timeout_s: float = 60.0
+    batch_timeout_s: float = 90.0
+    job_timeout_s: int = 600
+    result_ttl_s: int = 7 * 24 * 3600
+    memory_cache_entries: int = 20000
+    warmup: bool = True
+    # Inversion defaults (overridable per request)
+    params: InversionParams = field(default_factory=InversionParams)
+    extra_labels: tuple[str, ...] = ()
+
+    @property
+    def embedded(self) -> bool:
+        return not self.redis_url
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        redis_url = env.get("REDIS_URL", "").strip() or None
+        user = env.get("BASIC_AUTH_USER", "").strip() or None
+        password = env.get("BASIC_AUTH_PASS", "") or None
+        if (user is None) != (password is None):
+            raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        try:
+            params = InversionParams(
+                steps=_int(env, "MASKINV_STEPS", 10),
+                lr=_float(env, "MASKINV_LR", 0.1),
+                alpha=_float(env, "MASKINV_ALPHA", 0.0),
+                size=_int(env, "MASKINV_SIZE", 448),
+                top_k=_int(env, "MASKINV_TOP_K", 3),
+                templates=_templates(env, "MASKINV_TEMPLATES"),
+                caption=_bool(env, "MASKINV_CAPTION", True),
+            )
+            params.validate()
+            max_steps = _int(env, "MASKINV_MAX_STEPS", 200, 0, 1000)
+            max_size = _int(env, "MASKINV_MAX_SIZE", 1024, 32, 2048)
+            if params.steps > max_steps or params.size > max_size:
+                raise PayloadError(f"MASKINV_STEPS={params.steps} / MASKINV_SIZE={params.size} exceed "
+                                   f"MASKINV_MAX_STEPS={max_steps} / MASKINV_MAX_SIZE={max_size}")
+        except PayloadError as exc:
+            raise SettingsError(f"bad inversion default ({exc}); see MASKINV_STEPS/LR/ALPHA/SIZE/TOP_K") from None
+        log_level = _str(env, "MASKINV_LOG_LEVEL", "INFO").upper()
+        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(f"MASKINV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        ls_url = env.get("LABEL_STUDIO_URL", "").strip().rstrip("/") or None
+        if ls_url and not ls_url.startswith(("http://", "https://")):
+            raise SettingsError(f"LABEL_STUDIO_URL must start with http:// or https://, got {ls_url!r}")
+        return cls(
+            host=_str(env, "MASKINV_HOST", "0.0.0.0"),
+            port=_int(env, "MASKINV_PORT", 9090, 1, 65535),
+            web_workers=_int(env, "MASKINV_WEB_WORKERS", 1 if redis_url is None else 2, 1, 64),
+            web_threads=_int(env, "MASKINV_WEB_THREADS", 4, 1, 256),
+            log_level=log_level,
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            model_version=env.get("MASKINV_MODEL_VERSION", "").strip() or None,
+            label_studio_url=ls_url,
+            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", "").strip() or None,
+            fetch_timeout_s=_float(env, "MASKINV_FETCH_TIMEOUT", 30.0, 0.1),
+            max_image_bytes=_int(env, "MASKINV_MAX_IMAGE_MB", 64, 1) * 1024 * 1024,
+            max_image_pixels=_int(env, "MASKINV_MAX_IMAGE_PIXELS", 50_000_000, 1),
+            image_cache_bytes=_int(env, "MASKINV_IMAGE_CACHE_MB", 256, 0) * 1024 * 1024,
+            mask_max_side=_int(env, "MASKINV_MASK_MAX_SIDE", 2048, 32),
+            allowed_hosts=_allow_list(env, "MASKINV_ALLOWED_HOSTS"),
+            local_files_root=_root(env, "LOCAL_FILES_DOCUMENT_ROOT"),
+            media_root=_root(env, "MASKINV_MEDIA_ROOT"),
+            max_body_bytes=_int(env, "MASKINV_MAX_BODY_MB", 32, 1) * 1024 * 1024,
+            max_tasks=_int(env, "MASKINV_MAX_TASKS", 100, 1),
+            max_regions=_int(env, "MASKINV_MAX_REGIONS", 100, 1),
+            max_labels=_int(env, "MASKINV_MAX_LABELS", 1000, 1),
+            max_templates=_int(env, "MASKINV_MAX_TEMPLATES", 50, 1),
+            max_steps=max_steps,
+            max_size=max_size,
+            redis_url=redis_url,
+            queue=_str(env, "MASKINV_QUEUE", "maskinv"),
+            redis_prefix=_str(env, "MASKINV_REDIS_PREFIX", "maskinv"),
+            timeout_s=_float(env, "MASKINV_TIMEOUT", 60.0, 0.1),
+            batch_timeout_s=_float(env, "MASKINV_BATCH_TIMEOUT", 90.0, 0.1),
+            job_timeout_s=_int(env, "MASKINV_JOB_TIMEOUT", 600, 1),
+            result_ttl_s=_int(env, "MASKINV_RESULT_TTL", 7 * 24 * 3600, 1),
+            memory_cache_entries=_int(env, "MASKINV_MEMORY_CACHE_ENTRIES", 20000, 0),
+            warmup=_bool(env, "MASKINV_WARMUP", True),
+            params=params,
+            extra_labels=_labels(env, "MASKINV_LABELS"),
+        )

@@ -1,0 +1,217 @@
+"""Train the tiny scene CLIP (``maskinv-scene-tiny``) contrastively on generated scene–caption pairs.
+
+The model is a plain open_clip CLIP built from ``worker/model_configs/maskinv-scene-tiny.json``; the loss is
+open_clip's own ``ClipLoss``. Training pairs come from :mod:`benchmarks.scene_world` (train split): a pool of
+scenes (each with its shape twin: same colours, other shapes) is rendered once, then every step draws a batch of
+scenes with their twins, mirrors each image left-right with probability 1/2
+and writes a fresh whole-image caption for it (of the mirrored scene when mirrored). Nothing tells the model
+which pixels belong to which word.
+
+The result is a plain fp16 ``state_dict`` in safetensors format that open_clip loads like any local checkpoint:
+
+    open_clip.create_model_and_transforms("maskinv-scene-tiny", pretrained="assets/tiny_scene_clip/...")
+    worker.models.load_clip("maskinv-scene-tiny", "assets/tiny_scene_clip/maskinv-scene-tiny.safetensors")
+
+Run from the repository root (about 25 minutes on 2 CPU cores with the defaults):
+
+    nice python -m benchmarks.train_tiny_clip
+    nice python -m benchmarks.train_tiny_clip --steps 200 --pool 2000 --out /tmp/try.safetensors   # a quick try
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import open_clip
+import torch
+from tqdm import tqdm
+
+from benchmarks.scene_world import Mention, SceneWorld, make_caption
+from worker.models import register_project_configs
+
+MODEL_NAME = "maskinv-scene-tiny"
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_scene_clip"
+DEFAULT_OUT = ASSET_DIR / f"{MODEL_NAME}.safetensors"
+
+
+# ---------------------------------------------------------------------- data
+class ScenePool:
+    """Rendered training scenes: images ``[N, S, S, 3]`` uint8 and per scene what captions may say."""
+
+    def __init__(self, images: np.ndarray, objects: list[list[Mention]],
+                 backgrounds: list[str]):
+        self.images, self.objects, self.backgrounds = images, objects, backgrounds
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _render_range(args: tuple[dict, int, int]) -> tuple[np.ndarray, list, list]:
+    world_kwargs, start, stop = args
+    world = SceneWorld(**world_kwargs)
+    imgs, objs, bgs = [], [], []
+    for i in range(start, stop):
+        for sc in (world.scene(i, "train"), world.twin(i, "train")):
+            imgs.append(np.asarray(sc.image))
+            objs.append([o.mention() for o in sc.objects])
+            bgs.append(sc.background)
+    return np.stack(imgs), objs, bgs
+
+
+def render_pool(world_kwargs: dict, count: int, workers: int = 2, chunk: int = 250) -> ScenePool:
+    """Render train scenes ``0 .. count-1`` and their shape twins (deterministic; pool row ``2i`` is scene ``i``,
+    row ``2i + 1`` its twin) with ``workers`` processes and a progress bar."""
+    jobs = [(world_kwargs, a, min(a + chunk, count)) for a in range(0, count, chunk)]
+    parts = []
+    with get_context("spawn" if workers > 1 else "fork").Pool(max(1, workers)) as pool:
+        for part in tqdm(pool.imap(_render_range, jobs), total=len(jobs), desc="render scenes", unit="chunk"):
+            parts.append(part)
+    return ScenePool(np.concatenate([p[0] for p in parts]), [o for p in parts for o in p[1]],
+                     [b for p in parts for b in p[2]])
+
+
+class Batches:
+    """Deterministic batches ``(pixels [B, 3, S, S], captions)`` from a pool: epoch-wise shuffles, mirrors.
+
+    Each batch holds B/2 scenes with their shape twins (same colours, other shapes), so that colours alone
+    cannot tell its captions apart."""
+
+    def __init__(self, pool: ScenePool, batch: int, seed: int, mean: Sequence[float], std: Sequence[float]):
+        self.pool, self.batch = pool, batch
+        self.rng = np.random.default_rng([seed, 7])
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        self._order = np.zeros(0, dtype=np.int64)
+
+    def next(self) -> tuple[torch.Tensor, list[str]]:
+        pairs = self.batch // 2
+        if len(self._order) < pairs:
+            self._order = np.concatenate([self._order, self.rng.permutation(len(self.pool) // 2)])
+        first, self._order = self._order[:pairs], self._order[pairs:]
+        idx = np.stack([2 * first, 2 * first + 1], axis=1).reshape(-1)
+        mirror = self.rng.random(len(idx)) < 0.5
+        imgs = self.pool.images[idx].copy()
+        imgs[mirror] = imgs[mirror][:, :, ::-1]
+        captions = []
+        for i, m in zip(idx, mirror):
+            objs = [o._replace(centre=(1.0 - o.centre[0], o.centre[1])) if m else o for o in self.pool.objects[i]]
+            captions.append(make_caption(objs, self.pool.backgrounds[i], self.rng))
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std, captions
+
+
+# ---------------------------------------------------------------------- training
+def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def save_fp16(model: torch.nn.Module, path: Path) -> None:
+    """Write the model's ``state_dict`` as fp16 safetensors (a plain open_clip state dict)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+
+
+def train(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    register_project_configs()
+    if args.config_dir:
+        open_clip.add_model_config(args.config_dir)
+    model = open_clip.create_model(args.model)
+    tokenizer = open_clip.get_tokenizer(args.model)
+    image_size = int(model.visual.image_size[0])
+    world_kwargs = {"seed": args.seed, "image_size": image_size}
+
+    t0 = time.time()
+    pool = render_pool(world_kwargs, args.pool, workers=args.workers)
+    t_render = time.time() - t0
+    batches = Batches(pool, args.batch, args.seed, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = open_clip.loss.ClipLoss()
+    model.train()
+    history = []
+    t1 = time.time()
+    bar = tqdm(range(args.steps), desc="train", unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        pixels, captions = batches.next()
+        img_f, txt_f, scale = model(pixels, tokenizer(captions))[:3]
+        loss = loss_fn(img_f, txt_f, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        history.append(float(loss.detach()))
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            out = Path(args.out)
+            save_fp16(model, out.with_name(f"{out.stem}.step{step + 1}{out.suffix}"))
+        if step % 10 == 0 or step == args.steps - 1:
+            bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+    t_train = time.time() - t1
+    model.eval()
+    save_fp16(model, Path(args.out))
+    return {
+        "model": args.model,
+        "checkpoint": Path(args.out).name,
+        "seed": args.seed,
+        "world": {**world_kwargs, "split": "train", "scenes": args.pool, "with_twins": True},
+        "steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.wd,
+        "loss_first_20": float(np.mean(history[:20])), "loss_last_20": float(np.mean(history[-20:])),
+        "loss_every_50": [round(float(np.mean(history[i:i + 50])), 4) for i in range(0, len(history), 50)],
+        "render_s": round(t_render, 1), "train_s": round(t_train, 1), "threads": args.threads,
+        "torch": torch.__version__, "open_clip": open_clip.__version__, "machine": platform.processor() or
+        platform.machine(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=MODEL_NAME, help=f"open_clip model config name [{MODEL_NAME}]")
+    ap.add_argument("--config-dir", default=None, help="extra folder of open_clip model configs (experiments)")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps [1500]")
+    ap.add_argument("--batch", type=int, default=128, help="image-caption pairs per step (even) [128]")
+    ap.add_argument("--pool", type=int, default=8000,
+                    help="train scenes rendered once (each with its shape twin) and reused [8000]")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate [1e-3]")
+    ap.add_argument("--warmup", type=int, default=100, help="warm-up steps [100]")
+    ap.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay on matrices [0.1]")
+    ap.add_argument("--seed", type=int, default=0, help="world and initialisation seed [0]")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads [2]")
+    ap.add_argument("--workers", type=int, default=2, help="processes rendering the pool [2]")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"checkpoint path [{DEFAULT_OUT}]")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also save <out>.step<N> checkpoints every N steps, to watch a long run [0: off]")
+    ap.add_argument("--record", default=None, help="training record JSON [<out without suffix>.json]")
+    args = ap.parse_args(argv)
+    if args.batch < 2 or args.batch % 2:
+        ap.error(f"--batch must be an even number >= 2 (scenes come with their twins), got {args.batch}")
+    record = train(args)
+    rec_path = Path(args.record) if args.record else Path(args.out).with_suffix(".json")
+    rec_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: record[k] for k in ("checkpoint", "loss_first_20", "loss_last_20", "train_s")}))
+
+
+if __name__ == "__main__":
+    main()

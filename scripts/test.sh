@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs (idempotent) and run it.
+#   bash scripts/test.sh            # all tests, end-to-end against a real Label Studio included
+#   bash scripts/test.sh -m "not e2e" -x   # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# torch first, pinned to the builds that lie on this project's machines' disk (no multi-GB download).
+if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+.venv/bin/pip install -q -e '.[all]'
+
+# Label Studio lives in its own virtual environment (its pins clash with label-studio-ml's).
+if [ -f scripts/label_studio_env.sh ]; then
+  bash scripts/label_studio_env.sh
+fi
+
+# The queue tests talk to a real Redis (127.0.0.1:6379 unless REDIS_URL says otherwise).
+if command -v redis-cli >/dev/null 2>&1 && ! redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1; then
+  echo "Redis is not answering at ${REDIS_URL:-redis://127.0.0.1:6379/0}; starting a local one" >&2
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true
+fi
+
+exec .venv/bin/python -m pytest -ra "$@"

@@ -1,0 +1,46 @@
+"""Backend settings from the environment: defaults, parsing, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.serve import gunicorn_options
+from backend.settings import Settings, SettingsError
+from worker.payload import DEFAULT_TEMPLATES
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert s.embedded and s.port == 9090 and s.host == "0.0.0.0" and s.web_workers == 1 and s.queue == "maskinv"
+    assert s.params.steps == 10 and s.params.size == 448 and s.params.top_k == 3 and s.params.alpha == 0.0
+    assert s.params.templates == DEFAULT_TEMPLATES
+    assert Settings.from_env({"REDIS_URL": "redis://r:6379/0"}).web_workers == 2  # queue mode: no model in web procs
+
+
+def test_parsing():
+    s = Settings.from_env({"MASKINV_STEPS": "20", "MASKINV_ALPHA": "0.5", "MASKINV_TOP_K": "5",
+                           "MASKINV_TEMPLATES": '["a {}.", "the {}."]', "MASKINV_CAPTION": "false",
+                           "MASKINV_LABELS": "cat, dog,,cat", "LABEL_STUDIO_URL": "http://ls:8080/",
+                           "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p", "MASKINV_TIMEOUT": "2.5"})
+    assert (s.params.steps, s.params.alpha, s.params.top_k, s.params.caption) == (20, 0.5, 5, False)
+    assert s.params.templates == ("a {}.", "the {}.")
+    assert s.extra_labels == ("cat", "dog") and s.label_studio_url == "http://ls:8080" and s.timeout_s == 2.5
+    assert Settings.from_env({"MASKINV_TEMPLATES": "a {}.|an {}."}).params.templates == ("a {}.", "an {}.")
+    opts = gunicorn_options(s)
+    assert opts["bind"] == "0.0.0.0:9090" and opts["worker_class"] == "gthread" and opts["timeout"] > 90
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"MASKINV_PORT": "abc"}, "MASKINV_PORT must be an integer"),
+    ({"MASKINV_PORT": "70000"}, r"MASKINV_PORT must be in \[1, 65535\]"),
+    ({"MASKINV_TIMEOUT": "soon"}, "MASKINV_TIMEOUT must be a number"),
+    ({"MASKINV_CAPTION": "maybe"}, "MASKINV_CAPTION must be a boolean"),
+    ({"MASKINV_STEPS": "5000"}, "params.steps"),
+    ({"MASKINV_TEMPLATES": '["no placeholder"]'}, "MASKINV_TEMPLATES"),
+    ({"BASIC_AUTH_USER": "u"}, "set together"),
+    ({"LABEL_STUDIO_URL": "ls:8080"}, "must start with http"),
+    ({"MASKINV_LOG_LEVEL": "LOUD"}, "MASKINV_LOG_LEVEL"),
+])
+def test_bad_values_name_the_variable(env, match):
+    with pytest.raises(SettingsError, match=match):
+        Settings.from_env(env)

@@ -1,0 +1,64 @@
+"""Weight-free retrieval captions: the best phrase of a bank built from a label and attribute words.
+
+A region's caption is chosen in two stages: its label (the top-1 of the label scorer), then the phrase
+among that label's attribute phrases ("a red car", "a small car", "a wooden car", "a car on the left", ...)
+whose CLIP text embedding is closest to the region's LET. Phrase embeddings are cached per (model, label).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .labels import LabelScorer
+
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey")
+MATERIALS = ("wooden", "metal", "plastic", "glass", "fabric", "stone")
+SIZES = ("small", "large")
+POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
+
+
+def phrase_bank(label: str) -> list[str]:
+    """Candidate captions for one label."""
+    article = "an" if label[:1].lower() in "aeiou" else "a"
+    bank = [f"{article} {label}"]
+    for word in COLOURS + MATERIALS + SIZES:
+        art = "an" if word[0] in "aeiou" else "a"
+        bank.append(f"{art} {word} {label}")
+    bank += [f"{article} {label} {pos}" for pos in POSITIONS]
+    return bank
+
+
+class RetrievalCaptioner:
+    """Captions region embeddings by retrieval from per-label phrase banks (mode ``"retrieval"``)."""
+
+    mode = "retrieval"
+
+    def __init__(self, scorer: LabelScorer):
+        self.scorer = scorer
+        self._banks: dict[tuple[str, str], tuple[list[str], torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def _bank(self, label: str) -> tuple[list[str], torch.Tensor]:
+        key = (self.scorer.clip.id, label)
+        with self._lock:
+            hit = self._banks.get(key)
+        if hit is None:
+            phrases = phrase_bank(label)
+            hit = (phrases, self.scorer.encode_texts(phrases))
+            with self._lock:
+                self._banks[key] = hit
+        return hit
+
+    @torch.no_grad()
+    def caption(self, embeddings: torch.Tensor, labels: Sequence[str]) -> list[str]:
+        """One caption per embedding ``[N, D]``; ``labels[i]`` is region i's predicted label."""
+        out = []
+        emb = F.normalize(embeddings.float(), dim=-1)
+        for e, label in zip(emb, labels):
+            phrases, bank = self._bank(label)
+            out.append(phrases[int((bank @ e).argmax())])
+        return out

@@ -1,0 +1,55 @@
+"""The MaskInversion optimisation loop: LETs whose explainability maps match their masks."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+MapFn = Callable[[torch.Tensor], torch.Tensor]  # LETs [N, D] -> maps [N, S, S] in [0, 1]
+
+
+def soft_dice_loss(maps: torch.Tensor, masks: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per mask ``[N]`` between maps and masks ``[N, S, S]``."""
+    inter = (maps * masks).sum(dim=(1, 2))
+    total = maps.sum(dim=(1, 2)) + masks.sum(dim=(1, 2))
+    return 1.0 - (2.0 * inter + smooth) / (total + smooth)
+
+
+def inversion_loss(maps: torch.Tensor, masks: torch.Tensor, lets: torch.Tensor, global_emb: torch.Tensor,
+                   alpha: float) -> torch.Tensor:
+    """Dice + ``alpha * (1 - cos(LET, global embedding))`` per mask ``[N]``."""
+    loss = soft_dice_loss(maps, masks)
+    if alpha:
+        loss = loss + alpha * (1.0 - F.cosine_similarity(lets, global_emb[None], dim=-1))
+    return loss
+
+
+def optimise_lets(map_fn: MapFn, global_emb: torch.Tensor, masks: torch.Tensor, steps: int = 10, lr: float = 0.1,
+                  alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise one LET per mask, all masks in one batch.
+
+    Args:
+        map_fn: LETs ``[N, D]`` -> explainability maps ``[N, S, S]``, differentiable w.r.t. the LETs.
+        global_emb: ``[D]`` the image embedding every LET starts from.
+        masks: ``[N, S, S]`` targets in [0, 1].
+    Returns:
+        LETs ``[N, D]`` after ``steps`` AdamW steps (lr ``lr``, weight decay 0) and the loss per step
+        ``[steps + 1, N]`` (row k: before step k; last row: the final LETs).
+    Each mask's LET depends only on its own mask: the loss is a sum of per-mask terms and AdamW is elementwise.
+    """
+    lets = global_emb.detach()[None].repeat(masks.shape[0], 1).requires_grad_(True)
+    opt = torch.optim.AdamW([lets], lr=lr, weight_decay=0.0)
+    history = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = inversion_loss(map_fn(lets), masks, lets, global_emb, alpha)
+            history.append(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+    lets = lets.detach()
+    with torch.no_grad():
+        history.append(inversion_loss(map_fn(lets), masks, lets, global_emb, alpha))
+    return lets, torch.stack(history)

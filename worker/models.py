@@ -1,0 +1,128 @@
+"""Loading open_clip CLIP models: names with pretrained tags, local checkpoints, or random init.
+
+Environment (defaults in brackets):
+    MASKINV_MODEL       open_clip model name ["ViT-B-16"]
+    MASKINV_PRETRAINED  pretrained tag ("openai", "laion2b_s34b_b88k", ...) or a local checkpoint
+                        path; "none" or "" = random init (tests, benchmarks) ["openai"]
+    MASKINV_DEVICE      "cuda", "cpu", "cuda:1", ... [cuda when available, else cpu]
+    MASKINV_SEED        seed for random init, so that every process builds the same weights [0]
+
+Project model configs (tiny test models, the scene model) live in ``worker/model_configs/*.json``
+and are registered with open_clip's config registry on import, so they load like built-in names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+
+log = logging.getLogger(__name__)
+
+PROJECT_CONFIG_DIR = Path(__file__).with_name("model_configs")
+DEFAULT_MODEL = "ViT-B-16"
+DEFAULT_PRETRAINED = "openai"
+RANDOM_INIT = ("", "none", "random")
+
+_registered = False
+
+
+def register_project_configs() -> None:
+    """Register ``worker/model_configs/*.json`` with open_clip (idempotent)."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(PROJECT_CONFIG_DIR)
+        _registered = True
+
+
+register_project_configs()
+
+
+@dataclass
+class ClipModel:
+    """A frozen open_clip CLIP model and what the engine needs to know about it."""
+
+    model: Any  # open_clip.CLIP (eval, requires_grad False)
+    tokenizer: Any
+    name: str
+    pretrained: str
+    id: str  # stable identity used in cache keys
+    device: torch.device
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def visual(self) -> Any:
+        return self.model.visual
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+
+def default_device() -> torch.device:
+    env = os.environ.get("MASKINV_DEVICE", "").strip()
+    if env:
+        return torch.device(env)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _checkpoint_identity(path: Path) -> str:
+    """Identity of a local checkpoint: its path, size and a hash of its first MiB."""
+    st = path.stat()
+    with path.open("rb") as fh:
+        head = hashlib.sha256(fh.read(1 << 20)).hexdigest()[:16]
+    return f"{path.resolve()}:{st.st_size}:{head}"
+
+
+def load_clip(name: str | None = None, pretrained: str | None = None, device: str | torch.device | None = None,
+              seed: int | None = None) -> ClipModel:
+    """Create a frozen CLIP model from an open_clip name and a pretrained tag, local path or random init."""
+    name = name or os.environ.get("MASKINV_MODEL", DEFAULT_MODEL)
+    if pretrained is None:
+        pretrained = os.environ.get("MASKINV_PRETRAINED", DEFAULT_PRETRAINED)
+    pretrained = pretrained.strip()
+    seed = int(os.environ.get("MASKINV_SEED", "0")) if seed is None else seed
+    dev = torch.device(device) if device is not None else default_device()
+
+    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(f"unknown open_clip model {name!r}; known: {', '.join(open_clip.list_models()[:8])}, ... "
+                         f"or add a config JSON to {PROJECT_CONFIG_DIR}")
+    random_init = pretrained.lower() in RANDOM_INIT
+    if random_init:
+        identity = f"{name}/random-seed{seed}"
+    elif Path(pretrained).expanduser().is_file():
+        pretrained = str(Path(pretrained).expanduser())
+        identity = f"{name}/{_checkpoint_identity(Path(pretrained))}"
+    elif Path(pretrained).expanduser().exists():
+        raise ValueError(f"MASKINV_PRETRAINED={pretrained!r} is a directory, expected a checkpoint file")
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if tags and pretrained not in tags:
+            raise ValueError(f"unknown pretrained tag {pretrained!r} for {name}; known tags: {tags} "
+                             f"(or give a local checkpoint path)")
+        identity = f"{name}/{pretrained}"
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if random_init else pretrained, device=dev)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokenizer = open_clip.get_tokenizer(name)
+    visual = model.visual
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
+    mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+    log.info("model loaded: %s (%s) on %s, patch %d, embed dim %d", name, pretrained or "random init", dev, patch,
+             visual.output_dim)
+    return ClipModel(model=model, tokenizer=tokenizer, name=name, pretrained=pretrained or "none", id=identity,
+                     device=dev, patch_size=int(patch), mean=mean, std=std)  # type: ignore[arg-type]
