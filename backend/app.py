@@ -217,5 +217,5 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     if settings.embedded and settings.warmup and hasattr(service.dispatcher, "warm_up"):
         service.dispatcher.warm_up()
     log.info("MaskInversion backend ready: %s mode%s", service.dispatcher.mode,
-             f", queue {settings.queue!r} on {settings.redis_url}" if not settings.embedded else "")
+             f", queue {settings.queue!r} on {settings.redis_url_redacted}" if not settings.embedded else "")
     return app

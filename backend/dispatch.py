@@ -286,7 +286,7 @@ class QueueDispatcher(Dispatcher):
         try:
             models = self.registry.live_models()
         except RedisError as exc:
-            raise DispatchError(f"Redis at {self.settings.redis_url} is not reachable: {exc}") from None
+            raise DispatchError(f"Redis at {self.settings.redis_url_redacted} is not reachable: {exc}") from None
         ids = {m.get("id") for m in models.values()}
         return next(iter(models.values())) if len(ids) == 1 else None
 
@@ -357,7 +357,7 @@ class QueueDispatcher(Dispatcher):
             live = self.registry.live_workers()
             jobs = [self._submit(p) for p in items]
         except RedisError as exc:
-            raise DispatchError(f"Redis at {self.settings.redis_url} is not reachable: {exc}") from None
+            raise DispatchError(f"Redis at {self.settings.redis_url_redacted} is not reachable: {exc}") from None
         if not live:
             msg = (f"no MaskInversion worker is serving queue {self.settings.queue!r} (start one with "
                    "`python -m worker`); the job stays queued and its results will be cached when a worker "
@@ -377,7 +377,7 @@ class QueueDispatcher(Dispatcher):
             except RedisError as exc:
                 if redis_error is None:
                     log.warning("Redis at %s is not reachable while waiting for %d job(s): %s; retrying until the "
-                                "deadline", self.settings.redis_url, len(pending), exc)
+                                "deadline", self.settings.redis_url_redacted, len(pending), exc)
                 redis_error, vanished = exc, []
             for k in vanished:
                 job = pending[k]
@@ -410,7 +410,7 @@ class QueueDispatcher(Dispatcher):
         from redis.exceptions import RedisError
 
         if redis_error is not None:
-            msg = (f"Redis at {self.settings.redis_url} is not reachable: {redis_error} (waited {timeout_s:g}s); "
+            msg = (f"Redis at {self.settings.redis_url_redacted} is not reachable: {redis_error} (waited {timeout_s:g}s); "
                    "a repeated request will enqueue the job again")
             log.error(msg)
             return _RunResult(None, msg, {"job_id": job.id, "status": "unknown"}, "failed")

@@ -130,6 +130,7 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
 
     _fetch_all(service, fetches, deadline)
     requests: list[LabelRequest] = []
+    mask_pixels = 0  # rasterised mask pixels held by this request (bounded by MASKINV_MAX_MASK_MPIX)
     for f in fetches:
         if f.error is not None:
             log.warning("task %s: %s", f.plan.task_id, f.error)
@@ -138,9 +139,15 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
             continue
         masks, ok = [], []
         for r in f.regions:
+            if mask_pixels >= settings.max_mask_pixels:
+                f.plan.error(r.id, f"the request's masks exceed MASKINV_MAX_MASK_MPIX="
+                                   f"{settings.max_mask_pixels // (1024 * 1024)}; send fewer tasks per request",
+                             "limit")
+                continue
             try:
                 masks.append(region_mask(r, f.size, settings.mask_max_side, settings.max_image_pixels))
                 ok.append(r)
+                mask_pixels += masks[-1].size
             except RegionError as exc:
                 f.plan.error(r.id, str(exc), "region")
         if ok:

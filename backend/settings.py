@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from worker.payload import DEFAULT_TEMPLATES, InversionParams, PayloadError
 
 from .fetch_policy import HostEntry, parse_allow_list
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` with the password of its ``user:password@`` part replaced by ``***``."""
+    if not url:
+        return url
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)[^@/]*@", r"\1***@", url, flags=re.I)
 
 
 class SettingsError(ValueError):
@@ -120,7 +128,8 @@ class Settings:
     max_image_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     image_cache_bytes: int = 256 * 1024 * 1024
-    mask_max_side: int = 2048
+    mask_max_side: int = 1024
+    max_mask_pixels: int = 512 * 1024 * 1024
     allowed_hosts: tuple[HostEntry, ...] = ()
     local_files_root: str | None = None
     media_root: str | None = None
@@ -145,6 +154,11 @@ class Settings:
     # Inversion defaults (overridable per request)
     params: InversionParams = field(default_factory=InversionParams)
     extra_labels: tuple[str, ...] = ()
+
+    @property
+    def redis_url_redacted(self) -> str | None:
+        """``redis_url`` with any password replaced by ``***`` (for logs and error messages)."""
+        return redact_url(self.redis_url)
 
     @property
     def embedded(self) -> bool:
@@ -197,7 +211,8 @@ class Settings:
             max_image_bytes=_int(env, "MASKINV_MAX_IMAGE_MB", 64, 1) * 1024 * 1024,
             max_image_pixels=_int(env, "MASKINV_MAX_IMAGE_PIXELS", 50_000_000, 1),
             image_cache_bytes=_int(env, "MASKINV_IMAGE_CACHE_MB", 256, 0) * 1024 * 1024,
-            mask_max_side=_int(env, "MASKINV_MASK_MAX_SIDE", 2048, 32),
+            mask_max_side=_int(env, "MASKINV_MASK_MAX_SIDE", 1024, 32),
+            max_mask_pixels=_int(env, "MASKINV_MAX_MASK_MPIX", 512, 1) * 1024 * 1024,
             allowed_hosts=_allow_list(env, "MASKINV_ALLOWED_HOSTS"),
             local_files_root=_root(env, "LOCAL_FILES_DOCUMENT_ROOT"),
             media_root=_root(env, "MASKINV_MEDIA_ROOT"),

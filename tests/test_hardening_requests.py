@@ -218,3 +218,29 @@ def test_no_route_answers_with_a_traceback(client):
         resp = getattr(client, method)(route, **kwargs)
         assert resp.status_code < 500, (route, resp.status_code)
         no_traceback(resp)
+
+
+def test_mask_memory_of_a_request_is_bounded(make_client):
+    """Region frames (original_width x original_height) are the client's word: the rasterised masks a request
+    holds are capped by MASKINV_MAX_MASK_MPIX, beyond it regions get a limit error, the rest are labelled."""
+    client = make_client(MASKINV_MAX_MASK_MPIX="1", MASKINV_MASK_MAX_SIDE="1024")
+    huge = {**rect("huge"), "original_width": 7000, "original_height": 7000}  # -> a 1024 x 1024 mask (1 Mpix)
+    resp = predict(client, "rectangle", [task(1, annotations=[{"id": 1, "result": [huge]}]),
+                                         task(2, annotations=[{"id": 2, "result": [rect("small")]}])])
+    first, second = resp.get_json()["results"]
+    assert set(labelled(first["result"], "rectanglelabels")) == {"huge"}
+    assert "MASKINV_MAX_MASK_MPIX=1" in second["error"] and "result" not in second
+    resp = predict(client, "rectangle", [task(1)], context={"result": [huge, rect("after")]})
+    assert resp.status_code == 200, resp.get_json()
+    errors = resp.get_json()["results"][0]["maskinv"]["errors"]
+    assert [e["region"] for e in errors] == ["after"] and "MASKINV_MAX_MASK_MPIX" in errors[0]["error"]
+
+
+def test_redis_passwords_never_reach_clients_or_logs():
+    from backend.settings import Settings, redact_url
+
+    assert redact_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redact_url("rediss://user:s3cret@host/1") == "rediss://user:***@host/1"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    s = Settings.from_env({"REDIS_URL": "redis://:s3cret@127.0.0.1:1/0"})
+    assert "s3cret" not in s.redis_url_redacted and s.redis_url.endswith("@127.0.0.1:1/0")
