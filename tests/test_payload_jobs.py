@@ -145,3 +145,16 @@ def test_label_regions_uses_a_configured_clipcap_captioner(tmp_path, monkeypatch
         assert region["labels"] == []  # no vocabulary: a caption all the same
     finally:
         jobs._runtime = None
+
+
+def test_worker_reapplies_the_service_limits():
+    """A job written to Redis by anything but the backend cannot ask for more than the service allows."""
+    from worker.jobs import check_worker_limits
+
+    check_worker_limits(InversionParams(steps=200, size=1024), {})
+    with pytest.raises(PayloadError, match="MASKINV_MAX_STEPS=200"):
+        check_worker_limits(InversionParams(steps=201), {})
+    with pytest.raises(PayloadError, match="MASKINV_MAX_SIZE=64"):
+        check_worker_limits(InversionParams(size=128), {"MASKINV_MAX_SIZE": "64"})
+    with pytest.raises(PayloadError, match="must be an integer"):
+        check_worker_limits(InversionParams(), {"MASKINV_MAX_STEPS": "many"})

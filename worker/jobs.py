@@ -8,10 +8,11 @@ job after the first reuses them.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -74,6 +75,23 @@ def _error_result(rt: Runtime | None, message: str, job: dict[str, Any]) -> dict
             "timings": {}, "cache": {}}
 
 
+def check_worker_limits(params: InversionParams, env: Mapping[str, str] | None = None) -> None:
+    """Re-apply the service's ``MASKINV_MAX_STEPS`` / ``MASKINV_MAX_SIZE`` (defaults 200 / 1024) in the worker, so a
+    job written to Redis by anything but the backend cannot ask for more. Raises PayloadError."""
+    env = os.environ if env is None else env
+    limits = {}
+    for name, default in (("MASKINV_MAX_STEPS", 200), ("MASKINV_MAX_SIZE", 1024)):
+        raw = env.get(name, "").strip()
+        try:
+            limits[name] = int(raw) if raw else default
+        except ValueError:
+            raise PayloadError(f"worker misconfigured: {name} must be an integer, got {raw!r}") from None
+    if params.steps > limits["MASKINV_MAX_STEPS"]:
+        raise PayloadError(f"params.steps={params.steps} exceeds MASKINV_MAX_STEPS={limits['MASKINV_MAX_STEPS']}")
+    if params.size > limits["MASKINV_MAX_SIZE"]:
+        raise PayloadError(f"params.size={params.size} exceeds MASKINV_MAX_SIZE={limits['MASKINV_MAX_SIZE']}")
+
+
 def label_regions(job: dict[str, Any]) -> dict[str, Any]:
     """Label and caption every region of one image (payload format: worker.payload).
 
@@ -87,6 +105,7 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(job, dict):
             raise PayloadError(f"job must be a dict, got {type(job).__name__}")
         params = InversionParams.from_dict(job.get("params"))
+        check_worker_limits(params)
         labels = job.get("labels") or []
         if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
             raise PayloadError("labels must be a list of non-empty strings")
