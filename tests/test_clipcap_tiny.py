@@ -13,6 +13,9 @@ from worker.clipcap import ClipCapCaptioner, load_captioner_from_env, load_clipc
 ROOT = Path(__file__).resolve().parent.parent
 CAPTIONER = ROOT / "assets" / "tiny_clipcap"
 CLIP_CHECKPOINT = ROOT / "assets" / "tiny_scene_clip" / "maskinv-scene-tiny.safetensors"
+# The captioner is trained on the tiny scene CLIP's embeddings: both are committed together or not at all.
+pytestmark = pytest.mark.skipif(not (CAPTIONER / "clipcap.json").is_file() or not CLIP_CHECKPOINT.is_file(),
+                                reason="the tiny scene CLIP and its captioner are not committed yet (issues 4, 5)")
 
 
 @pytest.fixture(scope="module")
