@@ -37,6 +37,11 @@ COLOURS: dict[str, float] = {
     "purple": 282.0,
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")
+# The default world's vocabulary (5 x 5 = 25 classes): hues at least 56 degrees apart and shapes that stay
+# distinct at 2-3 patches across. Orange (28 degrees from red) and heart (a circle at this resolution) are known
+# words that a world may add (see docs/scene_world.md for why the default left them out).
+DEFAULT_COLOURS: tuple[str, ...] = ("red", "yellow", "green", "blue", "purple")
+DEFAULT_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 PLURALS: dict[str, str] = {"cross": "crosses"}
 BACKGROUNDS: tuple[str, ...] = ("noisy", "striped", "checkered", "cloudy")
 NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
@@ -151,8 +156,8 @@ class SceneWorld:
     """
 
     def __init__(self, seed: int = 0, image_size: int = 112, min_objects: int = 1, max_objects: int = 4,
-                 radius: tuple[float, float] = (0.14, 0.22), colours: Sequence[str] = tuple(COLOURS),
-                 shapes: Sequence[str] = SHAPES, supersample: int = 3):
+                 radius: tuple[float, float] = (0.14, 0.22), colours: Sequence[str] = DEFAULT_COLOURS,
+                 shapes: Sequence[str] = DEFAULT_SHAPES, supersample: int = 3):
         if not 1 <= min_objects <= max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
         if image_size < 32:

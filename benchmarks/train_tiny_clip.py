@@ -34,7 +34,8 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from benchmarks.scene_world import Mention, SceneWorld, make_caption
+from benchmarks.scene_world import (COLOURS, DEFAULT_COLOURS, DEFAULT_SHAPES, SHAPES, Mention, SceneWorld,
+                                    make_caption)
 from worker.models import register_project_configs
 
 MODEL_NAME = "maskinv-scene-tiny"
@@ -135,7 +136,14 @@ def train(args: argparse.Namespace) -> dict:
     model = open_clip.create_model(args.model)
     tokenizer = open_clip.get_tokenizer(args.model)
     image_size = int(model.visual.image_size[0])
-    world_kwargs = {"seed": args.seed, "image_size": image_size}
+    world_kwargs = {"seed": args.seed, "image_size": image_size, "colours": list(args.colours),
+                    "shapes": list(args.shapes)}
+    if args.init:
+        from safetensors.torch import load_file
+
+        state = {k: v.float() for k, v in load_file(args.init).items()}
+        model.load_state_dict(state)
+        print(f"initialised from {args.init}")
 
     t0 = time.time()
     pool = render_pool(world_kwargs, args.pool, workers=args.workers)
@@ -175,6 +183,7 @@ def train(args: argparse.Namespace) -> dict:
     return {
         "model": args.model,
         "checkpoint": Path(args.out).name,
+        "init": Path(args.init).name if args.init else None,
         "seed": args.seed,
         "world": {**world_kwargs, "split": "train", "scenes": args.pool, "with_twins": True},
         "steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.wd,
@@ -198,6 +207,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=100, help="warm-up steps [100]")
     ap.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay on matrices [0.1]")
     ap.add_argument("--seed", type=int, default=0, help="world and initialisation seed [0]")
+    ap.add_argument("--colours", nargs="+", default=list(DEFAULT_COLOURS), choices=list(COLOURS),
+                    help=f"colour words of the world [{' '.join(DEFAULT_COLOURS)}]")
+    ap.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES),
+                    help=f"shape words of the world [{' '.join(DEFAULT_SHAPES)}]")
+    ap.add_argument("--init", default=None, help="start from this checkpoint (a second training stage)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads [2]")
     ap.add_argument("--workers", type=int, default=2, help="processes rendering the pool [2]")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"checkpoint path [{DEFAULT_OUT}]")

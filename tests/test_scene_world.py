@@ -25,9 +25,13 @@ def scenes(world):
 
 
 def test_vocabulary_is_colour_times_shape(world):
-    assert len(COLOURS) >= 4 and len(SHAPES) >= 5
-    assert len(world.class_names) == len(set(world.class_names)) == len(COLOURS) * len(SHAPES)
+    assert len(world.colours) >= 4 and len(world.shapes) >= 5
+    assert set(world.colours) <= set(COLOURS) and set(world.shapes) <= set(SHAPES)
+    assert len(world.class_names) == len(set(world.class_names)) == len(world.colours) * len(world.shapes)
     assert "red circle" in world.class_names
+    full = SceneWorld(colours=tuple(COLOURS), shapes=SHAPES)
+    assert len(full.class_names) == len(COLOURS) * len(SHAPES) == 36
+    assert {o.colour for i in range(30) for o in full.scene(i, "test").objects} == set(COLOURS)
 
 
 def test_scene_is_a_pure_function_of_seed_split_and_index(world, scenes):
