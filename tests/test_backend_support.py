@@ -107,7 +107,9 @@ class WorkerProcess:
         self.ns = ns
         self.name = f"{ns}-w{uuid.uuid4().hex[:4]}"
         self.log = log_dir / f"{self.name}.log"
-        full_env = {**os.environ, **TINY_MODEL_ENV, "PYTHONPATH": str(ROOT), "REDIS_URL": REDIS_URL, **env}
+        # the worker re-applies the service limits: give it the same as the test backend (settings() below)
+        full_env = {**os.environ, **TINY_MODEL_ENV, "PYTHONPATH": str(ROOT), "REDIS_URL": REDIS_URL,
+                    "MASKINV_MAX_STEPS": "1000", **env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "--queue", ns, "--prefix", ns, "--name", self.name,
              "--heartbeat", str(heartbeat)],
