@@ -8,7 +8,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from worker.payload import InversionParams, PayloadError, sha256_hex
+from worker.payload import InversionParams, PayloadError, check_limits, sha256_hex
 
 from .dispatch import Dispatcher, make_dispatcher
 from .images import ImageFetcher
@@ -138,12 +138,9 @@ class Service:
         base.update({k: v for k, v in overrides.items() if k != "labels"})
         try:
             params = InversionParams.from_dict(base)
+            check_limits(params, s.max_steps, s.max_size)
         except (PayloadError, TypeError) as exc:
             raise PredictError(400, f"bad params.maskinv: {exc}") from None
-        if params.steps > s.max_steps:
-            raise PredictError(400, f"params.maskinv.steps={params.steps} is more than MASKINV_MAX_STEPS={s.max_steps}")
-        if params.size > s.max_size:
-            raise PredictError(400, f"params.maskinv.size={params.size} is more than MASKINV_MAX_SIZE={s.max_size}")
         if any(len(t) > MAX_TEXT for t in params.templates):
             raise PredictError(400, f"params.maskinv.templates must be at most {MAX_TEXT} characters each")
         labels = overrides.get("labels")

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from worker.payload import DEFAULT_TEMPLATES, InversionParams, PayloadError
+from worker.payload import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_TEMPLATES, InversionParams, PayloadError
 
 from .fetch_policy import HostEntry, parse_allow_list
 
@@ -139,8 +139,8 @@ class Settings:
     max_regions: int = 100
     max_labels: int = 1000
     max_templates: int = 50
-    max_steps: int = 200
-    max_size: int = 1024
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_size: int = DEFAULT_MAX_SIZE
     # Queue (REDIS_URL unset: embedded mode)
     redis_url: str | None = None
     queue: str = "maskinv"
@@ -183,8 +183,8 @@ class Settings:
                 caption=_bool(env, "MASKINV_CAPTION", True),
             )
             params.validate()
-            max_steps = _int(env, "MASKINV_MAX_STEPS", 200, 0, 1000)
-            max_size = _int(env, "MASKINV_MAX_SIZE", 1024, 32, 2048)
+            max_steps = _int(env, "MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS, 0, 1000)
+            max_size = _int(env, "MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE, 32, 2048)
             if params.steps > max_steps or params.size > max_size:
                 raise PayloadError(f"MASKINV_STEPS={params.steps} / MASKINV_SIZE={params.size} exceed "
                                    f"MASKINV_MAX_STEPS={max_steps} / MASKINV_MAX_SIZE={max_size}")

@@ -150,8 +150,11 @@ def test_label_regions_uses_a_configured_clipcap_captioner(tmp_path, monkeypatch
 def test_worker_reapplies_the_service_limits():
     """A job written to Redis by anything but the backend cannot ask for more than the service allows."""
     from worker.jobs import check_worker_limits
+    from worker.payload import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS
 
-    check_worker_limits(InversionParams(steps=200, size=1024), {})
+    assert (DEFAULT_MAX_STEPS, DEFAULT_MAX_SIZE) == (200, 1024)  # the documented defaults
+
+    check_worker_limits(InversionParams(steps=DEFAULT_MAX_STEPS, size=DEFAULT_MAX_SIZE), {})
     with pytest.raises(PayloadError, match="MASKINV_MAX_STEPS=200"):
         check_worker_limits(InversionParams(steps=201), {})
     with pytest.raises(PayloadError, match="MASKINV_MAX_SIZE=64"):

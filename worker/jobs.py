@@ -16,7 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .payload import InversionParams, PayloadError, decode_image, decode_mask
+from .payload import (DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, InversionParams, PayloadError, check_limits, decode_image,
+                      decode_mask)
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +77,17 @@ def _error_result(rt: Runtime | None, message: str, job: dict[str, Any]) -> dict
 
 
 def check_worker_limits(params: InversionParams, env: Mapping[str, str] | None = None) -> None:
-    """Re-apply the service's ``MASKINV_MAX_STEPS`` / ``MASKINV_MAX_SIZE`` (defaults 200 / 1024) in the worker, so a
-    job written to Redis by anything but the backend cannot ask for more. Raises PayloadError."""
+    """Re-apply the service's ``MASKINV_MAX_STEPS`` / ``MASKINV_MAX_SIZE`` in the worker, so a job written to Redis
+    by anything but the backend cannot ask for more. Raises PayloadError."""
     env = os.environ if env is None else env
-    limits = {}
-    for name, default in (("MASKINV_MAX_STEPS", 200), ("MASKINV_MAX_SIZE", 1024)):
+    limits = []
+    for name, default in (("MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS), ("MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE)):
         raw = env.get(name, "").strip()
         try:
-            limits[name] = int(raw) if raw else default
+            limits.append(int(raw) if raw else default)
         except ValueError:
             raise PayloadError(f"worker misconfigured: {name} must be an integer, got {raw!r}") from None
-    if params.steps > limits["MASKINV_MAX_STEPS"]:
-        raise PayloadError(f"params.steps={params.steps} exceeds MASKINV_MAX_STEPS={limits['MASKINV_MAX_STEPS']}")
-    if params.size > limits["MASKINV_MAX_SIZE"]:
-        raise PayloadError(f"params.size={params.size} exceeds MASKINV_MAX_SIZE={limits['MASKINV_MAX_SIZE']}")
+    check_limits(params, *limits)
 
 
 def label_regions(job: dict[str, Any]) -> dict[str, Any]:

@@ -95,6 +95,20 @@ class InversionParams:
             raise PayloadError(f"params.top_k must be an integer in [1, 100], got {self.top_k!r}")
 
 
+#: Service-wide bounds on K and S that requests may ask for (MASKINV_MAX_STEPS / MASKINV_MAX_SIZE), enforced by the
+#: backend on requests and again by the worker on jobs.
+DEFAULT_MAX_STEPS = 200
+DEFAULT_MAX_SIZE = 1024
+
+
+def check_limits(params: InversionParams, max_steps: int, max_size: int) -> None:
+    """Raise PayloadError when ``params`` asks for more steps or a larger input than the service allows."""
+    if params.steps > max_steps:
+        raise PayloadError(f"params.steps={params.steps} is more than MASKINV_MAX_STEPS={max_steps}")
+    if params.size > max_size:
+        raise PayloadError(f"params.size={params.size} is more than MASKINV_MAX_SIZE={max_size}")
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
