@@ -179,7 +179,8 @@ class SceneWorld:
         return [f"{c} {s}" for c in self.colours for s in self.shapes]
 
     def rng(self, index: int, split: str = "train", stream: int = 0) -> np.random.Generator:
-        """Random stream ``stream`` of one scene: 0 classes, 1 background, 2 layout, 3-4 its twin, 5+ free."""
+        """Random stream ``stream`` of one scene: 0 classes, 1 background, 2 layout, 3-4 its shape twin, 5 its
+        binding twin, 6+ free."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
         return np.random.default_rng([self.seed, SPLITS[split] + int(index), int(stream)])
@@ -244,16 +245,41 @@ class SceneWorld:
         """Scene ``index`` of ``split``: same arguments, same pixels and masks."""
         return self._render(index, split, self._classes(index, split), layout_stream=2)
 
-    def twin(self, index: int, split: str = "train") -> Scene:
+    def _placed(self, index: int, split: str, base: Scene | None) -> list[tuple[str, str]]:
+        """The ``(colour, shape)`` of the objects scene ``index`` holds (fewer than asked where room ran out)."""
+        base = base if base is not None else self.scene(index, split)
+        return [(o.colour, o.shape) for o in base.objects]
+
+    def twin(self, index: int, split: str = "train", base: Scene | None = None) -> Scene:
         """The shape twin of scene ``index``: the same background and object colours, every object another
         shape, a new layout. A scene and its twin differ only in shapes, so training batches that hold both
-        reward the model for seeing shapes, not just colours."""
+        reward the model for seeing shapes, not just colours. ``base``: the scene, if already rendered."""
         rng = self.rng(index, split, 4)
         classes = []
-        for colour, shape in self._classes(index, split):
+        for colour, shape in self._placed(index, split, base):
             others = [x for x in self.shapes if x != shape]
             classes.append((colour, others[rng.integers(len(others))]))
         return self._render(index, split, classes, layout_stream=3)
+
+    def binding_twin(self, index: int, split: str = "train", base: Scene | None = None) -> Scene:
+        """The binding twin of scene ``index``: the same background, shapes and layout, the colours moved to
+        other objects ("a red star and a blue circle" becomes "a blue star and a red circle"). The bags of
+        colours and of shapes are unchanged, so only a model that binds each colour to its shape, where the
+        object is, tells the pair apart. Where no permutation changes the classes (one object, or one colour),
+        one object gets another colour. ``base``: the scene, if already rendered."""
+        rng = self.rng(index, split, 5)
+        classes = self._placed(index, split, base)
+        before = sorted(classes)
+        colours = [c for c, _ in classes]
+        for _ in range(20):
+            moved = [colours[j] for j in rng.permutation(len(colours))]
+            swapped = [(c, s) for c, (_, s) in zip(moved, classes)]
+            if sorted(swapped) != before:
+                return self._render(index, split, swapped, layout_stream=2)
+        k = int(rng.integers(len(classes)))
+        others = [c for c in self.colours if c != classes[k][0]]
+        classes[k] = (others[rng.integers(len(others))], classes[k][1])
+        return self._render(index, split, classes, layout_stream=2)
 
     def _render(self, index: int, split: str, classes: Sequence[tuple[str, str]], layout_stream: int) -> Scene:
         """Paint ``classes`` on the scene's background (stream 1) at places from ``layout_stream``."""
@@ -313,13 +339,15 @@ FRAMES: tuple[str, ...] = (
 )
 
 
-def make_caption(objects: Sequence[Mention], background: str, rng: np.random.Generator) -> str:
+def make_caption(objects: Sequence[Mention], background: str, rng: np.random.Generator,
+                 shape_only: bool = True) -> str:
     """A whole-image caption naming every object once, in random order and wording.
 
     Styles: a list of objects, sometimes with size words and positions ("a small red circle on the left and
     ..."), grouped with counts ("two red stars and a blue heart"), or by shape alone ("two stars and a heart":
     colours cannot match such a caption, only shapes can), inside a random frame ("a photo of ...",
-    "three shapes: ...", "... on a striped background").
+    "three shapes: ...", "... on a striped background"). ``shape_only=False`` leaves out the shape-alone style, so
+    that every shape is named with its colour.
     """
     if not objects:
         raise ValueError("a scene without objects has no caption")
@@ -334,7 +362,7 @@ def make_caption(objects: Sequence[Mention], background: str, rng: np.random.Gen
             phrase = f"{_article(words)} {words}"
             parts.append(f"{phrase} {_where(o.centre)}" if with_pos else phrase)
     else:  # grouped with counts: by class ("two red stars"), or by shape alone ("two stars and a heart")
-        by_shape = style >= 0.75
+        by_shape = style >= 0.75 and shape_only
         counts: dict[str, int] = {}
         for i in order:
             key = objects[i].label.split(" ", 1)[1] if by_shape else objects[i].label

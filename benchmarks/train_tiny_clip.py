@@ -2,10 +2,11 @@
 
 The model is a plain open_clip CLIP built from ``worker/model_configs/maskinv-scene-tiny.json``; the loss is
 open_clip's own ``ClipLoss``. Training pairs come from :mod:`benchmarks.scene_world` (train split): a pool of
-scenes (each with its shape twin: same colours, other shapes) is rendered once, then every step draws a batch of
-scenes with their twins, mirrors each image left-right with probability 1/2
-and writes a fresh whole-image caption for it (of the mirrored scene when mirrored). Nothing tells the model
-which pixels belong to which word.
+scenes is rendered once, each with its twins (the shape twin: same colours, other shapes; the binding twin: same
+shapes and layout, colours moved to other objects), then every step draws a batch of scenes with their twins,
+mirrors each image left-right with probability 1/2 and writes a fresh whole-image caption for it (of the mirrored
+scene when mirrored). Nothing tells the model which pixels belong to which word: the twins only make colours alone,
+or bags of colours and shapes, useless for telling captions apart.
 
 The result is a plain fp16 ``state_dict`` in safetensors format that open_clip loads like any local checkpoint:
 
@@ -44,46 +45,63 @@ DEFAULT_OUT = ASSET_DIR / f"{MODEL_NAME}.safetensors"
 
 
 # ---------------------------------------------------------------------- data
-class ScenePool:
-    """Rendered training scenes: images ``[N, S, S, 3]`` uint8 and per scene what captions may say."""
+TWINS = ("shape", "binding")
 
-    def __init__(self, images: np.ndarray, objects: list[list[Mention]],
-                 backgrounds: list[str]):
+
+class ScenePool:
+    """Rendered training scenes in groups of ``group`` rows (a scene, then its twins): images ``[N, S, S, 3]``
+    uint8, per row what captions may say, and whether its captions must bind every shape to its colour."""
+
+    def __init__(self, images: np.ndarray, objects: list[list[Mention]], backgrounds: list[str],
+                 group: int = 1, bound: list[bool] | None = None):
         self.images, self.objects, self.backgrounds = images, objects, backgrounds
+        self.group = group
+        self.bound = bound if bound is not None else [False] * len(images)
 
     def __len__(self) -> int:
         return len(self.images)
 
 
-def _render_range(args: tuple[dict, int, int]) -> tuple[np.ndarray, list, list]:
-    world_kwargs, start, stop = args
+def _render_range(args: tuple[dict, tuple[str, ...], int, int]) -> tuple[np.ndarray, list, list]:
+    world_kwargs, twins, start, stop = args
     world = SceneWorld(**world_kwargs)
+    makers = {"shape": world.twin, "binding": world.binding_twin}
     imgs, objs, bgs = [], [], []
     for i in range(start, stop):
-        for sc in (world.scene(i, "train"), world.twin(i, "train")):
+        base = world.scene(i, "train")
+        for sc in [base] + [makers[t](i, "train", base=base) for t in twins]:
             imgs.append(np.asarray(sc.image))
             objs.append([o.mention() for o in sc.objects])
             bgs.append(sc.background)
     return np.stack(imgs), objs, bgs
 
 
-def render_pool(world_kwargs: dict, count: int, workers: int = 2, chunk: int = 250) -> ScenePool:
-    """Render train scenes ``0 .. count-1`` and their shape twins (deterministic; pool row ``2i`` is scene ``i``,
-    row ``2i + 1`` its twin) with ``workers`` processes and a progress bar."""
-    jobs = [(world_kwargs, a, min(a + chunk, count)) for a in range(0, count, chunk)]
+def render_pool(world_kwargs: dict, count: int, twins: Sequence[str] = TWINS, workers: int = 2,
+                chunk: int = 250) -> ScenePool:
+    """Render train scenes ``0 .. count-1``, each followed by its ``twins`` (deterministic; with g = 1 + len(twins),
+    pool row ``g·i`` is scene ``i``, the next rows its twins in order) with ``workers`` processes and a progress
+    bar."""
+    unknown = [t for t in twins if t not in TWINS]
+    if unknown:
+        raise ValueError(f"unknown twin kind(s) {unknown}; known: {list(TWINS)}")
+    twins = tuple(twins)
+    jobs = [(world_kwargs, twins, a, min(a + chunk, count)) for a in range(0, count, chunk)]
     parts = []
     with get_context("spawn" if workers > 1 else "fork").Pool(max(1, workers)) as pool:
         for part in tqdm(pool.imap(_render_range, jobs), total=len(jobs), desc="render scenes", unit="chunk"):
             parts.append(part)
+    group = 1 + len(twins)
+    bound = [j > 0 and twins[j - 1] == "binding" for _ in range(count) for j in range(group)]
     return ScenePool(np.concatenate([p[0] for p in parts]), [o for p in parts for o in p[1]],
-                     [b for p in parts for b in p[2]])
+                     [b for p in parts for b in p[2]], group=group, bound=bound)
 
 
 class Batches:
     """Deterministic batches ``(pixels [B, 3, S, S], captions)`` from a pool: epoch-wise shuffles, mirrors.
 
-    Each batch holds B/2 scenes with their shape twins (same colours, other shapes), so that colours alone
-    cannot tell its captions apart."""
+    Each batch holds B/g scenes, each with its g - 1 twins, so that colours alone (shape twins) or bags of
+    colours and shapes (binding twins) cannot tell its captions apart. A binding twin's captions always name
+    each shape with its colour (a shape-only caption would equal its scene's)."""
 
     def __init__(self, pool: ScenePool, batch: int, seed: int, mean: Sequence[float], std: Sequence[float]):
         self.pool, self.batch = pool, batch
@@ -93,18 +111,20 @@ class Batches:
         self._order = np.zeros(0, dtype=np.int64)
 
     def next(self) -> tuple[torch.Tensor, list[str]]:
-        pairs = self.batch // 2
-        if len(self._order) < pairs:
-            self._order = np.concatenate([self._order, self.rng.permutation(len(self.pool) // 2)])
-        first, self._order = self._order[:pairs], self._order[pairs:]
-        idx = np.stack([2 * first, 2 * first + 1], axis=1).reshape(-1)
+        g = self.pool.group
+        groups = self.batch // g
+        if len(self._order) < groups:
+            self._order = np.concatenate([self._order, self.rng.permutation(len(self.pool) // g)])
+        first, self._order = self._order[:groups], self._order[groups:]
+        idx = (g * first[:, None] + np.arange(g)[None, :]).reshape(-1)
         mirror = self.rng.random(len(idx)) < 0.5
         imgs = self.pool.images[idx].copy()
         imgs[mirror] = imgs[mirror][:, :, ::-1]
         captions = []
         for i, m in zip(idx, mirror):
             objs = [o._replace(centre=(1.0 - o.centre[0], o.centre[1])) if m else o for o in self.pool.objects[i]]
-            captions.append(make_caption(objs, self.pool.backgrounds[i], self.rng))
+            captions.append(make_caption(objs, self.pool.backgrounds[i], self.rng,
+                                         shape_only=not self.pool.bound[i]))
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std, captions
 
@@ -116,6 +136,25 @@ def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return base * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+@torch.no_grad()
+def calibrate_embedding_scale(model: torch.nn.Module, pixels: torch.Tensor, target_rms: float) -> float:
+    """Rescale ``model.visual.proj`` so that image embeddings of ``pixels`` ``[B, 3, S, S]`` have per-coordinate
+    RMS ``target_rms``; returns the factor applied.
+
+    A CLIP model's embedding scale is a free gauge: every use of an embedding normalises it, so the rescaled
+    model classifies, retrieves and explains exactly as before. MaskInversion's Adam steps, however, are about
+    ``lr`` per coordinate whatever the scale, so the scale decides how far ``lr = 0.1`` moves a LET in K steps.
+    Calibrating the tiny model to the order of public CLIP ViT-B embeddings (norm about 10 in 512-d, RMS about
+    0.45) runs the paper's lr and K under the geometry they were chosen for."""
+    was_training = model.training
+    model.eval()
+    emb = model.encode_image(pixels)
+    factor = target_rms / float(emb.pow(2).mean().sqrt())
+    model.visual.proj.mul_(factor)
+    model.train(was_training)
+    return factor
 
 
 def save_fp16(model: torch.nn.Module, path: Path) -> None:
@@ -146,7 +185,7 @@ def train(args: argparse.Namespace) -> dict:
         print(f"initialised from {args.init}")
 
     t0 = time.time()
-    pool = render_pool(world_kwargs, args.pool, workers=args.workers)
+    pool = render_pool(world_kwargs, args.pool, twins=args.twins, workers=args.workers)
     t_render = time.time() - t0
     batches = Batches(pool, args.batch, args.seed, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
 
@@ -179,15 +218,22 @@ def train(args: argparse.Namespace) -> dict:
             bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
     t_train = time.time() - t1
     model.eval()
+    factor = None
+    if args.embed_rms > 0:
+        factor = calibrate_embedding_scale(model, batches.next()[0], args.embed_rms)
+        print(f"image embedding scale calibrated to per-coordinate RMS {args.embed_rms} (proj x {factor:.4f})")
     save_fp16(model, Path(args.out))
     return {
         "model": args.model,
         "checkpoint": Path(args.out).name,
         "init": Path(args.init).name if args.init else None,
         "seed": args.seed,
-        "world": {**world_kwargs, "split": "train", "scenes": args.pool, "with_twins": True},
+        "world": {**world_kwargs, "split": "train", "scenes": args.pool,
+                  "twins": list(args.twins)},
         "steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.wd,
-        "loss_first_20": float(np.mean(history[:20])), "loss_last_20": float(np.mean(history[-20:])),
+        "embed_rms": args.embed_rms if factor is not None else None, "proj_factor": factor,
+        "loss_first_20": float(np.mean(history[:20])) if history else None,
+        "loss_last_20": float(np.mean(history[-20:])) if history else None,
         "loss_every_50": [round(float(np.mean(history[i:i + 50])), 4) for i in range(0, len(history), 50)],
         "render_s": round(t_render, 1), "train_s": round(t_train, 1), "threads": args.threads,
         "torch": torch.__version__, "open_clip": open_clip.__version__, "machine": platform.processor() or
@@ -200,9 +246,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--model", default=MODEL_NAME, help=f"open_clip model config name [{MODEL_NAME}]")
     ap.add_argument("--config-dir", default=None, help="extra folder of open_clip model configs (experiments)")
     ap.add_argument("--steps", type=int, default=1500, help="optimizer steps [1500]")
-    ap.add_argument("--batch", type=int, default=128, help="image-caption pairs per step (even) [128]")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="image-caption pairs per step, a multiple of 1 + len(--twins) [the largest <= 128]")
+    ap.add_argument("--twins", nargs="*", default=list(TWINS), choices=TWINS,
+                    help=f"twins rendered with every scene and batched with it [{' '.join(TWINS)}]")
     ap.add_argument("--pool", type=int, default=8000,
-                    help="train scenes rendered once (each with its shape twin) and reused [8000]")
+                    help="train scenes rendered once (each with its twins) and reused [8000]")
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate [1e-3]")
     ap.add_argument("--warmup", type=int, default=100, help="warm-up steps [100]")
     ap.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay on matrices [0.1]")
@@ -212,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES),
                     help=f"shape words of the world [{' '.join(DEFAULT_SHAPES)}]")
     ap.add_argument("--init", default=None, help="start from this checkpoint (a second training stage)")
+    ap.add_argument("--embed-rms", type=float, default=0.45,
+                    help="after training, rescale the image projection to this per-coordinate embedding RMS, the "
+                         "order of public CLIP ViT-B models (a free gauge; see calibrate_embedding_scale); 0: off "
+                         "[0.45]")
     ap.add_argument("--threads", type=int, default=2, help="torch threads [2]")
     ap.add_argument("--workers", type=int, default=2, help="processes rendering the pool [2]")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help=f"checkpoint path [{DEFAULT_OUT}]")
@@ -219,8 +272,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="also save <out>.step<N> checkpoints every N steps, to watch a long run [0: off]")
     ap.add_argument("--record", default=None, help="training record JSON [<out without suffix>.json]")
     args = ap.parse_args(argv)
-    if args.batch < 2 or args.batch % 2:
-        ap.error(f"--batch must be an even number >= 2 (scenes come with their twins), got {args.batch}")
+    group = 1 + len(args.twins)
+    if args.batch is None:
+        args.batch = 128 // group * group
+    if args.batch < max(2, group) or args.batch % group:
+        ap.error(f"--batch must be a multiple of {group} (each scene comes with {group - 1} twin(s)) and >= 2, "
+                 f"got {args.batch}")
     record = train(args)
     rec_path = Path(args.record) if args.record else Path(args.out).with_suffix(".json")
     rec_path.write_text(json.dumps(record, indent=2) + "\n")

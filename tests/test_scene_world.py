@@ -52,9 +52,35 @@ def test_twin_keeps_colours_and_background_and_changes_every_shape(world):
         n = min(len(base.objects), len(twin.objects))
         assert n >= 1 and len(twin.objects) >= len(base.objects) - 1
         assert [o.colour for o in twin.objects[:n]] == [o.colour for o in base.objects[:n]]
+        assert len(twin.objects) <= len(base.objects)  # only the objects the scene holds, never more
         assert all(a.shape != b.shape for a, b in zip(base.objects, twin.objects))
-        again = SceneWorld(seed=3).twin(i, "test")
+        again = SceneWorld(seed=3).twin(i, "test", base=base)
         assert np.array_equal(np.asarray(again.image), np.asarray(twin.image))
+
+
+def test_binding_twin_moves_colours_between_the_same_shapes_at_the_same_places(world):
+    """Same background, shapes and masks; the bags of colours and shapes are kept where a permutation of the
+    colours changes the classes, and the classes always change."""
+    moved = 0
+    for i in range(30):
+        base, twin = world.scene(i, "test"), world.binding_twin(i, "test")
+        assert twin.background == base.background
+        assert [o.shape for o in twin.objects] == [o.shape for o in base.objects]
+        assert all(np.array_equal(a.mask, b.mask) for a, b in zip(base.objects, twin.objects))
+        assert sorted(o.label for o in twin.objects) != sorted(o.label for o in base.objects)
+        if sorted(o.colour for o in twin.objects) == sorted(o.colour for o in base.objects):
+            moved += 1
+        again = SceneWorld(seed=3).binding_twin(i, "test", base=base)
+        assert np.array_equal(np.asarray(again.image), np.asarray(twin.image))
+    assert moved >= 10  # most multi-object scenes keep their colours, only moved
+
+
+def test_binding_captions_always_name_colours():
+    objs = SceneWorld(seed=3).scene(0, "test").objects
+    rng = np.random.default_rng(0)
+    mentions = [o.mention() for o in objs]
+    caps = [make_caption(mentions, "noisy", rng, shape_only=False) for _ in range(200)]
+    assert all(any(o.colour in c for o in objs) for c in caps)
 
 
 def test_objects_have_disjoint_non_touching_masks(world, scenes):
