@@ -165,7 +165,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoding", choices=("beam", "greedy"), default="beam")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 5.0])
-    p.add_argument("--size", type=int, default=224, help="inversion input size [224: 2x the tiny CLIP's 112]")
+    p.add_argument("--size", type=int, default=None,
+                   help="inversion input size [the model's native size, as the captioner's training embeddings]")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
@@ -181,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     scorer = LabelScorer(clip)
     captioner = ClipCapCaptioner(load_clipcap(args.captioner), decoding=args.decoding, beam_size=args.beam)
     world = SceneWorld(seed=args.world_seed)
+    args.size = args.size or int(clip.visual.image_size[0])
     t0 = time.perf_counter()
     records, timing = caption_scenes(world, range(args.scenes), engine, captioner, args.alphas, args.size,
                                      args.steps, args.lr)

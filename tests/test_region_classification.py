@@ -60,10 +60,10 @@ def test_single_objects_are_recognised_from_the_whole_image(clip, world):
 
 
 def test_maskinversion_beats_the_global_embedding_on_multi_object_scenes(clip, multi_object_set):
-    """A regression net at the committed model's measured level (Acc@1 on these 131 regions: MaskInversion 30.5,
-    global 18.3, see docs/scene_world.md). Issue 4's bar, most regions right and +20 points over global, is NOT
-    reached by this tiny model yet; the thresholds below catch a broken engine, scorer or loader, which fall to
-    the global embedding's level or below."""
+    """A regression net at the committed model's measured level (on these 131 regions: Acc@1 MaskInversion 41.2,
+    global 25.2, Acc@5 80.9; Dice 0.79 -> 0.57; see docs/scene_world.md). Issue 4's bar, +20 points over global on
+    the full benchmark, is NOT reached by this tiny model (+17.5); the thresholds below catch a broken engine,
+    scorer or loader, which fall to the global embedding's level or below."""
     categories, items = multi_object_set
     n_regions = sum(len(i.regions) for i in items)
     assert n_regions >= 100
@@ -71,9 +71,9 @@ def test_maskinversion_beats_the_global_embedding_on_multi_object_scenes(clip, m
                          methods=("maskinversion", "global"))
     acc_mi = report.stats["maskinversion"].accuracy(1, "multi")
     acc_global = report.stats["global"].accuracy(1, "multi")
-    assert acc_mi >= 24.0, f"MaskInversion Acc@1 {acc_mi:.1f} on {n_regions} regions"
-    assert acc_mi >= acc_global + 6.0, f"MaskInversion {acc_mi:.1f} vs global {acc_global:.1f}"
-    assert report.stats["maskinversion"].accuracy(5, "multi") >= 60.0
+    assert acc_mi >= 34.0, f"MaskInversion Acc@1 {acc_mi:.1f} on {n_regions} regions"
+    assert acc_mi >= acc_global + 10.0, f"MaskInversion {acc_mi:.1f} vs global {acc_global:.1f}"
+    assert report.stats["maskinversion"].accuracy(5, "multi") >= 70.0
     assert report.dice_after < report.dice_before - 0.15
     md = rc.to_markdown(report, "test subset")
     assert "| maskinversion |" in md and "| global |" in md
@@ -87,3 +87,15 @@ def test_benchmark_command_writes_a_table(tmp_path):
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["methods"]["maskinversion"]["regions_all"] == report.stats["crop"].count() > 0
     assert np.isfinite(data["dice_after"])
+
+
+def test_diagnostics_show_shapes_and_binding_in_the_whole_image(clip, world):
+    """The committed model tells a scene from its shape twin and from its binding twin by their captions (val
+    split), and MaskInversion reads the region's colour far better than the global embedding does."""
+    from benchmarks import scene_diagnostics as sd
+
+    twins = sd.twin_discrimination(clip, world, scenes=40)
+    assert twins["shape"] >= 85.0 and twins["binding"] >= 75.0, twins
+    readouts = sd.region_readouts(clip, world, scenes=30)
+    assert readouts["maskinversion"]["regions"] >= 40
+    assert readouts["maskinversion"]["colour"] >= readouts["global"]["colour"] + 15.0, readouts
