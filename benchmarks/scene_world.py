@@ -340,21 +340,25 @@ FRAMES: tuple[str, ...] = (
 
 
 def make_caption(objects: Sequence[Mention], background: str, rng: np.random.Generator,
-                 shape_only: bool = True) -> str:
+                 shape_only: bool = True, list_share: float = 0.4, position_rate: float = 0.4) -> str:
     """A whole-image caption naming every object once, in random order and wording.
 
     Styles: a list of objects, sometimes with size words and positions ("a small red circle on the left and
     ..."), grouped with counts ("two red stars and a blue heart"), or by shape alone ("two stars and a heart":
     colours cannot match such a caption, only shapes can), inside a random frame ("a photo of ...",
     "three shapes: ...", "... on a striped background"). ``shape_only=False`` leaves out the shape-alone style, so
-    that every shape is named with its colour.
+    that every shape is named with its colour. ``list_share``: share of the list style (at most 0.75, the rest
+    grouped); ``position_rate``: share of list captions that say where each object is.
     """
+    if not 0.0 <= list_share <= 0.75 or not 0.0 <= position_rate <= 1.0:
+        raise ValueError(f"need 0 <= list_share <= 0.75 and 0 <= position_rate <= 1, got {list_share}, "
+                         f"{position_rate}")
     if not objects:
         raise ValueError("a scene without objects has no caption")
     order = rng.permutation(len(objects))
     style = rng.random()
-    if style < 0.4:  # one phrase per object
-        with_pos, with_size = rng.random() < 0.4, rng.random() < 0.4
+    if style < list_share:  # one phrase per object
+        with_pos, with_size = rng.random() < position_rate, rng.random() < 0.4
         parts = []
         for i in order:
             o = objects[i]

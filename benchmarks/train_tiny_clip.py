@@ -103,8 +103,10 @@ class Batches:
     colours and shapes (binding twins) cannot tell its captions apart. A binding twin's captions always name
     each shape with its colour (a shape-only caption would equal its scene's)."""
 
-    def __init__(self, pool: ScenePool, batch: int, seed: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, pool: ScenePool, batch: int, seed: int, mean: Sequence[float], std: Sequence[float],
+                 list_share: float = 0.4, position_rate: float = 0.4):
         self.pool, self.batch = pool, batch
+        self.caption_style = {"list_share": list_share, "position_rate": position_rate}
         self.rng = np.random.default_rng([seed, 7])
         self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
@@ -124,7 +126,7 @@ class Batches:
         for i, m in zip(idx, mirror):
             objs = [o._replace(centre=(1.0 - o.centre[0], o.centre[1])) if m else o for o in self.pool.objects[i]]
             captions.append(make_caption(objs, self.pool.backgrounds[i], self.rng,
-                                         shape_only=not self.pool.bound[i]))
+                                         shape_only=not self.pool.bound[i], **self.caption_style))
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std, captions
 
@@ -187,7 +189,8 @@ def train(args: argparse.Namespace) -> dict:
     t0 = time.time()
     pool = render_pool(world_kwargs, args.pool, twins=args.twins, workers=args.workers)
     t_render = time.time() - t0
-    batches = Batches(pool, args.batch, args.seed, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    batches = Batches(pool, args.batch, args.seed, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
+                      list_share=args.list_share, position_rate=args.position_rate)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -230,6 +233,7 @@ def train(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "world": {**world_kwargs, "split": "train", "scenes": args.pool,
                   "twins": list(args.twins)},
+        "captions": {"list_share": args.list_share, "position_rate": args.position_rate},
         "steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.wd,
         "embed_rms": args.embed_rms if factor is not None else None, "proj_factor": factor,
         "loss_first_20": float(np.mean(history[:20])) if history else None,
@@ -260,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help=f"colour words of the world [{' '.join(DEFAULT_COLOURS)}]")
     ap.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES),
                     help=f"shape words of the world [{' '.join(DEFAULT_SHAPES)}]")
+    ap.add_argument("--list-share", type=float, default=0.4,
+                    help="share of captions that list objects one by one (the rest group them) [0.4]")
+    ap.add_argument("--position-rate", type=float, default=0.4,
+                    help="share of list captions that say where each object is ('on the left') [0.4]")
     ap.add_argument("--init", default=None, help="start from this checkpoint (a second training stage)")
     ap.add_argument("--embed-rms", type=float, default=0.45,
                     help="after training, rescale the image projection to this per-coordinate embedding RMS, the "

@@ -116,7 +116,9 @@ def test_job_over_its_time_limit_fails_clearly_and_the_worker_goes_on(shared):
 
 def test_backend_timeout_keeps_the_results(shared, redis_conn):
     ns, _ = shared
-    request = body([image_task(1, 401)], {"result": [rect("r", x=5, y=5, w=70, h=70)]}, steps=60)
+    # 1000 steps: well over the backend's 0.2 s wait on any machine (60 steps of the tiny model took 0.1 s on a
+    # fast one), and a few seconds of work for the worker to finish afterwards
+    request = body([image_task(1, 401)], {"result": [rect("r", x=5, y=5, w=70, h=70)]}, steps=1000)
     resp = client_for(ns, MASKINV_TIMEOUT=0.2).post("/predict", json=request)
     assert resp.status_code == 504
     err = resp.get_json()["error"]
@@ -211,7 +213,7 @@ def test_worker_killed_mid_job(redis_conn, redis_ns, tmp_path):
         try:
             replacement.wait_ready(redis_conn)
             quick = body([image_task(1, 601)], {"result": [rect("r")]}, steps=1000)
-            retry = client_for(redis_ns, MASKINV_TIMEOUT=0.5).post("/predict", json=quick)
+            retry = client_for(redis_ns, MASKINV_TIMEOUT=0.3).post("/predict", json=quick)
             assert retry.status_code == 504  # re-enqueued (not attached to the dead job), now running
             assert "is started on worker " + replacement.name in retry.get_json()["error"] or \
                 "is queued" in retry.get_json()["error"]

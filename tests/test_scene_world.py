@@ -217,3 +217,15 @@ def test_loader_checks_files(tmp_path):
     bad.write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(AnnotationError, match="categories"):
         CocoRegions(bad)
+
+
+def test_caption_style_shares_are_configurable_and_checked():
+    objs = [o.mention() for o in SceneWorld(seed=3).scene(1, "test").objects]
+    rng = np.random.default_rng(1)
+    where = ("left", "right", "top", "bottom", "middle")
+    default = [make_caption(objs, "noisy", rng) for _ in range(300)]
+    more = [make_caption(objs, "noisy", rng, list_share=0.75, position_rate=1.0) for _ in range(300)]
+    share = lambda caps: sum(any(w in c for w in where) for c in caps) / len(caps)  # noqa: E731
+    assert share(more) > share(default) + 0.3
+    with pytest.raises(ValueError, match="list_share"):
+        make_caption(objs, "noisy", rng, list_share=0.9)
