@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .env import env_int
+
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "clipcap.json"
@@ -411,13 +413,7 @@ class ClipCapCaptioner:
 
 
 def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise CaptionerError(f"{name} must be an integer, got {raw!r}") from exc
+    return env_int(name, default, error=CaptionerError)
 
 
 def _env_float(name: str, default: float) -> float:

@@ -8,7 +8,6 @@ Environment (defaults in brackets):
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from . import legrad, vit
+from .env import env_int
 from .image_cache import ByteLRUCache
 from .inversion import optimise_lets
 from .models import ClipModel
@@ -54,14 +54,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _env_mb(name: str, default: int) -> int:
-    raw = os.environ.get(name, str(default))
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be an integer number of MiB, got {raw!r}") from exc
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value * 2**20
+    """A size in MiB from the environment, in bytes."""
+    return env_int(name, default, minimum=0) * 2**20
 
 
 class MaskInversionEngine:

@@ -8,7 +8,6 @@ job after the first reuses them.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .env import env_int
 from .payload import (DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, InversionParams, PayloadError, check_limits, decode_image,
                       decode_mask)
 
@@ -79,14 +79,8 @@ def _error_result(rt: Runtime | None, message: str, job: dict[str, Any]) -> dict
 def check_worker_limits(params: InversionParams, env: Mapping[str, str] | None = None) -> None:
     """Re-apply the service's ``MASKINV_MAX_STEPS`` / ``MASKINV_MAX_SIZE`` in the worker, so a job written to Redis
     by anything but the backend cannot ask for more. Raises PayloadError."""
-    env = os.environ if env is None else env
-    limits = []
-    for name, default in (("MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS), ("MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE)):
-        raw = env.get(name, "").strip()
-        try:
-            limits.append(int(raw) if raw else default)
-        except ValueError:
-            raise PayloadError(f"worker misconfigured: {name} must be an integer, got {raw!r}") from None
+    limits = [env_int(name, default, env=env, error=PayloadError, prefix="worker misconfigured: ")
+              for name, default in (("MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS), ("MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE))]
     check_limits(params, *limits)
 
 

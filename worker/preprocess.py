@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .env import env_int
 
 ImageLike = Image.Image | bytes
 
@@ -55,11 +56,8 @@ def open_image(image: ImageLike) -> tuple[Image.Image, str]:
 
 
 def max_image_pixels() -> int:
-    raw = os.environ.get("MASKINV_MAX_IMAGE_PIXELS", "50000000")
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"MASKINV_MAX_IMAGE_PIXELS must be an integer, got {raw!r}") from exc
+    """``MASKINV_MAX_IMAGE_PIXELS`` [50000000]: larger images are refused before decoding."""
+    return env_int("MASKINV_MAX_IMAGE_PIXELS", 50_000_000)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
