@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import logging
 import os
@@ -313,7 +314,7 @@ class ImageFetcher:
             raise ImageError(f"the task has no image URL (got {str(url)[:100]!r})")
         url = url.strip()
         deadline = min(deadline or float("inf"), time.monotonic() + self.timeout_s)
-        key = f"{task_id}|{url}" if url.startswith(CLOUD_PREFIXES) else url
+        key = self.cache_key(url, task_id)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -433,6 +434,14 @@ class ImageFetcher:
             _context.reset(token)
 
     @staticmethod
+    def cache_key(url: str, task_id: int | None = None) -> str:
+        """Key of an image in the LRU: a ``data:`` URI by its SHA-256 (the URI itself is as large as the image),
+        cloud-storage URLs per task (their presigned form differs per task), other URLs as they are."""
+        if url.startswith("data:"):
+            return "data:sha256:" + hashlib.sha256(url.encode()).hexdigest()
+        return f"{task_id}|{url}" if url.startswith(CLOUD_PREFIXES) else url
+
+    @staticmethod
     def _decode_data_uri(url: str) -> bytes:
         head, _, body = url.partition(",")
         if ";base64" not in head:
@@ -443,16 +452,17 @@ class ImageFetcher:
             raise ImageError("the image data: URI is not valid base64") from None
 
     def _remember(self, key: str, data: bytes) -> None:
-        if len(data) > self.cache_bytes:
+        """Keep ``data`` under ``key``; keys and bytes both count against MASKINV_IMAGE_CACHE_MB."""
+        if len(data) + len(key) > self.cache_bytes:
             return
         with self._lock:
             if key in self._cache:
                 return
             self._cache[key] = data
-            self._cached += len(data)
+            self._cached += len(data) + len(key)
             while self._cached > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cached -= len(old)
+                old_key, old = self._cache.popitem(last=False)
+                self._cached -= len(old) + len(old_key)
 
 
 @contextmanager
