@@ -148,8 +148,8 @@ def calibrate_embedding_scale(model: torch.nn.Module, pixels: torch.Tensor, targ
     A CLIP model's embedding scale is a free gauge: every use of an embedding normalises it, so the rescaled
     model classifies, retrieves and explains exactly as before. MaskInversion's Adam steps, however, are about
     ``lr`` per coordinate whatever the scale, so the scale decides how far ``lr = 0.1`` moves a LET in K steps.
-    Calibrating the tiny model to the order of public CLIP ViT-B embeddings (norm about 10 in 512-d, RMS about
-    0.45) runs the paper's lr and K under the geometry they were chosen for."""
+    Calibrating the tiny model to the order of public CLIP ViT-B embeddings (norms of the order of 10 in 512-d,
+    RMS about 0.45) runs the paper's lr and K under the geometry they were chosen for."""
     was_training = model.training
     model.eval()
     emb = model.encode_image(pixels)

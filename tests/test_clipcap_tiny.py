@@ -76,8 +76,8 @@ def test_region_lets_are_captioned(scene_clip):
 
 def test_let_captions_beat_global_captions_on_multi_object_scenes(scene_clip):
     """The localized-captions protocol on the first 40 test scenes with the committed CLIP and captioner, at the
-    model's native size: a regression net at the measured level (full benchmark, 663 objects: LET 69.8 % vs
-    global 37.9 % correct; see docs/captions.md)."""
+    model's native size: a regression net at the measured level (these 89 objects: LET 75.3 % vs global 39.3 %
+    correct; full benchmark, 663 objects: 73.2 % vs 37.6 %; see docs/captions.md)."""
     from benchmarks import localized_captions as lc
     from benchmarks.scene_world import SceneWorld
     from worker.engine import MaskInversionEngine
@@ -88,6 +88,6 @@ def test_let_captions_beat_global_captions_on_multi_object_scenes(scene_clip):
                                    alphas=[0.0], size=112, steps=10, lr=0.1)
     lc.judge(records, LabelScorer(scene_clip))
     multi = [r for r in records if r.n_objects >= 2]
-    assert len(multi) >= 60
+    assert len(multi) >= 80
     let, glob = lc.accuracy(multi, "LET α=0"), lc.accuracy(multi, "global")
-    assert let >= glob + 15.0 and let >= 55.0, (let, glob)
+    assert let >= glob + 20.0 and let >= 60.0, (let, glob)
