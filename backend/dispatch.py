@@ -331,7 +331,7 @@ class QueueDispatcher(Dispatcher):
                 continue  # expired in between: enqueue again
             status, worker = self._peek(job)
             if status in ("queued", "deferred", "scheduled", "finished", "created") or (
-                    status == "started" and (not worker or self.registry.is_alive(worker))):
+                    status == "started" and (not worker or not self.registry.is_dead(worker))):
                 log.info("attaching to existing job %s (%s)", job.id, status)
                 return job
             log.info("replacing job %s (status %s, worker %s)", job.id, status, worker or "-")
@@ -449,7 +449,7 @@ class QueueDispatcher(Dispatcher):
             elif status is None:
                 vanished.append(k)
                 continue
-            elif status == "started" and worker and not self.registry.is_alive(worker):
+            elif status == "started" and worker and self.registry.is_dead(worker):
                 msg = (f"worker {worker} stopped sending heartbeats while running job {job.id} (killed or "
                        "crashed?); a repeated request will re-enqueue it")
                 log.error(msg)

@@ -175,6 +175,14 @@ class WorkerRegistry:
         _, period = self._entry(self.connection.hget(self.models_key, name))
         return float(score) >= time.time() - 4 * period
 
+    def is_dead(self, name: str) -> bool:
+        """True only when ``name`` has a registry entry whose last beat is older than 4 of its periods.
+
+        A worker with no entry at all is not called dead: after a Redis restart the registry is empty until each
+        worker's next beat (at most one period), and a job a worker starts in that window is being run."""
+        score = self.connection.zscore(self.workers_key, name)
+        return score is not None and not self.is_alive(name)
+
     def model_id(self) -> str | None:
         """The model id served on this queue if all live workers agree on one, else None."""
         ids = {m.get("id") for m in self.live_models().values()}
