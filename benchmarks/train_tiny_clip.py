@@ -49,14 +49,16 @@ TWINS = ("shape", "binding")
 
 
 class ScenePool:
-    """Rendered training scenes in groups of ``group`` rows (a scene, then its twins): images ``[N, S, S, 3]``
-    uint8, per row what captions may say, and whether its captions must bind every shape to its colour."""
+    """Rendered training scenes in groups of ``group = 1 + len(twins)`` rows (a scene, then its twins in order):
+    images ``[N, S, S, 3]`` uint8, per row what captions may say, and (``bound``) whether its captions must bind
+    every shape to its colour (the binding twins' rows)."""
 
     def __init__(self, images: np.ndarray, objects: list[list[Mention]], backgrounds: list[str],
-                 group: int = 1, bound: list[bool] | None = None):
+                 twins: Sequence[str] = ()):
         self.images, self.objects, self.backgrounds = images, objects, backgrounds
-        self.group = group
-        self.bound = bound if bound is not None else [False] * len(images)
+        self.group = 1 + len(twins)
+        kinds = ("scene", *twins)
+        self.bound = [kinds[row % self.group] == "binding" for row in range(len(images))]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -90,10 +92,8 @@ def render_pool(world_kwargs: dict, count: int, twins: Sequence[str] = TWINS, wo
     with get_context("spawn" if workers > 1 else "fork").Pool(max(1, workers)) as pool:
         for part in tqdm(pool.imap(_render_range, jobs), total=len(jobs), desc="render scenes", unit="chunk"):
             parts.append(part)
-    group = 1 + len(twins)
-    bound = [j > 0 and twins[j - 1] == "binding" for _ in range(count) for j in range(group)]
     return ScenePool(np.concatenate([p[0] for p in parts]), [o for p in parts for o in p[1]],
-                     [b for p in parts for b in p[2]], group=group, bound=bound)
+                     [b for p in parts for b in p[2]], twins=twins)
 
 
 class Batches:

@@ -412,10 +412,6 @@ class ClipCapCaptioner:
         return [self.cap.decode(ids) for ids in self.caption_ids(embeddings)]
 
 
-def _env_int(name: str, default: int) -> int:
-    return env_int(name, default, error=CaptionerError)
-
-
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -446,6 +442,6 @@ def load_captioner_from_env(scorer: Any) -> ClipCapCaptioner | None:
     if trained_for and trained_for != clip.name:
         log.warning("captioner %s was trained on CLIP %s but the worker runs %s: captions will be poor", source,
                     trained_for, clip.name)
-    return ClipCapCaptioner(cap, decoding=decoding, beam_size=_env_int("MASKINV_CAPTION_BEAM", 3),
-                            max_tokens=_env_int("MASKINV_CAPTION_MAX_TOKENS", 20),
+    return ClipCapCaptioner(cap, decoding=decoding, beam_size=env_int("MASKINV_CAPTION_BEAM", 3, error=CaptionerError),
+                            max_tokens=env_int("MASKINV_CAPTION_MAX_TOKENS", 20, error=CaptionerError),
                             length_penalty=_env_float("MASKINV_CAPTION_LENGTH_PENALTY", 1.0))

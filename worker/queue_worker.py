@@ -168,20 +168,23 @@ class WorkerRegistry:
     def live_workers(self) -> list[str]:
         return list(self.live_models())
 
-    def is_alive(self, name: str) -> bool:
+    def _beat_is_fresh(self, name: str) -> bool | None:
+        """Whether ``name``'s last beat is younger than 4 of its periods; None when it has no registry entry."""
         score = self.connection.zscore(self.workers_key, name)
         if score is None:
-            return False
+            return None
         _, period = self._entry(self.connection.hget(self.models_key, name))
         return float(score) >= time.time() - 4 * period
+
+    def is_alive(self, name: str) -> bool:
+        return self._beat_is_fresh(name) is True
 
     def is_dead(self, name: str) -> bool:
         """True only when ``name`` has a registry entry whose last beat is older than 4 of its periods.
 
         A worker with no entry at all is not called dead: after a Redis restart the registry is empty until each
         worker's next beat (at most one period), and a job a worker starts in that window is being run."""
-        score = self.connection.zscore(self.workers_key, name)
-        return score is not None and not self.is_alive(name)
+        return self._beat_is_fresh(name) is False
 
     def model_id(self) -> str | None:
         """The model id served on this queue if all live workers agree on one, else None."""
