@@ -60,10 +60,10 @@ def test_single_objects_are_recognised_from_the_whole_image(clip, world):
 
 
 def test_maskinversion_beats_the_global_embedding_on_multi_object_scenes(clip, multi_object_set):
-    """A regression net at the committed model's measured level (on these 131 regions: Acc@1 MaskInversion 51.9,
-    global 25.2, Acc@5 85.5; Dice 0.79 -> 0.57; see docs/scene_world.md). Issue 4's bar, +20 points over global on
-    the full benchmark, is missed by a hair (+19.9); the thresholds below catch a broken engine, scorer or loader,
-    which fall to the global embedding's level or below."""
+    """MaskInversion labels most regions of multi-object scenes right, 20 points above the global embedding (on
+    these 131 regions with the committed model: Acc@1 53.4 vs 26.7, Acc@5 88.5; Dice 0.79 -> 0.58; the full
+    benchmark, 663 regions: 47.7 vs 24.9; see docs/scene_world.md). A broken engine, scorer or loader falls to
+    the global embedding's level or below."""
     categories, items = multi_object_set
     n_regions = sum(len(i.regions) for i in items)
     assert n_regions >= 100
@@ -71,9 +71,9 @@ def test_maskinversion_beats_the_global_embedding_on_multi_object_scenes(clip, m
                          methods=("maskinversion", "global"))
     acc_mi = report.stats["maskinversion"].accuracy(1, "multi")
     acc_global = report.stats["global"].accuracy(1, "multi")
-    assert acc_mi >= 44.0, f"MaskInversion Acc@1 {acc_mi:.1f} on {n_regions} regions"
-    assert acc_mi >= acc_global + 18.0, f"MaskInversion {acc_mi:.1f} vs global {acc_global:.1f}"
-    assert report.stats["maskinversion"].accuracy(5, "multi") >= 75.0
+    assert acc_mi > 50.0, f"MaskInversion Acc@1 {acc_mi:.1f} on {n_regions} regions: not most of them"
+    assert acc_mi >= acc_global + 20.0, f"MaskInversion {acc_mi:.1f} vs global {acc_global:.1f}"
+    assert report.stats["maskinversion"].accuracy(5, "multi") >= 80.0
     assert report.dice_after < report.dice_before - 0.15
     md = rc.to_markdown(report, "test subset")
     assert "| maskinversion |" in md and "| global |" in md
