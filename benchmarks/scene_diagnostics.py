@@ -45,10 +45,9 @@ def twin_discrimination(clip: ClipModel, world: SceneWorld, scenes: int, split: 
             continue
         for kind, twin in (("shape", world.twin(i, split, base=base)),
                            ("binding", world.binding_twin(i, split, base=base))):
-            pixels = torch.cat([engine._pixels(base.image, size), engine._pixels(twin.image, size)])
             captions = [make_caption([o.mention() for o in sc.objects], sc.background, np.random.default_rng(i),
                                      shape_only=False) for sc in (base, twin)]
-            img = F.normalize(clip.model.encode_image(pixels).float(), dim=-1)
+            img = F.normalize(engine.embed_images([base.image, twin.image], size=size).float(), dim=-1)
             txt = F.normalize(clip.model.encode_text(clip.tokenizer(captions).to(clip.device)).float(), dim=-1)
             sim = img @ txt.T  # [2, 2]
             hits[kind].append((int(sim[0, 0] > sim[0, 1]) + int(sim[1, 1] > sim[1, 0])) / 2)
