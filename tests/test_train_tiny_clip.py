@@ -72,3 +72,12 @@ def test_a_short_run_writes_a_checkpoint_the_worker_loads(tmp_path):
 def test_batch_must_hold_whole_groups():
     with pytest.raises(SystemExit):
         ttc.main(["--batch", "8", "--steps", "1"])  # 8 is not a multiple of 3 (a scene and its two twins)
+
+
+def test_a_time_budgeted_run_stops_at_its_budget_and_records_its_steps(tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    ttc.main(["--minutes", "0.05", "--pool", "4", "--batch", "6", "--workers", "1", "--warmup", "1",
+              "--embed-rms", "0", "--out", str(out)])
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["minutes"] == 0.05 and record["steps"] >= 1
+    assert record["train_s"] < 3 + 30  # the budget (3 s) plus one step of this size, with room for a slow machine
