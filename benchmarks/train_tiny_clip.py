@@ -18,7 +18,7 @@ The result is a plain fp16 ``state_dict`` in safetensors format that open_clip l
     worker.models.load_clip("maskinv-scene-tiny", "assets/tiny_scene_clip/maskinv-scene-tiny.safetensors")
 
 Run from the repository root (one stage with the defaults: 1500 steps, 10-15 minutes on 2 CPU cores; the
-committed checkpoint took seven stages, 102 minutes in all, whose commands are in docs/scene_world.md):
+committed checkpoint took two stages, 18 + 12 minutes, whose commands are in docs/scene_world.md):
 
     nice python -m benchmarks.train_tiny_clip
     nice python -m benchmarks.train_tiny_clip --steps 200 --pool 2000 --out /tmp/try.safetensors   # a quick try
