@@ -139,21 +139,12 @@ class Batches:
 
 
 # ---------------------------------------------------------------------- training
-def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay to zero."""
+def lr_at(step: int, base: float, warmup: int, progress: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to zero over ``progress`` in [0, 1], the share of the
+    post-warm-up schedule done (of its steps, or of its time budget); beyond 1 the rate stays at zero."""
     if step < warmup:
         return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def lr_in_time(step: int, warmup: int, base: float, spent: float, budget: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to zero over what is left of a time budget:
-    ``spent`` of ``budget`` seconds of training (post-warm-up time, measured from the end of warm-up)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = min(1.0, spent / max(budget, 1e-9))
-    return base * 0.5 * (1.0 + math.cos(math.pi * t))
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 @torch.no_grad()
@@ -209,29 +200,27 @@ def train(args: argparse.Namespace) -> dict:
                       list_share=args.list_share, position_rate=args.position_rate)
 
     text = CompactTextTower(model)
-    params = text.parameters_to_train()
-    table = text.table.weight
-    names = {id(p): n for n, p in model.named_parameters()}
-    is_decayed = [p.ndim >= 2 and "embedding" not in names.get(id(p), "") and p is not table for p in params]
-    opt = torch.optim.AdamW([{"params": [p for p, d in zip(params, is_decayed) if d], "weight_decay": args.wd},
-                             {"params": [p for p, d in zip(params, is_decayed) if not d], "weight_decay": 0.0}],
+    params = text.parameters_to_train()  # the compact token table, like the full one, is not decayed
+    decayed = {id(p) for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n}
+    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) in decayed], "weight_decay": args.wd},
+                             {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.loss.ClipLoss()
     model.train()
     history = []
     budget = args.minutes * 60.0 if args.minutes else None
     t1 = time.time()
-    t_warm = None  # when warm-up ended (time-budgeted runs decay over the rest of the budget)
+    t_warm = t1  # when warm-up ended: a time-budgeted run decays over the rest of its budget
     bar = tqdm(total=None if budget else args.steps, desc="train", unit="step")
     step = 0
     while (time.time() - t1 < budget) if budget else step < args.steps:
         if budget:
             if step == args.warmup:
                 t_warm = time.time()
-            spent = time.time() - t_warm if t_warm else 0.0
-            lr = lr_in_time(step, args.warmup, args.lr, spent, budget - (t_warm - t1) if t_warm else budget)
+            progress = (time.time() - t_warm) / max(1e-9, t1 + budget - t_warm)
         else:
-            lr = lr_at(step, args.steps, args.lr, args.warmup)
+            progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        lr = lr_at(step, args.lr, args.warmup, progress)
         for g in opt.param_groups:
             g["lr"] = lr
         pixels, captions = batches.next()
@@ -271,7 +260,8 @@ def train(args: argparse.Namespace) -> dict:
         "world": {**world_kwargs, "split": "train", "scenes": args.pool,
                   "twins": list(args.twins)},
         "captions": {"list_share": args.list_share, "position_rate": args.position_rate},
-        "steps": step, "minutes": args.minutes, "batch": args.batch, "lr": args.lr, "warmup": args.warmup, "weight_decay": args.wd,
+        "steps": step, "minutes": args.minutes, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
+        "weight_decay": args.wd,
         "embed_rms": args.embed_rms if factor is not None else None, "proj_factor": factor,
         "loss_first_20": float(np.mean(history[:20])) if history else None,
         "loss_last_20": float(np.mean(history[-20:])) if history else None,

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from benchmarks.compact_text import CompactTextTower
-from benchmarks.train_tiny_clip import lr_in_time
 from worker.models import register_project_configs
 
 CAPTIONS = ["a red circle on the left and a blue star at the top right.", "two stars.",
@@ -68,9 +67,3 @@ def test_a_full_table_says_so(model_and_tokenizer):
     with pytest.raises(RuntimeError, match="compact token table is full"):
         tower(tok(CAPTIONS))
 
-
-def test_time_budgeted_learning_rate_warms_up_then_decays_over_the_budget():
-    assert lr_in_time(0, 10, 1.0, 0.0, 100.0) == pytest.approx(0.1)
-    assert lr_in_time(10, 10, 1.0, 0.0, 100.0) == pytest.approx(1.0)
-    assert lr_in_time(500, 10, 1.0, 50.0, 100.0) == pytest.approx(0.5)
-    assert lr_in_time(900, 10, 1.0, 150.0, 100.0) == pytest.approx(0.0)

@@ -62,8 +62,8 @@ def test_single_objects_are_recognised_from_the_whole_image(clip, world):
 def test_maskinversion_beats_the_global_embedding_on_multi_object_scenes(clip, multi_object_set):
     """MaskInversion labels most regions of multi-object scenes right, 20 points above the global embedding (on
     these 131 regions with the committed model: Acc@1 51.9 vs 22.1, i.e. 68 right where "most" needs 66, Acc@5
-    91.6; Dice 0.75 -> 0.63; the full benchmark, 663 regions: 41.2 vs 20.7; see docs/scene_world.md). A broken engine, scorer or loader falls to
-    the global embedding's level or below."""
+    91.6; Dice 0.75 -> 0.63; the full benchmark, 663 regions: 41.2 vs 20.7; see docs/scene_world.md). A broken
+    engine, scorer or loader falls to the global embedding's level or below."""
     categories, items = multi_object_set
     n_regions = sum(len(i.regions) for i in items)
     assert n_regions >= 100

@@ -81,3 +81,10 @@ def test_a_time_budgeted_run_stops_at_its_budget_and_records_its_steps(tmp_path)
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["minutes"] == 0.05 and record["steps"] >= 1
     assert record["train_s"] < 3 + 30  # the budget (3 s) plus one step of this size, with room for a slow machine
+
+
+def test_learning_rate_warms_up_then_decays_over_the_schedule():
+    assert ttc.lr_at(0, 1.0, 10, 0.0) == pytest.approx(0.1)
+    assert ttc.lr_at(10, 1.0, 10, 0.0) == pytest.approx(1.0)
+    assert ttc.lr_at(500, 1.0, 10, 0.5) == pytest.approx(0.5)  # half of the steps, or of the time budget, done
+    assert ttc.lr_at(900, 1.0, 10, 1.5) == pytest.approx(0.0)  # a time budget overrun by the last step
