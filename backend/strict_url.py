@@ -27,8 +27,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _HOST_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 _IPV6 = re.compile(r"^[0-9A-Fa-f:.]+$")
-#: percent-encoded control characters and backslash: no image URL needs them, and a decoder down the line
-#: would turn them into what the raw form is refused for
+#: percent-encoded control characters and backslash (refused before the query): no image path needs them, and a
+#: decoder down the line would turn them into what the raw form is refused for
 _ENCODED_UNSAFE = re.compile(r"%(?:[01][0-9A-Fa-f]|7[Ff]|5[Cc])")
 
 
@@ -59,8 +59,8 @@ def parse_http_url(url: str) -> ParsedURL:
         raise UnsafeURL(f"URL contains a control character ({bad!r}): {_show(url)}")
     if "\\" in url:
         raise UnsafeURL(f"URL contains a backslash (parsers disagree where its host ends): {_show(url)}")
-    if _ENCODED_UNSAFE.search(url):
-        raise UnsafeURL(f"URL contains a percent-encoded control character or backslash: {_show(url)}")
+    if _ENCODED_UNSAFE.search(re.split(r"[?#]", url, maxsplit=1)[0]):
+        raise UnsafeURL(f"URL host or path contains a percent-encoded control character or backslash: {_show(url)}")
     m = _SCHEME.match(url)
     if m is None:
         raise UnsafeURL(f"not an absolute http(s) URL: {_show(url)}")
