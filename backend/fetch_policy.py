@@ -28,6 +28,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .strict_url import DEFAULT_PORTS, ParsedURL, UnsafeURL, parse_http_url
 
@@ -218,7 +219,11 @@ class FetchPolicy:
         request and redirect hop. ``url`` is parsed once, strictly (ambiguous URLs are refused), and the
         credential goes only to ``credential_origin`` (the Label Studio origin the token belongs to)."""
         origin = self.check_url(url, setup_host)
-        return Route(origin, url, sends_credential(origin, credential_origin))
+        credential = sends_credential(origin, credential_origin)
+        if credential and has_traversal(url):
+            raise FetchRefused(f"URL {url[:200]!r} contains '..': path traversal is refused (it would be sent to "
+                               "Label Studio with its credential)")
+        return Route(origin, url, credential)
 
     def _ls_text(self) -> str:
         if self.label_studio is None:
@@ -271,6 +276,23 @@ def _kind(ip: IPAddress | None) -> str:
         if getattr(ip, attr):
             return attr[3:].replace("_", "-")
     return "non-public"
+
+
+def has_traversal(url: str) -> bool:
+    """Does a Label Studio path have a ``..`` segment in its path or in any query value (``d=``, ``filepath=``, ...),
+    also percent-encoded (once or several times) or with backslashes? Checked whether or not a local root is set:
+    the path is otherwise forwarded to Label Studio, with the credential."""
+    parts = urlsplit(url)
+    texts = [parts.path] + [v for _, v in parse_qsl(parts.query, keep_blank_values=True)] + [parts.query]
+    for text in texts:
+        for _ in range(4):  # %252e%252e -> %2e%2e -> ..
+            decoded = unquote(text)
+            if decoded == text:
+                break
+            text = decoded
+        if any(seg.strip() == ".." for seg in text.replace("\\", "/").replace("&", "/").replace("=", "/").split("/")):
+            return True
+    return False
 
 
 def safe_local_path(root: str | os.PathLike, relative: str, what: str) -> Path:

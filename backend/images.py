@@ -41,7 +41,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import parse_qs, parse_qsl, unquote, urljoin, urlsplit
+from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -51,8 +51,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
-from .fetch_policy import (DEFAULT_PORTS, FetchPolicy, FetchRefused, HostEntry, Origin, Route, normalise_host,
-                           safe_local_path, sends_credential)
+from .fetch_policy import (DEFAULT_PORTS, FetchPolicy, FetchRefused, HostEntry, Origin, Route, has_traversal,
+                           normalise_host, safe_local_path, sends_credential)
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +74,6 @@ class ImageError(ValueError):
     def __init__(self, message: str, upstream: bool = False):
         super().__init__(message)
         self.upstream = upstream
-
-
-def has_traversal(url: str) -> bool:
-    """Does a Label Studio path have a ``..`` segment in its path or in any query value (``d=``, ``filepath=``, ...),
-    also percent-encoded (once or several times) or with backslashes? Checked whether or not a local root is set:
-    the path is otherwise forwarded to Label Studio, with the credential."""
-    parts = urlsplit(url)
-    texts = [parts.path] + [v for _, v in parse_qsl(parts.query, keep_blank_values=True)] + [parts.query]
-    for text in texts:
-        for _ in range(4):  # %252e%252e -> %2e%2e -> ..
-            decoded = unquote(text)
-            if decoded == text:
-                break
-            text = decoded
-        if any(seg.strip() == ".." for seg in text.replace("\\", "/").replace("&", "/").replace("=", "/").split("/")):
-            return True
-    return False
 
 
 # -- guarded HTTP ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from worker.prompts import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_TEMPLATE_CHARS,
                             check_labels, check_templates)
 
 from .fetch_policy import HostEntry, parse_allow_list
+from .strict_url import UnsafeURL, parse_http_url
 
 
 def redact_url(url: str | None) -> str | None:
@@ -207,6 +208,11 @@ class Settings:
         ls_url = env.get("LABEL_STUDIO_URL", "").strip().rstrip("/") or None
         if ls_url and not ls_url.startswith(("http://", "https://")):
             raise SettingsError(f"LABEL_STUDIO_URL must start with http:// or https://, got {ls_url!r}")
+        if ls_url:
+            try:
+                parse_http_url(ls_url)  # a URL two parsers read differently would misroute the API key
+            except UnsafeURL as exc:
+                raise SettingsError(f"LABEL_STUDIO_URL: {exc}") from None
         max_label_chars = _int(env, "MASKINV_MAX_LABEL_CHARS", DEFAULT_MAX_LABEL_CHARS, 1)
         max_vocab_bytes = _int(env, "MASKINV_MAX_VOCAB_BYTES", DEFAULT_MAX_VOCAB_BYTES, 1)
         max_template_chars = _int(env, "MASKINV_MAX_TEMPLATE_CHARS", DEFAULT_MAX_TEMPLATE_CHARS, 1, 1000)

@@ -488,3 +488,23 @@ def test_case1_the_connection_itself_refuses_to_carry_the_key_elsewhere(sites, m
     with pytest.raises(ImageError, match="refusing to send the Label Studio credential"):
         fetcher.fetch(f"{other.url}/img.png")
     assert other.seen == []
+
+
+def test_case7_absolute_label_studio_urls_with_traversal_are_refused_too(sites):
+    """The same paths spelled as absolute URLs of the Label Studio origin (they would carry the key)."""
+    ls, _ = sites
+    fetcher = ImageFetcher(ls.url, TOKEN)
+    for path in ("/data/local-files/?d=../../etc/passwd", "/data/upload/../../api/projects",
+                 "/storage-data/uploaded/?filepath=%252e%252e/x"):
+        with pytest.raises(ImageError, match=r"contains '\.\.'"):
+            fetcher.fetch(ls.url + path)
+    assert ls.seen == []
+
+
+def test_case1_label_studio_url_must_parse_unambiguously():
+    from backend.settings import Settings, SettingsError
+
+    for bad in ("http://ls:8080\\@evil:80", "http://user@ls:8080", "http://ls\t:8080"):
+        with pytest.raises(SettingsError, match="LABEL_STUDIO_URL"):
+            Settings.from_env({"LABEL_STUDIO_URL": bad})
+    assert Settings.from_env({"LABEL_STUDIO_URL": "http://ls:8080/"}).label_studio_url == "http://ls:8080"
