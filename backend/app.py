@@ -127,10 +127,15 @@ def setup_view():
 
 
 def health_view():
+    """``GET /health`` and ``GET /``: open (container health checks), but without valid credentials, when basic
+    auth is on, it says only whether the backend is up and ready; model, device, caches need credentials."""
     info = _service().health()
     down = info.get("mode") == "queue" and info.get("redis") != "ok"
+    status = 503 if down else 200
+    if _service().settings.basic_auth_user and not _authorized():
+        return jsonify({"status": "DOWN" if down else "UP", "ready": bool(info.get("ready"))}), status
     body = {"status": "DOWN" if down else "UP", "model_class": "MaskInversionModel", **info}
-    return jsonify(body), 503 if down else 200
+    return jsonify(body), status
 
 
 def webhook_view():
@@ -161,14 +166,20 @@ VIEWS = {"_predict": predict_view, "_setup": setup_view, "health": health_view, 
          "_train": train_view, "_is_training": is_training_view, "get_version": versions_view}
 
 
+def _authorized() -> bool:
+    """Does the request carry the configured basic-auth credentials (constant-time comparison)?"""
+    settings = _service().settings
+    auth = request.authorization
+    return bool(auth is not None and auth.type == "basic" and settings.basic_auth_user
+                and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+                and hmac.compare_digest((auth.password or "").encode(), (settings.basic_auth_pass or "").encode()))
+
+
 def _check_auth():
     settings = _service().settings
     if not settings.basic_auth_user or request.endpoint in OPEN_ENDPOINTS:
         return None
-    auth = request.authorization
-    if (auth is not None and auth.type == "basic"
-            and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
-            and hmac.compare_digest((auth.password or "").encode(), (settings.basic_auth_pass or "").encode())):
+    if _authorized():
         return None
     resp, status = _error(401, "authentication required (HTTP basic auth, see BASIC_AUTH_USER/BASIC_AUTH_PASS)")
     resp.headers["WWW-Authenticate"] = 'Basic realm="maskinversion"'

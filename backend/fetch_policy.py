@@ -28,12 +28,13 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .strict_url import DEFAULT_PORTS, ParsedURL, UnsafeURL, parse_http_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class FetchRefused(ValueError):
@@ -151,20 +152,35 @@ class Origin:
 
     @classmethod
     def of(cls, url: str) -> "Origin":
-        """Origin of an absolute http(s) URL; raises FetchRefused for anything else."""
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise FetchRefused(f"malformed URL {url[:200]!r}: {exc}") from None
-        scheme = parts.scheme.lower()
-        if scheme not in DEFAULT_PORTS:
+        """Origin of an absolute http(s) URL, parsed strictly (:func:`backend.strict_url.parse_http_url`: a URL
+        that two parsers could read differently is refused); raises FetchRefused for anything else."""
+        scheme = url.split(":", 1)[0].lower() if isinstance(url, str) and ":" in url else ""
+        if isinstance(url, str) and scheme not in DEFAULT_PORTS:
             raise FetchRefused(f"URL scheme {scheme + ':' if scheme else '(none)'} is not allowed for images "
                                f"(only http, https, data: and Label Studio paths): {url[:200]!r}")
-        host = normalise_host(parts.hostname or "")
-        if not host:
-            raise FetchRefused(f"URL has no host: {url[:200]!r}")
-        return cls(scheme, host, port or DEFAULT_PORTS[scheme])
+        try:
+            parsed = parse_http_url(url)
+        except UnsafeURL as exc:
+            raise FetchRefused(f"malformed or ambiguous URL: {exc}") from None
+        return cls.of_parsed(parsed)
+
+    @classmethod
+    def of_parsed(cls, parsed: ParsedURL) -> "Origin":
+        return cls(parsed.scheme, normalise_host(parsed.host), parsed.port)
+
+
+def sends_credential(origin: Origin, credential_origin: Origin | None) -> bool:
+    """True only when ``origin`` (scheme, host, port) is exactly the origin the credential belongs to."""
+    return credential_origin is not None and origin == credential_origin
+
+
+@dataclass(frozen=True)
+class Route:
+    """Decision for one request: the origin connected to, the URL and whether it carries the credential."""
+
+    origin: Origin
+    url: str
+    credential: bool
 
 
 class FetchPolicy:
@@ -197,6 +213,17 @@ class FetchPolicy:
         where = f"{origin.host}:{origin.port}" if origin.port != DEFAULT_PORTS[origin.scheme] else origin.host
         raise FetchRefused(f"image host {where} is not allowed: only the Label Studio host "
                            f"({self._ls_text()}) and hosts on MASKINV_ALLOWED_HOSTS are fetched")
+
+    def route(self, url: str, setup_host: str | None = None, credential_origin: Origin | None = None) -> "Route":
+        """Where ``url`` goes and whether it carries the Label Studio credential — the one decision for every
+        request and redirect hop. ``url`` is parsed once, strictly (ambiguous URLs are refused), and the
+        credential goes only to ``credential_origin`` (the Label Studio origin the token belongs to)."""
+        origin = self.check_url(url, setup_host)
+        credential = sends_credential(origin, credential_origin)
+        if credential and has_traversal(url):
+            raise FetchRefused(f"URL {url[:200]!r} contains '..': path traversal is refused (it would be sent to "
+                               "Label Studio with its credential)")
+        return Route(origin, url, credential)
 
     def _ls_text(self) -> str:
         if self.label_studio is None:
@@ -249,6 +276,23 @@ def _kind(ip: IPAddress | None) -> str:
         if getattr(ip, attr):
             return attr[3:].replace("_", "-")
     return "non-public"
+
+
+def has_traversal(url: str) -> bool:
+    """Does a Label Studio path have a ``..`` segment in its path or in any query value (``d=``, ``filepath=``, ...),
+    also percent-encoded (once or several times) or with backslashes? Checked whether or not a local root is set:
+    the path is otherwise forwarded to Label Studio, with the credential."""
+    parts = urlsplit(url)
+    texts = [parts.path] + [v for _, v in parse_qsl(parts.query, keep_blank_values=True)] + [parts.query]
+    for text in texts:
+        for _ in range(4):  # %252e%252e -> %2e%2e -> ..
+            decoded = unquote(text)
+            if decoded == text:
+                break
+            text = decoded
+        if any(seg.strip() == ".." for seg in text.replace("\\", "/").replace("&", "/").replace("=", "/").split("/")):
+            return True
+    return False
 
 
 def safe_local_path(root: str | os.PathLike, relative: str, what: str) -> Path:

@@ -20,7 +20,8 @@ Requests to the Label Studio host carry the API key: a legacy token as ``Authori
 personal access token (a JWT *refresh* token, LS >= 1.14) is exchanged at ``/api/token/refresh`` for a
 short-lived access token, sent as ``Authorization: Bearer <access>`` and renewed before it expires.
 
-Fetched bytes are kept in a small LRU keyed by URL; the worker's caches are keyed by the bytes' SHA-256.
+Fetched bytes are kept in a small LRU keyed by URL whose entries expire after ``MASKINV_IMAGE_CACHE_TTL``
+seconds (a file replaced at the same URL is read again); the worker's caches are keyed by the bytes' SHA-256.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
-from .fetch_policy import FetchPolicy, FetchRefused, HostEntry, Origin, safe_local_path
+from .fetch_policy import (DEFAULT_PORTS, FetchPolicy, FetchRefused, HostEntry, Origin, Route, has_traversal,
+                           normalise_host, safe_local_path, sends_credential)
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +109,34 @@ def _connect(conn: HTTPConnection, policy: FetchPolicy):
     raise error
 
 
+def _guard_credential(conn: HTTPConnection, scheme: str, headers: Any) -> None:
+    """Last check before a request's headers go on the wire: an ``Authorization`` header is sent only on a
+    connection whose own scheme, host and port are the Label Studio origin the credential belongs to."""
+    if not headers or not any(str(k).lower() == "authorization" for k in headers):
+        return
+    ctx = _context.get()
+    origin = Origin(scheme, normalise_host(conn.host), int(conn.port or DEFAULT_PORTS[scheme]))
+    if ctx is None or not sends_credential(origin, ctx.auth_origin if ctx.auth_header else None):
+        raise FetchRefused(f"refusing to send the Label Studio credential to {origin.host}:{origin.port}: "
+                           "it is not the Label Studio origin")
+
+
 def _pool_classes(policy: FetchPolicy) -> dict[str, type]:
     class _Conn(HTTPConnection):
         def _new_conn(self):
             return _connect(self, policy)
 
+        def request(self, method, url, body=None, headers=None, **kwargs):  # type: ignore[override]
+            _guard_credential(self, "http", headers)
+            return super().request(method, url, body=body, headers=headers, **kwargs)
+
     class _TLSConn(HTTPSConnection):
         def _new_conn(self):
             return _connect(self, policy)
+
+        def request(self, method, url, body=None, headers=None, **kwargs):  # type: ignore[override]
+            _guard_credential(self, "https", headers)
+            return super().request(method, url, body=body, headers=headers, **kwargs)
 
     class _Pool(HTTPConnectionPool):
         ConnectionCls = _Conn
@@ -148,25 +170,39 @@ class GuardedSession(requests.Session):
             self.mount(prefix, _GuardedAdapter(policy))
 
     def request(self, method, url, **kwargs):  # type: ignore[override]
+        """GET/POST ``url`` within the policy; every hop (redirects included) is routed by
+        :meth:`FetchPolicy.route` on the same strictly parsed URL that the connection is opened for."""
         ctx = _context.get() or _FetchContext(None, None, None, time.monotonic() + self.timeout_s)
         deadline = min(ctx.deadline, time.monotonic() + self.timeout_s)
         headers = {k: v for k, v in (kwargs.pop("headers", None) or {}).items() if k.lower() != "authorization"}
-        if kwargs.get("verify", True) is True:
-            kwargs["verify"] = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-        kwargs.pop("allow_redirects", None)
-        kwargs.pop("stream", None)
-        kwargs.pop("timeout", None)
+        verify = kwargs.pop("verify", True)
+        if verify is True:
+            verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        for ignored in ("allow_redirects", "stream", "timeout", "proxies", "auth"):
+            kwargs.pop(ignored, None)
+        params, data, json_body = kwargs.pop("params", None), kwargs.pop("data", None), kwargs.pop("json", None)
+        cert = kwargs.pop("cert", None)
+        if kwargs:
+            raise TypeError(f"GuardedSession.request: unsupported arguments {sorted(kwargs)}")
+        credential_origin = ctx.auth_origin if ctx.auth_header else None
         for _ in range(MAX_REDIRECTS + 1):
-            origin = self.policy.check_url(url, ctx.setup_host)
-            hop_headers = dict(headers)
-            if ctx.auth_header and origin == ctx.auth_origin:
-                hop_headers["Authorization"] = ctx.auth_header
+            route = self.policy.route(url, ctx.setup_host, credential_origin)  # refuses ambiguous URLs
+            prep = self.prepare_request(requests.Request(method, url, headers=headers, params=params, data=data,
+                                                         json=json_body))
+            params = None  # now part of the URL
+            # the URL urllib3 connects to is prep.url: it must route exactly like the URL decided on
+            if self.policy.route(prep.url, ctx.setup_host, credential_origin) != Route(route.origin, prep.url,
+                                                                                        route.credential):
+                raise FetchRefused(f"URL {url[:200]!r} changes its host when prepared ({prep.url[:200]!r})")
+            prep.headers.pop("Authorization", None)
+            if route.credential:
+                prep.headers["Authorization"] = ctx.auth_header
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ImageError(f"fetching {url[:200]} took longer than MASKINV_FETCH_TIMEOUT / the request "
                                  "deadline", upstream=True)
-            resp = super().request(method, url, headers=hop_headers, allow_redirects=False, stream=True,
-                                   timeout=(remaining, remaining), **kwargs)
+            resp = self.send(prep, allow_redirects=False, stream=True, timeout=(remaining, remaining),
+                             verify=verify, cert=cert, proxies={})
             if not resp.is_redirect:
                 _read_capped(resp, self.max_bytes, deadline, url)
                 return resp
@@ -174,9 +210,7 @@ class GuardedSession(requests.Session):
             resp.close()
             log.debug("redirect %s -> %s", url[:200], target[:200])
             if resp.status_code == 303 or (resp.status_code in (301, 302) and method.upper() == "POST"):
-                method = "GET"
-                kwargs.pop("json", None)
-                kwargs.pop("data", None)
+                method, data, json_body = "GET", None, None
             url = target
         raise ImageError(f"more than {MAX_REDIRECTS} redirects fetching {url[:200]}")
 
@@ -288,7 +322,7 @@ class ImageFetcher:
     def __init__(self, label_studio_url: str | None, api_key: str | None, timeout_s: float = 30.0,
                  max_bytes: int = 64 << 20, cache_bytes: int = 256 << 20, allowed_hosts: tuple[HostEntry, ...] = (),
                  local_files_root: str | None = None, media_root: str | None = None,
-                 policy: FetchPolicy | None = None):
+                 policy: FetchPolicy | None = None, cache_ttl_s: float = 300.0, clock=time.monotonic):
         self.label_studio_url = label_studio_url
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
@@ -298,7 +332,10 @@ class ImageFetcher:
         self.policy = policy or FetchPolicy(label_studio_url, allowed_hosts)
         self.session = GuardedSession(self.policy, timeout_s, max_bytes)
         self.auth = LabelStudioAuth(label_studio_url, api_key, self.session)
+        self.cache_ttl_s = cache_ttl_s  # MASKINV_IMAGE_CACHE_TTL: a URL's bytes are reused this long at most
+        self._clock = clock
         self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._stored_at: dict[str, float] = {}  # key -> clock() when stored
         self._cached = 0
         self._lock = threading.Lock()
 
@@ -315,11 +352,9 @@ class ImageFetcher:
         url = url.strip()
         deadline = min(deadline or float("inf"), time.monotonic() + self.timeout_s)
         key = self.cache_key(url, task_id)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
+        hit = self._cached_bytes(key)
+        if hit is not None:
+            return hit
         try:
             if url.startswith("data:"):
                 data = self._decode_data_uri(url)
@@ -349,8 +384,7 @@ class ImageFetcher:
         if not url.startswith(LS_PATH_PREFIXES):
             raise FetchRefused(f"unsupported image URL {url[:200]!r}: not http(s), data: or a Label Studio path "
                                "(/data/upload/..., /data/local-files/?d=..., /storage-data/...)")
-        path = unquote(urlsplit(url).path)
-        if any(seg == ".." for seg in path.replace("\\", "/").split("/")):
+        if has_traversal(url):
             raise FetchRefused(f"image path {url[:200]!r} contains '..': path traversal is refused")
         return "ls"
 
@@ -451,18 +485,36 @@ class ImageFetcher:
         except (binascii.Error, ValueError):
             raise ImageError("the image data: URI is not valid base64") from None
 
+    def _cached_bytes(self, key: str) -> bytes | None:
+        """The cached bytes of ``key`` if stored less than MASKINV_IMAGE_CACHE_TTL seconds ago (an expired entry
+        is dropped, so a file replaced at the same URL is fetched again)."""
+        with self._lock:
+            data = self._cache.get(key)
+            if data is None:
+                return None
+            if self._clock() - self._stored_at.get(key, float("-inf")) >= self.cache_ttl_s:
+                del self._cache[key]
+                self._stored_at.pop(key, None)
+                self._cached -= len(data) + len(key)
+                return None
+            self._cache.move_to_end(key)
+            return data
+
     def _remember(self, key: str, data: bytes) -> None:
         """Keep ``data`` under ``key``; keys and bytes both count against MASKINV_IMAGE_CACHE_MB."""
-        if len(data) + len(key) > self.cache_bytes:
+        if len(data) + len(key) > self.cache_bytes or self.cache_ttl_s <= 0:
             return
         with self._lock:
-            if key in self._cache:
-                return
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._cached -= len(old) + len(key)
             self._cache[key] = data
+            self._stored_at[key] = self._clock()
             self._cached += len(data) + len(key)
             while self._cached > self.cache_bytes:
-                old_key, old = self._cache.popitem(last=False)
-                self._cached -= len(old) + len(old_key)
+                old_key, old_data = self._cache.popitem(last=False)
+                self._stored_at.pop(old_key, None)
+                self._cached -= len(old_data) + len(old_key)
 
 
 @contextmanager

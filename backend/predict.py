@@ -150,6 +150,9 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
                 mask_pixels += masks[-1].size
             except RegionError as exc:
                 f.plan.error(r.id, str(exc), "region")
+            except Exception as exc:  # noqa: BLE001 - any parser failure is this region's error only
+                log.exception("region %s of task %s", r.id, f.plan.task_id)
+                f.plan.error(r.id, f"malformed {r.kind} region: {exc.__class__.__name__}: {str(exc)[:200]}", "region")
         if ok:
             requests.append(LabelRequest(f.blob, masks, list(f.vocab), params))
             f.plan.groups.append((len(requests) - 1, ok))

@@ -158,8 +158,22 @@ def region_mask(region: Region, image_size: tuple[int, int] | None = None, max_s
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Boolean mask ``[H', W']`` of one region (``H', W'`` = its frame, scaled so the long side <= max_side).
 
-    Raises RegionError (never anything else) for malformed or out-of-range geometry.
+    Raises RegionError (never anything else) for malformed or out-of-range geometry: whatever a parser or
+    decoder raises on a region's content (a corrupt brush RLE overflowing ``uint8``, a polygon Pillow cannot
+    draw, a geometry type added later) becomes that region's error, so the request's other regions are still
+    labelled. (MemoryError and KeyboardInterrupt are not caught.)
     """
+    try:
+        return _region_mask(region, image_size, max_side, max_pixels)
+    except RegionError:
+        raise
+    except (ArithmeticError, ValueError, TypeError, IndexError, KeyError, AttributeError, OSError,
+            RuntimeError) as exc:
+        raise RegionError(f"malformed {region.kind} region: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+
+
+def _region_mask(region: Region, image_size: tuple[int, int] | None, max_side: int,
+                 max_pixels: int) -> np.ndarray:
     width, height = region_geometry(region, image_size, max_pixels)
     if region.kind == "brush":
         mask = _downscale(brush_mask(region.value, width, height), max_side)
@@ -239,7 +253,7 @@ def brush_mask(value: dict, width: int, height: int) -> np.ndarray:
                           f"(= {width} x {height} x 4 for original_width x original_height)")
     try:
         flat = decode_rle(rle)
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, OverflowError) as exc:  # corrupt content with a correct declared length
         raise RegionError(f"brush rle is truncated or corrupt: {exc}") from None
     if flat.size != expected:
         raise RegionError(f"brush rle decodes to {flat.size} values, expected {expected}")

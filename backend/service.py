@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
 
 from worker.payload import InversionParams, PayloadError, check_limits, sha256_hex
+from worker.prompts import check_labels, check_templates
 
 from .dispatch import Dispatcher, make_dispatcher
+from .fetch_policy import FetchRefused, Origin
 from .images import ImageFetcher
 from .label_config import ConfigCache, LabelConfigError, ProjectConfig
 from .settings import Settings
@@ -21,8 +24,22 @@ log = logging.getLogger(__name__)
 OVERRIDABLE = ("steps", "lr", "alpha", "size", "top_k", "templates", "caption")
 #: seconds /setup and /predict wait for the embedded model to finish loading before answering a version
 MODEL_WAIT_S = 2.5
-#: longest label or template accepted in params.maskinv (CLIP reads 77 tokens anyway)
-MAX_TEXT = 1000
+
+
+_MODEL_ID = re.compile(r"^[A-Za-z0-9._+-]{1,64}(/[A-Za-z0-9._:+-]{1,64})?$")
+
+
+def short_model_id(info: dict[str, Any]) -> str:
+    """The model id for ``model_version``: ``<name>/<weights>`` as the worker reports it (a pretrained tag,
+    ``random-seed<N>`` or ``sha256-<digest of the checkpoint's content>``); an id that is not of that short,
+    path-free form (e.g. from an older worker that put the checkpoint's path in it) is replaced by
+    ``<name>/id-<digest of the id>``, so no path reaches Label Studio."""
+    ident = str(info.get("id") or "")
+    if _MODEL_ID.match(ident):
+        return ident
+    name = str(info.get("name") or ident.split("/", 1)[0])
+    name = name if re.match(r"^[A-Za-z0-9._+-]{1,64}$", name) else "model"
+    return f"{name}/id-{sha256_hex(ident.encode())[:12]}"
 
 
 class PredictError(Exception):
@@ -44,7 +61,8 @@ class Service:
         self.fetcher = ImageFetcher(settings.label_studio_url, settings.label_studio_api_key,
                                     timeout_s=settings.fetch_timeout_s, max_bytes=settings.max_image_bytes,
                                     cache_bytes=settings.image_cache_bytes, allowed_hosts=settings.allowed_hosts,
-                                    local_files_root=settings.local_files_root, media_root=settings.media_root)
+                                    local_files_root=settings.local_files_root, media_root=settings.media_root,
+                                    cache_ttl_s=settings.image_cache_ttl_s)
         self.configs = ConfigCache()
         self._setup: dict[str, Any] = {}
         self._versions: OrderedDict[str, None] = OrderedDict()
@@ -57,15 +75,31 @@ class Service:
             if len(c.labels) > self.settings.max_labels:
                 raise LabelConfigError(f"control {c.name!r} has {len(c.labels)} labels, more than "
                                        f"MASKINV_MAX_LABELS={self.settings.max_labels}")
+            try:
+                check_labels(c.labels, self.settings.max_label_chars, self.settings.max_vocab_bytes,
+                             f"control {c.name!r}: label")
+            except PayloadError as exc:
+                raise LabelConfigError(str(exc)) from None
         return cfg
 
     def remember_setup(self, hostname: str | None, access_token: str | None) -> None:
-        """Keep what Label Studio sent to /setup (used when LABEL_STUDIO_URL / _API_KEY are unset)."""
+        """Keep what Label Studio sent to /setup (used when LABEL_STUDIO_URL / _API_KEY are unset).
+
+        Hostname and token are one pair, replaced together: a /setup naming a new host without a token clears
+        the token (it belonged to the old host). A /setup with neither leaves the pair as it was. A hostname
+        that is not a plain http(s) origin (userinfo, backslash, control characters, ...) is a 400.
+        """
+        hostname = hostname.strip().rstrip("/") if hostname and hostname.strip() else None
+        access_token = access_token.strip() if access_token and access_token.strip() else None
+        if hostname is not None:
+            try:
+                Origin.of(hostname)
+            except FetchRefused as exc:
+                raise PredictError(400, f"/setup hostname refused: {exc}") from None
+        if hostname is None and access_token is None:
+            return
         with self._lock:
-            if hostname:
-                self._setup["hostname"] = hostname
-            if access_token:
-                self._setup["access_token"] = access_token
+            self._setup = {"hostname": hostname, "access_token": access_token}
 
     def setup_fallbacks(self) -> tuple[str | None, str | None]:
         with self._lock:
@@ -87,7 +121,7 @@ class Service:
             info = self.dispatcher.model_info(wait_s=MODEL_WAIT_S if cfg is not None else 0.0)
         except Exception:  # noqa: BLE001 - the version string must always be answerable
             info = None
-        base = f"maskinversion-{info['id']}" if info and info.get("id") else "maskinversion"
+        base = f"maskinversion-{short_model_id(info)}" if info and info.get("id") else "maskinversion"
         if cfg is None and params is None and labels is None:
             with self._lock:
                 if self._versions:
@@ -141,8 +175,10 @@ class Service:
             check_limits(params, s.max_steps, s.max_size)
         except (PayloadError, TypeError) as exc:
             raise PredictError(400, f"bad params.maskinv: {exc}") from None
-        if any(len(t) > MAX_TEXT for t in params.templates):
-            raise PredictError(400, f"params.maskinv.templates must be at most {MAX_TEXT} characters each")
+        try:
+            check_templates(params.templates, s.max_template_chars)
+        except PayloadError as exc:
+            raise PredictError(400, f"bad params.maskinv.templates: {exc}") from None
         labels = overrides.get("labels")
         if labels is not None:
             if (not isinstance(labels, list) or not labels
@@ -152,8 +188,10 @@ class Service:
             if len(labels) > s.max_labels:
                 raise PredictError(400, f"params.maskinv.labels has {len(labels)} labels, more than "
                                         f"MASKINV_MAX_LABELS={s.max_labels}")
-            if any(len(x) > MAX_TEXT for x in labels):
-                raise PredictError(400, f"params.maskinv.labels must be at most {MAX_TEXT} characters each")
+            try:
+                check_labels(labels, s.max_label_chars, s.max_vocab_bytes, "params.maskinv.labels: label")
+            except PayloadError as exc:
+                raise PredictError(400, str(exc)) from None
         return params, labels
 
     def health(self) -> dict[str, Any]:

@@ -13,7 +13,11 @@ from typing import Mapping
 
 from worker.payload import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_TEMPLATES, InversionParams, PayloadError
 
+from worker.prompts import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_TEMPLATE_CHARS, DEFAULT_MAX_VOCAB_BYTES,
+                            check_labels, check_templates)
+
 from .fetch_policy import HostEntry, parse_allow_list
+from .strict_url import UnsafeURL, parse_http_url
 
 
 def redact_url(url: str | None) -> str | None:
@@ -105,7 +109,10 @@ def _templates(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or not all(isinstance(t, str) and "{}" in t for t in value):
         raise SettingsError(f"{name} must be a JSON list (or '|'-separated list) of templates containing '{{}}', "
                             f"got {raw!r}")
-    return tuple(value)
+    try:
+        return check_templates(value)
+    except PayloadError as exc:
+        raise SettingsError(f"{name}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,11 @@ class Settings:
     # Inversion defaults (overridable per request)
     params: InversionParams = field(default_factory=InversionParams)
     extra_labels: tuple[str, ...] = ()
+    # Text and cache limits (security wave 2; docs/security.md)
+    max_label_chars: int = DEFAULT_MAX_LABEL_CHARS
+    max_vocab_bytes: int = DEFAULT_MAX_VOCAB_BYTES
+    max_template_chars: int = DEFAULT_MAX_TEMPLATE_CHARS
+    image_cache_ttl_s: float = 300.0
 
     @property
     def redis_url_redacted(self) -> str | None:
@@ -196,6 +208,20 @@ class Settings:
         ls_url = env.get("LABEL_STUDIO_URL", "").strip().rstrip("/") or None
         if ls_url and not ls_url.startswith(("http://", "https://")):
             raise SettingsError(f"LABEL_STUDIO_URL must start with http:// or https://, got {ls_url!r}")
+        if ls_url:
+            try:
+                parse_http_url(ls_url)  # a URL two parsers read differently would misroute the API key
+            except UnsafeURL as exc:
+                raise SettingsError(f"LABEL_STUDIO_URL: {exc}") from None
+        max_label_chars = _int(env, "MASKINV_MAX_LABEL_CHARS", DEFAULT_MAX_LABEL_CHARS, 1)
+        max_vocab_bytes = _int(env, "MASKINV_MAX_VOCAB_BYTES", DEFAULT_MAX_VOCAB_BYTES, 1)
+        max_template_chars = _int(env, "MASKINV_MAX_TEMPLATE_CHARS", DEFAULT_MAX_TEMPLATE_CHARS, 1, 1000)
+        extra_labels = _labels(env, "MASKINV_LABELS")
+        try:
+            check_labels(extra_labels, max_label_chars, max_vocab_bytes, "MASKINV_LABELS label")
+            check_templates(params.templates, max_template_chars)
+        except PayloadError as exc:
+            raise SettingsError(str(exc)) from None
         return cls(
             host=_str(env, "MASKINV_HOST", "0.0.0.0"),
             port=_int(env, "MASKINV_PORT", 9090, 1, 65535),
@@ -233,5 +259,9 @@ class Settings:
             memory_cache_entries=_int(env, "MASKINV_MEMORY_CACHE_ENTRIES", 20000, 0),
             warmup=_bool(env, "MASKINV_WARMUP", True),
             params=params,
-            extra_labels=_labels(env, "MASKINV_LABELS"),
+            extra_labels=extra_labels,
+            max_label_chars=max_label_chars,
+            max_vocab_bytes=max_vocab_bytes,
+            max_template_chars=max_template_chars,
+            image_cache_ttl_s=_float(env, "MASKINV_IMAGE_CACHE_TTL", 300.0, 0.0),
         )

@@ -7,13 +7,22 @@ whose CLIP text embedding is closest to the region's LET. Phrase embeddings are 
 
 from __future__ import annotations
 
-import threading
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .labels import LabelScorer
+from .lru import BoundedLRU
+
+#: bounds of the phrase-bank cache (one entry per (model, label) captioned: ~35 phrases x D floats)
+BANK_CACHE_ENTRIES = 1024
+BANK_CACHE_BYTES = 64 << 20
+
+
+def _bank_bytes(key: tuple[str, str], value: tuple[list[str], torch.Tensor]) -> int:
+    phrases, emb = value
+    return emb.element_size() * emb.nelement() + sum(len(p) + 50 for p in phrases) + sum(len(k) for k in key)
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey")
 MATERIALS = ("wooden", "metal", "plastic", "glass", "fabric", "stone")
@@ -37,20 +46,18 @@ class RetrievalCaptioner:
 
     mode = "retrieval"
 
-    def __init__(self, scorer: LabelScorer):
+    def __init__(self, scorer: LabelScorer, max_entries: int = BANK_CACHE_ENTRIES,
+                 max_bytes: int = BANK_CACHE_BYTES):
         self.scorer = scorer
-        self._banks: dict[tuple[str, str], tuple[list[str], torch.Tensor]] = {}
-        self._lock = threading.Lock()
+        self._banks: BoundedLRU[tuple[list[str], torch.Tensor]] = BoundedLRU(max_entries, max_bytes, _bank_bytes)
 
     def _bank(self, label: str) -> tuple[list[str], torch.Tensor]:
         key = (self.scorer.clip.id, label)
-        with self._lock:
-            hit = self._banks.get(key)
+        hit = self._banks.get(key)
         if hit is None:
             phrases = phrase_bank(label)
             hit = (phrases, self.scorer.encode_texts(phrases))
-            with self._lock:
-                self._banks[key] = hit
+            self._banks.put(key, hit)
         return hit
 
     @torch.no_grad()

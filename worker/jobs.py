@@ -31,7 +31,8 @@ class Runtime:
     lock: threading.Lock
 
     def model_info(self) -> dict[str, str]:
-        return {"name": self.clip.name, "pretrained": self.clip.pretrained, "id": self.clip.id,
+        return {"name": self.clip.name, "pretrained": getattr(self.clip, "weights", "") or self.clip.pretrained,
+                "id": self.clip.id,
                 "device": str(self.clip.device), "captions": self.captioner.mode}
 
 
@@ -53,7 +54,7 @@ def get_runtime() -> Runtime:
 
             t0 = time.perf_counter()
             clip = load_clip()
-            scorer = LabelScorer(clip)
+            scorer = LabelScorer(clip, **prototype_cache_limits())  # security wave 2: bounded caches
             captioner = load_captioner_from_env(scorer) or RetrievalCaptioner(scorer)
             _runtime = Runtime(clip=clip, engine=MaskInversionEngine(clip), scorer=scorer, captioner=captioner,
                                lock=threading.Lock())
@@ -84,6 +85,31 @@ def check_worker_limits(params: InversionParams, env: Mapping[str, str] | None =
     check_limits(params, *limits)
 
 
+# -- security wave 2 (issue 12): worker-side text caps and prototype-cache bounds, read from the worker's own
+# environment (to move into worker/settings.py WorkerSettings when that lands) ---------------------------------
+
+def prototype_cache_limits(env: Mapping[str, str] | None = None) -> dict[str, int]:
+    """``MASKINV_PROTOTYPE_CACHE_ENTRIES`` / ``MASKINV_PROTOTYPE_CACHE_MB`` -> LabelScorer's cache bounds."""
+    from .labels import DEFAULT_PROTOTYPE_CACHE_ENTRIES, DEFAULT_PROTOTYPE_CACHE_MB
+
+    kw = dict(env=env, error=PayloadError, prefix="worker misconfigured: ", minimum=0)
+    return {"max_entries": env_int("MASKINV_PROTOTYPE_CACHE_ENTRIES", DEFAULT_PROTOTYPE_CACHE_ENTRIES, **kw),
+            "max_bytes": env_int("MASKINV_PROTOTYPE_CACHE_MB", DEFAULT_PROTOTYPE_CACHE_MB, **kw) << 20}
+
+
+def check_worker_text_limits(params: InversionParams, labels: list[str],
+                             env: Mapping[str, str] | None = None) -> None:
+    """Re-apply ``MASKINV_MAX_LABEL_CHARS`` / ``MASKINV_MAX_VOCAB_BYTES`` / ``MASKINV_MAX_TEMPLATE_CHARS`` to a job
+    (a hand-enqueued job is checked like a request). Raises PayloadError naming the label or template."""
+    from .prompts import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_TEMPLATE_CHARS, DEFAULT_MAX_VOCAB_BYTES,
+                          check_labels, check_templates)
+
+    kw = dict(env=env, error=PayloadError, prefix="worker misconfigured: ", minimum=1)
+    check_labels(labels, env_int("MASKINV_MAX_LABEL_CHARS", DEFAULT_MAX_LABEL_CHARS, **kw),
+                 env_int("MASKINV_MAX_VOCAB_BYTES", DEFAULT_MAX_VOCAB_BYTES, **kw))
+    check_templates(params.templates, env_int("MASKINV_MAX_TEMPLATE_CHARS", DEFAULT_MAX_TEMPLATE_CHARS, **kw))
+
+
 def label_regions(job: dict[str, Any]) -> dict[str, Any]:
     """Label and caption every region of one image (payload format: worker.payload).
 
@@ -103,6 +129,7 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
             raise PayloadError("labels must be a list of non-empty strings")
         if len(set(labels)) != len(labels):
             raise PayloadError("labels must be unique")
+        check_worker_text_limits(params, labels)
         image_bytes, digest = decode_image(job.get("image") or {})
         regions = job.get("regions")
         if not isinstance(regions, list):

@@ -1,25 +1,65 @@
-"""Open-vocabulary labels: prompt-ensembled text prototypes and region scores."""
+"""Open-vocabulary labels: prompt-ensembled text prototypes and region scores.
+
+Prototypes are cached per (model, labels, templates) in an LRU bounded by entries and bytes
+(``MASKINV_PROTOTYPE_CACHE_ENTRIES`` / ``MASKINV_PROTOTYPE_CACHE_MB``, passed in by ``worker.jobs``); the
+tokenizer's own memo of BPE words (open_clip keeps every word it ever saw) is bounded too
+(:data:`TOKENIZER_CACHE_ENTRIES`, :data:`TOKENIZER_CACHE_CHARS`). Prompts are built with
+:func:`worker.prompts.fill_template`, never ``str.format`` on request text.
+"""
 
 from __future__ import annotations
 
-import threading
-from typing import Sequence
+import logging
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .lru import BoundedLRU, BoundedMemo
 from .models import ClipModel
-from .payload import DEFAULT_TEMPLATES
+from .payload import DEFAULT_TEMPLATES, PayloadError
+from .prompts import check_template, fill_template
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROTOTYPE_CACHE_ENTRIES = 256
+DEFAULT_PROTOTYPE_CACHE_MB = 64
+#: bounds of the tokenizer's BPE memo (words seen; characters of words + their BPE strings)
+TOKENIZER_CACHE_ENTRIES = 50_000
+TOKENIZER_CACHE_CHARS = 4 << 20
+
+
+def _key_bytes(key: Any) -> int:
+    """Approximate bytes of a (model id, labels, templates) key."""
+    if isinstance(key, str):
+        return len(key.encode("utf-8", "surrogatepass")) + 50
+    if isinstance(key, tuple):
+        return 56 + 8 * len(key) + sum(_key_bytes(k) for k in key)
+    return 64
+
+
+def _prototype_bytes(key: Any, value: torch.Tensor) -> int:
+    return value.element_size() * value.nelement() + _key_bytes(key)
+
+
+def bound_tokenizer_cache(tokenizer: Any, max_entries: int = TOKENIZER_CACHE_ENTRIES,
+                          max_chars: int = TOKENIZER_CACHE_CHARS) -> None:
+    """Replace an open_clip ``SimpleTokenizer``'s unbounded ``cache`` dict by a :class:`BoundedMemo` (the entries
+    it starts with, its special tokens, are kept). Tokenizers without such a dict are left alone."""
+    cache = getattr(tokenizer, "cache", None)
+    if isinstance(cache, dict) and not isinstance(cache, BoundedMemo):
+        tokenizer.cache = BoundedMemo(cache.items(), max_entries=max_entries, max_chars=max_chars)
 
 
 class LabelScorer:
     """Scores region embeddings against label names, caching prototypes per (model, labels, templates)."""
 
-    def __init__(self, clip: ClipModel, batch: int = 256):
+    def __init__(self, clip: ClipModel, batch: int = 256, max_entries: int = DEFAULT_PROTOTYPE_CACHE_ENTRIES,
+                 max_bytes: int = DEFAULT_PROTOTYPE_CACHE_MB << 20):
         self.clip = clip
         self.batch = batch
-        self._cache: dict[tuple, torch.Tensor] = {}
-        self._lock = threading.Lock()
+        self.cache: BoundedLRU[torch.Tensor] = BoundedLRU(max_entries, max_bytes, _prototype_bytes)
+        bound_tokenizer_cache(clip.tokenizer)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -35,17 +75,20 @@ class LabelScorer:
         labels, templates = tuple(labels), tuple(templates)
         if not labels:
             raise ValueError("no labels to score against")
-        if not templates or any("{}" not in t for t in templates):
+        if not templates:
             raise ValueError("templates must be a non-empty list of strings containing '{}'")
+        for t in templates:
+            try:
+                check_template(t)
+            except PayloadError as exc:  # a ValueError naming the template
+                raise PayloadError(f"templates: {exc}") from None
         key = (self.clip.id, labels, templates)
-        with self._lock:
-            cached = self._cache.get(key)
+        cached = self.cache.get(key)
         if cached is not None:
             return cached
-        emb = self.encode_texts([t.format(label) for label in labels for t in templates])
+        emb = self.encode_texts([fill_template(t, label) for label in labels for t in templates])
         protos = F.normalize(emb.view(len(labels), len(templates), -1).mean(dim=1), dim=-1)
-        with self._lock:
-            self._cache[key] = protos
+        self.cache.put(key, protos)
         return protos
 
     @torch.no_grad()

@@ -57,6 +57,7 @@ class ClipModel:
     patch_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    weights: str = ""  # path-free description of the weights (tag, "none", "checkpoint sha256-..."), for reports
 
     @property
     def visual(self) -> Any:
@@ -75,11 +76,11 @@ def default_device() -> torch.device:
 
 
 def _checkpoint_identity(path: Path) -> str:
-    """Identity of a local checkpoint: its path, size and a hash of its first MiB."""
-    st = path.stat()
+    """Identity of a local checkpoint: ``sha256-<16 hex>`` of its whole content — not its path, so the identity
+    (and ``model_version``, and result-cache keys) stays the same when the file moves and changes when its
+    weights change; the same in every process."""
     with path.open("rb") as fh:
-        head = hashlib.sha256(fh.read(1 << 20)).hexdigest()[:16]
-    return f"{path.resolve()}:{st.st_size}:{head}"
+        return "sha256-" + hashlib.file_digest(fh, "sha256").hexdigest()[:16]
 
 
 def load_clip(name: str | None = None, pretrained: str | None = None, device: str | torch.device | None = None,
@@ -124,5 +125,7 @@ def load_clip(name: str | None = None, pretrained: str | None = None, device: st
     std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
     log.info("model loaded: %s (%s) on %s, patch %d, embed dim %d", name, pretrained or "random init", dev, patch,
              visual.output_dim)
+    weights = identity.split("/", 1)[1] if "/" in identity else identity
+    weights = f"checkpoint {weights}" if weights.startswith("sha256-") else weights
     return ClipModel(model=model, tokenizer=tokenizer, name=name, pretrained=pretrained or "none", id=identity,
-                     device=dev, patch_size=int(patch), mean=mean, std=std)  # type: ignore[arg-type]
+                     device=dev, patch_size=int(patch), mean=mean, std=std, weights=weights)  # type: ignore[arg-type]

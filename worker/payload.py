@@ -70,9 +70,9 @@ class InversionParams:
             raise PayloadError(f"unknown inversion parameter(s): {sorted(unknown)}")
         if "templates" in data:
             t = data["templates"]
-            if not isinstance(t, (list, tuple)) or not t or not all(isinstance(s, str) and "{}" in s for s in t):
+            if not isinstance(t, (list, tuple)) or not t or not all(isinstance(s, str) for s in t):
                 raise PayloadError("params.templates must be a non-empty list of strings each containing '{}'")
-            data["templates"] = tuple(t)
+            data["templates"] = tuple(t)  # each is checked by validate() (worker.prompts.check_template)
         p = cls(**data)
         p.validate()
         return p
@@ -93,6 +93,14 @@ class InversionParams:
             raise PayloadError(f"params.size must be an integer in [32, 2048], got {self.size!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 100:
             raise PayloadError(f"params.top_k must be an integer in [1, 100], got {self.top_k!r}")
+        from .prompts import check_templates  # one bare '{}' per template, literal braces doubled
+
+        if not isinstance(self.templates, tuple):
+            raise PayloadError("params.templates must be a non-empty list of strings each containing '{}'")
+        try:
+            check_templates(self.templates)
+        except PayloadError as exc:
+            raise PayloadError(f"params.templates: {exc}") from None
 
 
 #: Service-wide bounds on K and S that requests may ask for (MASKINV_MAX_STEPS / MASKINV_MAX_SIZE), enforced by the

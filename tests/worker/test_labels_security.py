@@ -1,0 +1,141 @@
+"""Issue 12, worker side: bounded text caches (case 8) and the worker's own re-check of labels and templates
+for jobs that did not come through the backend (cases 4-6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_backend_support import TINY_MODEL_ENV, png_bytes
+
+MODEL = TINY_MODEL_ENV["MASKINV_MODEL"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from worker.models import load_clip
+
+    return load_clip(MODEL, "none", "cpu")
+
+
+def test_case8_prototype_cache_stays_within_entries_and_bytes(clip):
+    from worker.labels import LabelScorer
+
+    scorer = LabelScorer(clip, max_entries=8, max_bytes=64 * 1024)
+    one = scorer.prototypes(["w0-a", "w0-b"], ["a {}."])
+    for i in range(300):  # 300 distinct label sets of 5 new labels each
+        scorer.prototypes([f"lbl{i}x{j}" for j in range(5)], ["a {}.", "the {}."])  # distinct label tuples
+        assert len(scorer.cache) <= 8 and scorer.cache.bytes <= 64 * 1024
+    stats = scorer.cache.stats()
+    assert stats["evictions"] >= 290 and stats["entries"] == 8
+    assert np.allclose(scorer.prototypes(["w0-a", "w0-b"], ["a {}."]), one)  # recomputed after eviction: same
+
+
+def test_case8_byte_bound_holds_for_large_vocabularies(clip):
+    from worker.labels import LabelScorer
+
+    scorer = LabelScorer(clip, max_entries=1000, max_bytes=20_000)
+    for i in range(20):
+        scorer.prototypes([f"v{i}-{j}" for j in range(30)], ["a {}."])  # ~30 x D x 4 bytes each
+        assert scorer.cache.bytes <= 20_000
+
+
+def _letters(n: int) -> str:
+    out = ""
+    while True:
+        n, k = divmod(n, 26)
+        out += chr(97 + k)
+        if not n:
+            return out
+
+
+def test_case8_tokenizer_memo_is_bounded_and_keeps_special_tokens(clip):
+    from worker.labels import LabelScorer, bound_tokenizer_cache
+    from worker.lru import BoundedMemo
+
+    LabelScorer(clip)  # installs the bounded memo on the tokenizer
+    tok = clip.tokenizer
+    assert isinstance(tok.cache, BoundedMemo)
+    bound_tokenizer_cache(tok)  # idempotent
+    tok.cache.max_entries, tok.cache.max_chars = 200, 10_000
+    pinned = dict((k, tok.cache[k]) for k in tok.cache._pinned)
+    reference = tok(["zqxj blorf"]).tolist()
+    for i in range(3000):  # 6000 distinct all-letter words (digits would be split off into shared tokens)
+        tok([f"qz{_letters(i)} vv{_letters(i)}"])
+        assert tok.cache.unpinned <= 200 and tok.cache.chars <= 10_000
+    assert all(tok.cache[k] == v for k, v in pinned.items())
+    assert tok.cache.unpinned == 200 or tok.cache.chars > 10_000 - 100  # it did fill up: the bound was reached
+    assert tok(["zqxj blorf"]).tolist() == reference  # evicted words tokenise the same
+
+
+def test_case8_caption_phrase_banks_are_bounded(clip):
+    from worker.captions import RetrievalCaptioner
+    from worker.labels import LabelScorer
+
+    captioner = RetrievalCaptioner(LabelScorer(clip), max_entries=5, max_bytes=1 << 20)
+    emb = np.random.default_rng(0).standard_normal((1, clip.embed_dim)).astype(np.float32)
+    import torch
+
+    for i in range(40):
+        captioner.caption(torch.from_numpy(emb), [f"thing{i}"])
+        assert len(captioner._banks) <= 5
+
+
+def test_case8_runtime_reads_the_cache_bounds_from_the_environment(monkeypatch):
+    from worker.jobs import prototype_cache_limits
+    from worker.payload import PayloadError
+
+    assert prototype_cache_limits({}) == {"max_entries": 256, "max_bytes": 64 << 20}
+    assert prototype_cache_limits({"MASKINV_PROTOTYPE_CACHE_ENTRIES": "3", "MASKINV_PROTOTYPE_CACHE_MB": "1"}) == \
+        {"max_entries": 3, "max_bytes": 1 << 20}
+    with pytest.raises(PayloadError, match="MASKINV_PROTOTYPE_CACHE_MB"):
+        prototype_cache_limits({"MASKINV_PROTOTYPE_CACHE_MB": "lots"})
+
+
+def _job(labels, templates=("a photo of a {}.",)):
+    from worker.payload import InversionParams, build_job
+
+    mask = np.zeros((16, 24), bool)
+    mask[4:12, 6:18] = True
+    params = InversionParams(steps=1, size=32, templates=tuple(templates), caption=False)
+    job = build_job(png_bytes(24, 16), [("r1", mask)], list(labels), params)
+    job["params"]["templates"] = list(templates)  # as a hand-written job would carry them, unchecked
+    return job
+
+
+def test_case4_worker_refuses_a_hand_enqueued_job_with_an_overlong_label(tiny_runtime, monkeypatch):
+    from worker import jobs
+
+    monkeypatch.setenv("MASKINV_MAX_LABEL_CHARS", "200")
+    result = jobs.label_regions(_job(["car", "w" * 5000]))
+    assert "MASKINV_MAX_LABEL_CHARS=200" in result["error"] and result["regions"][0]["labels"] == []
+    monkeypatch.setenv("MASKINV_MAX_VOCAB_BYTES", "10")
+    result = jobs.label_regions(_job(["car", "tree", "house"]))
+    assert "MASKINV_MAX_VOCAB_BYTES=10" in result["error"]
+    monkeypatch.delenv("MASKINV_MAX_VOCAB_BYTES")
+    ok = jobs.label_regions(_job(["car", "tree"]))
+    assert ok.get("error") is None and ok["regions"][0]["labels"]
+
+
+@pytest.mark.parametrize("template", ["{}{}", "{} {x}", "{{}}{:x>4000}", "{0}"])
+def test_case5_case6_worker_refuses_bad_templates_in_hand_enqueued_jobs(tiny_runtime, template):
+    from worker import jobs
+
+    result = jobs.label_regions(_job(["car", "tree"], templates=["a {}.", template]))
+    assert "template" in result["error"] and result["regions"][0]["labels"] == []
+
+
+def test_case5_worker_template_length_cap(tiny_runtime, monkeypatch):
+    from worker import jobs
+
+    monkeypatch.setenv("MASKINV_MAX_TEMPLATE_CHARS", "20")
+    result = jobs.label_regions(_job(["car"], templates=["a rather long photo of a {}."]))
+    assert "MASKINV_MAX_TEMPLATE_CHARS" in result["error"]
+
+
+def test_labels_are_never_format_strings(clip):
+    from worker.labels import LabelScorer
+
+    scorer = LabelScorer(clip)
+    protos = scorer.prototypes(["{0.__class__}", "{}", "{{x}}"], ["a {{curly}} photo of a {}."])
+    assert protos.shape[0] == 3
