@@ -8,7 +8,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from worker.payload import InversionParams, PayloadError, check_limits, sha256_hex
+from worker.protocol import InversionParams, PayloadError, check_limits, sha256_hex
 
 from .dispatch import Dispatcher, make_dispatcher
 from .images import ImageFetcher

@@ -11,7 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from worker.payload import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_TEMPLATES, InversionParams, PayloadError
+from worker.protocol import (DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_TEMPLATES, InversionParams, PayloadError,
+                             SettingError, env_bool, env_float, env_int, env_str)
 
 from .fetch_policy import HostEntry, parse_allow_list
 
@@ -23,51 +24,25 @@ def redact_url(url: str | None) -> str | None:
     return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)[^@/]*@", r"\1***@", url, flags=re.I)
 
 
-class SettingsError(ValueError):
+class SettingsError(SettingError):
     """An environment variable has a value the backend cannot use."""
 
 
+# the project's one family of parsers (worker.protocol), raising SettingsError naming the variable
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
-    value = env.get(name)
-    return default if value is None or value.strip() == "" else value.strip()
+    return env_str(env, name, default)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise SettingsError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
+    return env_int(env, name, default, lo, hi, error=SettingsError)
 
 
 def _float(env: Mapping[str, str], name: str, default: float, lo: float | None = None) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if lo is not None and not value >= lo:
-        raise SettingsError(f"{name} must be >= {lo}, got {value}")
-    return value
+    return env_float(env, name, default, lo, error=SettingsError)
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    low = raw.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+    return env_bool(env, name, default, error=SettingsError)
 
 
 def _allow_list(env: Mapping[str, str], name: str) -> tuple[HostEntry, ...]:

@@ -179,6 +179,11 @@ def test_open_image_modes_and_limits(monkeypatch):
     Image.new("RGB", (64, 64)).save(good, "PNG")
     with pytest.raises(ValueError, match="cannot decode image"):
         open_image(good.getvalue()[:40])
-    monkeypatch.setenv("MASKINV_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(ValueError, match="more than the limit"):
+        open_image(good.getvalue(), max_pixels=1000)
+    from worker import preprocess  # the process default, set once from the worker's settings
+
+    monkeypatch.setattr(preprocess, "_default_max_pixels", preprocess.DEFAULT_MAX_IMAGE_PIXELS)
+    preprocess.set_default_max_pixels(1000)
     with pytest.raises(ValueError, match="more than the limit"):
         open_image(good.getvalue())
