@@ -27,12 +27,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from benchmarks.scene_world import SceneWorld
+from training.scene_world import SceneWorld
 from worker.clipcap import ClipCapCaptioner, load_clipcap
 from worker.engine import MaskInversionEngine
 from worker.labels import LabelScorer
 from worker.models import load_clip
-from worker.train_clipcap import object_phrase
+from training.train_clipcap import object_phrase
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CLIP = ROOT / "assets" / "tiny_scene_clip" / "maskinv-scene-tiny.safetensors"

@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
 
     tmp = None
     if a.scene_world is not None:
-        from benchmarks.scene_world import SceneWorld, export_coco
+        from training.scene_world import SceneWorld, export_coco
 
         model = a.model or SCENE_MODEL
         pretrained = a.pretrained if a.pretrained is not None else str(SCENE_CHECKPOINT)

@@ -78,7 +78,7 @@ def region_for_mask(control: ET.Element, image: str, mask: np.ndarray, region_id
 
 def scene(index: int, size: int) -> tuple[bytes, list[np.ndarray], list[str], list[str]]:
     """PNG bytes, object masks ``[H, W]``, object labels and the world's vocabulary."""
-    from benchmarks.scene_world import SceneWorld
+    from training.scene_world import SceneWorld
 
     world = SceneWorld(seed=0, image_size=size, min_objects=3, max_objects=4)
     sc = world.scene(index, split="test")

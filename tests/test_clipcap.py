@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from worker import clipcap
 from worker.clipcap import (CaptionerError, ClipCapCaptioner, ClipCapConfig, load_captioner_from_env,
                             load_clipcap, save_clipcap)
-from worker.train_clipcap import (FitConfig, build_captioner, encode_captions, fit, tiny_gpt2,
+from training.train_clipcap import (FitConfig, build_captioner, encode_captions, fit, tiny_gpt2,
                                   train_bpe_tokenizer)
 
 CAPTIONS = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle")]

@@ -27,7 +27,7 @@ def scene_clip():
 
 @pytest.fixture(scope="module")
 def val_scenes():
-    from benchmarks.scene_world import SceneWorld
+    from training.scene_world import SceneWorld
 
     world = SceneWorld(seed=0, min_objects=1, max_objects=1)
     return [world.scene(i, "val") for i in range(12)]
@@ -65,7 +65,7 @@ def test_region_lets_are_captioned(scene_clip):
     """End to end on a multi-object scene: one caption per object mask from its LET."""
     import numpy as np
 
-    from benchmarks.scene_world import SceneWorld
+    from training.scene_world import SceneWorld
     from worker.engine import MaskInversionEngine
 
     scene = next(s for s in (SceneWorld(seed=0).scene(i, "test") for i in range(20)) if len(s.objects) >= 3)
@@ -79,7 +79,7 @@ def test_let_captions_beat_global_captions_on_multi_object_scenes(scene_clip):
     model's native size: a regression net at the measured level (these 89 objects: LET 68.5 % vs global 38.2 %
     correct; full benchmark, 663 objects: 66.8 % vs 37.6 %; see docs/captions.md)."""
     from benchmarks import localized_captions as lc
-    from benchmarks.scene_world import SceneWorld
+    from training.scene_world import SceneWorld
     from worker.engine import MaskInversionEngine
     from worker.labels import LabelScorer
 

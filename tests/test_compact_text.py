@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from benchmarks.compact_text import CompactTextTower
+from training.compact_text import CompactTextTower
 from worker.models import register_project_configs
 
 CAPTIONS = ["a red circle on the left and a blue star at the top right.", "two stars.",

@@ -123,7 +123,7 @@ def test_label_regions_bad_jobs(jobs):
 def test_label_regions_uses_a_configured_clipcap_captioner(tmp_path, monkeypatch):
     from worker import jobs
     from worker.clipcap import ClipCapConfig, save_clipcap
-    from worker.train_clipcap import build_captioner, tiny_gpt2, train_bpe_tokenizer
+    from training.train_clipcap import build_captioner, tiny_gpt2, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([f"a {c} square" for c in ("red", "blue", "green")], vocab_size=280)
     cfg = ClipCapConfig(clip_dim=32, prefix_length=2, mapping="mlp", clip_model={"name": "maskinv-test-tiny"})

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import region_classification as rc
 from benchmarks.coco_regions import CocoRegions
-from benchmarks.scene_world import SceneWorld, export_coco
+from training.scene_world import SceneWorld, export_coco
 from worker.engine import MaskInversionEngine
 from worker.labels import LabelScorer
 from worker.models import load_clip

@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from benchmarks.coco_regions import AnnotationError, CocoRegions, decode_segmentation
-from benchmarks.scene_world import COLOURS, PLURALS, SHAPES, SceneWorld, export_coco, make_caption
+from training.scene_world import COLOURS, PLURALS, SHAPES, SceneWorld, export_coco, make_caption
 
 
 @pytest.fixture(scope="module")

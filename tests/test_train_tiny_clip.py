@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks import train_tiny_clip as ttc
+from training import train_tiny_clip as ttc
 from worker.models import load_clip, register_project_configs
 
 

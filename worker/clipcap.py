@@ -1,6 +1,6 @@
 """ClipCap captions for region embeddings: a mapping network turns a CLIP embedding into a GPT-2 prefix.
 
-A captioner is trained on CLIP *image* embeddings (``worker/train_clipcap.py``); at inference the region's
+A captioner is trained on CLIP *image* embeddings (``training/train_clipcap.py``); at inference the region's
 LET takes the place of the image embedding (MaskInversion's localized captioning). Decoding (greedy or beam
 search) is batched over all regions of an image.
 

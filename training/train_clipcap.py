@@ -5,7 +5,7 @@ The CLIP image embeddings are computed once (the worker's own global-embedding p
 
 Data sources (one of):
     --pairs FILE.jsonl       one {"image": path, "caption": str} object per line (paths relative to the file)
-    --scene-world N          the project's generated scene world (benchmarks/scene_world.py): N single-object
+    --scene-world N          the project's generated scene world (training/scene_world.py): N single-object
                              training scenes, each paired with its object's phrase (see docs/captions.md)
 
 GPT-2:
@@ -15,9 +15,9 @@ GPT-2:
 
 Examples::
 
-    python -m worker.train_clipcap --scene-world 6000 --model maskinv-scene-tiny \\
+    python -m training.train_clipcap --scene-world 6000 --model maskinv-scene-tiny \\
         --pretrained assets/tiny_scene_clip/model.safetensors --gpt2 tiny --train-lm --out assets/tiny_clipcap
-    python -m worker.train_clipcap --pairs coco_pairs.jsonl --model ViT-B-16 --pretrained openai \\
+    python -m training.train_clipcap --pairs coco_pairs.jsonl --model ViT-B-16 --pretrained openai \\
         --gpt2 gpt2 --mapping transformer --prefix-length 10 --out captioner/
 """
 
@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .clipcap import ClipCap, ClipCapConfig, ClipCapModel, save_clipcap
+from worker.clipcap import ClipCap, ClipCapConfig, ClipCapModel, save_clipcap
 
 log = logging.getLogger(__name__)
 
@@ -202,12 +202,10 @@ def object_phrase(colour: str, shape: str) -> str:
 
 
 def scene_world_pairs(n: int, seed: int = 0, split: str = "train") -> tuple[list[Any], list[str]]:
-    """``n`` single-object scenes of the project's scene world (``benchmarks/scene_world.py``, world seed
+    """``n`` single-object scenes of the project's scene world (``training/scene_world.py``, world seed
     ``seed``) as PIL images, each paired with its object's phrase (see docs/captions.md for why)."""
-    try:
-        from benchmarks.scene_world import SceneWorld
-    except ImportError as exc:
-        raise SystemExit("--scene-world needs benchmarks/scene_world.py: run from the repository root") from exc
+    from training.scene_world import SceneWorld
+
     world = SceneWorld(seed=seed, min_objects=1, max_objects=1)
     images, captions = [], []
     for i in range(n):
@@ -222,8 +220,8 @@ def embed(images: Sequence[Any], model: str, pretrained: str, size: int | None, 
     """Global CLIP embeddings ``[M, D]`` of images (PIL images or paths) and the ClipModel used."""
     from PIL import Image
 
-    from .engine import MaskInversionEngine
-    from .models import load_clip
+    from worker.engine import MaskInversionEngine
+    from worker.models import load_clip
 
     clip = load_clip(model, pretrained, device)
     engine = MaskInversionEngine(clip)

@@ -1,14 +1,14 @@
 """Train the tiny scene CLIP (``maskinv-scene-tiny``) contrastively on generated scene–caption pairs.
 
 The model is a plain open_clip CLIP built from ``worker/model_configs/maskinv-scene-tiny.json``; the loss is
-open_clip's own ``ClipLoss``. Training pairs come from :mod:`benchmarks.scene_world` (train split): a pool of
+open_clip's own ``ClipLoss``. Training pairs come from :mod:`training.scene_world` (train split): a pool of
 scenes is rendered once, each with its twins (the shape twin: same colours, other shapes; the binding twin: same
 shapes and layout, colours moved to other objects), then every step draws a batch of scenes with their twins,
 mirrors each image left-right with probability 1/2 and writes a fresh whole-image caption for it (of the mirrored
 scene when mirrored). Nothing tells the model which pixels belong to which word: the twins only make colours alone,
 or bags of colours and shapes, useless for telling captions apart.
 
-The text tower trains through :class:`benchmarks.compact_text.CompactTextTower`: only the token-table rows the
+The text tower trains through :class:`training.compact_text.CompactTextTower`: only the token-table rows the
 captions use, padding cut off. It gives the same model as training open_clip's full table, with less work per step
 (a dense gradient and an AdamW update of 49 408 rows, most never used, at every step).
 
@@ -20,9 +20,9 @@ The result is a plain fp16 ``state_dict`` in safetensors format that open_clip l
 Run from the repository root (one stage with the defaults: 1500 steps, 10-15 minutes on 2 CPU cores; the
 committed checkpoint took two stages, 18 + 12 minutes, whose commands are in docs/scene_world.md):
 
-    nice python -m benchmarks.train_tiny_clip
-    nice python -m benchmarks.train_tiny_clip --steps 200 --pool 2000 --out /tmp/try.safetensors   # a quick try
-    nice python -m benchmarks.train_tiny_clip --minutes 15    # a time budget instead of a step count
+    nice python -m training.train_tiny_clip
+    nice python -m training.train_tiny_clip --steps 200 --pool 2000 --out /tmp/try.safetensors   # a quick try
+    nice python -m training.train_tiny_clip --minutes 15    # a time budget instead of a step count
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import open_clip
 import torch
 from tqdm import tqdm
 
-from benchmarks.compact_text import CompactTextTower
-from benchmarks.scene_world import (COLOURS, DEFAULT_COLOURS, DEFAULT_SHAPES, SHAPES, Mention, SceneWorld,
+from training.compact_text import CompactTextTower
+from training.scene_world import (COLOURS, DEFAULT_COLOURS, DEFAULT_SHAPES, SHAPES, Mention, SceneWorld,
                                     make_caption)
 from worker.models import register_project_configs
 

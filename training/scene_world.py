@@ -9,7 +9,7 @@ web captions describe whole photos; no caption says which pixels belong to which
     world.caption(scene, rng)          # "a photo of a blue star and a red circle."
     world.class_names                  # ["red circle", "red square", ...] (colour x shape)
 
-``python -m benchmarks.scene_world --out DIR --split test --count 300`` exports scenes as a COCO-style
+``python -m training.scene_world --out DIR --split test --count 300`` exports scenes as a COCO-style
 dataset (``DIR/images/*.png`` + ``DIR/instances.json`` with compressed-RLE instance masks) that
 ``benchmarks/region_classification.py`` reads like any COCO subset.
 """
