@@ -265,7 +265,8 @@ class EmbeddedDispatcher(Dispatcher):
                 continue
             except Exception as exc:  # noqa: BLE001 - reported per job
                 log.exception("embedded job for image %s failed", p.request.image_sha256[:12])
-                out.append(_RunResult(None, f"worker error: {exc.__class__.__name__}: {exc}", {"status": "failed"}, "failed"))
+                out.append(_RunResult(None, f"worker error: {exc.__class__.__name__}: {exc}", {"status": "failed"},
+                                      "failed"))
                 continue
             out.append(_RunResult(result, None, {"status": "finished", "waited_s": time.monotonic() - t0}))
         return out
@@ -347,7 +348,9 @@ class QueueDispatcher(Dispatcher):
 
     def _peek(self, job) -> tuple[str | None, str | None]:
         status, worker = self.connection.hmget(job.key, "status", "worker_name")
-        dec = (lambda b: b.decode() if isinstance(b, bytes) else b)
+        def dec(b):
+            return b.decode() if isinstance(b, bytes) else b
+
         return dec(status), dec(worker)
 
     # -- wait ------------------------------------------------------------------------------------------
@@ -417,7 +420,8 @@ class QueueDispatcher(Dispatcher):
         from redis.exceptions import RedisError
 
         if redis_error is not None:
-            msg = (f"Redis at {self.settings.redis_url_redacted} is not reachable: {redis_error} (waited {timeout_s:g}s); "
+            msg = (f"Redis at {self.settings.redis_url_redacted} is not reachable: {redis_error} "
+                   f"(waited {timeout_s:g}s); "
                    "a repeated request will enqueue the job again")
             log.error(msg)
             return _RunResult(None, msg, {"job_id": job.id, "status": "unknown"}, "failed")

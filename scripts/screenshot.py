@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             result = answer["data"]["result"]
             for r in result:
                 if r.get("type") == control.tag.lower():
-                    print(f"  {r['id']}: {r['value'][control.tag.lower()][0]} ({r['score']:.2f})  {r['meta']['text'][0]}")
+                    value = r['value'][control.tag.lower()][0]
+                    print(f"  {r['id']}: {value} ({r['score']:.2f})  {r['meta']['text'][0]}")
                 elif r.get("type") == "textarea":
                     print(f"  {r['id']}: caption {r['value']['text'][0]!r}")
             ls.create_annotation(task["id"], result)  # the annotator accepts the suggestions

@@ -70,7 +70,8 @@ def test_batch_labels_annotations_then_predictions_and_scores_by_weakest_region(
         assert cfg.validate_prediction(p) == []
         scores = [r["score"] for r in p["result"] if r["type"] == "brushlabels"]
         assert p["score"] == pytest.approx(min(scores))
-        rle_in = {r["id"]: r["value"]["rle"] for t in sent for ann in t.get("annotations", []) + t.get("predictions", [])
+        rle_in = {r["id"]: r["value"]["rle"] for t in sent
+                  for ann in t.get("annotations", []) + t.get("predictions", [])
                   for r in ann["result"]}
         for r in p["result"]:
             assert r["value"]["rle"] == rle_in[r["id"]]  # geometry returned untouched

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_backend_support import (REDIS_URL, WorkerProcess, client_for, config, data_uri, delete_namespace, png_bytes,
+from test_backend_support import (WorkerProcess, client_for, config, data_uri, delete_namespace, png_bytes,
                                   rect)
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -61,7 +61,8 @@ def test_worker_killed_mid_batch_loses_only_its_job(redis_conn, redis_ns, tmp_pa
         first.wait_ready(redis_conn)
         body = batch(3, seed=900)
         th, answer = post_in_background(client_for(redis_ns, MASKINV_BATCH_TIMEOUT=240), body)
-        wait_for(lambda: redis_conn.zcard(f"rq:finished:{redis_ns}") >= 1 and redis_conn.zcard(f"rq:wip:{redis_ns}") >= 1,
+        wait_for(lambda: redis_conn.zcard(f"rq:finished:{redis_ns}") >= 1
+                 and redis_conn.zcard(f"rq:wip:{redis_ns}") >= 1,
                  300, "job 1 done and job 2 running", first.tail)
         first.kill()
         replacement = WorkerProcess(redis_ns, tmp_path, heartbeat=0.5)

@@ -31,7 +31,8 @@ def _images() -> list[str]:
     exif = rotated.getexif()
     exif[0x0112] = 6
     out = []
-    for img, fmt, kw in ((rgba, "PNG", {}), (rotated, "JPEG", {"exif": exif}), (Image.new("1", (3000, 3000)), "PNG", {})):
+    for img, fmt, kw in ((rgba, "PNG", {}), (rotated, "JPEG", {"exif": exif}),
+                         (Image.new("1", (3000, 3000)), "PNG", {})):
         buf = io.BytesIO()
         img.save(buf, fmt, **kw)
         out.append(data_uri(buf.getvalue()))
@@ -46,7 +47,8 @@ def sometimes(valid, hostile, one_in: int = 5):
 
 image_values = sometimes(st.sampled_from(IMAGES[:3]), st.one_of(
     st.sampled_from(IMAGES[3:]),
-    st.sampled_from(["file:///etc/passwd", "http://127.0.0.1:1/x.png", "http://169.254.169.254/", "/data/upload/1/a.png",
+    st.sampled_from(["file:///etc/passwd", "http://127.0.0.1:1/x.png", "http://169.254.169.254/",
+                     "/data/upload/1/a.png",
                      "/data/local-files/?d=../../etc/passwd", "s3://bucket/key.png", "data:image/png;base64,!!!",
                      "data:,plain", "gopher://x", "//evil/x.png", ""]),
     junk), 4)

@@ -193,7 +193,8 @@ def test_image_bombs_and_broken_images_are_per_task_errors(make_client):
     truncated = png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (H, W, 3), np.uint8)))[:-200]
     tasks = [{"id": 1, "data": {"image": data_uri(bomb)}, "annotations": [{"id": 1, "result": [rect("a")]}]},
              {"id": 2, "data": {"image": data_uri(truncated)}, "annotations": [{"id": 2, "result": [rect("b")]}]},
-             {"id": 3, "data": {"image": data_uri(b"GIF89a not really")}, "annotations": [{"id": 3, "result": [rect("c")]}]},
+             {"id": 3, "data": {"image": data_uri(b"GIF89a not really")},
+              "annotations": [{"id": 3, "result": [rect("c")]}]},
              {"id": 4, "data": {"image": "file:///etc/passwd"}, "annotations": [{"id": 4, "result": [rect("d")]}]},
              {"id": 5, "data": {"image": "http://169.254.169.254/latest/meta-data/"},
               "annotations": [{"id": 5, "result": [rect("e")]}]},

@@ -20,7 +20,8 @@ import requests
 
 from backend.app import create_app
 from backend.service import Service
-from test_backend_support import REDIS_URL, WorkerProcess, client_for, data_uri, delete_namespace, png_bytes, settings_for
+from test_backend_support import (REDIS_URL, WorkerProcess, client_for, data_uri, delete_namespace, png_bytes,
+                                  settings_for)
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -75,7 +75,8 @@ def test_redis_cache_and_success_callback(redis_conn, redis_ns):
     (key,) = entries_from_result(redis_ns, job, result)
     assert 0 < redis_conn.ttl(key) <= 120
     cache = RedisResultCache(redis_conn, 120)
-    assert cache.get_many([key, f"{redis_ns}:result:missing"]) == [entries_from_result(redis_ns, job, result)[key], None]
+    expected = entries_from_result(redis_ns, job, result)[key]
+    assert cache.get_many([key, f"{redis_ns}:result:missing"]) == [expected, None]
     # the callback never raises, whatever it gets
     store_job_result(SimpleNamespace(id="j2", args=(), meta=None), redis_conn, result)
     store_job_result(SimpleNamespace(id="j3", args=({"params": {"steps": -5}},), meta=rq_job.meta), redis_conn, result)

@@ -20,7 +20,8 @@ W, H = 90, 70
 
 @pytest.fixture(scope="module")
 def cfgs():
-    return {name: parse_label_config((CONFIGS / f"{name}.xml").read_text()) for name in ("brush", "polygon", "rectangle")}
+    return {name: parse_label_config((CONFIGS / f"{name}.xml").read_text())
+            for name in ("brush", "polygon", "rectangle")}
 
 
 def item(kind: str, value: dict, rid: str = "r1", w: int = W, h: int = H) -> dict:

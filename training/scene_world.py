@@ -213,7 +213,8 @@ class SceneWorld:
         img = img + np.float32(rng.uniform(0.02, 0.06)) * rng.standard_normal((s, s, 3), dtype=np.float32)
         return img, kind
 
-    def _place(self, rng: np.random.Generator, shape: str, occupied: np.ndarray) -> tuple[np.ndarray, tuple, float] | None:
+    def _place(self, rng: np.random.Generator, shape: str,
+               occupied: np.ndarray) -> tuple[np.ndarray, tuple, float] | None:
         """Soft coverage ``[S, S]`` of a shape placed away from ``occupied`` ``[S, S]`` (bool), or None."""
         s, k = self.image_size, self.supersample
         for _ in range(30):

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 from rq.job import Job
 
 from .protocol import RegistryReader, allowed_callbacks, allowed_functions, job_serializer
-from .settings import DEFAULT_REDIS_URL, WorkerSettings, WorkerSettingsError
+from .settings import WorkerSettings, WorkerSettingsError
 
 log = logging.getLogger(__name__)
 
