@@ -434,6 +434,6 @@ def load_captioner(scorer: Any, settings: CaptionerSettings) -> ClipCapCaptioner
 
 
 def load_captioner_from_env(scorer: Any) -> ClipCapCaptioner | None:
-    """:func:`load_captioner` with ``MASKINV_CAPTIONER`` and ``MASKINV_CAPTION_*`` from the environment (their
+    """:func:`load_captioner` with ``MASKINV_CAPTIONER`` and the caption decoding variables from the environment (their
     errors raise :class:`CaptionerError` naming the variable); None when ``MASKINV_CAPTIONER`` is unset or empty."""
     return load_captioner(scorer, CaptionerSettings.from_env(error=CaptionerError))
