@@ -19,6 +19,7 @@ the first job); results go to an in-process LRU, so a request that timed out is 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -31,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from worker.protocol import (JOB_META_KEY, STORE_CALLBACK, InversionParams, JobResult, LabelRegionsJob,
-                             MemoryResultCache, ProtocolError, RedisResultCache, RegionResult, RegistryReader,
-                             ResultCache, encode_mask, entries_from_result, job_function, job_serializer,
-                             params_digest, region_from_cache, region_key, sha256_hex)
+                             MemoryResultCache, PrepareLabelsJob, ProtocolError, RedisResultCache, RegionResult,
+                             RegistryReader, ResultCache, encode_mask, entries_from_result, job_function,
+                             job_serializer, params_digest, region_from_cache, region_key, sha256_hex)
 
 from .settings import Settings
 
@@ -120,6 +121,22 @@ class Dispatcher:
         raise NotImplementedError
 
     def health(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def prepare_labels(self, label_sets: list[tuple[str, ...]], params: InversionParams) -> None:
+        """Have the worker build the text prototypes of ``label_sets`` in the background (never raises, never
+        waits): the first suggestion after ``/setup`` then finds them cached."""
+        sets = [tuple(s) for s in dict.fromkeys(tuple(s) for s in label_sets) if s]
+        if not sets:
+            return
+        payload = PrepareLabelsJob(label_sets=tuple(sets), templates=params.templates,
+                                   captions=params.caption).to_dict()
+        try:
+            self._send_prepare_labels(payload)
+        except Exception as exc:  # noqa: BLE001 - a warm-up that cannot be sent only costs the first request time
+            log.warning("could not ask for the label prototypes to be prepared: %s", exc)
+
+    def _send_prepare_labels(self, payload: dict) -> None:
         raise NotImplementedError
 
     # -- the pipeline --------------------------------------------------------------------------------
@@ -249,6 +266,17 @@ class EmbeddedDispatcher(Dispatcher):
         self.cache.put_many(entries)
         return result
 
+    def _prepare_job(self, payload: dict) -> dict:
+        from worker import jobs
+
+        if self._model is None:
+            self._load_model()
+        return jobs.prepare_labels(payload)
+
+    def _send_prepare_labels(self, payload: dict) -> None:
+        # the one job thread runs it after the model load and before any later label job
+        self._pool.submit(self._prepare_job, payload)
+
     def _run(self, items: list[_Prepared], timeout_s: float) -> list[_RunResult]:
         futures = [self._pool.submit(self._job, p.payload) for p in items]
         deadline = time.monotonic() + timeout_s
@@ -312,6 +340,21 @@ class QueueDispatcher(Dispatcher):
                 "queued_jobs": queued, "workers": len(models), "models": ids}
 
     # -- enqueue ---------------------------------------------------------------------------------------
+    def _send_prepare_labels(self, payload: dict) -> None:
+        """Enqueue one ``prepare_labels`` job (deterministic id: a repeated /setup while it waits adds nothing)."""
+        from rq.exceptions import DuplicateJobError
+
+        ident = json.dumps(payload, sort_keys=True)
+        job_id = (re.sub(r"[^A-Za-z0-9_-]", "_", self.settings.queue) + "-prepare-"
+                  + sha256_hex(ident.encode())[:32])
+        try:
+            self.queue.enqueue_call(job_function("prepare_labels"), args=(payload,), job_id=job_id, unique=True,
+                                    timeout=self.settings.job_timeout_s, result_ttl=60, failure_ttl=JOB_RESULT_TTL_S,
+                                    ttl=max(3600, 2 * self.settings.job_timeout_s),
+                                    description=f"prepare {sum(len(s) for s in payload['label_sets'])} label(s)")
+        except DuplicateJobError:
+            pass
+
     def _enqueue(self, p: _Prepared):
         from rq import Callback
 

@@ -158,3 +158,9 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         return self.dispatcher.health()
+
+    def prepare_labels(self, cfg: ProjectConfig) -> None:
+        """After ``/setup``: have the worker build the text prototypes of ``cfg``'s label sets in the background
+        (``MASKINV_PREPARE_LABELS``), so that the project's first suggestion does not wait for the text encoder."""
+        if self.settings.prepare_labels:
+            self.dispatcher.prepare_labels([c.labels for c in cfg.region_controls.values()], self.settings.params)

@@ -129,6 +129,8 @@ class Settings:
     # Inversion defaults (overridable per request)
     params: InversionParams = field(default_factory=InversionParams)
     extra_labels: tuple[str, ...] = ()
+    # /setup: have the worker build the project's label prototypes in the background
+    prepare_labels: bool = True
 
     @property
     def redis_url_redacted(self) -> str | None:
@@ -209,4 +211,5 @@ class Settings:
             warmup=_bool(env, "MASKINV_WARMUP", True),
             params=params,
             extra_labels=_labels(env, "MASKINV_LABELS"),
+            prepare_labels=_bool(env, "MASKINV_PREPARE_LABELS", True),
         )

@@ -1,4 +1,5 @@
-"""RQ job functions (plain functions, importable by name ``worker.jobs.label_regions``).
+"""RQ job functions (plain functions named in ``worker.protocol.JOB_KINDS``: ``worker.jobs.label_regions``,
+``worker.jobs.prepare_labels``).
 
 The model, the engine with its image-state cache, the label scorer and the captioner live in one
 process-wide :class:`Runtime`, built on first use (or by :func:`warm_up` when a worker starts), so every
@@ -16,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .protocol import (DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, InversionParams, JobResult, LabelRegionsJob, LabelScore,
+                       PrepareLabelsJob,
                        PayloadError, RegionResult, check_limits, decode_image, decode_mask, env_int,
                        payload_region_ids, process_env)
 from .settings import WorkerSettings
@@ -167,3 +169,25 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
     return JobResult(regions=tuple(out_regions), model=rt.model_info(), image_sha256=digest, timings=timings,
                      cache={"image_hit": hit, **cache_stats, "vit_forwards": rt.engine.stats.vit_forwards},
                      params=params.to_dict()).to_dict()
+
+
+def prepare_labels(job: dict[str, Any]) -> dict[str, Any]:
+    """Build and cache the text prototypes of a project's label sets (and, with retrieval captions, their phrase
+    banks), so that the first suggestion after ``/setup`` does not wait for the text encoder
+    (payload: protocol.PrepareLabelsJob; result: a JobResult without regions, counts in ``cache``)."""
+    rt = get_runtime()
+    t0 = time.perf_counter()
+    try:
+        payload = PrepareLabelsJob.from_dict(job)
+        prompts = rt.scorer.prepare(payload.label_sets, payload.templates)
+        phrases = 0
+        if payload.captions and hasattr(rt.captioner, "prepare"):
+            phrases = rt.captioner.prepare([lab for labels in payload.label_sets for lab in labels])
+    except (PayloadError, ValueError) as exc:
+        log.warning("prepare_labels job rejected: %s", exc)
+        return JobResult.rejected(str(exc), [], rt.model_info(), kind="prepare_labels").to_dict()
+    total = time.perf_counter() - t0
+    log.info("prepared %d label set(s): %d prompt(s) and %d caption phrase(s) encoded in %.2fs",
+             len(payload.label_sets), prompts, phrases, total)
+    return JobResult(regions=(), model=rt.model_info(), kind="prepare_labels", timings={"total_s": total},
+                     cache={"prompts_encoded": prompts, "phrases_encoded": phrases}).to_dict()

@@ -74,6 +74,8 @@ class JobKind:
 JOB_KINDS: dict[str, JobKind] = {
     "label_regions": JobKind("label_regions", "worker.jobs.label_regions",
                              "label and caption every region of one image"),
+    "prepare_labels": JobKind("prepare_labels", "worker.jobs.prepare_labels",
+                              "build and cache the text prototypes (and caption phrases) of a project's label sets"),
 }
 
 #: RQ success callback that stores a finished job's region results in the result cache
@@ -547,6 +549,51 @@ class LabelRegionsJob:
     def region_ids(self) -> list[str]:
         """Each region's id (its position when it has none)."""
         return [str(r.get("id", k)) if isinstance(r, dict) else str(k) for k, r in enumerate(self.regions)]
+
+
+#: most label sets (region controls) and labels in all one ``prepare_labels`` job may name
+MAX_PREPARE_LABEL_SETS = 64
+MAX_PREPARE_LABELS = 10_000
+
+
+@dataclass(frozen=True)
+class PrepareLabelsJob:
+    """Payload of a ``prepare_labels`` job (sent when Label Studio calls ``/setup``): warm the worker's caches of
+    text prototypes (and retrieval-caption phrases when ``captions``) for a project's label sets::
+
+        {"v": 1, "kind": "prepare_labels", "label_sets": [[str, ...], ...], "templates": [str, ...],
+         "captions": bool}
+
+    Caps: :data:`MAX_PREPARE_LABEL_SETS` sets, :data:`MAX_PREPARE_LABELS` labels in all.
+    """
+
+    label_sets: tuple[tuple[str, ...], ...]
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    captions: bool = True
+    v: int = PROTOCOL_VERSION
+
+    kind = "prepare_labels"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": self.v, "kind": self.kind, "label_sets": [list(s) for s in self.label_sets],
+                "templates": list(self.templates), "captions": self.captions}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "PrepareLabelsJob":
+        if not isinstance(data, dict):
+            raise PayloadError(f"job must be a dict, got {type(data).__name__}")
+        v = check_payload_version(data)
+        sets = data.get("label_sets")
+        if not isinstance(sets, list) or len(sets) > MAX_PREPARE_LABEL_SETS:
+            raise PayloadError(f"label_sets must be a list of at most {MAX_PREPARE_LABEL_SETS} label lists")
+        label_sets = tuple(tuple(check_labels(s)) for s in sets)
+        if sum(len(s) for s in label_sets) > MAX_PREPARE_LABELS:
+            raise PayloadError(f"label_sets hold more than {MAX_PREPARE_LABELS} labels")
+        templates = InversionParams.from_dict({"templates": data.get("templates") or list(DEFAULT_TEMPLATES)})
+        captions = data.get("captions", True)
+        if not isinstance(captions, bool):
+            raise PayloadError(f"captions must be true or false, got {captions!r}")
+        return cls(label_sets=label_sets, templates=templates.templates, captions=captions, v=v)
 
 
 def payload_region_ids(payload: Any) -> list[str]:
