@@ -71,7 +71,7 @@ def child(gap_s: float) -> dict:
 def run_tree(tree: Path, gap_s: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "MASKINV_MODEL": "ViT-B-16", "MASKINV_PRETRAINED": "none",
            "MASKINV_DEVICE": "cpu", "MASKINV_SIZE": "224", "MASKINV_STEPS": "10", "MASKINV_WARMUP": "1",
-           "MASKINV_LOG_LEVEL": "WARNING"}
+           "MASKINV_LOG_LEVEL": "WARNING", "MASKINV_TIMEOUT": "900"}
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "--gap", str(gap_s)], cwd=tree,
                          env=env, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_backend_support import TINY_MODEL_ENV, config, predict, rect, settings_for, task
+from backend_support import TINY_MODEL_ENV, config, predict, rect, settings_for, task
 
 from worker.protocol import DEFAULT_TEMPLATES, JobResult, PrepareLabelsJob, ProtocolError
 

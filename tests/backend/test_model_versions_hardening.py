@@ -9,7 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from test_backend_support import config, png_bytes, rect
+from backend_support import config, png_bytes, rect
+
+pytestmark = pytest.mark.hardening
 
 IMAGE = png_bytes(80, 60, seed=21)
 TOKEN = "0123456789abcdef0123456789abcdef01234567"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from backend.label_config import parse_label_config
-from test_backend_support import H, W, brush, config, data_uri, labelled, poly, predict, rect, task
+from backend_support import H, W, brush, config, data_uri, labelled, poly, predict, rect, task
 
 def test_interactive_returns_the_drawn_regions_labelled(client):
     drawn = [rect("a1", rotation=20), rect("a2", x=50, y=5, w=30, h=30)]

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from test_backend_support import (WorkerProcess, client_for, config, data_uri, delete_namespace, png_bytes,
+from backend_support import (WorkerProcess, client_for, config, data_uri, delete_namespace, png_bytes,
                                   rect)
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.faults, pytest.mark.redis, pytest.mark.slow]
 
 SLOW = {"steps": 300}  # about a second per job on the tiny model at size 64 (more on a busy machine)
 

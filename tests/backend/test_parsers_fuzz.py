@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 
 from backend.label_config import parse_label_config
 from backend.regions import RegionError, collect_regions, region_mask
-from test_backend_support import config, png_bytes
-from test_fuzz_support import junk, region_items
+from backend_support import config, png_bytes
+from fuzz_support import junk, region_items
 from worker.payload import (InversionParams, PayloadError, build_job, decode_image, decode_mask, encode_image,
                             encode_mask)
+
+pytestmark = pytest.mark.fuzz
 
 CFGS = {name: parse_label_config(config(name)) for name in ("brush", "polygon", "rectangle")}
 MAX_SIDE, MAX_PIXELS = 64, 1_000_000
@@ -64,6 +66,7 @@ def test_mask_codec_round_trip(h, w, seed):
     enc = encode_mask(mask)
     assert np.array_equal(decode_mask(json.loads(json.dumps(enc))), mask)
     assert encode_mask(mask)["sha256"] == enc["sha256"]
+    assert len(enc["bits_b64"]) <= 4 * ((mask.size + 7) // 8 + 2) // 3 + 4  # packed bits, not a pixel list
 
 
 @settings(max_examples=200, deadline=None)

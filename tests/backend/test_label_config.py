@@ -13,7 +13,7 @@ from backend.label_config import LabelConfigError, parse_label_config
 from backend.predictions import alternatives_text, region_results, task_prediction
 from backend.regions import collect_regions
 
-CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
+CONFIGS = Path(__file__).resolve().parents[2] / "label_config"
 SHIPPED = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels"}
 GEOMETRY = {
     "brush": {"format": "rle", "rle": mask2rle(np.pad(np.ones((4, 4), np.uint8) * 255, 3))},

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from backend.label_config import parse_label_config
 from backend.regions import Region, RegionError, collect_regions, region_mask
 
-CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
+CONFIGS = Path(__file__).resolve().parents[2] / "label_config"
 W, H = 90, 70
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the backend and queue tests (no tests here; imported as ``test_backend_support``).
+"""Helpers shared by the backend and queue tests (no tests here; imported as ``backend_support``).
 
 Kept out of conftest.py because tests/e2e has its own conftest and ``from conftest import ...`` is ambiguous.
 """
@@ -50,7 +50,7 @@ def delete_namespace(conn, ns: str) -> None:
 
 # -- embedded-mode HTTP helpers (the tiny model; fixtures ``make_client``/``client`` are in conftest.py) -----------
 
-CONFIGS = Path(__file__).resolve().parents[1] / "label_config"
+CONFIGS = Path(__file__).resolve().parents[2] / "label_config"
 #: fast inversion settings for embedded-mode tests
 FAST = {"MASKINV_SIZE": "64", "MASKINV_STEPS": "2", "MASKINV_WARMUP": "0"}
 W, H = 80, 60
@@ -96,7 +96,7 @@ def labelled(result: list, rtype: str) -> dict[str, dict]:
 
 # -- queue mode: worker processes and backend clients on a namespace (queue name = key prefix) ----------------
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER_START_S = 240  # model load on 2 busy cores
 
 

@@ -17,7 +17,9 @@ import pytest
 
 from backend.fetch_policy import FetchPolicy, FetchRefused, parse_allow_list, parse_entry, safe_local_path
 from backend.images import ImageError, ImageFetcher
-from test_backend_support import data_uri, png_bytes
+from backend_support import data_uri, png_bytes
+
+pytestmark = pytest.mark.hardening
 
 IMAGE = png_bytes(24, 16, seed=3)
 TOKEN = "0123456789abcdef0123456789abcdef01234567"

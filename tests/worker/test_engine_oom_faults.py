@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_backend_support import predict, rect, task
+from backend_support import predict, rect, task
+
+pytestmark = pytest.mark.faults
 
 REGIONS = [rect(f"r{i}", x=5 + 12 * i, y=5 + 8 * i, w=25, h=30) for i in range(6)]
 

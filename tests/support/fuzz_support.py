@@ -1,4 +1,4 @@
-"""Hypothesis strategies shared by the fuzz tests (no tests here; imported as ``test_fuzz_support``)."""
+"""Hypothesis strategies shared by the fuzz tests (no tests here; imported as ``fuzz_support``)."""
 
 from __future__ import annotations
 

@@ -20,12 +20,12 @@ import requests
 
 from backend.app import create_app
 from backend.service import Service
-from test_backend_support import (REDIS_URL, WorkerProcess, client_for, data_uri, delete_namespace, png_bytes,
+from backend_support import (REDIS_URL, WorkerProcess, client_for, data_uri, delete_namespace, png_bytes,
                                   settings_for)
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = (ROOT / "label_config" / "rectangle.xml").read_text()
 W, H = 80, 60
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from test_backend_support import data_uri, predict, rect
+from backend_support import data_uri, predict, rect
+
+pytestmark = pytest.mark.hardening
 
 W, H = 80, 60  # as displayed
 REGIONS = [rect("left", x=5, y=10, w=30, h=70), rect("corner", x=60, y=5, w=35, h=30, rotation=15)]

@@ -15,7 +15,7 @@ import pytest
 
 from backend.fetch_policy import parse_allow_list
 from backend.images import ImageError, ImageFetcher, image_size
-from test_backend_support import data_uri, png_bytes
+from backend_support import data_uri, png_bytes
 
 IMAGE = png_bytes(32, 24, seed=5)
 LEGACY = "0123456789abcdef0123456789abcdef01234567"

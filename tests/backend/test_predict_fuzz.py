@@ -15,8 +15,10 @@ from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
 from backend.label_config import parse_label_config
-from test_backend_support import config, data_uri, png_bytes
-from test_fuzz_support import junk, region_items
+from backend_support import config, data_uri, png_bytes
+from fuzz_support import junk, region_items
+
+pytestmark = pytest.mark.fuzz
 
 CONFIG_NAMES = ("brush", "polygon", "rectangle")
 CONFIGS = {config(n): parse_label_config(config(n)) for n in CONFIG_NAMES}

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_backend_support import H, W, brush, config, data_uri, labelled, poly, predict, rect, task
+from backend_support import H, W, brush, config, data_uri, labelled, poly, predict, rect, task
+
+pytestmark = pytest.mark.hardening
 
 #: (the backend's Flask app is a per-process singleton: a test uses one client configuration at a time)
 LIMITS = {"MASKINV_MAX_BODY_MB": "1", "MASKINV_MAX_TASKS": "3", "MASKINV_MAX_REGIONS": "4",
