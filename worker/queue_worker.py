@@ -20,7 +20,7 @@ Redis can make the worker label images, not run arbitrary code. If the connectio
 restarted), the worker waits for Redis, marks the job it was running as failed if Redis still has it, and
 serves the queue again. The backend uses the registry to (a) refuse to wait when no
 worker is alive, (b) report a clear error as soon as the worker running a job stops beating (killed, OOM),
-and (c) learn the model id it needs for result-cache keys (:mod:`worker.result_cache`).
+and (c) learn the model id it needs for result-cache keys (:mod:`worker.protocol`).
 """
 
 from __future__ import annotations
