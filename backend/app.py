@@ -123,6 +123,7 @@ def setup_view():
     service.remember_setup(hostname if isinstance(hostname, str) else None, token if isinstance(token, str) else None)
     log.info("setup for project %s: controls %s", str(data.get("project"))[:100],
              {n: len(c.labels) for n, c in cfg.region_controls.items()})
+    service.prepare_labels(cfg)  # text prototypes built in the background, before the first /predict
     return jsonify({"model_version": service.model_version(cfg)})
 
 

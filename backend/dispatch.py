@@ -3,8 +3,8 @@
 One :class:`LabelRequest` = all regions of one image that share a vocabulary. For each request the
 dispatcher
 
-1. encodes the masks (packed bits, worker.payload) and drops duplicates (same mask digest);
-2. looks every region up in the result cache (:mod:`worker.result_cache`) and keeps only the misses;
+1. encodes the masks (packed bits, worker.protocol) and drops duplicates (same mask digest);
+2. looks every region up in the result cache (worker.protocol's caches and keys) and keeps only the misses;
 3. runs one ``worker.jobs.label_regions`` job for the misses, waits up to a deadline, and merges.
 
 Queue mode: jobs have a deterministic id (hash of image, masks, params and labels), so a request that
@@ -19,6 +19,7 @@ the first job); results go to an in-process LRU, so a request that timed out is 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -30,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from worker.payload import InversionParams, encode_image, encode_mask, sha256_hex
-from worker.result_cache import (JOB_META_KEY, MemoryResultCache, RedisResultCache, ResultCache,
-                                 entries_from_result, params_digest, region_key)
+from worker.protocol import (JOB_META_KEY, STORE_CALLBACK, InversionParams, JobResult, LabelRegionsJob,
+                             MemoryResultCache, PrepareLabelsJob, ProtocolError, RedisResultCache, RegionResult,
+                             RegistryReader, ResultCache, encode_mask, entries_from_result, job_function,
+                             job_serializer, params_digest, region_from_cache, region_key, sha256_hex)
 
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-JOB_FUNCTION = "worker.jobs.label_regions"
-STORE_CALLBACK = "worker.result_cache.store_job_result"
+JOB_FUNCTION = job_function("label_regions")
 JOB_RESULT_TTL_S = 600  # finished jobs (results are also in the result cache, with MASKINV_RESULT_TTL)
 #: times one request re-enqueues a job that vanished from Redis (Redis restarted without persistence)
 MAX_RESUBMITS = 2
@@ -94,8 +95,11 @@ class _RunResult:
     kind: str | None = None  # see LabelOutcome.kind
 
 
-def _region_error(message: str) -> dict[str, Any]:
-    return {"labels": [], "caption": None, "caption_mode": None, "error": message, "cached": False}
+def _outcome_region(region: RegionResult, cached: bool) -> dict[str, Any]:
+    """One region of a :class:`LabelOutcome`: the protocol's region result plus whether it came from the cache."""
+    out = region.to_dict()
+    out["cached"] = cached
+    return out
 
 
 class Dispatcher:
@@ -117,6 +121,22 @@ class Dispatcher:
         raise NotImplementedError
 
     def health(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def prepare_labels(self, label_sets: list[tuple[str, ...]], params: InversionParams) -> None:
+        """Have the worker build the text prototypes of ``label_sets`` in the background (never raises, never
+        waits): the first suggestion after ``/setup`` then finds them cached."""
+        sets = [tuple(s) for s in dict.fromkeys(tuple(s) for s in label_sets) if s]
+        if not sets:
+            return
+        payload = PrepareLabelsJob(label_sets=tuple(sets), templates=params.templates,
+                                   captions=params.caption).to_dict()
+        try:
+            self._send_prepare_labels(payload)
+        except Exception as exc:  # noqa: BLE001 - a warm-up that cannot be sent only costs the first request time
+            log.warning("could not ask for the label prototypes to be prepared: %s", exc)
+
+    def _send_prepare_labels(self, payload: dict) -> None:
         raise NotImplementedError
 
     # -- the pipeline --------------------------------------------------------------------------------
@@ -147,35 +167,41 @@ class Dispatcher:
             p.hits = {sha: v for sha, v in zip(keys, values) if v is not None}
         missing = [sha for sha in encoded if sha not in p.hits]
         if missing:
-            p.payload = {"image": encode_image(req.image),
-                         "regions": [{"id": sha, "mask": encoded[sha]} for sha in missing],
-                         "labels": list(req.labels), "params": req.params.to_dict()}
+            p.payload = LabelRegionsJob.build(req.image, [(sha, encoded[sha]) for sha in missing], req.labels,
+                                              req.params).to_dict()
             ident = "\n".join([self.settings.queue, req.image_sha256, pdigest, *sorted(missing)])
             p.job_id = re.sub(r"[^A-Za-z0-9_-]", "_", self.settings.queue) + "-" + sha256_hex(ident.encode())[:40]
         return p
 
     def _merge(self, p: _Prepared, run: _RunResult | None, model: dict[str, Any] | None) -> LabelOutcome:
-        by_sha: dict[str, dict] = {sha: {**v, "error": None, "cached": True} for sha, v in p.hits.items()}
+        by_sha: dict[str, dict] = {}
+        for sha, v in p.hits.items():
+            try:
+                by_sha[sha] = _outcome_region(region_from_cache(sha, v), cached=True)
+            except ProtocolError as exc:  # a malformed cache entry is recomputed next time, reported now
+                log.warning("result cache entry for mask %s is malformed: %s", sha[:12], exc)
         info: dict[str, Any] = {"result_cache": {"hits": len(p.hits), "misses": len(p.encoded) - len(p.hits)}}
         error, kind = None, None
         out_model = dict(model or {})
         if run is not None:
             info.update(run.info)
             if run.result is not None:
-                res = run.result
-                out_model = dict(res.get("model") or out_model)
-                info.update({"cache": res.get("cache", {}), "timings": res.get("timings", {})})
-                error = res.get("error")
+                try:
+                    res = JobResult.from_dict(run.result)
+                except ProtocolError as exc:
+                    res = JobResult.rejected(f"worker returned a malformed result: {exc}", [])
+                out_model = dict(res.model or out_model)
+                info.update({"cache": dict(res.cache), "timings": dict(res.timings)})
+                error = res.error
                 kind = "rejected" if error else None
-                for region in res.get("regions") or []:
-                    by_sha[str(region.get("id"))] = {
-                        "labels": region.get("labels") or [], "caption": region.get("caption"),
-                        "caption_mode": region.get("caption_mode"), "error": region.get("error"), "cached": False}
+                for region in res.regions:
+                    by_sha[region.id] = _outcome_region(region, cached=False)
             else:
                 error, kind = run.error, run.kind or "failed"
         if not out_model and p.hits:
             out_model = dict(next(iter(p.hits.values())).get("model") or {})
-        regions = [by_sha.get(sha) or _region_error(error or "no result for this region") for sha in p.shas]
+        regions = [by_sha.get(sha) or _outcome_region(RegionResult.failed(sha, error or "no result for this region"),
+                                                      cached=False) for sha in p.shas]
         return LabelOutcome(regions=regions, model=out_model, error=error, kind=kind, info=info)
 
 
@@ -240,6 +266,17 @@ class EmbeddedDispatcher(Dispatcher):
         self.cache.put_many(entries)
         return result
 
+    def _prepare_job(self, payload: dict) -> dict:
+        from worker import jobs
+
+        if self._model is None:
+            self._load_model()
+        return jobs.prepare_labels(payload)
+
+    def _send_prepare_labels(self, payload: dict) -> None:
+        # the one job thread runs it after the model load and before any later label job
+        self._pool.submit(self._prepare_job, payload)
+
     def _run(self, items: list[_Prepared], timeout_s: float) -> list[_RunResult]:
         futures = [self._pool.submit(self._job, p.payload) for p in items]
         deadline = time.monotonic() + timeout_s
@@ -256,7 +293,8 @@ class EmbeddedDispatcher(Dispatcher):
                 continue
             except Exception as exc:  # noqa: BLE001 - reported per job
                 log.exception("embedded job for image %s failed", p.request.image_sha256[:12])
-                out.append(_RunResult(None, f"worker error: {exc.__class__.__name__}: {exc}", {"status": "failed"}, "failed"))
+                out.append(_RunResult(None, f"worker error: {exc.__class__.__name__}: {exc}", {"status": "failed"},
+                                      "failed"))
                 continue
             out.append(_RunResult(result, None, {"status": "finished", "waited_s": time.monotonic() - t0}))
         return out
@@ -271,14 +309,12 @@ class QueueDispatcher(Dispatcher):
         from redis import Redis
         from rq import Queue
 
-        from worker.queue_worker import JOB_SERIALIZER, LabelJob, WorkerRegistry
-
         conn = connection if connection is not None else Redis.from_url(settings.redis_url)
         super().__init__(settings, RedisResultCache(conn, settings.result_ttl_s))
         self.connection = conn
-        self.serializer = JOB_SERIALIZER
-        self.queue = Queue(settings.queue, connection=conn, serializer=JOB_SERIALIZER, job_class=LabelJob)
-        self.registry = WorkerRegistry(conn, settings.queue, prefix=settings.redis_prefix)
+        self.serializer = job_serializer()
+        self.queue = Queue(settings.queue, connection=conn, serializer=self.serializer)
+        self.registry = RegistryReader(conn, settings.queue, prefix=settings.redis_prefix)
 
     def model_info(self, wait_s: float = 0.0) -> dict[str, Any] | None:
         from redis.exceptions import RedisError
@@ -304,6 +340,21 @@ class QueueDispatcher(Dispatcher):
                 "queued_jobs": queued, "workers": len(models), "models": ids}
 
     # -- enqueue ---------------------------------------------------------------------------------------
+    def _send_prepare_labels(self, payload: dict) -> None:
+        """Enqueue one ``prepare_labels`` job (deterministic id: a repeated /setup while it waits adds nothing)."""
+        from rq.exceptions import DuplicateJobError
+
+        ident = json.dumps(payload, sort_keys=True)
+        job_id = (re.sub(r"[^A-Za-z0-9_-]", "_", self.settings.queue) + "-prepare-"
+                  + sha256_hex(ident.encode())[:32])
+        try:
+            self.queue.enqueue_call(job_function("prepare_labels"), args=(payload,), job_id=job_id, unique=True,
+                                    timeout=self.settings.job_timeout_s, result_ttl=60, failure_ttl=JOB_RESULT_TTL_S,
+                                    ttl=max(3600, 2 * self.settings.job_timeout_s),
+                                    description=f"prepare {sum(len(s) for s in payload['label_sets'])} label(s)")
+        except DuplicateJobError:
+            pass
+
     def _enqueue(self, p: _Prepared):
         from rq import Callback
 
@@ -340,7 +391,9 @@ class QueueDispatcher(Dispatcher):
 
     def _peek(self, job) -> tuple[str | None, str | None]:
         status, worker = self.connection.hmget(job.key, "status", "worker_name")
-        dec = (lambda b: b.decode() if isinstance(b, bytes) else b)
+        def dec(b):
+            return b.decode() if isinstance(b, bytes) else b
+
         return dec(status), dec(worker)
 
     # -- wait ------------------------------------------------------------------------------------------
@@ -410,7 +463,8 @@ class QueueDispatcher(Dispatcher):
         from redis.exceptions import RedisError
 
         if redis_error is not None:
-            msg = (f"Redis at {self.settings.redis_url_redacted} is not reachable: {redis_error} (waited {timeout_s:g}s); "
+            msg = (f"Redis at {self.settings.redis_url_redacted} is not reachable: {redis_error} "
+                   f"(waited {timeout_s:g}s); "
                    "a repeated request will enqueue the job again")
             log.error(msg)
             return _RunResult(None, msg, {"job_id": job.id, "status": "unknown"}, "failed")

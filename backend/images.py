@@ -454,7 +454,7 @@ class ImageFetcher:
                              upstream=True) from None
         except (ImageError, FetchRefused):
             raise
-        except Exception as exc:  # the SDK raises FileNotFoundError/ValueError/Exception with clear messages
+        except Exception as exc:  # noqa: BLE001 - the SDK raises FileNotFoundError/ValueError/Exception
             raise ImageError(f"cannot fetch image {url[:200]}: {exc}") from None
         return base64.b64decode(b64)
 

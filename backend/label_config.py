@@ -83,11 +83,11 @@ def parse_label_config(xml: str, extra_labels: tuple[str, ...] = ()) -> ProjectC
         raise LabelConfigError("the label config is empty")
     try:
         li = LabelInterface(xml)
-    except Exception as exc:  # the SDK raises lxml / its own errors
+    except Exception as exc:  # noqa: BLE001 - the SDK raises lxml / its own errors
         raise LabelConfigError(f"cannot parse the label config: {exc}") from None
     try:
         li.validate()  # Label Studio's schema, unique names, toName references
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the SDK's validation errors have no common base
         raise LabelConfigError(f"invalid label config: {exc}") from None
 
     images: dict[str, ImageObject] = {}

@@ -96,7 +96,8 @@ def collect_regions(results: Any, cfg: ProjectConfig) -> tuple[list[Region], lis
             continue
         if rtype not in REGION_TAGS:
             problems.append(RegionProblem(rid, f"unsupported region type {rtype or '(missing)'!r}: supported are "
-                                               "brushlabels, polygonlabels, rectanglelabels, brush, polygon, rectangle"))
+                                               "brushlabels, polygonlabels, rectanglelabels, brush, polygon, "
+                                               "rectangle"))
             continue
         control = _control_for(item, rtype, cfg)
         if control is None:
@@ -215,7 +216,8 @@ def rectangle_corners(value: dict, width: int, height: int) -> list[tuple[float,
     w = _num(value.get("width"), "rectangle width", *SIZE_RANGE) * width / 100.0
     h = _num(value.get("height"), "rectangle height", *SIZE_RANGE) * height / 100.0
     if w <= 0 or h <= 0:
-        raise RegionError(f"rectangle width and height must be > 0, got {value.get('width')!r} x {value.get('height')!r}")
+        raise RegionError(f"rectangle width and height must be > 0, "
+                          f"got {value.get('width')!r} x {value.get('height')!r}")
     theta = math.radians(_num(value.get("rotation", 0) or 0, "rectangle rotation", -3600.0, 3600.0))
     c, s = math.cos(theta), math.sin(theta)
     return [(x + dx * c - dy * s, y + dx * s + dy * c) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]

@@ -9,8 +9,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from worker.payload import InversionParams, PayloadError, check_limits, sha256_hex
-from worker.prompts import check_labels, check_templates
+from worker.protocol import InversionParams, PayloadError, check_label_caps, check_limits, check_templates, sha256_hex
 
 from .dispatch import Dispatcher, make_dispatcher
 from .fetch_policy import FetchRefused, Origin
@@ -76,7 +75,7 @@ class Service:
                 raise LabelConfigError(f"control {c.name!r} has {len(c.labels)} labels, more than "
                                        f"MASKINV_MAX_LABELS={self.settings.max_labels}")
             try:
-                check_labels(c.labels, self.settings.max_label_chars, self.settings.max_vocab_bytes,
+                check_label_caps(c.labels, self.settings.max_label_chars, self.settings.max_vocab_bytes,
                              f"control {c.name!r}: label")
             except PayloadError as exc:
                 raise LabelConfigError(str(exc)) from None
@@ -189,10 +188,16 @@ class Service:
                 raise PredictError(400, f"params.maskinv.labels has {len(labels)} labels, more than "
                                         f"MASKINV_MAX_LABELS={s.max_labels}")
             try:
-                check_labels(labels, s.max_label_chars, s.max_vocab_bytes, "params.maskinv.labels: label")
+                check_label_caps(labels, s.max_label_chars, s.max_vocab_bytes, "params.maskinv.labels: label")
             except PayloadError as exc:
                 raise PredictError(400, str(exc)) from None
         return params, labels
 
     def health(self) -> dict[str, Any]:
         return self.dispatcher.health()
+
+    def prepare_labels(self, cfg: ProjectConfig) -> None:
+        """After ``/setup``: have the worker build the text prototypes of ``cfg``'s label sets in the background
+        (``MASKINV_PREPARE_LABELS``), so that the project's first suggestion does not wait for the text encoder."""
+        if self.settings.prepare_labels:
+            self.dispatcher.prepare_labels([c.labels for c in cfg.region_controls.values()], self.settings.params)

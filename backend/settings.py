@@ -11,10 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from worker.payload import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_TEMPLATES, InversionParams, PayloadError
-
-from worker.prompts import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_TEMPLATE_CHARS, DEFAULT_MAX_VOCAB_BYTES,
-                            check_labels, check_templates)
+from worker.protocol import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_MAX_TEMPLATE_CHARS,
+                             DEFAULT_MAX_VOCAB_BYTES, DEFAULT_TEMPLATES, InversionParams, PayloadError, SettingError,
+                             check_label_caps, check_templates, env_bool, env_float, env_int, env_str)
 
 from .fetch_policy import HostEntry, parse_allow_list
 from .strict_url import UnsafeURL, parse_http_url
@@ -27,51 +26,25 @@ def redact_url(url: str | None) -> str | None:
     return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)[^@/]*@", r"\1***@", url, flags=re.I)
 
 
-class SettingsError(ValueError):
+class SettingsError(SettingError):
     """An environment variable has a value the backend cannot use."""
 
 
+# the project's one family of parsers (worker.protocol), raising SettingsError naming the variable
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
-    value = env.get(name)
-    return default if value is None or value.strip() == "" else value.strip()
+    return env_str(env, name, default)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise SettingsError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
+    return env_int(env, name, default, lo, hi, error=SettingsError)
 
 
 def _float(env: Mapping[str, str], name: str, default: float, lo: float | None = None) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if lo is not None and not value >= lo:
-        raise SettingsError(f"{name} must be >= {lo}, got {value}")
-    return value
+    return env_float(env, name, default, lo, error=SettingsError)
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    low = raw.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+    return env_bool(env, name, default, error=SettingsError)
 
 
 def _allow_list(env: Mapping[str, str], name: str) -> tuple[HostEntry, ...]:
@@ -166,6 +139,8 @@ class Settings:
     max_vocab_bytes: int = DEFAULT_MAX_VOCAB_BYTES
     max_template_chars: int = DEFAULT_MAX_TEMPLATE_CHARS
     image_cache_ttl_s: float = 300.0
+    # /setup: have the worker build the project's label prototypes in the background
+    prepare_labels: bool = True
 
     @property
     def redis_url_redacted(self) -> str | None:
@@ -218,7 +193,7 @@ class Settings:
         max_template_chars = _int(env, "MASKINV_MAX_TEMPLATE_CHARS", DEFAULT_MAX_TEMPLATE_CHARS, 1, 1000)
         extra_labels = _labels(env, "MASKINV_LABELS")
         try:
-            check_labels(extra_labels, max_label_chars, max_vocab_bytes, "MASKINV_LABELS label")
+            check_label_caps(extra_labels, max_label_chars, max_vocab_bytes, "MASKINV_LABELS label")
             check_templates(params.templates, max_template_chars)
         except PayloadError as exc:
             raise SettingsError(str(exc)) from None
@@ -264,4 +239,5 @@ class Settings:
             max_vocab_bytes=max_vocab_bytes,
             max_template_chars=max_template_chars,
             image_cache_ttl_s=_float(env, "MASKINV_IMAGE_CACHE_TTL", 300.0, 0.0),
+            prepare_labels=_bool(env, "MASKINV_PREPARE_LABELS", True),
         )

@@ -154,13 +154,15 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    dev = str(clip.device) if clip.device.type != "cpu" else f"CPU ({os.cpu_count()} threads, {platform.processor() or platform.machine()})"
+    cpu = platform.processor() or platform.machine()
+    dev = str(clip.device) if clip.device.type != "cpu" else f"CPU ({os.cpu_count()} threads, {cpu})"
     lines = [
         f"# MaskInversion inversion benchmark — {args.model} ({args.pretrained or 'random init'}), K={args.steps}",
         "",
         f"Device: {dev}; torch {torch.__version__}; measured fp32 matmul rate: {rate:.1f} GMAC/s.",
         "cold = ViT forward + inversion (empty cache); warm = cached image, inversion only; autograd = reference "
-        "(image repeated per mask, ViT re-run and second-order autograd every step). Peak = RSS growth during the call.",
+        "(image repeated per mask, ViT re-run and second-order autograd every step). "
+        "Peak = RSS growth during the call.",
         "",
         "| size | N | cold s | warm s | autograd s | warm speed-up | cold speed-up | min cos(LET) vs autograd "
         "| warm GMAC/s | peak MiB cold / warm / autograd |",

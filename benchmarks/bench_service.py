@@ -346,7 +346,9 @@ def report(runs: list[dict[str, Any]], total_s: float, commit: str | None = None
         cfg = run["config"]
         inter = run.get("interactive", {})
         cold, warm = inter.get("cold_s", []), inter.get("warm_s", [])
-        fmt = (lambda xs: f"{percentile(xs, 50):.2f} / {percentile(xs, 95):.2f}" if xs else "-")
+        def fmt(xs):
+            return f"{percentile(xs, 50):.2f} / {percentile(xs, 95):.2f}" if xs else "-"
+
         batch = run.get("batch")
         bcell = f"{batch['tasks']} x {cfg['batch_regions']} ({batch['wall_s']:.0f} s)" if batch else "-"
         rcell = f"{batch['regions_per_s']:.2f}" if batch else "-"
@@ -361,8 +363,9 @@ def report(runs: list[dict[str, Any]], total_s: float, commit: str | None = None
 
         wcell = f"cold {split(inter.get('cold_jobs', []))}; warm {split(inter.get('warm_jobs', []))}"
         ocell = f"{overhead(cold, inter.get('cold_jobs', []))} / {overhead(warm, inter.get('warm_jobs', []))}"
-        lines.append(f"| {cfg['model']} | {cfg['size']} | {fmt(cold)} | {fmt(warm)} | {len(cold)} | {wcell} | {ocell} | {bcell} | "
-                     f"{rcell} | {run.get('first_request_s', float('nan')):.2f} | {run.get('startup_s', float('nan')):.1f} |")
+        first, startup = run.get('first_request_s', float('nan')), run.get('startup_s', float('nan'))
+        lines.append(f"| {cfg['model']} | {cfg['size']} | {fmt(cold)} | {fmt(warm)} | {len(cold)} | {wcell} | {ocell} "
+                     f"| {bcell} | {rcell} | {first:.2f} | {startup:.1f} |")
     lines += ["", "Notes:", ""]
     for run in runs:
         cfg = run["config"]
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, cfg in enumerate(configs):
             try:
                 runs.append(run_config(cfg, Path(tmp), args.redis_url, args.seed + k))
-            except Exception as exc:  # keep the other configurations' numbers, say what failed
+            except Exception as exc:  # noqa: BLE001 - keep the other configurations' numbers, say what failed
                 print(f"[{cfg.key}] failed: {exc}", file=sys.stderr)
                 logs = "\n".join((Path(tmp) / f"{cfg.key}-{p}.log").read_text()[-3000:]
                                  for p in ("worker", "backend") if (Path(tmp) / f"{cfg.key}-{p}.log").exists())

@@ -3,7 +3,7 @@
 Reads any dataset in the COCO instance format: an image folder and a JSON with ``images``, ``categories`` and
 ``annotations`` whose ``segmentation`` is a polygon list, an uncompressed RLE (``counts`` a list) or a
 compressed RLE (``counts`` a string). That covers COCO itself, the COCO-format exports of PascalVOC and
-OpenImages subsets, and the scene world's own export (:func:`benchmarks.scene_world.export_coco`).
+OpenImages subsets, and the scene world's own export (:func:`training.scene_world.export_coco`).
 Masks are decoded with pycocotools.
 
     ds = CocoRegions("coco/annotations/instances_val2017.json", "coco/val2017", min_area=32 * 32)

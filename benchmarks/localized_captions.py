@@ -27,12 +27,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from benchmarks.scene_world import SceneWorld
+from training.scene_world import SceneWorld
 from worker.clipcap import ClipCapCaptioner, load_clipcap
 from worker.engine import MaskInversionEngine
 from worker.labels import LabelScorer
 from worker.models import load_clip
-from worker.train_clipcap import object_phrase
+from training.train_clipcap import object_phrase
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CLIP = ROOT / "assets" / "tiny_scene_clip" / "maskinv-scene-tiny.safetensors"
@@ -144,7 +144,7 @@ def report(records: list[ObjectRecord], methods: list[str], timing: dict[str, fl
             lines.append(f"- {m}: {d:+.1f} points → {'PASS' if d >= BAR_POINTS else 'FAIL'}")
     n_inv = sum(r.n_objects >= 1 for r in records)
     lines += ["", f"Inversion time: {timing['inversion_s']:.1f}s in all "
-                  f"({1000.0 * timing['inversion_s'] / max(1, n_inv * len([m for m in methods if m.startswith('LET')])):.1f} "
+                  f"({1000.0 * timing['inversion_s'] / max(1, n_inv * sum(m.startswith('LET') for m in methods)):.1f} "
                   f"ms per object per setting, CPU).", "",
               "Sample captions (first scenes with ≥ 2 objects):", "",
               "| scene | object | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]

@@ -213,7 +213,7 @@ def explainability_figure(clip: ClipModel, items: Iterable[ImageRegions], labels
     text_w, pad, head = int(tile * 1.6), 4, 24
     canvas = Image.new("RGB", (4 * (tile + pad) + text_w, head + len(rows) * (tile + pad)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(("image", "mask", f"E(global), step 0", f"E(LET), step {steps}")):
+    for c, title in enumerate(("image", "mask", "E(global), step 0", f"E(LET), step {steps}")):
         draw.text((c * (tile + pad) + 4, 4), title, fill=(0, 0, 0), font=font)
     for r, (tiles, text) in enumerate(rows):
         y = head + r * (tile + pad)
@@ -257,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
 
     tmp = None
     if a.scene_world is not None:
-        from benchmarks.scene_world import SceneWorld, export_coco
+        from training.scene_world import SceneWorld, export_coco
 
         model = a.model or SCENE_MODEL
         pretrained = a.pretrained if a.pretrained is not None else str(SCENE_CHECKPOINT)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.region_classification import SCENE_CHECKPOINT, SCENE_MODEL
-from benchmarks.scene_world import SceneWorld, make_caption
+from training.scene_world import SceneWorld, make_caption
 from worker import vit
 from worker.engine import MaskInversionEngine
 from worker.labels import LabelScorer

@@ -78,7 +78,7 @@ def region_for_mask(control: ET.Element, image: str, mask: np.ndarray, region_id
 
 def scene(index: int, size: int) -> tuple[bytes, list[np.ndarray], list[str], list[str]]:
     """PNG bytes, object masks ``[H, W]``, object labels and the world's vocabulary."""
-    from benchmarks.scene_world import SceneWorld
+    from training.scene_world import SceneWorld
 
     world = SceneWorld(seed=0, image_size=size, min_objects=3, max_objects=4)
     sc = world.scene(index, split="test")
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             result = answer["data"]["result"]
             for r in result:
                 if r.get("type") == control.tag.lower():
-                    print(f"  {r['id']}: {r['value'][control.tag.lower()][0]} ({r['score']:.2f})  {r['meta']['text'][0]}")
+                    value = r['value'][control.tag.lower()][0]
+                    print(f"  {r['id']}: {value} ({r['score']:.2f})  {r['meta']['text'][0]}")
                 elif r.get("type") == "textarea":
                     print(f"  {r['id']}: caption {r['value']['text'][0]!r}")
             ls.create_annotation(task["id"], result)  # the annotator accepts the suggestions

@@ -2,6 +2,7 @@
 # Set up everything the test suite needs (idempotent) and run it.
 #   bash scripts/test.sh            # all tests, end-to-end against a real Label Studio included
 #   bash scripts/test.sh -m "not e2e" -x   # extra arguments go to pytest
+# `ruff check .` runs before pytest and fails the run on any finding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,5 +26,8 @@ if command -v redis-cli >/dev/null 2>&1 && ! redis-cli -u "${REDIS_URL:-redis://
   echo "Redis is not answering at ${REDIS_URL:-redis://127.0.0.1:6379/0}; starting a local one" >&2
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no || true
 fi
+
+# Lint first (rules in pyproject.toml's [tool.ruff]); any finding fails the run.
+.venv/bin/python -m ruff check .
 
 exec .venv/bin/python -m pytest -ra "$@"

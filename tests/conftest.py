@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from test_backend_support import FAST, REDIS_URL, TINY_MODEL_ENV, delete_namespace
+from backend_support import FAST, REDIS_URL, TINY_MODEL_ENV, delete_namespace
 
 
 @pytest.fixture(scope="session")

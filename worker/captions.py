@@ -60,6 +60,18 @@ class RetrievalCaptioner:
             self._banks.put(key, hit)
         return hit
 
+    def prepare(self, labels: Sequence[str]) -> int:
+        """Build and cache the phrase banks of ``labels`` not cached yet, in one batched text encoding; returns how
+        many phrases were encoded."""
+        todo = [lab for lab in dict.fromkeys(labels) if (self.scorer.clip.id, lab) not in self._banks]
+        banks = [phrase_bank(lab) for lab in todo]
+        emb = self.scorer.encode_texts([p for bank in banks for p in bank]) if banks else None
+        start = 0
+        for lab, bank in zip(todo, banks):
+            self._banks.put((self.scorer.clip.id, lab), (bank, emb[start:start + len(bank)]))
+            start += len(bank)
+        return start
+
     @torch.no_grad()
     def caption(self, embeddings: torch.Tensor, labels: Sequence[str]) -> list[str]:
         """One caption per embedding ``[N, D]``; ``labels[i]`` is region i's predicted label."""

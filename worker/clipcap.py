@@ -1,6 +1,6 @@
 """ClipCap captions for region embeddings: a mapping network turns a CLIP embedding into a GPT-2 prefix.
 
-A captioner is trained on CLIP *image* embeddings (``worker/train_clipcap.py``); at inference the region's
+A captioner is trained on CLIP *image* embeddings (``training/train_clipcap.py``); at inference the region's
 LET takes the place of the image embedding (MaskInversion's localized captioning). Decoding (greedy or beam
 search) is batched over all regions of an image.
 
@@ -16,7 +16,7 @@ for OpenAI's GPT-2 when it was kept frozen). The captioner itself is loaded from
 path of its ``clipcap.json``, or a Hugging Face hub id (downloaded with ``huggingface_hub``; offline sites
 mount the directory and give its path).
 
-Environment (defaults in brackets), read by :func:`load_captioner_from_env`:
+Environment (defaults in brackets), read by ``worker.settings.CaptionerSettings.from_env``:
     MASKINV_CAPTIONER              captioner directory, its clipcap.json, or a hub id; "" = no captioner
                                    (the caller falls back to retrieval captions) [""]
     MASKINV_CAPTION_DECODING       "beam" or "greedy" ["beam"]
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .env import env_int
+from .settings import CaptionerSettings
 
 log = logging.getLogger(__name__)
 
@@ -412,27 +411,15 @@ class ClipCapCaptioner:
         return [self.cap.decode(ids) for ids in self.caption_ids(embeddings)]
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise CaptionerError(f"{name} must be a number, got {raw!r}") from exc
+def load_captioner(scorer: Any, settings: CaptionerSettings) -> ClipCapCaptioner | None:
+    """The captioner ``settings`` name for the worker's CLIP (``scorer.clip``), or None (retrieval captions).
 
-
-def load_captioner_from_env(scorer: Any) -> ClipCapCaptioner | None:
-    """The captioner named by ``MASKINV_CAPTIONER`` for the worker's CLIP (``scorer.clip``), or None.
-
-    None when ``MASKINV_CAPTIONER`` is unset or empty (the caller uses retrieval captions). Raises
-    :class:`CaptionerError` when the captioner cannot be loaded, the decoding settings are invalid or its
+    Raises :class:`CaptionerError` when the captioner cannot be loaded, the decoding settings are invalid or its
     embedding size differs from the CLIP model's; warns when it was trained for another CLIP model.
     """
-    source = os.environ.get("MASKINV_CAPTIONER", "").strip()
-    if not source or source.lower() in ("none", "retrieval"):
+    source = settings.source
+    if not source:
         return None
-    decoding = os.environ.get("MASKINV_CAPTION_DECODING", "beam").strip().lower() or "beam"
     clip = scorer.clip
     cap = load_clipcap(source, device=clip.device)
     if cap.cfg.clip_dim != clip.embed_dim:
@@ -442,6 +429,11 @@ def load_captioner_from_env(scorer: Any) -> ClipCapCaptioner | None:
     if trained_for and trained_for != clip.name:
         log.warning("captioner %s was trained on CLIP %s but the worker runs %s: captions will be poor", source,
                     trained_for, clip.name)
-    return ClipCapCaptioner(cap, decoding=decoding, beam_size=env_int("MASKINV_CAPTION_BEAM", 3, error=CaptionerError),
-                            max_tokens=env_int("MASKINV_CAPTION_MAX_TOKENS", 20, error=CaptionerError),
-                            length_penalty=_env_float("MASKINV_CAPTION_LENGTH_PENALTY", 1.0))
+    return ClipCapCaptioner(cap, decoding=settings.decoding, beam_size=settings.beam_size,
+                            max_tokens=settings.max_tokens, length_penalty=settings.length_penalty)
+
+
+def load_captioner_from_env(scorer: Any) -> ClipCapCaptioner | None:
+    """:func:`load_captioner` with ``MASKINV_CAPTIONER`` and the caption decoding variables from the environment (their
+    errors raise :class:`CaptionerError` naming the variable); None when ``MASKINV_CAPTIONER`` is unset or empty."""
+    return load_captioner(scorer, CaptionerSettings.from_env(error=CaptionerError))

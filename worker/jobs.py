@@ -1,4 +1,5 @@
-"""RQ job functions (plain functions, importable by name ``worker.jobs.label_regions``).
+"""RQ job functions (plain functions named in ``worker.protocol.JOB_KINDS``: ``worker.jobs.label_regions``,
+``worker.jobs.prepare_labels``).
 
 The model, the engine with its image-state cache, the label scorer and the captioner live in one
 process-wide :class:`Runtime`, built on first use (or by :func:`warm_up` when a worker starts), so every
@@ -15,9 +16,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .env import env_int
-from .payload import (DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, InversionParams, PayloadError, check_limits, decode_image,
-                      decode_mask)
+from .protocol import (DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, InversionParams, JobResult, LabelRegionsJob, LabelScore,
+                       PayloadError, PrepareLabelsJob, RegionResult, check_label_caps, check_limits, check_templates,
+                       decode_image, decode_mask, env_int, payload_region_ids, process_env)
+from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ class Runtime:
     scorer: Any  # worker.labels.LabelScorer
     captioner: Any  # worker.captions.RetrievalCaptioner
     lock: threading.Lock
+    settings: WorkerSettings = WorkerSettings()
 
     def model_info(self) -> dict[str, str]:
         return {"name": self.clip.name, "pretrained": getattr(self.clip, "weights", "") or self.clip.pretrained,
@@ -40,26 +43,47 @@ _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
 
 
+def build_engine(clip: Any, settings: WorkerSettings) -> Any:
+    """The engine for ``clip`` with the settings' cache and chunk budgets (and GPU dtype, where supported)."""
+    import inspect
+
+    from .engine import MaskInversionEngine
+
+    kwargs: dict[str, Any] = {"cache_bytes": settings.cache_bytes, "chunk_memory_bytes": settings.chunk_memory_bytes}
+    if "gpu_dtype" in inspect.signature(MaskInversionEngine).parameters:  # the engine's GPU dtype (fp32|bf16|fp16)
+        kwargs["gpu_dtype"] = settings.gpu_dtype
+    elif settings.gpu_dtype != "fp32":
+        log.warning("MASKINV_GPU_DTYPE=%s is not supported by this engine; running fp32", settings.gpu_dtype)
+    return MaskInversionEngine(clip, **kwargs)
+
+
+def build_runtime(settings: WorkerSettings) -> Runtime:
+    """Load the model, engine, label scorer and captioner that ``settings`` describe."""
+    from . import preprocess
+    from .captions import RetrievalCaptioner
+    from .clipcap import load_captioner
+    from .labels import LabelScorer
+    from .models import load_clip
+
+    t0 = time.perf_counter()
+    preprocess.set_default_max_pixels(settings.max_image_pixels)
+    clip = load_clip(settings.model, settings.pretrained, settings.device, settings.seed)
+    scorer = LabelScorer(clip, max_entries=settings.prototype_cache_entries,
+                         max_bytes=settings.prototype_cache_bytes)
+    captioner = load_captioner(scorer, settings.captioner) or RetrievalCaptioner(scorer)
+    rt = Runtime(clip=clip, engine=build_engine(clip, settings), scorer=scorer, captioner=captioner,
+                 lock=threading.Lock(), settings=settings)
+    log.info("runtime ready in %.1fs: model %s, %s captions", time.perf_counter() - t0, clip.id, captioner.mode)
+    return rt
+
+
 def get_runtime() -> Runtime:
-    """The process-wide runtime, created from the environment on first call (see worker.models, worker.engine)."""
+    """The process-wide runtime, built on first call from ``WorkerSettings.from_env()`` (the one place the worker
+    reads its environment)."""
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            from .captions import RetrievalCaptioner
-            from .engine import MaskInversionEngine
-            from .labels import LabelScorer
-            from .models import load_clip
-
-            from .clipcap import load_captioner_from_env
-
-            t0 = time.perf_counter()
-            clip = load_clip()
-            scorer = LabelScorer(clip, **prototype_cache_limits())  # security wave 2: bounded caches
-            captioner = load_captioner_from_env(scorer) or RetrievalCaptioner(scorer)
-            _runtime = Runtime(clip=clip, engine=MaskInversionEngine(clip), scorer=scorer, captioner=captioner,
-                               lock=threading.Lock())
-            log.info("runtime ready in %.1fs: model %s, %s captions", time.perf_counter() - t0, clip.id,
-                     captioner.mode)
+            _runtime = build_runtime(WorkerSettings.from_env())
         return _runtime
 
 
@@ -68,50 +92,30 @@ def warm_up() -> dict[str, str]:
     return get_runtime().model_info()
 
 
-def _error_result(rt: Runtime | None, message: str, job: dict[str, Any]) -> dict[str, Any]:
-    regions = job.get("regions") if isinstance(job, dict) else None
-    ids = [str(r.get("id")) for r in regions if isinstance(r, dict)] if isinstance(regions, list) else []
-    return {"model": rt.model_info() if rt else {}, "image_sha256": None, "error": message,
-            "regions": [{"id": i, "labels": [], "caption": None, "caption_mode": None, "error": message}
-                        for i in ids],
-            "timings": {}, "cache": {}}
+def _error_result(rt: Runtime | None, message: str, job: Any) -> dict[str, Any]:
+    return JobResult.rejected(message, payload_region_ids(job), rt.model_info() if rt else {}).to_dict()
 
 
 def check_worker_limits(params: InversionParams, env: Mapping[str, str] | None = None) -> None:
-    """Re-apply the service's ``MASKINV_MAX_STEPS`` / ``MASKINV_MAX_SIZE`` in the worker, so a job written to Redis
-    by anything but the backend cannot ask for more. Raises PayloadError."""
-    limits = [env_int(name, default, env=env, error=PayloadError, prefix="worker misconfigured: ")
+    """Re-apply the service's ``MASKINV_MAX_STEPS`` / ``MASKINV_MAX_SIZE`` (read from ``env``, default the process
+    environment) so that a job written to Redis by anything but the backend cannot ask for more. Raises PayloadError.
+
+    Jobs use the runtime's settings instead (read once); this is the standalone form."""
+    env = process_env() if env is None else env
+    limits = [env_int(env, name, default, error=PayloadError, prefix="worker misconfigured: ")
               for name, default in (("MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS), ("MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE))]
     check_limits(params, *limits)
 
 
-# -- security wave 2 (issue 12): worker-side text caps and prototype-cache bounds, read from the worker's own
-# environment (to move into worker/settings.py WorkerSettings when that lands) ---------------------------------
-
-def prototype_cache_limits(env: Mapping[str, str] | None = None) -> dict[str, int]:
-    """``MASKINV_PROTOTYPE_CACHE_ENTRIES`` / ``MASKINV_PROTOTYPE_CACHE_MB`` -> LabelScorer's cache bounds."""
-    from .labels import DEFAULT_PROTOTYPE_CACHE_ENTRIES, DEFAULT_PROTOTYPE_CACHE_MB
-
-    kw = dict(env=env, error=PayloadError, prefix="worker misconfigured: ", minimum=0)
-    return {"max_entries": env_int("MASKINV_PROTOTYPE_CACHE_ENTRIES", DEFAULT_PROTOTYPE_CACHE_ENTRIES, **kw),
-            "max_bytes": env_int("MASKINV_PROTOTYPE_CACHE_MB", DEFAULT_PROTOTYPE_CACHE_MB, **kw) << 20}
-
-
-def check_worker_text_limits(params: InversionParams, labels: list[str],
-                             env: Mapping[str, str] | None = None) -> None:
+def check_text_limits(params: InversionParams, labels: list[str], settings: WorkerSettings) -> None:
     """Re-apply ``MASKINV_MAX_LABEL_CHARS`` / ``MASKINV_MAX_VOCAB_BYTES`` / ``MASKINV_MAX_TEMPLATE_CHARS`` to a job
     (a hand-enqueued job is checked like a request). Raises PayloadError naming the label or template."""
-    from .prompts import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_TEMPLATE_CHARS, DEFAULT_MAX_VOCAB_BYTES,
-                          check_labels, check_templates)
-
-    kw = dict(env=env, error=PayloadError, prefix="worker misconfigured: ", minimum=1)
-    check_labels(labels, env_int("MASKINV_MAX_LABEL_CHARS", DEFAULT_MAX_LABEL_CHARS, **kw),
-                 env_int("MASKINV_MAX_VOCAB_BYTES", DEFAULT_MAX_VOCAB_BYTES, **kw))
-    check_templates(params.templates, env_int("MASKINV_MAX_TEMPLATE_CHARS", DEFAULT_MAX_TEMPLATE_CHARS, **kw))
+    check_label_caps(labels, settings.max_label_chars, settings.max_vocab_bytes)
+    check_templates(params.templates, settings.max_template_chars)
 
 
 def label_regions(job: dict[str, Any]) -> dict[str, Any]:
-    """Label and caption every region of one image (payload format: worker.payload).
+    """Label and caption every region of one image (payload: protocol.LabelRegionsJob; result: JobResult).
 
     Returns per-region top-k labels, caption and error. A malformed job or an undecodable image yields a
     result with a top-level ``"error"`` (and that error on every region); a bad region (empty mask, ...)
@@ -120,20 +124,12 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
     rt = get_runtime()
     t0 = time.perf_counter()
     try:
-        if not isinstance(job, dict):
-            raise PayloadError(f"job must be a dict, got {type(job).__name__}")
-        params = InversionParams.from_dict(job.get("params"))
-        check_worker_limits(params)
-        labels = job.get("labels") or []
-        if not isinstance(labels, list) or not all(isinstance(x, str) and x.strip() for x in labels):
-            raise PayloadError("labels must be a list of non-empty strings")
-        if len(set(labels)) != len(labels):
-            raise PayloadError("labels must be unique")
-        check_worker_text_limits(params, labels)
-        image_bytes, digest = decode_image(job.get("image") or {})
-        regions = job.get("regions")
-        if not isinstance(regions, list):
-            raise PayloadError("regions must be a list")
+        payload = LabelRegionsJob.from_dict(job)
+        params, labels = payload.params, list(payload.labels)
+        check_limits(params, rt.settings.max_steps, rt.settings.max_size)
+        check_text_limits(params, labels, rt.settings)
+        image_bytes, digest = decode_image(payload.image)
+        regions = list(payload.regions)
         ids, masks, region_errors = [], [], {}
         for k, r in enumerate(regions):
             rid = str(r.get("id", k)) if isinstance(r, dict) else str(k)
@@ -166,19 +162,44 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
     out_regions = []
     for k, rid in enumerate(ids):
         j = by_region.get(k)
-        out_regions.append({
-            "id": rid,
-            "labels": [{"label": lab, "score": sc} for lab, sc in scored[j]] if j is not None and scored else [],
-            "caption": captions[j] if j is not None and captions else None,
-            "caption_mode": rt.captioner.mode if j is not None and captions else None,
-            "error": errors[k],
-        })
+        has_caption = j is not None and bool(captions)
+        out_regions.append(RegionResult(
+            id=rid,
+            labels=tuple(LabelScore(lab, sc) for lab, sc in scored[j]) if j is not None and scored else (),
+            caption=captions[j] if has_caption else None,
+            caption_mode=rt.captioner.mode if has_caption else None,
+            error=errors[k]))
     total = time.perf_counter() - t0
     timings = {"total_s": total, "forward_s": res.timings["forward_s"] if res else 0.0,
                "inversion_s": res.timings["inversion_s"] if res else 0.0}
     hit = bool(res and res.image_hit)
     log.info("job: %d regions on image %s in %.2fs (image cache %s; forward %.2fs, inversion %.2fs)",
              len(ids), digest[:12], total, "hit" if hit else "miss", timings["forward_s"], timings["inversion_s"])
-    return {"model": rt.model_info(), "image_sha256": digest, "regions": out_regions, "timings": timings,
-            "cache": {"image_hit": hit, **cache_stats, "vit_forwards": rt.engine.stats.vit_forwards},
-            "params": params.to_dict()}
+    return JobResult(regions=tuple(out_regions), model=rt.model_info(), image_sha256=digest, timings=timings,
+                     cache={"image_hit": hit, **cache_stats, "vit_forwards": rt.engine.stats.vit_forwards},
+                     params=params.to_dict()).to_dict()
+
+
+def prepare_labels(job: dict[str, Any]) -> dict[str, Any]:
+    """Build and cache the text prototypes of a project's label sets (and, with retrieval captions, their phrase
+    banks), so that the first suggestion after ``/setup`` does not wait for the text encoder
+    (payload: protocol.PrepareLabelsJob; result: a JobResult without regions, counts in ``cache``)."""
+    rt = get_runtime()
+    t0 = time.perf_counter()
+    try:
+        payload = PrepareLabelsJob.from_dict(job)
+        for labels in payload.label_sets:
+            check_label_caps(labels, rt.settings.max_label_chars, rt.settings.max_vocab_bytes)
+        check_templates(payload.templates, rt.settings.max_template_chars)
+        prompts = rt.scorer.prepare(payload.label_sets, payload.templates)
+        phrases = 0
+        if payload.captions and hasattr(rt.captioner, "prepare"):
+            phrases = rt.captioner.prepare([lab for labels in payload.label_sets for lab in labels])
+    except (PayloadError, ValueError) as exc:
+        log.warning("prepare_labels job rejected: %s", exc)
+        return JobResult.rejected(str(exc), [], rt.model_info(), kind="prepare_labels").to_dict()
+    total = time.perf_counter() - t0
+    log.info("prepared %d label set(s): %d prompt(s) and %d caption phrase(s) encoded in %.2fs",
+             len(payload.label_sets), prompts, phrases, total)
+    return JobResult(regions=(), model=rt.model_info(), kind="prepare_labels", timings={"total_s": total},
+                     cache={"prompts_encoded": prompts, "phrases_encoded": phrases}).to_dict()

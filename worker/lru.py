@@ -29,6 +29,11 @@ class BoundedLRU(Generic[V]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is cached (no hit counted, recency unchanged)."""
+        with self._lock:
+            return key in self._items
+
     def get(self, key: Hashable) -> V | None:
         with self._lock:
             item = self._items.get(key)

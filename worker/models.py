@@ -1,11 +1,8 @@
 """Loading open_clip CLIP models: names with pretrained tags, local checkpoints, or random init.
 
-Environment (defaults in brackets):
-    MASKINV_MODEL       open_clip model name ["ViT-B-16"]
-    MASKINV_PRETRAINED  pretrained tag ("openai", "laion2b_s34b_b88k", ...) or a local checkpoint
-                        path; "none" or "" = random init (tests, benchmarks) ["openai"]
-    MASKINV_DEVICE      "cuda", "cpu", "cuda:1", ... [cuda when available, else cpu]
-    MASKINV_SEED        seed for random init, so that every process builds the same weights [0]
+The worker's MASKINV_MODEL / MASKINV_PRETRAINED / MASKINV_DEVICE / MASKINV_SEED (``worker.settings``) arrive
+here as explicit arguments; this module reads no environment. ``pretrained`` is a tag ("openai",
+"laion2b_s34b_b88k", ...), a local checkpoint path, or "none"/"" for random init (tests, benchmarks).
 
 Project model configs (tiny test models, the scene model) live in ``worker/model_configs/*.json``
 and are registered with open_clip's config registry on import, so they load like built-in names.
@@ -15,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,10 +64,10 @@ class ClipModel:
         return int(self.model.visual.output_dim)
 
 
-def default_device() -> torch.device:
-    env = os.environ.get("MASKINV_DEVICE", "").strip()
-    if env:
-        return torch.device(env)
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch device; None or "": cuda when available, else cpu."""
+    if device is not None and str(device).strip():
+        return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -83,15 +79,16 @@ def _checkpoint_identity(path: Path) -> str:
         return "sha256-" + hashlib.file_digest(fh, "sha256").hexdigest()[:16]
 
 
-def load_clip(name: str | None = None, pretrained: str | None = None, device: str | torch.device | None = None,
-              seed: int | None = None) -> ClipModel:
-    """Create a frozen CLIP model from an open_clip name and a pretrained tag, local path or random init."""
-    name = name or os.environ.get("MASKINV_MODEL", DEFAULT_MODEL)
-    if pretrained is None:
-        pretrained = os.environ.get("MASKINV_PRETRAINED", DEFAULT_PRETRAINED)
-    pretrained = pretrained.strip()
-    seed = int(os.environ.get("MASKINV_SEED", "0")) if seed is None else seed
-    dev = torch.device(device) if device is not None else default_device()
+def load_clip(name: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED,
+              device: str | torch.device | None = None, seed: int = 0) -> ClipModel:
+    """Create a frozen CLIP model from an open_clip name and a pretrained tag, local path or random init.
+
+    ``device`` None: cuda when available, else cpu; ``seed`` seeds random init (ignored for pretrained weights).
+    """
+    name = name or DEFAULT_MODEL
+    pretrained = (DEFAULT_PRETRAINED if pretrained is None else pretrained).strip()
+    seed = 0 if seed is None else int(seed)
+    dev = default_device(device)
 
     if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"unknown open_clip model {name!r}; known: {', '.join(open_clip.list_models()[:8])}, ... "

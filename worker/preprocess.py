@@ -1,7 +1,7 @@
 """Images and masks to the model's S×S geometry (plain resize, no crop: masks keep their alignment).
 
-Environment (defaults in brackets):
-    MASKINV_MAX_IMAGE_PIXELS  largest image accepted, checked from the header before decoding [50000000]
+``max_pixels`` (the worker's MASKINV_MAX_IMAGE_PIXELS, ``worker.settings``, set once by ``worker.jobs`` with
+:func:`set_default_max_pixels`) is checked from the header before decoding; this module reads no environment.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .env import env_int
 
 ImageLike = Image.Image | bytes
 
@@ -23,15 +22,22 @@ class RegionError(ValueError):
     """A single region cannot be processed (the other regions of the image still are)."""
 
 
-def open_image(image: ImageLike) -> tuple[Image.Image, str]:
+#: largest image :func:`open_image` decodes by default (MASKINV_MAX_IMAGE_PIXELS's default)
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+_default_max_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def open_image(image: ImageLike, max_pixels: int | None = None) -> tuple[Image.Image, str]:
     """Decode to RGB with EXIF orientation applied (what the annotator saw); return ``(image, sha256)``.
 
-    For bytes the hash is of the bytes; for a PIL image, of its decoded pixels.
+    For bytes the hash is of the bytes; for a PIL image, of its decoded pixels. Encoded images of more than
+    ``max_pixels`` pixels (None: the process default, :func:`set_default_max_pixels`) are refused from their
+    header, before decoding.
     """
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         digest = hashlib.sha256(data).hexdigest()
-        limit = max_image_pixels()
+        limit = _default_max_pixels if max_pixels is None else max_pixels
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -55,9 +61,13 @@ def open_image(image: ImageLike) -> tuple[Image.Image, str]:
     return to_rgb(img), digest
 
 
-def max_image_pixels() -> int:
-    """``MASKINV_MAX_IMAGE_PIXELS`` [50000000]: larger images are refused before decoding."""
-    return env_int("MASKINV_MAX_IMAGE_PIXELS", 50_000_000)
+def set_default_max_pixels(max_pixels: int) -> None:
+    """Set the limit :func:`open_image` applies when called without one (``worker.jobs`` sets it once, from the
+    worker's settings, where the runtime is built; the engine calls ``open_image(image)``)."""
+    global _default_max_pixels
+    if int(max_pixels) < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    _default_max_pixels = int(max_pixels)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

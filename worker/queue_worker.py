@@ -20,13 +20,12 @@ Redis can make the worker label images, not run arbitrary code. If the connectio
 restarted), the worker waits for Redis, marks the job it was running as failed if Redis still has it, and
 serves the queue again. The backend uses the registry to (a) refuse to wait when no
 worker is alive, (b) report a clear error as soon as the worker running a job stops beating (killed, OOM),
-and (c) learn the model id it needs for result-cache keys (:mod:`worker.result_cache`).
+and (c) learn the model id it needs for result-cache keys (:mod:`worker.protocol`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -37,20 +36,20 @@ import uuid
 from typing import Any, Sequence
 
 from rq.job import Job
-from rq.serializers import JSONSerializer
+
+from .protocol import RegistryReader, allowed_callbacks, allowed_functions, job_serializer
+from .settings import WorkerSettings, WorkerSettingsError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-#: the job functions a worker runs (anything else enqueued on its queue fails without being imported)
-ALLOWED_FUNCTIONS = frozenset({"worker.jobs.label_regions"})
+#: the job functions a worker runs (protocol.JOB_KINDS; anything else enqueued fails without being imported)
+ALLOWED_FUNCTIONS = allowed_functions()
 #: the job callbacks it runs (others are ignored)
-ALLOWED_CALLBACKS = frozenset({"worker.result_cache.store_job_result"})
+ALLOWED_CALLBACKS = allowed_callbacks()
 
 
 #: serializer of job data and results on the queue (backend and worker must agree): JSON, never pickle
-JOB_SERIALIZER = JSONSerializer
+JOB_SERIALIZER = job_serializer()
 
 
 class LabelJob(Job):
@@ -84,16 +83,11 @@ class LabelJob(Job):
         return self._allowed_callback("stopped")
 
 
-class WorkerRegistry:
-    """Heartbeats and model identity of the workers serving one queue."""
+class WorkerRegistry(RegistryReader):
+    """Heartbeats and model identity of the workers serving one queue (the read side: protocol.RegistryReader)."""
 
     def __init__(self, connection: Any, queue: str, prefix: str = "maskinv", heartbeat_s: float = 5.0):
-        self.connection = connection
-        self.queue = queue
-        self.prefix = prefix
-        self.heartbeat_s = float(heartbeat_s)  # this worker's period; the default for entries without one
-        self.workers_key = f"{prefix}:workers:{queue}"
-        self.models_key = f"{prefix}:worker-models:{queue}"
+        super().__init__(connection, queue, prefix=prefix, heartbeat_s=heartbeat_s)  # heartbeat_s: this worker's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._entry_json: str | None = None
@@ -119,7 +113,7 @@ class WorkerRegistry:
             log.warning("queue %r is also served by workers with model(s) %s; this worker serves %s — "
                         "results then depend on which worker takes a job", self.queue, sorted(others),
                         model_info.get("id"))
-        self._entry_json = json.dumps({"model": model_info, "heartbeat_s": self.heartbeat_s})
+        self._entry_json = self.entry_json(model_info, self.heartbeat_s)
         self.beat(name)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(name,), name="maskinv-heartbeat", daemon=True)
@@ -141,55 +135,6 @@ class WorkerRegistry:
             self.connection.hdel(self.models_key, name)
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("could not unregister worker %s: %s", name, exc)
-
-    # -- backend side --------------------------------------------------------------------------------
-    def _entry(self, raw: Any) -> tuple[dict[str, Any], float]:
-        """(model info, heartbeat period) of a worker's hash entry."""
-        try:
-            data = json.loads(raw) if raw is not None else {}
-        except ValueError:
-            data = {}
-        return dict(data.get("model") or {}), float(data.get("heartbeat_s") or self.heartbeat_s)
-
-    def live_models(self) -> dict[str, dict[str, Any]]:
-        """``{worker name: model info}`` of the workers whose last beat is younger than 4 of their periods."""
-        beats = self.connection.zrange(self.workers_key, 0, -1, withscores=True)
-        if not beats:
-            return {}
-        names = [n.decode() if isinstance(n, bytes) else n for n, _ in beats]
-        now = time.time()
-        out = {}
-        for name, (_, last), raw in zip(names, beats, self.connection.hmget(self.models_key, names)):
-            info, period = self._entry(raw)
-            if last >= now - 4 * period:
-                out[name] = info
-        return out
-
-    def live_workers(self) -> list[str]:
-        return list(self.live_models())
-
-    def _beat_is_fresh(self, name: str) -> bool | None:
-        """Whether ``name``'s last beat is younger than 4 of its periods; None when it has no registry entry."""
-        score = self.connection.zscore(self.workers_key, name)
-        if score is None:
-            return None
-        _, period = self._entry(self.connection.hget(self.models_key, name))
-        return float(score) >= time.time() - 4 * period
-
-    def is_alive(self, name: str) -> bool:
-        return self._beat_is_fresh(name) is True
-
-    def is_dead(self, name: str) -> bool:
-        """True only when ``name`` has a registry entry whose last beat is older than 4 of its periods.
-
-        A worker with no entry at all is not called dead: after a Redis restart the registry is empty until each
-        worker's next beat (at most one period), and a job a worker starts in that window is being run."""
-        return self._beat_is_fresh(name) is False
-
-    def model_id(self) -> str | None:
-        """The model id served on this queue if all live workers agree on one, else None."""
-        ids = {m.get("id") for m in self.live_models().values()}
-        return ids.pop() if len(ids) == 1 else None
 
 
 def _warm_up() -> dict[str, Any]:
@@ -313,29 +258,33 @@ def check_alive(redis_url: str, queue: str, prefix: str, name: str | None) -> in
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m worker`` / ``maskinv-worker``."""
-    env = os.environ
+    try:
+        settings = WorkerSettings.from_env()
+    except WorkerSettingsError as exc:
+        print(f"maskinv-worker: {exc}", file=sys.stderr)
+        return 2
     p = argparse.ArgumentParser(prog="maskinv-worker", description=(
         "Serve MaskInversion jobs from an RQ queue. The model comes from MASKINV_MODEL / MASKINV_PRETRAINED "
-        "/ MASKINV_DEVICE (see worker.models)."))
-    p.add_argument("--redis-url", default=env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+        "/ MASKINV_DEVICE (see worker.settings)."))
+    p.add_argument("--redis-url", default=settings.redis_url,
                    help="Redis URL [env REDIS_URL, default %(default)s]")
-    p.add_argument("--queue", default=env.get("MASKINV_QUEUE") or "maskinv", help="RQ queue [env MASKINV_QUEUE]")
-    p.add_argument("--prefix", default=env.get("MASKINV_REDIS_PREFIX") or "maskinv",
+    p.add_argument("--queue", default=settings.queue, help="RQ queue [env MASKINV_QUEUE]")
+    p.add_argument("--prefix", default=settings.redis_prefix,
                    help="Redis key prefix of the registry [env MASKINV_REDIS_PREFIX]")
-    p.add_argument("--name", default=env.get("MASKINV_WORKER_NAME") or None,
+    p.add_argument("--name", default=settings.worker_name,
                    help="worker name [env MASKINV_WORKER_NAME; default host-pid-random]")
-    p.add_argument("--heartbeat", type=float, default=float(env.get("MASKINV_WORKER_HEARTBEAT") or 5.0),
+    p.add_argument("--heartbeat", type=float, default=settings.heartbeat_s,
                    help="heartbeat period in seconds; dead after 4 missed beats [env MASKINV_WORKER_HEARTBEAT]")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.add_argument("--check", action="store_true",
                    help="health check: exit 0 if a worker of this host (or --name) is alive on the queue, else 1")
-    p.add_argument("--log-level", default=(env.get("MASKINV_LOG_LEVEL") or "INFO").upper())
+    p.add_argument("--log-level", default=settings.log_level)
     args = p.parse_args(argv)
     if args.heartbeat <= 0:
         p.error("--heartbeat must be > 0")
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     if args.check:
         return check_alive(args.redis_url, args.queue, args.prefix, args.name)
     return run_worker(args.redis_url, args.queue, prefix=args.prefix, name=args.name, burst=args.burst,
-                      heartbeat_s=args.heartbeat, log_level=args.log_level)
+                      heartbeat_s=args.heartbeat, log_level=args.log_level.upper())

@@ -26,7 +26,7 @@ from backend.images import ImageError, ImageFetcher
 from backend.label_config import parse_label_config
 from backend.regions import Region, RegionError, region_mask
 from backend.strict_url import UnsafeURL, parse_http_url
-from test_backend_support import W, H, config, labelled, png_bytes, predict, rect, task
+from backend_support import W, H, config, labelled, png_bytes, predict, rect, task
 
 IMAGE = png_bytes(24, 16, seed=5)
 OTHER_IMAGE = png_bytes(24, 16, seed=6)
@@ -366,7 +366,7 @@ def test_case5_case6_bad_templates_are_400_naming_the_template(make_client, temp
 
 
 def test_case6_literal_braces_are_fine_and_become_single_braces(make_client):
-    from worker.prompts import fill_template
+    from worker.protocol import fill_template
 
     assert fill_template("{{a}} photo of a {}.", "cat") == "{a} photo of a cat."
     assert fill_template("a {}", "{0.__class__}") == "a {0.__class__}"  # the label is never a format string

@@ -101,8 +101,10 @@ class ManagedProcess:
             pass
         self.proc.wait(timeout=10)
 
-    def wait_http(self, url: str, timeout_s: float = START_TIMEOUT_S, ok=lambda r: r.status_code == 200) -> requests.Response:
-        """Poll ``url`` until ``ok(response)``; raises HarnessError (with the log tail) if the process dies or time runs out."""
+    def wait_http(self, url: str, timeout_s: float = START_TIMEOUT_S,
+                  ok=lambda r: r.status_code == 200) -> requests.Response:
+        """Poll ``url`` until ``ok(response)``; raises HarnessError (with the log tail) if the process dies or time
+        runs out."""
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"
         while time.monotonic() < deadline:
@@ -142,7 +144,8 @@ def label_studio_bin() -> Path:
 
 
 def label_studio_version() -> str:
-    out = subprocess.run([str(LS_VENV / "bin" / "python"), "-c", "import label_studio; print(label_studio.__version__)"],
+    out = subprocess.run([str(LS_VENV / "bin" / "python"), "-c",
+                          "import label_studio; print(label_studio.__version__)"],
                          capture_output=True, text=True, check=True)
     return out.stdout.strip()
 

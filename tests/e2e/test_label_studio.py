@@ -18,7 +18,6 @@ import io
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,7 +215,7 @@ def test_interactive_error_is_reported_through_label_studio(ls: LabelStudioClien
     answer = ls.interactive_annotating(ml["id"], task["id"], [bad])
     assert "data" not in answer
     # Label Studio 1.23 relays only the HTTP status line of a failed /predict (the backend's JSON message is in
-    # the backend's log and in its /predict answer, see tests/test_backend_*.py)
+    # the backend's log and in its /predict answer, see tests/backend/)
     assert any("422" in str(e) for e in answer.get("errors", [])), answer
     assert ls.predictions(task["id"]) == []
 

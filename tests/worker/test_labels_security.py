@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_backend_support import TINY_MODEL_ENV, png_bytes
+from backend_support import TINY_MODEL_ENV, png_bytes
 
 MODEL = TINY_MODEL_ENV["MASKINV_MODEL"]
 
@@ -82,14 +82,21 @@ def test_case8_caption_phrase_banks_are_bounded(clip):
 
 
 def test_case8_runtime_reads_the_cache_bounds_from_the_environment(monkeypatch):
-    from worker.jobs import prototype_cache_limits
-    from worker.payload import PayloadError
+    from worker.settings import WorkerSettings, WorkerSettingsError
 
-    assert prototype_cache_limits({}) == {"max_entries": 256, "max_bytes": 64 << 20}
-    assert prototype_cache_limits({"MASKINV_PROTOTYPE_CACHE_ENTRIES": "3", "MASKINV_PROTOTYPE_CACHE_MB": "1"}) == \
-        {"max_entries": 3, "max_bytes": 1 << 20}
-    with pytest.raises(PayloadError, match="MASKINV_PROTOTYPE_CACHE_MB"):
-        prototype_cache_limits({"MASKINV_PROTOTYPE_CACHE_MB": "lots"})
+    s = WorkerSettings.from_env({})
+    assert (s.prototype_cache_entries, s.prototype_cache_bytes) == (256, 64 << 20)
+    s = WorkerSettings.from_env({"MASKINV_PROTOTYPE_CACHE_ENTRIES": "3", "MASKINV_PROTOTYPE_CACHE_MB": "1"})
+    assert (s.prototype_cache_entries, s.prototype_cache_bytes) == (3, 1 << 20)
+    with pytest.raises(WorkerSettingsError, match="MASKINV_PROTOTYPE_CACHE_MB"):
+        WorkerSettings.from_env({"MASKINV_PROTOTYPE_CACHE_MB": "lots"})
+
+
+def _with(settings, **changes):
+    """The worker's settings with ``changes`` (what a worker started with those variables would read)."""
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)
 
 
 def _job(labels, templates=("a photo of a {}.",)):
@@ -106,13 +113,15 @@ def _job(labels, templates=("a photo of a {}.",)):
 def test_case4_worker_refuses_a_hand_enqueued_job_with_an_overlong_label(tiny_runtime, monkeypatch):
     from worker import jobs
 
-    monkeypatch.setenv("MASKINV_MAX_LABEL_CHARS", "200")
+    rt = jobs.get_runtime()
+    monkeypatch.setattr(rt, "settings", _with(rt.settings, max_label_chars=200))
     result = jobs.label_regions(_job(["car", "w" * 5000]))
     assert "MASKINV_MAX_LABEL_CHARS=200" in result["error"] and result["regions"][0]["labels"] == []
-    monkeypatch.setenv("MASKINV_MAX_VOCAB_BYTES", "10")
+    limited = rt.settings
+    monkeypatch.setattr(rt, "settings", _with(limited, max_vocab_bytes=10))
     result = jobs.label_regions(_job(["car", "tree", "house"]))
     assert "MASKINV_MAX_VOCAB_BYTES=10" in result["error"]
-    monkeypatch.delenv("MASKINV_MAX_VOCAB_BYTES")
+    monkeypatch.setattr(rt, "settings", limited)
     ok = jobs.label_regions(_job(["car", "tree"]))
     assert ok.get("error") is None and ok["regions"][0]["labels"]
 
@@ -128,7 +137,8 @@ def test_case5_case6_worker_refuses_bad_templates_in_hand_enqueued_jobs(tiny_run
 def test_case5_worker_template_length_cap(tiny_runtime, monkeypatch):
     from worker import jobs
 
-    monkeypatch.setenv("MASKINV_MAX_TEMPLATE_CHARS", "20")
+    rt = jobs.get_runtime()
+    monkeypatch.setattr(rt, "settings", _with(rt.settings, max_template_chars=20))
     result = jobs.label_regions(_job(["car"], templates=["a rather long photo of a {}."]))
     assert "MASKINV_MAX_TEMPLATE_CHARS" in result["error"]
 

@@ -1,0 +1,151 @@
+"""Worker settings, read once from environment variables where the runtime is built (torch-free).
+
+Mirrors ``backend.settings``: one frozen dataclass, :meth:`WorkerSettings.from_env`, the project's one family of
+parsers (``worker.protocol.env_int`` / ``env_float`` / ``env_bool`` / ``env_str``), and a bad value raises
+:class:`WorkerSettingsError` naming the variable. Nothing else in ``worker`` reads the environment: the loader
+(``worker.models``), the engine, preprocessing, the job functions and the captioner take these values explicitly.
+
+Variables (defaults in brackets; README's configuration tables and docker-compose.yml mirror them):
+
+    MASKINV_MODEL                   open_clip model name ["ViT-B-16"]
+    MASKINV_PRETRAINED              pretrained tag, local checkpoint path, or "none" (random init) ["openai"]
+    MASKINV_DEVICE                  "cuda", "cpu", "cuda:1", ... [cuda when available, else cpu]
+    MASKINV_SEED                    seed of random init, so that every process builds the same weights [0]
+    MASKINV_GPU_DTYPE               dtype of the inversion step on CUDA: fp32, bf16 or fp16 [fp32]
+    MASKINV_CACHE_MB                bound of the engine's image-state cache in MiB [2048]
+    MASKINV_CHUNK_MEMORY_MB         working-memory budget of one chunk of masks in MiB [2048]
+    MASKINV_MAX_IMAGE_PIXELS        largest image accepted, checked from the header before decoding [50000000]
+    MASKINV_MAX_STEPS / _MAX_SIZE   the service's bounds on K and S, re-applied to every job [200 / 1024]
+    MASKINV_MAX_LABEL_CHARS         longest label, re-applied to every job [200]
+    MASKINV_MAX_VOCAB_BYTES         UTF-8 bytes of one job's vocabulary [65536]
+    MASKINV_MAX_TEMPLATE_CHARS      longest prompt template [300]
+    MASKINV_PROTOTYPE_CACHE_ENTRIES label sets whose text prototypes are cached [256]
+    MASKINV_PROTOTYPE_CACHE_MB      byte bound of that cache in MiB [64]
+    MASKINV_CAPTIONER               ClipCap captioner directory ("" / none / retrieval: retrieval captions) [""]
+    MASKINV_CAPTION_DECODING        beam or greedy (checked by the captioner) [beam]
+    MASKINV_CAPTION_BEAM            beam width [3]
+    MASKINV_CAPTION_MAX_TOKENS      longest caption in tokens [20]
+    MASKINV_CAPTION_LENGTH_PENALTY  beam-search length penalty [1.0]
+    REDIS_URL                       Redis of the queue [redis://127.0.0.1:6379/0]
+    MASKINV_QUEUE                   RQ queue served [maskinv]
+    MASKINV_REDIS_PREFIX            key prefix of the registry and result cache [maskinv]
+    MASKINV_WORKER_NAME             worker name [host-pid-random]
+    MASKINV_WORKER_HEARTBEAT        heartbeat period in seconds; dead after 4 missed beats [5]
+    MASKINV_LOG_LEVEL               DEBUG, INFO, WARNING or ERROR [INFO]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from .protocol import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_MAX_TEMPLATE_CHARS,
+                       DEFAULT_MAX_VOCAB_BYTES, SettingError, env_choice, env_float, env_int, env_str, process_env)
+
+#: default bounds of the label scorer's prototype cache (entries, MiB)
+DEFAULT_PROTOTYPE_CACHE_ENTRIES = 256
+DEFAULT_PROTOTYPE_CACHE_MB = 64
+
+GPU_DTYPES = ("fp32", "bf16", "fp16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class WorkerSettingsError(SettingError):
+    """An environment variable has a value the worker cannot use."""
+
+
+@dataclass(frozen=True)
+class CaptionerSettings:
+    """Which captioner the worker loads and how it decodes (``source`` None: retrieval captions).
+
+    ``decoding`` is checked by the captioner (``worker.clipcap.ClipCapCaptioner``), which knows its decodings.
+    """
+
+    source: str | None = None
+    decoding: str = "beam"
+    beam_size: int = 3
+    max_tokens: int = 20
+    length_penalty: float = 1.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None,
+                 error: type[Exception] = WorkerSettingsError) -> "CaptionerSettings":
+        env = process_env() if env is None else env
+        source = env_str(env, "MASKINV_CAPTIONER", "")
+        return cls(source=None if source.lower() in ("", "none", "retrieval") else source,
+                   decoding=env_str(env, "MASKINV_CAPTION_DECODING", "beam").lower(),
+                   beam_size=env_int(env, "MASKINV_CAPTION_BEAM", 3, 1, error=error),
+                   max_tokens=env_int(env, "MASKINV_CAPTION_MAX_TOKENS", 20, 1, error=error),
+                   length_penalty=env_float(env, "MASKINV_CAPTION_LENGTH_PENALTY", 1.0, error=error))
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything the worker reads from the environment."""
+
+    # model
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"
+    device: str | None = None  # None: cuda when available, else cpu
+    seed: int = 0
+    gpu_dtype: str = "fp32"
+    # engine and preprocessing
+    cache_bytes: int = 2048 * 2**20
+    chunk_memory_bytes: int = 2048 * 2**20
+    max_image_pixels: int = 50_000_000
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_size: int = DEFAULT_MAX_SIZE
+    # text caps and the prototype cache (docs/security.md)
+    max_label_chars: int = DEFAULT_MAX_LABEL_CHARS
+    max_vocab_bytes: int = DEFAULT_MAX_VOCAB_BYTES
+    max_template_chars: int = DEFAULT_MAX_TEMPLATE_CHARS
+    prototype_cache_entries: int = DEFAULT_PROTOTYPE_CACHE_ENTRIES
+    prototype_cache_bytes: int = DEFAULT_PROTOTYPE_CACHE_MB << 20
+    # captions
+    captioner: CaptionerSettings = CaptionerSettings()
+    # queue process
+    redis_url: str = DEFAULT_REDIS_URL
+    queue: str = "maskinv"
+    redis_prefix: str = "maskinv"
+    worker_name: str | None = None
+    heartbeat_s: float = 5.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
+        env = process_env() if env is None else env
+        err = {"error": WorkerSettingsError}
+        captioner = CaptionerSettings.from_env(env)
+        log_level = env_str(env, "MASKINV_LOG_LEVEL", "INFO").upper()
+        if log_level not in LOG_LEVELS:
+            raise WorkerSettingsError(f"MASKINV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        heartbeat = env_float(env, "MASKINV_WORKER_HEARTBEAT", 5.0, **err)
+        if not heartbeat > 0:
+            raise WorkerSettingsError(f"MASKINV_WORKER_HEARTBEAT must be > 0 seconds, got {heartbeat}")
+        return cls(
+            model=env_str(env, "MASKINV_MODEL", "ViT-B-16"),
+            pretrained=env.get("MASKINV_PRETRAINED", "openai").strip(),
+            device=env_str(env, "MASKINV_DEVICE", "") or None,
+            seed=env_int(env, "MASKINV_SEED", 0, 0, **err),
+            gpu_dtype=env_choice(env, "MASKINV_GPU_DTYPE", "fp32", GPU_DTYPES, **err),
+            cache_bytes=env_int(env, "MASKINV_CACHE_MB", 2048, 0, **err) * 2**20,
+            chunk_memory_bytes=env_int(env, "MASKINV_CHUNK_MEMORY_MB", 2048, 0, **err) * 2**20,
+            max_image_pixels=env_int(env, "MASKINV_MAX_IMAGE_PIXELS", 50_000_000, 1, **err),
+            max_steps=env_int(env, "MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS, 0, 1000, **err),
+            max_size=env_int(env, "MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE, 32, 2048, **err),
+            max_label_chars=env_int(env, "MASKINV_MAX_LABEL_CHARS", DEFAULT_MAX_LABEL_CHARS, 1, **err),
+            max_vocab_bytes=env_int(env, "MASKINV_MAX_VOCAB_BYTES", DEFAULT_MAX_VOCAB_BYTES, 1, **err),
+            max_template_chars=env_int(env, "MASKINV_MAX_TEMPLATE_CHARS", DEFAULT_MAX_TEMPLATE_CHARS, 1, **err),
+            prototype_cache_entries=env_int(env, "MASKINV_PROTOTYPE_CACHE_ENTRIES", DEFAULT_PROTOTYPE_CACHE_ENTRIES, 0,
+                                            **err),
+            prototype_cache_bytes=env_int(env, "MASKINV_PROTOTYPE_CACHE_MB", DEFAULT_PROTOTYPE_CACHE_MB, 0,
+                                          **err) << 20,
+            captioner=captioner,
+            redis_url=env_str(env, "REDIS_URL", DEFAULT_REDIS_URL),
+            queue=env_str(env, "MASKINV_QUEUE", "maskinv"),
+            redis_prefix=env_str(env, "MASKINV_REDIS_PREFIX", "maskinv"),
+            worker_name=env_str(env, "MASKINV_WORKER_NAME", "") or None,
+            heartbeat_s=heartbeat,
+            log_level=log_level,
+        )
