@@ -304,6 +304,10 @@ class ProjectRun:
                 self.api.create_prediction(tid, answer["result"], answer.get("score"), self.version)
             except LabelStudioAPIError as exc:
                 return TaskOutcome(tid, "failed", str(exc), "api")
+            try:
+                self.store.mark_written(self.run_id, key)
+            except Exception as exc:  # noqa: BLE001 - the prediction is written; only the race guard is lost
+                log.warning("run %s: could not mark task %s written: %s", self.run_id, tid, exc)
             return outcome
         finally:
             self.store.release(self.run_id, key)

@@ -11,6 +11,7 @@ the same runs), process memory in embedded mode. Keys (``{prefix}`` = MASKINV_RE
     {prefix}:runs                   hash    run id -> RunStatus JSON (the newest MAX_RUNS are kept)
     {prefix}:run-alive:{run id}     string  set with a TTL of ALIVE_TTL_S, renewed by the run's heartbeat
     {prefix}:claim:{digest}         string  run id that is labelling one task for one model version
+    {prefix}:written:{digest}       string  run id that wrote that prediction (TTL WRITTEN_TTL_S)
 
 A claim whose run is no longer alive (killed, crashed) can be taken over at once, so a killed run never blocks
 a re-run; a live run's claim is respected (the task is deferred and retried when the claim is released).
@@ -22,6 +23,7 @@ import json
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
@@ -33,6 +35,10 @@ ALIVE_TTL_S = 15
 HEARTBEAT_S = 5.0
 #: run records kept (oldest dropped first)
 MAX_RUNS = 200
+#: seconds a written task is remembered (see RunStore.mark_written)
+WRITTEN_TTL_S = 3600
+#: written tasks remembered in memory (embedded mode)
+MAX_WRITTEN = 100_000
 #: failure reasons kept in a run record (the CLI prints all of them; the record shows the newest)
 MAX_FAILURES_KEPT = 50
 
@@ -115,6 +121,14 @@ class RunStore:
         """The live run holding ``key``, if any."""
         raise NotImplementedError
 
+    def mark_written(self, run_id: str, key: str) -> None:
+        """``run_id`` wrote the prediction of ``key`` (remembered WRITTEN_TTL_S: closes the gap between Label
+        Studio choosing the tasks of a Retrieve predictions and the backend seeing them)."""
+        raise NotImplementedError
+
+    def written_by(self, key: str) -> str | None:
+        raise NotImplementedError
+
     def runs(self) -> list[dict[str, Any]]:
         """Every kept run, newest first, as ``GET /runs`` shows it."""
         items = sorted(self.load_all(), key=lambda s: s.started_at, reverse=True)
@@ -133,6 +147,7 @@ class MemoryRunStore(RunStore):
         self._runs: dict[str, dict[str, Any]] = {}
         self._alive: dict[str, float] = {}
         self._claims: dict[str, str] = {}
+        self._written: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def save(self, status: RunStatus) -> None:
@@ -175,6 +190,18 @@ class MemoryRunStore(RunStore):
         with self._lock:
             cur = self._claims.get(key)
             return cur if cur is not None and self._alive.get(cur, 0.0) > time.monotonic() else None
+
+    def mark_written(self, run_id: str, key: str) -> None:
+        with self._lock:
+            self._written[key] = (run_id, time.monotonic() + WRITTEN_TTL_S)
+            self._written.move_to_end(key)
+            while len(self._written) > MAX_WRITTEN:
+                self._written.popitem(last=False)
+
+    def written_by(self, key: str) -> str | None:
+        with self._lock:
+            hit = self._written.get(key)
+            return hit[0] if hit is not None and hit[1] > time.monotonic() else None
 
 
 #: atomically take a claim that is free, ours, or held by a run that is no longer alive
@@ -259,6 +286,13 @@ class RedisRunStore(RunStore):
             return None
         cur = cur.decode() if isinstance(cur, bytes) else str(cur)
         return cur if self.alive(cur) else None
+
+    def mark_written(self, run_id: str, key: str) -> None:
+        self.connection.set(f"{self.prefix}:written:{key}", run_id, ex=WRITTEN_TTL_S)
+
+    def written_by(self, key: str) -> str | None:
+        cur = self.connection.get(f"{self.prefix}:written:{key}")
+        return None if cur is None else (cur.decode() if isinstance(cur, bytes) else str(cur))
 
 
 class Heartbeat:

@@ -154,6 +154,9 @@ class Settings:
     # Inversion defaults (overridable per request)
     params: InversionParams = field(default_factory=InversionParams)
     extra_labels: tuple[str, ...] = ()
+    # Project runs (backend.background): the rest of a Retrieve predictions that overruns MASKINV_BATCH_TIMEOUT
+    background_runs: bool = True
+    run_workers: int = 0  # tasks in flight per background run (0: twice the live queue workers, 2 embedded)
 
     @property
     def redis_url_redacted(self) -> str | None:
@@ -234,4 +237,6 @@ class Settings:
             warmup=_bool(env, "MASKINV_WARMUP", True),
             params=params,
             extra_labels=_labels(env, "MASKINV_LABELS"),
+            background_runs=_bool(env, "MASKINV_BACKGROUND_RUNS", True),
+            run_workers=_int(env, "MASKINV_RUN_WORKERS", 0, 0, 256),
         )
