@@ -112,8 +112,10 @@ def build_project(ls: LabelStudioClient, n_annotated: int, n_empty: int, broken:
 
 
 def snapshot_annotations(ls: LabelStudioClient, task_ids) -> dict:
-    """Every annotation of the tasks as Label Studio stores it, serialised (byte-for-byte comparison)."""
-    return {tid: json.dumps(ls.annotations(tid), sort_keys=True) for tid in task_ids}
+    """Every annotation of the tasks as Label Studio stores it, serialised (byte-for-byte comparison); minus
+    ``created_ago``, which the API computes from the clock ("0 minutes", "1 minute")."""
+    return {tid: json.dumps([{k: v for k, v in a.items() if k != "created_ago"} for a in ls.annotations(tid)],
+                            sort_keys=True) for tid in task_ids}
 
 
 def ours(ls: LabelStudioClient, task_id: int, version: str) -> list[dict]:
