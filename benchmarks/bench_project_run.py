@@ -60,7 +60,8 @@ class Model:
 
 
 MODELS = [Model("tiny", "maskinv-test-tiny", 64, tasks=24), Model("b16-224", "ViT-B-16", 224, tasks=8)]
-MEASUREMENTS = [("sync", 1), ("sync", 2), ("run", 1), ("run", 2)]
+#: (path, queue workers, torch threads per worker: None = torch's default, one per core)
+MEASUREMENTS = [("sync", 1, None), ("sync", 2, None), ("run", 1, None), ("run", 2, None), ("sync", 2, 1), ("run", 2, 1)]
 
 
 def scene_png(rng: np.random.Generator) -> bytes:
@@ -123,14 +124,15 @@ def cleanup(ns: str) -> None:
 
 
 def measure(ls_server: LabelStudioServer, ls: LabelStudioClient, token: str, m: Model, path: str, n_workers: int,
-            images: list[bytes], regions: list[list[dict]], logs: Path) -> dict:
+            threads: int | None, images: list[bytes], regions: list[list[dict]], logs: Path) -> dict:
     ns = f"maskinv-bench-run-{uuid.uuid4().hex[:8]}"
     env = {"MASKINV_MODEL": m.model, "MASKINV_PRETRAINED": "none", "MASKINV_DEVICE": "cpu",
            "MASKINV_SIZE": str(m.size), "REDIS_URL": REDIS_URL, "MASKINV_QUEUE": ns, "MASKINV_REDIS_PREFIX": ns,
            "MASKINV_BATCH_TIMEOUT": "3600", "MASKINV_JOB_TIMEOUT": "3600", "MASKINV_MAX_TASKS": "1000",
            "MASKINV_LOG_LEVEL": "WARNING", "MASKINV_BACKGROUND_RUNS": "0"}
     pid = make_project(ls, images, regions)
-    workers = start_workers(n_workers, env, logs)
+    wenv = dict(env, OMP_NUM_THREADS=str(threads)) if threads else env
+    workers = start_workers(n_workers, wenv, logs)
     n_regions = sum(len(r) for r in regions)
     load_before = os.getloadavg()[0]
     try:
@@ -166,7 +168,8 @@ def measure(ls_server: LabelStudioServer, ls: LabelStudioClient, token: str, m: 
         cleanup(ns)
     if labelled != n_regions:
         raise RuntimeError(f"{path} with {n_workers} worker(s) labelled {labelled} of {n_regions} regions")
-    return {"model": m.key, "size": m.size, "path": path, "workers": n_workers, "tasks": len(images),
+    return {"model": m.key, "size": m.size, "path": path, "workers": n_workers,
+            "threads_per_worker": threads or os.cpu_count(), "tasks": len(images),
             "regions": n_regions, "seconds": round(seconds, 2), "regions_per_s": round(n_regions / seconds, 3),
             "load_before": round(load_before, 2), "load_after": round(load_after, 2)}
 
@@ -181,12 +184,13 @@ def write_results(rows: list[dict], meta: dict) -> None:
              "`maskinv-annotate` (listing, downloads, jobs, re-check and write of each prediction through the "
              "Label Studio API), time from its summary, 2x workers tasks in flight. Load: 1-minute load average "
              "before / after the row (the 2 cores are shared with other work).", "",
-             "| model | size | path | workers | tasks | regions | seconds | regions/s | vs sync, 1 worker | load before/after |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | size | path | workers | torch threads/worker | tasks | regions | seconds | regions/s | vs sync, 1 worker | load before/after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["model"]: r["regions_per_s"] for r in rows if r["path"] == "sync" and r["workers"] == 1}
     for r in rows:
         ratio = r["regions_per_s"] / base[r["model"]] if base.get(r["model"]) else float("nan")
-        lines.append(f"| {r['model']} | {r['size']} | {r['path']} | {r['workers']} | {r['tasks']} | {r['regions']} | "
+        lines.append(f"| {r['model']} | {r['size']} | {r['path']} | {r['workers']} | {r.get('threads_per_worker', 2)} | "
+                     f"{r['tasks']} | {r['regions']} | "
                      f"{r['seconds']:.2f} | {r['regions_per_s']:.2f} | {ratio:.2f}x | "
                      f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
     lines += ["", meta.get("notes", "")]
@@ -197,6 +201,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=[m.key for m in MODELS])
     p.add_argument("--notes", default="")
+    p.add_argument("--rows", choices=["all", "threads1"], default="all",
+                   help="threads1: only the 2-worker rows with one torch thread per worker (merged into the results)")
     args = p.parse_args()
     models = [m for m in MODELS if args.only in (None, m.key)]
     rows: list[dict] = []
@@ -210,8 +216,10 @@ def main() -> int:
                 rng = np.random.default_rng(0)
                 images = [scene_png(rng) for _ in range(m.tasks)]
                 regions = [[rect(rng) for _ in range(m.regions)] for _ in range(m.tasks)]
-                for path, n in MEASUREMENTS:
-                    row = measure(ls_server, ls, token, m, path, n, images, regions, tmp_path)
+                for path, n, threads in MEASUREMENTS:
+                    if args.rows == "threads1" and threads != 1:
+                        continue
+                    row = measure(ls_server, ls, token, m, path, n, threads, images, regions, tmp_path)
                     print(json.dumps(row), flush=True)
                     rows.append(row)
         finally:
@@ -220,8 +228,10 @@ def main() -> int:
                        f"Python {platform.python_version()}",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "notes": args.notes}
     old = RESULTS / "project_run.json"
-    if args.only and old.exists():  # keep the other models' rows of the last full run
-        rows = [r for r in json.loads(old.read_text())["rows"] if r["model"] != args.only] + rows
+    if (args.only or args.rows != "all") and old.exists():  # keep the rows of earlier runs not measured now
+        ident = lambda r: (r["model"], r["path"], r["workers"], r.get("threads_per_worker", os.cpu_count()))  # noqa: E731
+        new = {ident(r) for r in rows}
+        rows = [r for r in json.loads(old.read_text())["rows"] if ident(r) not in new] + rows
         order = [m.key for m in MODELS]
         rows.sort(key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
     write_results(rows, meta)
