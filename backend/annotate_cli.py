@@ -205,8 +205,11 @@ def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) ->
         tasks: Iterator[dict] = api.get_tasks(task_ids)
         total: int | None = len(task_ids)
     else:
-        tasks = api.iter_tasks(args.project, view=args.view)
-        total = None if args.view is not None else api.count_tasks(args.project)
+        try:
+            total, tasks = api.list_tasks(args.project, view=args.view)
+        except LabelStudioAPIError as exc:
+            err(str(exc))
+            return 3
 
     run = ProjectRun(service, cfg, api, store, model_version=version, kind="annotate", project=args.project,
                      workers=workers, dry_run=args.dry_run, retry_failed=args.retry_failed,

@@ -50,16 +50,18 @@ class LabelStudioAPI:
         proj = self._call(f"GET project {project}", self.client.projects.get, id=project)
         return str(getattr(proj, "label_config", "") or "")
 
-    def count_tasks(self, project: int) -> int | None:
-        proj = self._call(f"GET project {project}", self.client.projects.get, id=project)
-        n = getattr(proj, "task_number", None)
-        return int(n) if isinstance(n, int) else None
-
-    def iter_tasks(self, project: int, view: int | None = None) -> Iterator[dict[str, Any]]:
-        """Every task of ``project`` (or of Data Manager view ``view``) with annotations and predictions, one
-        page at a time (memory: one page)."""
+    def list_tasks(self, project: int, view: int | None = None) -> tuple[int | None, Iterator[dict[str, Any]]]:
+        """``(total, tasks)``: every task of ``project`` (or of Data Manager view ``view``) with annotations and
+        predictions, read one page at a time (memory: one page); ``total`` as the first page reports it."""
         pager = self._call(f"list tasks of project {project}", self.client.tasks.list, project=project, view=view,
                            fields="all", page_size=PAGE_SIZE)
+        total = getattr(getattr(pager, "response", None), "total", None)
+        return (int(total) if isinstance(total, int) else None), self._pages(pager, project)
+
+    def iter_tasks(self, project: int, view: int | None = None) -> Iterator[dict[str, Any]]:
+        return self.list_tasks(project, view)[1]
+
+    def _pages(self, pager: Any, project: int) -> Iterator[dict[str, Any]]:
         it = iter(pager)
         while True:
             try:
