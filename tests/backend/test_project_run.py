@@ -346,3 +346,20 @@ def test_embedded_dispatcher_attaches_a_repeated_job_to_the_one_still_running(ti
     (second,) = d.label([req], 60)
     assert second.error is None and second.regions[0]["labels"]
     assert len(calls) == 1
+
+
+def test_stopped_run_loses_only_what_it_had_not_started(service, cfg, stub_predict):
+    """Ctrl-C (ProjectRun.stop): no new task starts, tasks in flight are finished and written, the record says
+    interrupted; a re-run labels exactly the rest."""
+    api = FakeAPI()
+    stub_predict["delay"] = 0.02
+    tasks = [task(i) for i in range(1, 21)]
+    run = make_run(service, cfg, api, workers=2)
+    run.on_task = lambda o: run.stop() if len(api.preds) >= 3 else None
+    s = run.run(iter(tasks), total=20)
+    assert s.interrupted and run.status.state == "interrupted"
+    assert 3 <= s.labelled < 20 and set(api.preds) == set(stub_predict["calls"])
+    assert run.status.queued == 20 - s.labelled
+    relisted = [dict(t, predictions=[{"model_version": v} for v in api.preds.get(t["id"], [])]) for t in tasks]
+    rest = make_run(service, cfg, api, workers=2).run(relisted, total=20)
+    assert rest.labelled == 20 - s.labelled and all(v == [VERSION] for v in api.preds.values()) and len(api.preds) == 20
