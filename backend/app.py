@@ -105,7 +105,14 @@ def predict_view():
         raise PredictError(400, "the request has no 'tasks'")
     model = MaskInversionModel(label_config=data.get("label_config"))
     extra = {k: v for k, v in params.items() if k != "context"}
-    results = model.predict(data["tasks"], context=params.get("context"), **extra)
+    context = params.get("context")
+    if not (isinstance(context, dict) and isinstance(context.get("result"), list) and context["result"]):
+        # batch (Retrieve predictions): what overruns MASKINV_BATCH_TIMEOUT continues in a background run
+        from .background import predict_batch
+
+        results = predict_batch(_service(), model.config, data["tasks"], extra.get("maskinv"), data.get("project"))
+    else:
+        results = model.predict(data["tasks"], context=context, **extra)
     service = _service()
     version = service.model_version(model.config, *service.params(extra.get("maskinv")))
     return jsonify({"results": results, "model_version": version})
@@ -161,6 +168,13 @@ def is_training_view():
 
 def versions_view():
     return jsonify({"versions": _service().versions(), "model_dir": None, "v2": True})
+
+
+def runs_view():
+    """Project runs (maskinv-annotate, background runs of Retrieve predictions) with their task counts."""
+    from .background import runs_for
+
+    return jsonify({"runs": runs_for(_service()).runs()})
 
 
 VIEWS = {"_predict": predict_view, "_setup": setup_view, "health": health_view, "webhook": webhook_view,
@@ -223,6 +237,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         for endpoint, view in VIEWS.items():
             app.view_functions[endpoint] = _guarded(view)
         app.add_url_rule("/versions", "get_version", methods=["GET"])  # LS 1.23 asks with GET; 1.0.9 has POST
+        app.add_url_rule("/runs", "runs", _guarded(runs_view), methods=["GET"])
         app.before_request(_check_auth)
         app.register_error_handler(HTTPException, _http_error)
         app.config["MASKINV_INSTALLED"] = True

@@ -217,6 +217,8 @@ class EmbeddedDispatcher(Dispatcher):
         self._model_error: str | None = None
         self._loading: Future | None = None
         self._lock = threading.Lock()
+        #: job id -> future of a job still queued or running here (a repeated request attaches to it)
+        self._inflight: dict[str, Future] = {}
 
     def warm_up(self) -> Future:
         """Load the model in the background (so the first request does not pay for it)."""
@@ -276,9 +278,26 @@ class EmbeddedDispatcher(Dispatcher):
     def _send_prepare_labels(self, payload: dict) -> None:
         # the one job thread runs it after the model load and before any later label job
         self._pool.submit(self._prepare_job, payload)
+    def _submit(self, p: _Prepared) -> Future:
+        """Run ``p``'s job, or attach to the identical job (same deterministic id) still queued or running."""
+        with self._lock:
+            fut = self._inflight.get(p.job_id) if p.job_id else None
+            if fut is not None and not fut.done():
+                return fut
+            fut = self._pool.submit(self._job, p.payload)
+            if p.job_id:
+                self._inflight[p.job_id] = fut
+        if p.job_id:  # outside the lock: the callback runs at once if the job is already done
+            fut.add_done_callback(lambda f, key=p.job_id: self._forget(key, f))
+        return fut
+
+    def _forget(self, job_id: str, fut: Future) -> None:
+        with self._lock:
+            if self._inflight.get(job_id) is fut:
+                del self._inflight[job_id]
 
     def _run(self, items: list[_Prepared], timeout_s: float) -> list[_RunResult]:
-        futures = [self._pool.submit(self._job, p.payload) for p in items]
+        futures = [self._submit(p) for p in items]
         deadline = time.monotonic() + timeout_s
         out = []
         for p, fut in zip(items, futures):

@@ -82,11 +82,11 @@ def task_regions(task: dict[str, Any]) -> tuple[list[dict], str]:
 
 
 def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any = None,
-                  overrides: Any = None) -> list[Any]:
+                  overrides: Any = None, timeout_s: float | None = None) -> list[Any]:
     """One answer per task (see module docstring).
 
     The whole request (image downloads and the wait for the jobs) is bounded by MASKINV_TIMEOUT (interactive)
-    or MASKINV_BATCH_TIMEOUT (batch).
+    or MASKINV_BATCH_TIMEOUT (batch), or by ``timeout_s`` when given (project runs: backend.project_run).
     """
     t0 = time.perf_counter()
     settings = service.settings
@@ -100,6 +100,8 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
     if interactive and len(tasks) != 1:
         raise PredictError(400, f"an interactive context applies to exactly one task, got {len(tasks)}")
     timeout = settings.timeout_s if interactive else settings.batch_timeout_s
+    if timeout_s is not None:
+        timeout = timeout_s
     deadline = time.monotonic() + timeout
 
     plans: list[_TaskPlan] = []

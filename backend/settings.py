@@ -141,6 +141,9 @@ class Settings:
     image_cache_ttl_s: float = 300.0
     # /setup: have the worker build the project's label prototypes in the background
     prepare_labels: bool = True
+    # Project runs (backend.background): the rest of a Retrieve predictions that overruns MASKINV_BATCH_TIMEOUT
+    background_runs: bool = True
+    run_workers: int = 0  # tasks in flight per background run (0: twice the live queue workers, 2 embedded)
 
     @property
     def redis_url_redacted(self) -> str | None:
@@ -240,4 +243,6 @@ class Settings:
             max_template_chars=max_template_chars,
             image_cache_ttl_s=_float(env, "MASKINV_IMAGE_CACHE_TTL", 300.0, 0.0),
             prepare_labels=_bool(env, "MASKINV_PREPARE_LABELS", True),
+            background_runs=_bool(env, "MASKINV_BACKGROUND_RUNS", True),
+            run_workers=_int(env, "MASKINV_RUN_WORKERS", 0, 0, 256),
         )

@@ -1,0 +1,409 @@
+"""Label many Label Studio tasks and write one prediction per task through Label Studio's API.
+
+Used by ``maskinv-annotate`` (backend.annotate_cli: the tasks of a project or view) and by the backend itself
+for the rest of a *Retrieve predictions* request that would overrun MASKINV_BATCH_TIMEOUT (backend.background).
+
+Per task, in order:
+
+1. skipped when it already holds a prediction of the current model version (so a re-run writes nothing and a
+   killed run finishes only the rest), when it failed before for a reason a retry cannot fix (unless
+   ``retry_failed``), or when it has no region (batch mode: latest annotation, else latest prediction);
+2. claimed for this run (backend.runs): a task a live run is labelling is deferred until that run lets it go;
+3. labelled with batch mode itself (:func:`backend.predict.predict_tasks` on the one task: same region finding,
+   image fetching, dispatching and prediction JSON as ``/predict``; one job per image, queue or embedded);
+4. checked again right before writing (another writer may have stored this version's prediction meanwhile),
+   then written: ``{"result", "score", "model_version"}``. Annotations are never written.
+
+At most ``workers`` tasks are in flight at once (their images fetched, their jobs queued or running): the
+task listing is read lazily, page by page, so memory stays flat on any project size. With ``workers`` at least
+twice the number of queue workers, every worker has a job running and the next one queued with its image
+already fetched.
+
+A task whose regions failed for a transient reason (timeout, no worker, worker crash, image host error) is not
+written: it is reported and labelled by the next run. A task whose regions failed for a permanent reason (bad
+geometry, unusable image) is reported; when some of its regions were labelled, its prediction holds those.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .label_config import ProjectConfig
+from .ls_api import LabelStudioAPI, LabelStudioAPIError
+from .predict import predict_tasks, task_regions
+from .regions import collect_regions
+from .runs import ALIVE_TTL_S, Heartbeat, RunStatus, RunStore, claim_key, new_run_id
+from .service import PredictError, Service
+
+log = logging.getLogger(__name__)
+
+#: failure kinds a later run may fix by itself (see backend.predict.STATUS for all kinds)
+TRANSIENT_KINDS = frozenset({"timeout", "no_worker", "failed", "image", "api"})
+#: tasks held by another live run that this run waits for at its end (more are counted as skipped)
+MAX_DEFERRED = 10_000
+#: distinct failure reasons kept for the summary
+MAX_REASONS = 100
+#: seconds between two saves of the run status (besides the heartbeat)
+SAVE_EVERY_S = 0.5
+
+
+@dataclass
+class TaskOutcome:
+    """What happened to one task."""
+
+    task_id: Any
+    status: str  # "labelled" | "skipped" | "failed" | "deferred"
+    reason: str | None = None
+    kind: str | None = None  # failure kind (backend.predict.STATUS keys, "api"), or the skip reason's key
+    regions: int = 0  # regions labelled in the written prediction
+    region_errors: int = 0
+
+
+@dataclass
+class Summary:
+    """Totals of a run, with failures and skips grouped by reason."""
+
+    labelled: int = 0
+    skipped: int = 0
+    failed: int = 0
+    regions: int = 0
+    region_errors: int = 0
+    seconds: float = 0.0
+    skipped_by: dict[str, int] = field(default_factory=dict)
+    failures: OrderedDict = field(default_factory=OrderedDict)  # reason -> [count, [task ids (first 10)], kind]
+    interrupted: bool = False
+
+    def add(self, o: TaskOutcome) -> None:
+        if o.status == "labelled":
+            self.labelled += 1
+            self.regions += o.regions
+            self.region_errors += o.region_errors
+            if o.region_errors and o.reason:
+                self._reason(f"(labelled, some regions failed) {o.reason}", o)
+        elif o.status == "skipped":
+            self.skipped += 1
+            if o.kind == "dry_run":
+                self.regions += o.regions  # regions a real run would label
+            self.skipped_by[o.kind or "other"] = self.skipped_by.get(o.kind or "other", 0) + 1
+        elif o.status == "failed":
+            self.failed += 1
+            self._reason(o.reason or "unknown error", o)
+
+    def _reason(self, reason: str, o: TaskOutcome) -> None:
+        entry = self.failures.get(reason)
+        if entry is None:
+            if len(self.failures) >= MAX_REASONS:
+                reason = "(other reasons)"
+                entry = self.failures.setdefault(reason, [0, [], o.kind])
+            else:
+                entry = self.failures[reason] = [0, [], o.kind]
+        entry[0] += 1
+        if len(entry[1]) < 10:
+            entry[1].append(o.task_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labelled": self.labelled, "skipped": self.skipped, "failed": self.failed, "regions": self.regions,
+                "region_errors": self.region_errors, "seconds": round(self.seconds, 3),
+                "skipped_by": dict(self.skipped_by), "interrupted": self.interrupted,
+                "failures": [{"reason": r, "count": c, "tasks": ids, "kind": k}
+                             for r, (c, ids, k) in self.failures.items()]}
+
+
+def existing_versions(task: dict[str, Any]) -> set[str]:
+    """Model versions of the predictions a listed task carries."""
+    preds = task.get("predictions")
+    out = set()
+    for p in preds if isinstance(preds, list) else []:
+        if isinstance(p, dict) and p.get("model_version"):
+            out.add(str(p["model_version"]))
+    return out
+
+
+def count_regions(task: dict[str, Any], cfg: ProjectConfig) -> int:
+    """Regions batch mode would label on ``task`` (its latest annotation, else latest prediction)."""
+    items, _ = task_regions(task)
+    regions, problems = collect_regions(items, cfg) if items else ([], [])
+    return len(regions) + len(problems)
+
+
+class ProjectRun:
+    """One run over a stream of tasks (see the module docstring).
+
+    ``on_task(outcome)`` is called for every finished task (from worker threads, one at a time).
+    ``failed_before``: task ids that failed permanently in an earlier run (skipped unless ``retry_failed``).
+    """
+
+    def __init__(self, service: Service, cfg: ProjectConfig, api: LabelStudioAPI, store: RunStore, *,
+                 model_version: str, kind: str = "annotate", project: Any = None, overrides: Any = None,
+                 workers: int = 2, timeout_s: float | None = None, dry_run: bool = False,
+                 retry_failed: bool = False, failed_before: Iterable[Any] = (),
+                 on_task: Callable[[TaskOutcome], None] | None = None, run_id: str | None = None):
+        if workers < 1:
+            raise ValueError("workers must be >= 1")
+        self.service = service
+        self.cfg = cfg
+        self.api = api
+        self.store = store
+        self.version = model_version
+        self.overrides = overrides
+        self.workers = int(workers)
+        self.timeout_s = float(timeout_s if timeout_s is not None else service.settings.job_timeout_s)
+        self.dry_run = dry_run
+        self.retry_failed = retry_failed
+        self.failed_before = {str(t) for t in failed_before}
+        self.on_task = on_task
+        self.status = RunStatus(id=run_id or new_run_id(kind), kind=kind, project=None if project is None else str(project),
+                                model_version=model_version)
+        self.summary = Summary()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._slots = threading.BoundedSemaphore(self.workers)
+        self._last_save = 0.0
+        self._deferred: list[dict[str, Any]] = []
+        self.max_in_flight = 0  # the most tasks in flight at once (tests check the bound)
+        self._in_flight = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.status.id
+
+    def stop(self) -> None:
+        """Stop taking new tasks (Ctrl-C); tasks in flight finish."""
+        self._stop.set()
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def run(self, tasks: Iterable[dict[str, Any]], total: int | None = None) -> Summary:
+        t0 = time.monotonic()
+        with self._lock:
+            self.status.total = total or 0
+            self.status.queued = total or 0
+        self._save(force=True)
+        beat = Heartbeat(self.store, self.run_id, on_beat=lambda: self._save(force=True)).start()
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="maskinv-run")
+        try:
+            seen = 0
+            for task in tasks:
+                if self._stop.is_set():
+                    break
+                seen += 1
+                if total is None or seen > total:
+                    with self._lock:
+                        self.status.total = max(self.status.total, seen)
+                        self.status.queued = self.status.total - self._settled()
+                quick = self._precheck(task)
+                if quick is not None:
+                    self._finish(quick)
+                    continue
+                self._slots.acquire()  # backpressure: at most `workers` tasks in flight
+                if self._stop.is_set():
+                    self._slots.release()
+                    break
+                self._start_one()
+                pool.submit(self._work, task)
+            pool.shutdown(wait=True)
+            if not self._stop.is_set():
+                self._retry_deferred()
+        except KeyboardInterrupt:
+            self._stop.set()
+            self.summary.interrupted = True
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            self.summary.seconds = time.monotonic() - t0
+            with self._lock:
+                interrupted = self._stop.is_set() or self.summary.interrupted
+                self.summary.interrupted = interrupted
+                self.status.state = "interrupted" if interrupted else "done"
+                self.status.finished_at = time.time()
+                self.status.queued = max(0, self.status.total - self._settled())
+            self._save(force=True)
+            beat.stop()
+        return self.summary
+
+    def _settled(self) -> int:
+        s = self.status
+        return s.done + s.skipped + s.failed + s.running
+
+    def _start_one(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            self.status.running += 1
+            self.status.queued = max(0, self.status.total - self._settled())
+
+    def _work(self, task: dict[str, Any]) -> None:
+        try:
+            outcome = self._label(task)
+        except LabelStudioAPIError as exc:
+            outcome = TaskOutcome(task.get("id"), "failed", str(exc), "api")
+        except Exception as exc:  # noqa: BLE001 - one task's trouble never ends the run
+            log.exception("task %s failed", task.get("id"))
+            outcome = TaskOutcome(task.get("id"), "failed", f"{exc.__class__.__name__}: {exc}", "failed")
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self.status.running -= 1
+            self._slots.release()
+        if outcome.status == "deferred":
+            with self._lock:
+                if len(self._deferred) < MAX_DEFERRED:
+                    self._deferred.append(task)
+                    return
+            outcome = TaskOutcome(outcome.task_id, "skipped", outcome.reason, "other_run")
+        self._finish(outcome)
+
+    # -- one task ------------------------------------------------------------------------------------------
+    def _precheck(self, task: dict[str, Any]) -> TaskOutcome | None:
+        """A decision that needs no work: already predicted, failed before, no regions (None: label it)."""
+        tid = task.get("id")
+        if self.version in existing_versions(task):
+            return TaskOutcome(tid, "skipped", "already has a prediction of this model version", "predicted")
+        if not self.retry_failed and str(tid) in self.failed_before:
+            return TaskOutcome(tid, "skipped", "failed in an earlier run (use --retry-failed)", "failed_before")
+        n = count_regions(task, self.cfg)
+        if n == 0:
+            return self._regionless(task)
+        if self.dry_run:
+            return TaskOutcome(tid, "skipped", f"dry run: {n} region(s) would be labelled", "dry_run", regions=n)
+        return None
+
+    def _regionless(self, task: dict[str, Any]) -> TaskOutcome:
+        """A task without regions. Hook for region proposals (issue: proposals): when the backend can propose
+        regions, label the proposals here instead of skipping."""
+        return TaskOutcome(task.get("id"), "skipped", "no regions to label", "no_regions")
+
+    def _label(self, task: dict[str, Any], recheck: bool = False) -> TaskOutcome:
+        tid = task.get("id")
+        key = claim_key(self.api.url, tid, self.version)
+        holder = self.store.claim(self.run_id, key)
+        if holder is not None:
+            return TaskOutcome(tid, "deferred", f"being labelled by run {holder}", "other_run")
+        try:
+            if recheck and self._has_version(tid):
+                return TaskOutcome(tid, "skipped", "already has a prediction of this model version", "predicted")
+            try:
+                answer = predict_tasks(self.service, self.cfg, [task], overrides=self.overrides,
+                                       timeout_s=self.timeout_s)[0]
+            except PredictError as exc:
+                return TaskOutcome(tid, "failed", exc.message, "limit" if exc.status == 413 else "failed")
+            outcome = classify(tid, answer)
+            if outcome.status != "labelled":
+                return outcome
+            # check again right before writing: another writer (a Retrieve predictions, another run) may have
+            # stored this version's prediction while we labelled
+            if self._has_version(tid):
+                return TaskOutcome(tid, "skipped", "a prediction of this model version was written meanwhile",
+                                   "predicted")
+            try:
+                self.api.create_prediction(tid, answer["result"], answer.get("score"), self.version)
+            except LabelStudioAPIError as exc:
+                return TaskOutcome(tid, "failed", str(exc), "api")
+            try:
+                self.store.mark_written(self.run_id, key)
+            except Exception as exc:  # noqa: BLE001 - the prediction is written; only the race guard is lost
+                log.warning("run %s: could not mark task %s written: %s", self.run_id, tid, exc)
+            return outcome
+        finally:
+            self.store.release(self.run_id, key)
+
+    def _has_version(self, tid: Any) -> bool:
+        return self.version in self.api.prediction_versions(tid)
+
+    def _retry_deferred(self) -> None:
+        """Tasks another live run held: wait for it to let them go (it writes them, or it died), then label
+        what is still unpredicted."""
+        with self._lock:
+            todo, self._deferred = self._deferred, []
+        deadline = time.monotonic() + self.timeout_s + 2 * ALIVE_TTL_S
+        while todo and not self._stop.is_set():
+            left = []
+            for task in todo:
+                holder = self.store.holder(claim_key(self.api.url, task.get("id"), self.version))
+                if holder is not None and time.monotonic() < deadline:
+                    left.append(task)
+                    continue
+                self._start_one()
+                try:
+                    outcome = self._label(task, recheck=True) if holder is None else TaskOutcome(
+                        task.get("id"), "skipped", f"still being labelled by run {holder}", "other_run")
+                except LabelStudioAPIError as exc:
+                    outcome = TaskOutcome(task.get("id"), "failed", str(exc), "api")
+                except Exception as exc:  # noqa: BLE001
+                    outcome = TaskOutcome(task.get("id"), "failed", f"{exc.__class__.__name__}: {exc}", "failed")
+                finally:
+                    with self._lock:
+                        self._in_flight -= 1
+                        self.status.running -= 1
+                if outcome.status == "deferred":
+                    left.append(task)
+                    continue
+                self._finish(outcome)
+            todo = left
+            if todo:
+                time.sleep(1.0)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    def _finish(self, o: TaskOutcome) -> None:
+        with self._lock:
+            self.summary.add(o)
+            s = self.status
+            if o.status == "labelled":
+                s.done += 1
+                s.regions += o.regions
+            elif o.status == "skipped":
+                s.skipped += 1
+            else:
+                s.failed += 1
+                s.failures.append({"task": o.task_id, "reason": (o.reason or "")[:500], "kind": o.kind})
+                del s.failures[:-50]
+            s.total = max(s.total, self._settled())
+            s.queued = max(0, s.total - self._settled())
+            callback = self.on_task
+            if callback is not None:
+                callback(o)
+        self._save()
+
+    def _save(self, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - self._last_save < SAVE_EVERY_S:
+                return
+            self._last_save = now
+            self.status.updated_at = time.time()
+            snapshot = RunStatus.from_dict(self.status.to_dict())
+        try:
+            self.store.save(snapshot)
+        except Exception as exc:  # noqa: BLE001 - progress records must never stop the run
+            log.warning("could not save the status of run %s: %s", self.run_id, exc)
+
+
+def classify(task_id: Any, answer: Any) -> TaskOutcome:
+    """Turn batch mode's answer for one task into an outcome (see the module docstring)."""
+    if answer == [] or answer is None:
+        return TaskOutcome(task_id, "skipped", "no regions to label", "no_regions")
+    diag = answer.get("maskinv") if isinstance(answer, dict) else None
+    errors = (diag or {}).get("errors") or []
+    kinds = {e.get("kind") for e in errors if isinstance(e, dict)}
+    transient = sorted(k for k in kinds if k in TRANSIENT_KINDS)
+    reason = _reason(errors) if errors else None
+    if isinstance(answer, dict) and "result" in answer:
+        if transient:
+            return TaskOutcome(task_id, "failed", f"not written, retry later: {reason}", transient[0])
+        labelled = int((diag or {}).get("labelled") or 0)
+        return TaskOutcome(task_id, "labelled", reason, None, regions=labelled, region_errors=len(errors))
+    message = str(answer.get("error") if isinstance(answer, dict) else answer)
+    kind = transient[0] if transient else (sorted(kinds - {None})[0] if kinds - {None} else "failed")
+    return TaskOutcome(task_id, "failed", message, kind)
+
+
+def _reason(errors: list[dict[str, Any]]) -> str:
+    first = errors[0]
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    region = f"region {first.get('region')}: " if first.get("region") else ""
+    return f"{region}{first.get('error')}{more}"
