@@ -40,7 +40,7 @@ class LabelStudioAPI:
     def _call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # the SDK raises ApiError, httpx errors, pydantic errors
+        except Exception as exc:  # noqa: BLE001 - the SDK raises ApiError, httpx errors, pydantic errors
             status = getattr(exc, "status_code", None)
             body = str(getattr(exc, "body", "") or exc)[:300]
             raise LabelStudioAPIError(f"Label Studio {what} failed{f' (HTTP {status})' if status else ''}: "

@@ -158,7 +158,8 @@ class ProjectRun:
         self.retry_failed = retry_failed
         self.failed_before = {str(t) for t in failed_before}
         self.on_task = on_task
-        self.status = RunStatus(id=run_id or new_run_id(kind), kind=kind, project=None if project is None else str(project),
+        self.status = RunStatus(id=run_id or new_run_id(kind), kind=kind,
+                                project=None if project is None else str(project),
                                 model_version=model_version)
         self.summary = Summary()
         self._lock = threading.Lock()

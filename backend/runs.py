@@ -86,7 +86,8 @@ class RunStatus:
         out = self.to_dict()
         if self.state == "running" and not alive:
             out["state"] = "interrupted"
-        elapsed = (self.finished_at or (self.updated_at if out["state"] != "running" else time.time())) - self.started_at
+        end = self.finished_at or (self.updated_at if out["state"] != "running" else time.time())
+        elapsed = end - self.started_at
         out["elapsed_s"] = round(max(0.0, elapsed), 3)
         return out
 

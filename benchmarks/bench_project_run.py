@@ -184,12 +184,14 @@ def write_results(rows: list[dict], meta: dict) -> None:
              "`maskinv-annotate` (listing, downloads, jobs, re-check and write of each prediction through the "
              "Label Studio API), time from its summary, 2x workers tasks in flight. Load: 1-minute load average "
              "before / after the row (the 2 cores are shared with other work).", "",
-             "| model | size | path | workers | torch threads/worker | tasks | regions | seconds | regions/s | vs sync, 1 worker | load before/after |",
+             "| model | size | path | workers | torch threads/worker | tasks | regions | seconds | regions/s "
+             "| vs sync, 1 worker | load before/after |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["model"]: r["regions_per_s"] for r in rows if r["path"] == "sync" and r["workers"] == 1}
     for r in rows:
         ratio = r["regions_per_s"] / base[r["model"]] if base.get(r["model"]) else float("nan")
-        lines.append(f"| {r['model']} | {r['size']} | {r['path']} | {r['workers']} | {r.get('threads_per_worker', 2)} | "
+        threads = r.get('threads_per_worker', 2)
+        lines.append(f"| {r['model']} | {r['size']} | {r['path']} | {r['workers']} | {threads} | "
                      f"{r['tasks']} | {r['regions']} | "
                      f"{r['seconds']:.2f} | {r['regions_per_s']:.2f} | {ratio:.2f}x | "
                      f"{r['load_before']:.1f} / {r['load_after']:.1f} |")

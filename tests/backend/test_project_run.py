@@ -256,7 +256,8 @@ def test_retrieve_predictions_answers_what_is_ready_and_finishes_the_rest(monkey
     def answers(t):
         in_run = threading.current_thread().name.startswith("maskinv-run")  # a background run's worker thread
         if t["id"] in (2, 3) and not in_run:
-            return {"error": "timeout", "maskinv": {"errors": [{"region": "r", "error": "no result", "kind": "timeout"}]}}
+            errors = [{"region": "r", "error": "no result", "kind": "timeout"}]
+            return {"error": "timeout", "maskinv": {"errors": errors}}
         if in_run:
             release.wait(5)
         return answer_for(t)
