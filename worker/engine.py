@@ -72,10 +72,8 @@ class MaskInversionEngine:
         self.chunk_memory_bytes = (_env_mb("MASKINV_CHUNK_MEMORY_MB", 2048) if chunk_memory_bytes is None
                                    else chunk_memory_bytes)
         self.stats = EngineStats()
-        block = self.visual.transformer.resblocks[-1]
-        self._heads = block.attn.num_heads
-        self._width = block.attn.embed_dim
-        self._mlp = block.mlp.c_fc.out_features
+        view = vit.last_block(self.visual)
+        self._heads, self._width, self._mlp = view.heads, view.width, view.mlp_width
 
     # ------------------------------------------------------------------ image state
     def _check_size(self, size: int) -> None:
@@ -191,10 +189,7 @@ class MaskInversionEngine:
         out = []
         for i in range(0, len(images), batch):
             pix = torch.cat([self._pixels(open_image(im)[0], size) for im in images[i:i + batch]])
-            x = vit.trunk_forward(self.visual, pix, self.pos.get(size))
-            block = self.visual.transformer.resblocks[-1]
-            attn, values = vit.last_block_attention(block, x)
-            tokens = vit.last_block_after_attention(block, x, attn, values).out
+            tokens = vit.tokens_forward(self.visual, pix, self.pos.get(size))
             out.append(vit.global_embedding(self.visual, tokens))
             self.stats.vit_forwards += pix.shape[0]
         return torch.cat(out) if out else torch.zeros(0, self.clip.embed_dim, device=self.clip.device)
