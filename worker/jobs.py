@@ -55,11 +55,28 @@ def get_runtime() -> Runtime:
             clip = load_clip()
             scorer = LabelScorer(clip)
             captioner = load_captioner_from_env(scorer) or RetrievalCaptioner(scorer)
-            _runtime = Runtime(clip=clip, engine=MaskInversionEngine(clip), scorer=scorer, captioner=captioner,
+            _runtime = Runtime(clip=clip, engine=MaskInversionEngine(clip, **engine_settings_from_env()), scorer=scorer,
+                               captioner=captioner,
                                lock=threading.Lock())
             log.info("runtime ready in %.1fs: model %s, %s captions", time.perf_counter() - t0, clip.id,
                      captioner.mode)
         return _runtime
+
+
+def engine_settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The engine's settings from ``MASKINV_CACHE_MB``, ``MASKINV_CHUNK_MEMORY_MB`` [2048 each] and
+    ``MASKINV_GPU_DTYPE`` [fp32] (until worker/settings.py reads them once for the whole worker)."""
+    import os
+
+    from .engine import GPU_DTYPES
+
+    env = os.environ if env is None else env
+    dtype = (env.get("MASKINV_GPU_DTYPE") or "fp32").strip().lower()
+    if dtype not in GPU_DTYPES:
+        raise ValueError(f"MASKINV_GPU_DTYPE must be one of {sorted(GPU_DTYPES)}, got {dtype!r}")
+    return {"cache_bytes": env_int("MASKINV_CACHE_MB", 2048, minimum=0, env=env) * 2**20,
+            "chunk_memory_bytes": env_int("MASKINV_CHUNK_MEMORY_MB", 2048, minimum=0, env=env) * 2**20,
+            "gpu_dtype": dtype}
 
 
 def warm_up() -> dict[str, str]:
@@ -120,7 +137,7 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
                 masks.append(np.zeros((1, 1), bool))
         with rt.lock:
             res = rt.engine.invert(image_bytes, masks, size=params.size, steps=params.steps, lr=params.lr,
-                                   alpha=params.alpha) if masks else None
+                                   alpha=params.alpha, final_loss=False) if masks else None
             errors = list(res.errors) if res else []
             for k, msg in region_errors.items():
                 errors[k] = msg

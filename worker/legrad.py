@@ -164,11 +164,13 @@ class _Relevance(torch.autograd.Function):
     def forward(ctx, w: torch.Tensor, b: torch.Tensor, state: ImageState, fc_out: torch.Tensor, heads: int,
                 keep_mask: bool) -> torch.Tensor:
         n_masks, (n, m), d = w.shape[0], state.act_r.shape, fc_out.shape[1]
-        dh = d // heads
-        dtype = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else w.dtype
+        dh, in_dtype = d // heads, w.dtype
+        acc = torch.promote_types(w.dtype, torch.float32)  # sums and the small products stay in >= fp32
+        w, b = w.to(acc), b.to(acc)
+        dtype = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else acc
         act_r, w_fc = state.act_r.to(dtype), fc_out.to(dtype)
         vt, x_out = state.values_t.to(dtype), state.xhat_out.to(dtype)
-        c = _per_mask_mv(state.act_xhat_r, w).to(dtype)  # [N, n]
+        c = _per_mask_mv(state.act_xhat_r.to(acc), w).to(dtype)  # [N, n]
         t = torch.empty(n, m, dtype=dtype, device=w.device)
         g = torch.empty(n, d, dtype=dtype, device=w.device)
         prod = torch.empty(n_masks, heads, n, n - 1, dtype=dtype, device=w.device)
@@ -177,10 +179,10 @@ class _Relevance(torch.autograd.Function):
             torch.mm(t, w_fc, out=g)
             g.addcmul_(c[i, :, None], x_out, value=-1).add_(b[i].to(dtype))
             torch.bmm(g.view(n, heads, dh).transpose(0, 1), vt, out=prod[i])
-        rel = prod.clamp_(min=0).sum(dim=(1, 2), dtype=torch.float32)
+        rel = prod.clamp_(min=0).sum(dim=(1, 2), dtype=acc)
         if keep_mask:
             ctx.save_for_backward(prod.sign_())  # 0/1 (prod >= 0 after the clamp)
-            ctx.state, ctx.fc_out, ctx.heads = state, fc_out, heads
+            ctx.state, ctx.fc_out, ctx.heads, ctx.in_dtype = state, fc_out, heads, in_dtype
         return rel / (heads * n)
 
     @staticmethod
@@ -205,8 +207,8 @@ class _Relevance(torch.autograd.Function):
             grad_c[i] = -(gg * state.xhat_out).sum(-1)
             torch.mm(gg, w_fc_t, out=tt)
             grad_w[i] = tt.mul_(act_r).sum(0)
-        grad_w += _per_mask_mv(state.act_xhat_r.T, grad_c)
-        return grad_w, grad_b, None, None, None, None
+        grad_w += _per_mask_mv(state.act_xhat_r.T.to(grad_c.dtype), grad_c)
+        return grad_w.to(ctx.in_dtype), grad_b.to(ctx.in_dtype), None, None, None, None
 
 
 def decomposed_relevance(visual: torch.nn.Module, state: ImageState, emb: torch.Tensor) -> torch.Tensor:
