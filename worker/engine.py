@@ -1,12 +1,12 @@
 """MaskInversionEngine: localized embedding tokens (LETs) for region masks over a frozen open_clip ViT.
 
-Environment (defaults in brackets):
-    MASKINV_CACHE_MB         bound of the image-state cache in MiB [2048]
-    MASKINV_CHUNK_MEMORY_MB  working-memory budget for one chunk of masks in MiB [2048]
+Settings are explicit constructor arguments (the worker's runtime reads them from the environment once):
+the image-state cache bound, the working-memory budget of one chunk of masks, and the GPU step's precision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from . import legrad, vit
-from .env import env_int
 from .image_cache import ByteLRUCache
 from .inversion import optimise_lets
 from .models import ClipModel
@@ -27,6 +26,9 @@ log = logging.getLogger(__name__)
 
 METHODS = ("decomposed", "autograd")
 BASELINES = ("global", "crop", "masked_crop")
+GPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_CACHE_BYTES = 2048 * 2**20
+DEFAULT_CHUNK_MEMORY_BYTES = 2048 * 2**20
 
 
 @dataclass
@@ -53,29 +55,51 @@ def is_out_of_memory(exc: BaseException) -> bool:
         or "out of memory" in str(exc).lower()
 
 
-def _env_mb(name: str, default: int) -> int:
-    """A size in MiB from the environment, in bytes."""
-    return env_int(name, default, minimum=0) * 2**20
-
-
 class MaskInversionEngine:
     """Batched MaskInversion with one cached forward pass per (image, model, size)."""
 
-    def __init__(self, clip: ClipModel, cache_bytes: int | None = None, chunk_memory_bytes: int | None = None):
+    def __init__(self, clip: ClipModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 chunk_memory_bytes: int = DEFAULT_CHUNK_MEMORY_BYTES, gpu_dtype: str = "fp32"):
+        """``cache_bytes``: bound of the image-state cache; ``chunk_memory_bytes``: working-memory budget of one
+        chunk of masks (on CUDA also capped by free GPU memory); ``gpu_dtype``: precision of the decomposed step
+        on CUDA — "fp32" (TF32 matmuls), "bf16" or "fp16" (autocast); the CPU always runs fp32."""
+        if gpu_dtype not in GPU_DTYPES:
+            raise ValueError(f"gpu_dtype must be one of {sorted(GPU_DTYPES)}, got {gpu_dtype!r}")
+        for name, value in (("cache_bytes", cache_bytes), ("chunk_memory_bytes", chunk_memory_bytes)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         vit.check_supported(clip.visual)
         self.clip = clip
         self.visual = clip.visual
         self.patch = clip.patch_size
         self.pos = vit.PosEmbedCache(self.visual)
-        self.cache: ByteLRUCache[legrad.ImageState] = ByteLRUCache(
-            _env_mb("MASKINV_CACHE_MB", 2048) if cache_bytes is None else cache_bytes, lambda s: s.nbytes)
-        self.chunk_memory_bytes = (_env_mb("MASKINV_CHUNK_MEMORY_MB", 2048) if chunk_memory_bytes is None
-                                   else chunk_memory_bytes)
+        self.cache: ByteLRUCache[legrad.ImageState] = ByteLRUCache(cache_bytes, lambda s: s.nbytes)
+        self.chunk_memory_bytes = chunk_memory_bytes
+        self.gpu_dtype = gpu_dtype
         self.stats = EngineStats()
-        block = self.visual.transformer.resblocks[-1]
-        self._heads = block.attn.num_heads
-        self._width = block.attn.embed_dim
-        self._mlp = block.mlp.c_fc.out_features
+        view = vit.last_block(self.visual)
+        self._heads, self._width, self._mlp = view.heads, view.width, view.mlp_width
+        if self._is_cuda:
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (process-wide)
+
+    @property
+    def _is_cuda(self) -> bool:
+        return torch.device(self.clip.device).type == "cuda"
+
+    def step_dtype(self) -> torch.dtype:
+        """The dtype of the decomposed step's large products: ``gpu_dtype`` on CUDA, float32 elsewhere."""
+        return GPU_DTYPES[self.gpu_dtype] if self._is_cuda else torch.float32
+
+    def _step_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast for a reduced-precision CUDA step; a no-op for fp32 and on the CPU."""
+        dtype = self.step_dtype()
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    def _sync(self) -> None:
+        if self._is_cuda:
+            torch.cuda.synchronize(self.clip.device)
 
     # ------------------------------------------------------------------ image state
     def _check_size(self, size: int) -> None:
@@ -100,11 +124,20 @@ class MaskInversionEngine:
         return state, False, digest, img
 
     # ------------------------------------------------------------------ chunking
-    def masks_per_chunk(self, size: int) -> int:
-        """How many masks fit the working-memory budget at once (largest term: ∂s/∂A, [H, n, n-1] per mask)."""
+    def mask_bytes(self, size: int) -> int:
+        """Working memory of one mask in a chunk: the kept sign pattern of ∂s/∂A ``[H, n, n-1]``, the map and
+        its gradients ``[S, S]`` several times over, and per-token cotangents."""
         n = (size // self.patch) ** 2 + 1
-        per_mask = 4 * (3 * self._heads * n * (n - 1) + 2 * n * self._mlp + 6 * n * self._width + 8 * size * size)
-        return max(1, self.chunk_memory_bytes // per_mask)
+        elt = torch.finfo(self.step_dtype()).bits // 8
+        return elt * self._heads * n * (n - 1) + 4 * (8 * size * size + 4 * n * self._width + 4 * self._mlp)
+
+    def masks_per_chunk(self, size: int) -> int:
+        """How many masks fit the working-memory budget at once (on CUDA also ~80 % of the free GPU memory)."""
+        budget = self.chunk_memory_bytes
+        if self._is_cuda:
+            free, _ = torch.cuda.mem_get_info(self.clip.device)
+            budget = min(budget, int(0.8 * free))
+        return max(1, budget // self.mask_bytes(size))
 
     @staticmethod
     def _chunks(idx: Sequence[int], k: int) -> Iterator[list[int]]:
@@ -113,19 +146,25 @@ class MaskInversionEngine:
 
     # ------------------------------------------------------------------ inversion
     def invert(self, image: ImageLike, masks: np.ndarray | Sequence[np.ndarray], size: int = 448, steps: int = 10,
-               lr: float = 0.1, alpha: float = 0.0, method: str = "decomposed") -> InversionResult:
-        """LETs for ``masks`` ``[N, H, W]`` (bool or float thresholded at 0.5, any size) on ``image``."""
+               lr: float = 0.1, alpha: float = 0.0, method: str = "decomposed", final_loss: bool = True
+               ) -> InversionResult:
+        """LETs for ``masks`` ``[N, H, W]`` (bool or float thresholded at 0.5, any size) on ``image``.
+
+        ``final_loss=False`` skips the map evaluation of the final LETs (``losses`` is then ``[steps, N]``).
+        Timings: seconds (CUDA synchronised), the chunk size, and on CUDA the peak GPU memory of each chunk."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
+        self._sync()
         t0 = time.perf_counter()
         state, hit, digest, img = self.image_state(image, size)
+        self._sync()
         t_fwd = time.perf_counter() - t0
         n_masks = len(masks)
         g = state.global_embedding
         lets = g[None].repeat(n_masks, 1)
-        losses = torch.zeros(steps + 1, n_masks, device=g.device)
+        losses = torch.zeros(steps + int(final_loss), n_masks, device=g.device)
         errors: list[str | None] = [None] * n_masks
         targets: dict[int, np.ndarray] = {}
         for i, m in enumerate(masks):
@@ -137,9 +176,12 @@ class MaskInversionEngine:
         pixels = self._pixels(img, size) if method == "autograd" and ok else None
         chunk = self.masks_per_chunk(size) if method == "decomposed" else max(1, len(ok))
         pending = list(self._chunks(ok, chunk))
+        chunk_peaks: list[float] = []
         while pending:
             idx = pending.pop(0)
             tgt = torch.from_numpy(np.stack([targets[i] for i in idx])).to(g.device)
+            if self._is_cuda:
+                torch.cuda.reset_peak_memory_stats(self.clip.device)
             try:
                 if method == "decomposed":
                     def map_fn(e: torch.Tensor) -> torch.Tensor:
@@ -150,7 +192,8 @@ class MaskInversionEngine:
                         return legrad.relevance_to_map(legrad.autograd_relevance(self.visual, pixels,
                                                                                  self.pos.get(size), e),
                                                        state.grid, self.patch)
-                out, hist = optimise_lets(map_fn, g, tgt, steps=steps, lr=lr, alpha=alpha)
+                with self._step_precision() if method == "decomposed" else contextlib.nullcontext():
+                    out, hist = optimise_lets(map_fn, g, tgt, steps=steps, lr=lr, alpha=alpha, final_loss=final_loss)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc) or len(idx) == 1:
                     raise
@@ -160,6 +203,8 @@ class MaskInversionEngine:
                     torch.cuda.empty_cache()
                 pending[:0] = [idx[:half], idx[half:]]
                 continue
+            if self._is_cuda:
+                chunk_peaks.append(torch.cuda.max_memory_allocated(self.clip.device) / 2**20)
             finite = torch.isfinite(out).all(dim=1) & torch.isfinite(hist).all(dim=0)
             for j, i in enumerate(idx):
                 if bool(finite[j]):
@@ -167,10 +212,14 @@ class MaskInversionEngine:
                     losses[:, i] = hist[:, j]
                 else:
                     errors[i] = "inversion diverged (non-finite values); try a smaller learning rate"
+        self._sync()
         t_total = time.perf_counter() - t0
+        timings = {"forward_s": t_fwd, "inversion_s": t_total - t_fwd, "total_s": t_total, "chunk_masks": float(chunk)}
+        if chunk_peaks:
+            timings["peak_gpu_mib"] = max(chunk_peaks)
+            timings.update({f"chunk{k}_peak_gpu_mib": p for k, p in enumerate(chunk_peaks)})
         return InversionResult(lets=lets, global_embedding=g, errors=errors, losses=losses, image_hit=hit,
-                               image_sha256=digest,
-                               timings={"forward_s": t_fwd, "inversion_s": t_total - t_fwd, "total_s": t_total})
+                               image_sha256=digest, timings=timings)
 
     # ------------------------------------------------------------------ explainability
     @torch.no_grad()
@@ -191,10 +240,7 @@ class MaskInversionEngine:
         out = []
         for i in range(0, len(images), batch):
             pix = torch.cat([self._pixels(open_image(im)[0], size) for im in images[i:i + batch]])
-            x = vit.trunk_forward(self.visual, pix, self.pos.get(size))
-            block = self.visual.transformer.resblocks[-1]
-            attn, values = vit.last_block_attention(block, x)
-            tokens = vit.last_block_after_attention(block, x, attn, values).out
+            tokens = vit.tokens_forward(self.visual, pix, self.pos.get(size))
             out.append(vit.global_embedding(self.visual, tokens))
             self.stats.vit_forwards += pix.shape[0]
         return torch.cat(out) if out else torch.zeros(0, self.clip.embed_dim, device=self.clip.device)

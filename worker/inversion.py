@@ -27,7 +27,7 @@ def inversion_loss(maps: torch.Tensor, masks: torch.Tensor, lets: torch.Tensor, 
 
 
 def optimise_lets(map_fn: MapFn, global_emb: torch.Tensor, masks: torch.Tensor, steps: int = 10, lr: float = 0.1,
-                  alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  alpha: float = 0.0, final_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise one LET per mask, all masks in one batch.
 
     Args:
@@ -36,7 +36,8 @@ def optimise_lets(map_fn: MapFn, global_emb: torch.Tensor, masks: torch.Tensor, 
         masks: ``[N, S, S]`` targets in [0, 1].
     Returns:
         LETs ``[N, D]`` after ``steps`` AdamW steps (lr ``lr``, weight decay 0) and the loss per step
-        ``[steps + 1, N]`` (row k: before step k; last row: the final LETs).
+        ``[steps + 1, N]`` (row k: before step k; last row: the final LETs, one more map evaluation), or
+        ``[steps, N]`` without that last row when ``final_loss`` is false.
     Each mask's LET depends only on its own mask: the loss is a sum of per-mask terms and AdamW is elementwise.
     """
     lets = global_emb.detach()[None].repeat(masks.shape[0], 1).requires_grad_(True)
@@ -50,6 +51,9 @@ def optimise_lets(map_fn: MapFn, global_emb: torch.Tensor, masks: torch.Tensor, 
             loss.sum().backward()
             opt.step()
     lets = lets.detach()
-    with torch.no_grad():
-        history.append(inversion_loss(map_fn(lets), masks, lets, global_emb, alpha))
+    if final_loss:
+        with torch.no_grad():
+            history.append(inversion_loss(map_fn(lets), masks, lets, global_emb, alpha))
+    if not history:
+        return lets, torch.zeros(0, masks.shape[0], device=lets.device)
     return lets, torch.stack(history)

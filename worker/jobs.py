@@ -44,17 +44,11 @@ _runtime_lock = threading.Lock()
 
 
 def build_engine(clip: Any, settings: WorkerSettings) -> Any:
-    """The engine for ``clip`` with the settings' cache and chunk budgets (and GPU dtype, where supported)."""
-    import inspect
-
+    """The engine for ``clip`` with the settings' cache and chunk budgets and GPU dtype."""
     from .engine import MaskInversionEngine
 
-    kwargs: dict[str, Any] = {"cache_bytes": settings.cache_bytes, "chunk_memory_bytes": settings.chunk_memory_bytes}
-    if "gpu_dtype" in inspect.signature(MaskInversionEngine).parameters:  # the engine's GPU dtype (fp32|bf16|fp16)
-        kwargs["gpu_dtype"] = settings.gpu_dtype
-    elif settings.gpu_dtype != "fp32":
-        log.warning("MASKINV_GPU_DTYPE=%s is not supported by this engine; running fp32", settings.gpu_dtype)
-    return MaskInversionEngine(clip, **kwargs)
+    return MaskInversionEngine(clip, cache_bytes=settings.cache_bytes, chunk_memory_bytes=settings.chunk_memory_bytes,
+                               gpu_dtype=settings.gpu_dtype)
 
 
 def build_runtime(settings: WorkerSettings) -> Runtime:
@@ -143,7 +137,7 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
                 masks.append(np.zeros((1, 1), bool))
         with rt.lock:
             res = rt.engine.invert(image_bytes, masks, size=params.size, steps=params.steps, lr=params.lr,
-                                   alpha=params.alpha) if masks else None
+                                   alpha=params.alpha, final_loss=False) if masks else None
             errors = list(res.errors) if res else []
             for k, msg in region_errors.items():
                 errors[k] = msg

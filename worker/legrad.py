@@ -39,21 +39,21 @@ class ImageState:
     z_norm: torch.Tensor  # [] ||proj(ln_post(mean Y))||
     post_xhat: torch.Tensor  # [d] ln_post's normalised input (mean token)
     post_rstd: torch.Tensor  # [] ln_post's 1/std
-    ln2_rstd: torch.Tensor  # [n, 1] ln_2's 1/std per token
-    act_grad: torch.Tensor  # [n, m] derivative of the MLP activation at its pre-activation
-    xhat_fc: torch.Tensor  # [n, m] c_fc.weight @ (ln_2.weight * xhat_i) per token (xhat: ln_2's normalised input)
-    xhat_out: torch.Tensor  # [n, d] (ls_1 * xhat_i) @ out_proj.weight per token
-    values: torch.Tensor  # [H, n-1, dh] attention values of the patch tokens (columns of A)
+    act_r: torch.Tensor  # [n, m] rstd_i * act'(pre_i): the MLP activation's derivative times ln_2's 1/std per token
+    act_xhat_r: torch.Tensor  # [n, m] act_r * (c_fc.weight @ (ln_2.weight * xhat_i)) (xhat: ln_2's normalised input)
+    xhat_out: torch.Tensor  # [n, d] (ls_1 * xhat_i) @ out_proj.weight / d per token
+    values_t: torch.Tensor  # [H, dh, n-1] attention values of the patch tokens (columns of A), transposed
     grid: int  # g, patches per side
     size: int  # input size S
 
     @property
     def n_tokens(self) -> int:
-        return self.ln2_rstd.shape[0]
+        return self.act_r.shape[0]
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, f.name).nbytes for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor))
+        tensors = (getattr(self, f.name) for f in fields(self))
+        return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,43 +74,37 @@ def ln_backward(grad_out: torch.Tensor, weight: torch.Tensor | None, xhat: torch
 @torch.no_grad()
 def build_image_state(visual: torch.nn.Module, pixels: torch.Tensor, pos: torch.Tensor) -> ImageState:
     """Run the ViT once on ``pixels`` ``[1, 3, S, S]`` and freeze what the decomposed maps need."""
-    block = visual.transformer.resblocks[-1]
+    view = vit.last_block(visual)
     x = vit.trunk_forward(visual, pixels, pos)
-    attn, values = vit.last_block_attention(block, x)
-    act = vit.last_block_after_attention(block, x, attn, values)
+    attn, values = view.attention(x)
+    act = view.after_attention(x, attn, values)
     tokens = act.out
     with torch.enable_grad():  # elementwise activation derivative, whatever the activation is
         pre = act.pre_act[0].detach().requires_grad_(True)
-        act_grad, = torch.autograd.grad(block.mlp.gelu(pre).sum(), pre)
+        act_grad, = torch.autograd.grad(view.act(pre).sum(), pre)
     ybar = tokens[0].mean(0)
-    post_xhat, post_rstd = _ln_stats(ybar, visual.ln_post.eps)
-    z_un = visual.ln_post(ybar) @ visual.proj
-    ln2_xhat, ln2_rstd = _ln_stats(act.y1[0], block.ln_2.eps)
-    d = ln2_xhat.shape[-1]
-    gamma2 = _weight_or_ones(block.ln_2, d, ln2_xhat)
-    ls1 = vit.layer_scale(block.ls_1, d, ln2_xhat)
+    post_xhat, post_rstd = _ln_stats(ybar, view.ln_post.eps)
+    z_un = view.pooled_feature(tokens[:1])[0]
+    ln2_xhat, ln2_rstd = _ln_stats(act.y1[0], view.ln_2.eps)
+    d = view.width
+    act_r = act_grad.detach() * ln2_rstd
+    xhat_fc = (ln2_xhat * view.ln2_gamma()) @ view.c_fc.weight.T
     z_norm = z_un.norm()
     return ImageState(
         global_embedding=vit.global_embedding(visual, tokens)[0],
         z_unit=z_un / z_norm, z_norm=z_norm, post_xhat=post_xhat, post_rstd=post_rstd.squeeze(-1),
-        ln2_rstd=ln2_rstd, act_grad=act_grad.detach(),
-        xhat_fc=(ln2_xhat * gamma2) @ block.mlp.c_fc.weight.T, xhat_out=(ln2_xhat * ls1) @ block.attn.out_proj.weight,
-        values=values[0, :, 1:, :].contiguous(), grid=vit.grid_side(tokens.shape[1]), size=pixels.shape[-1],
+        act_r=act_r, act_xhat_r=act_r * xhat_fc,
+        xhat_out=(ln2_xhat * view.ls1_gamma()) @ view.out_proj.weight / d,
+        values_t=values[0, :, 1:, :].transpose(-1, -2).contiguous(), grid=vit.grid_side(tokens.shape[1]),
+        size=pixels.shape[-1],
     )
-
-
-def _weight_or_ones(norm: torch.nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
-    w = getattr(norm, "weight", None)
-    return w.detach() if w is not None else torch.ones(width, dtype=like.dtype, device=like.device)
 
 
 @dataclass
 class BlockConstants:
     """Products of the last block's weights used by every image (computed once per model)."""
 
-    fc_out: torch.Tensor  # [m, d] c_fc.weight · diag(ln_2.weight * ls_1) · out_proj.weight
-    fc_gamma: torch.Tensor  # [m] c_fc.weight @ ln_2.weight
-    ones_out: torch.Tensor  # [d] ls_1 @ out_proj.weight
+    fc_out: torch.Tensor  # [m, d] W_fc·diag(γ₂ ls₁)·W_out − (W_fc γ₂)(ls₁ W_out)ᵀ / d  (ln_2's mean term folded in)
     ls1: torch.Tensor  # [d]
     ls2: torch.Tensor  # [d]
 
@@ -121,65 +115,123 @@ _constants: "weakref.WeakKeyDictionary[torch.nn.Module, BlockConstants]" = weakr
 @torch.no_grad()
 def block_constants(visual: torch.nn.Module) -> BlockConstants:
     """:class:`BlockConstants` of ``visual``'s last block (cached per module)."""
-    block = visual.transformer.resblocks[-1]
-    consts = _constants.get(block)
+    consts = _constants.get(visual)
     if consts is None:
-        w_fc, w_out = block.mlp.c_fc.weight, block.attn.out_proj.weight
-        d = w_out.shape[0]
-        gamma2 = _weight_or_ones(block.ln_2, d, w_fc)
-        ls1 = vit.layer_scale(block.ls_1, d, w_fc)
-        consts = BlockConstants(fc_out=(w_fc * (gamma2 * ls1)) @ w_out, fc_gamma=w_fc @ gamma2,
-                                ones_out=ls1 @ w_out, ls1=ls1, ls2=vit.layer_scale(block.ls_2, d, w_fc))
-        _constants[block] = consts
+        view = vit.last_block(visual)
+        w_fc, w_out = view.c_fc.weight, view.out_proj.weight
+        gamma2, ls1 = view.ln2_gamma(), view.ls1_gamma()
+        fc_out = (w_fc * (gamma2 * ls1)) @ w_out - torch.outer(w_fc @ gamma2, ls1 @ w_out) / view.width
+        consts = BlockConstants(fc_out=fc_out, ls1=ls1, ls2=view.ls2_gamma())
+        _constants[visual] = consts
     return consts
 
 
-class _PositiveMeanGrad(torch.autograd.Function):
-    """``clamp(g_o @ Vᵀ, 0)`` summed over heads and rows, times ``scale``: ``[N, H, n, dh]`` -> ``[N, n-1]``.
+def relevance_from_cotangents(w: torch.Tensor, b: torch.Tensor, state: ImageState, fc_out: torch.Tensor,
+                              heads: int) -> torch.Tensor:
+    """Patch relevance ``[N, n-1]`` from the per-embedding cotangents of the last block (reference, autograd).
 
-    The ``[N, H, n, n-1]`` product is recomputed in backward instead of stored, and the clamp and its
-    gradient are done in place, so one such buffer is alive at a time.
+    ``w`` ``[N, m]``: cotangent at the MLP activation's output (shared by all tokens); ``b`` ``[N, d]``: the
+    cotangent reaching the attention output through the residual. The map is
+    ``rel = Σ_{h,i} relu(G_h Vᵀ_h) / (H n)`` with ``G = (act_r ⊙ w) W − (w·act_xhat_r) ⊗ xhat_out + b``.
+    """
+    n_masks, n, d = w.shape[0], state.act_r.shape[0], fc_out.shape[1]
+    t = state.act_r[None] * w[:, None, :]
+    g = t @ fc_out - (w @ state.act_xhat_r.T)[..., None] * state.xhat_out + b[:, None, :]
+    g = g.view(n_masks, n, heads, d // heads).transpose(1, 2)
+    return (g @ state.values_t[None]).clamp(min=0).sum(dim=(1, 2)) / (heads * n)
+
+
+def _per_mask_mv(mat: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+    """``vecs @ mat.T`` ``[N, r]`` for ``mat`` ``[r, c]``, ``vecs`` ``[N, c]``, one matrix-vector product per row,
+    so each row's rounding does not depend on how many rows there are (a GEMM's blocking does)."""
+    out = torch.empty(vecs.shape[0], mat.shape[0], dtype=vecs.dtype, device=vecs.device)
+    for i in range(vecs.shape[0]):
+        torch.mv(mat, vecs[i], out=out[i])
+    return out
+
+
+class _Relevance(torch.autograd.Function):
+    """:func:`relevance_from_cotangents` with an explicit backward: ``(w [N, m], b [N, d]) -> rel [N, n-1]``.
+
+    Per mask, forward: ``t = act_r ⊙ w`` in a reused ``[n, m]`` buffer, one GEMM ``[n, m] × [m, d]``, a GEMV
+    for the rank-one ln_2 term, and one bmm over heads ``[H, n, dh] × [H, dh, n-1]`` whose output is clamped,
+    summed, and kept as its 0/1 sign pattern. Backward: ``mask @ (c ⊙ V)`` (inner dimension n-1), one GEMM
+    ``[n, d] × [d, m]`` reduced against ``act_r`` over tokens, and GEMVs; nothing is recomputed. Working one mask
+    at a time keeps the ``[n, m]`` buffers in cache and makes every mask's result independent of the batch.
     """
 
     @staticmethod
-    def forward(ctx, g_o: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(g_o, values)
-        ctx.scale = scale
-        x = g_o @ values.transpose(-1, -2)[None]
-        return x.clamp_(min=0).sum(dim=(1, 2)).mul_(scale)
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, w: torch.Tensor, b: torch.Tensor, state: ImageState, fc_out: torch.Tensor, heads: int,
+                keep_mask: bool) -> torch.Tensor:
+        n_masks, (n, m), d = w.shape[0], state.act_r.shape, fc_out.shape[1]
+        dh, in_dtype = d // heads, w.dtype
+        acc = torch.promote_types(w.dtype, torch.float32)  # sums and the small products stay in >= fp32
+        w, b = w.to(acc), b.to(acc)
+        dtype = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else acc
+        act_r, w_fc = state.act_r.to(dtype), fc_out.to(dtype)
+        vt, x_out = state.values_t.to(dtype), state.xhat_out.to(dtype)
+        c = _per_mask_mv(state.act_xhat_r.to(acc), w).to(dtype)  # [N, n]
+        t = torch.empty(n, m, dtype=dtype, device=w.device)
+        g = torch.empty(n, d, dtype=dtype, device=w.device)
+        prod = torch.empty(n_masks, heads, n, n - 1, dtype=dtype, device=w.device)
+        for i in range(n_masks):
+            torch.mul(act_r, w[i].to(dtype), out=t)
+            torch.mm(t, w_fc, out=g)
+            g.addcmul_(c[i, :, None], x_out, value=-1).add_(b[i].to(dtype))
+            torch.bmm(g.view(n, heads, dh).transpose(0, 1), vt, out=prod[i])
+        rel = prod.clamp_(min=0).sum(dim=(1, 2), dtype=acc)
+        if keep_mask:
+            ctx.save_for_backward(prod.sign_())  # 0/1 (prod >= 0 after the clamp)
+            ctx.state, ctx.fc_out, ctx.heads, ctx.in_dtype = state, fc_out, heads, in_dtype
+        return rel / (heads * n)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_rel: torch.Tensor):
-        g_o, values = ctx.saved_tensors
-        x = g_o @ values.transpose(-1, -2)[None]
-        x.gt_(0).mul_((grad_rel * ctx.scale)[:, None, None, :])
-        return x @ values[None], None, None
+        mask, = ctx.saved_tensors  # [N, H, n, n-1]
+        state, fc_out, heads = ctx.state, ctx.fc_out, ctx.heads
+        n_masks, (n, m), d = grad_rel.shape[0], state.act_r.shape, fc_out.shape[1]
+        dh, dtype = d // heads, mask.dtype
+        v = state.values_t.transpose(-1, -2).to(dtype)  # [H, n-1, dh]
+        act_r, w_fc_t = state.act_r.to(dtype), fc_out.T.to(dtype)
+        col = (grad_rel / (heads * n)).to(dtype)  # [N, n-1]: the cotangent of every column, put on V
+        grad_b = torch.empty(n_masks, d, dtype=grad_rel.dtype, device=grad_rel.device)
+        grad_w = torch.empty(n_masks, m, dtype=grad_rel.dtype, device=grad_rel.device)
+        grad_c = torch.empty(n_masks, n, dtype=grad_rel.dtype, device=grad_rel.device)
+        gh = torch.empty(heads, n, dh, dtype=dtype, device=mask.device)
+        tt = torch.empty(n, m, dtype=dtype, device=mask.device)
+        for i in range(n_masks):
+            torch.bmm(mask[i], v * col[i][None, :, None], out=gh)
+            gg = gh.transpose(0, 1).reshape(n, d)  # [n, d]
+            grad_b[i] = gg.sum(0)
+            grad_c[i] = -(gg * state.xhat_out).sum(-1)
+            torch.mm(gg, w_fc_t, out=tt)
+            grad_w[i] = tt.mul_(act_r).sum(0)
+        grad_w += _per_mask_mv(state.act_xhat_r.T.to(grad_c.dtype), grad_c)
+        return grad_w.to(ctx.in_dtype), grad_b.to(ctx.in_dtype), None, None, None, None
 
 
 def decomposed_relevance(visual: torch.nn.Module, state: ImageState, emb: torch.Tensor) -> torch.Tensor:
     """Patch relevance ``[N, n-1]`` (clamped ∂s/∂A averaged over heads and rows) for embeddings ``emb`` ``[N, D]``.
 
-    Differentiable w.r.t. ``emb`` with first-order autograd only; cost per embedding is independent of depth.
+    Differentiable w.r.t. ``emb`` (first-order, explicit backward); cost per embedding is independent of depth.
     """
-    block = visual.transformer.resblocks[-1]
+    view = vit.last_block(visual)
     k = block_constants(visual)
-    n, d = state.xhat_out.shape
-    heads = block.attn.num_heads
+    n = state.n_tokens
     u = F.normalize(emb, dim=-1)
     # s = <u, z_un / |z_un|>  ->  ∂s/∂z_un = (u - <u,z> z) / |z_un|
     g_z = (u - (u @ state.z_unit)[:, None] * state.z_unit) / state.z_norm  # [N, D]
-    g_ybar = ln_backward(g_z @ visual.proj.T, visual.ln_post.weight, state.post_xhat, state.post_rstd)  # [N, d]
+    g_pool = g_z @ view.proj.T if view.proj is not None else g_z
+    g_ybar = ln_backward(g_pool, view.ln_post.weight, state.post_xhat, state.post_rstd)  # [N, d]
     g_y = g_ybar / n  # the mean spreads the same cotangent over every token
     # MLP branch Y = Y1 + ls2 * c_proj(act(c_fc(ln_2(Y1)))): the cotangent is shared by all tokens,
     # so the c_proj product is done once per embedding, not once per token.
-    t = state.act_grad[None] * ((g_y * k.ls2) @ block.mlp.c_proj.weight)[:, None, :]  # [N, n, m] at c_fc's output
-    # ln_2's backward per token, then ls_1 and out_proj, folded into fixed matrices:
-    # g_o_i = rstd_i (t_i W - mean_γ(t_i) u0 - mean_γx̂(t_i) X_i) + (ls1 * g_y) @ out_proj.weight
-    g_o = state.ln2_rstd * (t @ k.fc_out - (t @ k.fc_gamma)[..., None] * (k.ones_out / d)
-                            - (t * state.xhat_fc).sum(-1, keepdim=True) * (state.xhat_out / d))
-    g_o = g_o + ((g_y * k.ls1) @ block.attn.out_proj.weight)[:, None, :]  # [N, n, d]
-    g_o = g_o.view(emb.shape[0], n, heads, d // heads).transpose(1, 2)  # [N, H, n, dh]
-    return _PositiveMeanGrad.apply(g_o, state.values, 1.0 / (heads * n))
+    w = (g_y * k.ls2) @ view.c_proj.weight  # [N, m] at the activation's output
+    b = (g_y * k.ls1) @ view.out_proj.weight  # [N, d] through the attention residual
+    keep_mask = torch.is_grad_enabled() and emb.requires_grad
+    return _Relevance.apply(w, b, state, k.fc_out, view.heads, keep_mask)
 
 
 def relevance_to_map(rel: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
@@ -195,16 +247,16 @@ def autograd_relevance(visual: torch.nn.Module, pixels: torch.Tensor, pos: torch
                        emb: torch.Tensor) -> torch.Tensor:
     """Reference patch relevance ``[N, n-1]``: the image repeated per embedding, full ViT forward each call,
     ∂s/∂A by autograd with ``create_graph=True`` (so the result is differentiable w.r.t. ``emb``)."""
-    block = visual.transformer.resblocks[-1]
+    view = vit.last_block(visual)
     batch = pixels.expand(emb.shape[0], -1, -1, -1)
     with torch.no_grad():
         x = vit.trunk_forward(visual, batch, pos)
-        attn, values = vit.last_block_attention(block, x)
+        attn, values = view.attention(x)
     need_graph = torch.is_grad_enabled() and emb.requires_grad
     attn = attn.detach().requires_grad_(True)
     with torch.enable_grad():
-        tokens = vit.last_block_after_attention(block, x, attn, values).out
-        z = F.normalize(vit.pooled_feature(visual, tokens), dim=-1)
+        tokens = view.after_attention(x, attn, values).out
+        z = F.normalize(view.pooled_feature(tokens), dim=-1)
         s = (F.normalize(emb, dim=-1) * z).sum(-1)
         grad_attn, = torch.autograd.grad(s.sum(), attn, create_graph=need_graph)
     return grad_attn[..., 1:].clamp(min=0).mean(dim=(1, 2))

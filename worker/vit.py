@@ -1,4 +1,14 @@
-"""The open_clip ViT, split where MaskInversion needs it: the trunk, and the last block around its attention.
+"""The one adapter over open_clip's ViT: the trunk, and a :class:`LastBlock` view of the last block.
+
+Every other module of the worker reads the model through this one (``last_block``, ``trunk_forward``,
+``tokens_forward``, ``global_embedding`` ...); none reaches into open_clip's modules itself.
+
+Two shapes of last block are supported, both with a fused qkv projection:
+
+* open_clip's ``ResidualAttentionBlock`` around ``nn.MultiheadAttention`` (batch-first, ``in_proj_weight``);
+* a block around open_clip's own ``Attention`` class (``in_proj_weight`` parameters or a ``qkv`` Linear,
+  an ``out_proj`` or ``proj`` Linear, tokens batch-first), without qk-norm, scaled-cosine attention, head
+  scales or inner norms (they would change the attention the map differentiates).
 
 The loaded model is never mutated: position embeddings for other input sizes are resampled once per size
 and kept beside the model (:class:`PosEmbedCache`).
@@ -7,8 +17,8 @@ and kept beside the model (:class:`PosEmbedCache`).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,21 +64,174 @@ def patch_size_of(visual: nn.Module) -> int:
     return int(p[0] if isinstance(p, (tuple, list)) else p)
 
 
+def _is_identity(module: nn.Module | None) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def _fused_qkv(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight [3d, d], bias [3d] | None)`` of a fused qkv projection, or None when there is none."""
+    if isinstance(attn, nn.MultiheadAttention):
+        return (attn.in_proj_weight, attn.in_proj_bias) if attn._qkv_same_embed_dim else None
+    weight = getattr(attn, "in_proj_weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight, getattr(attn, "in_proj_bias", None)
+    qkv = getattr(attn, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        return qkv.weight, qkv.bias
+    return None
+
+
+def _out_projection(attn: nn.Module) -> nn.Linear | None:
+    for name in ("out_proj", "proj"):
+        lin = getattr(attn, name, None)
+        if isinstance(lin, nn.Linear):
+            return lin
+    return None
+
+
 def check_supported(visual: nn.Module) -> None:
-    """Raise a clear error for open_clip vision towers the engine cannot decompose."""
+    """Raise a clear ``NotImplementedError`` for open_clip vision towers the engine cannot decompose."""
     if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
         raise NotImplementedError(f"{type(visual).__name__} is not an open_clip VisionTransformer "
                                   "(timm / ConvNeXt / ResNet towers are not supported)")
     if getattr(visual, "attn_pool", None) is not None:
         raise NotImplementedError("vision towers with attentional pooling are not supported")
-    block = visual.transformer.resblocks[-1]
-    if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
-        raise NotImplementedError("the last vision block must use nn.MultiheadAttention "
-                                  "(custom/qk-norm attention blocks are not supported)")
-    if not block.attn._qkv_same_embed_dim:
-        raise NotImplementedError("attention with separate q/k/v dimensions is not supported")
     if not getattr(visual.transformer, "batch_first", True):
         raise NotImplementedError("the engine expects batch_first transformers (open_clip >= 2.24)")
+    block = visual.transformer.resblocks[-1]
+    attn = getattr(block, "attn", None)
+    if attn is None:
+        raise NotImplementedError(f"the last vision block ({type(block).__name__}) has no attention module")
+    if _fused_qkv(attn) is None:
+        raise NotImplementedError(f"the last block's attention ({type(attn).__name__}) has no fused qkv projection "
+                                  "(separate q/k/v projections are not supported)")
+    if _out_projection(attn) is None:
+        raise NotImplementedError(f"the last block's attention ({type(attn).__name__}) has no output projection")
+    if not getattr(attn, "batch_first", True):
+        raise NotImplementedError("the last block's attention must be batch-first")
+    if not isinstance(getattr(attn, "num_heads", None), int):
+        raise NotImplementedError(f"the last block's attention ({type(attn).__name__}) does not say its head count")
+    for name in ("ln_q", "ln_k", "ln_inner"):
+        if not _is_identity(getattr(attn, name, None)):
+            raise NotImplementedError(f"attention with {name} (qk-norm / inner norm) is not supported")
+    for name in ("logit_scale", "head_scale"):
+        if getattr(attn, name, None) is not None:
+            raise NotImplementedError(f"attention with {name} (scaled-cosine attention / head scales) is not supported")
+    if not _is_identity(getattr(block, "ln_attn", None)):
+        raise NotImplementedError("blocks with a norm after attention (ln_attn) are not supported")
+    mlp = getattr(block, "mlp", None)
+    names = [n for n, m in mlp.named_children() if not isinstance(m, nn.Identity)] if mlp is not None else []
+    if names != ["c_fc", "gelu", "c_proj"]:
+        raise NotImplementedError(f"the last block's MLP must be c_fc, activation, c_proj; got {names}")
+    for name in ("ln_1", "ln_2"):
+        if not isinstance(getattr(block, name, None), nn.LayerNorm):
+            raise NotImplementedError(f"the last block's {name} must be a LayerNorm")
+    if not isinstance(getattr(visual, "ln_post", None), nn.LayerNorm):
+        raise NotImplementedError("the vision tower's ln_post must be a LayerNorm")
+
+
+def _gamma(module: nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+    """LayerScale gamma ``[d]`` of an ``ls_*`` module (ones for ``nn.Identity``)."""
+    gamma = getattr(module, "gamma", None)
+    if gamma is None:
+        return torch.ones(width, dtype=like.dtype, device=like.device)
+    return gamma.detach()
+
+
+def _norm_weight(norm: nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+    w = getattr(norm, "weight", None)
+    return w.detach() if w is not None else torch.ones(width, dtype=like.dtype, device=like.device)
+
+
+@dataclass(frozen=True)
+class LastBlock:
+    """What MaskInversion reads of a ViT's last block and head, open_clip's layout hidden behind it.
+
+    Shapes: width d, MLP width m, heads H (head width d / H), embedding dim D.
+    """
+
+    heads: int
+    width: int  # d
+    mlp_width: int  # m
+    qkv_weight: torch.Tensor  # [3d, d]
+    qkv_bias: torch.Tensor | None  # [3d]
+    out_proj: nn.Linear  # d -> d (weight [d, d])
+    ln_1: nn.LayerNorm
+    ln_2: nn.LayerNorm
+    ls_1: nn.Module  # LayerScale or Identity
+    ls_2: nn.Module
+    c_fc: nn.Linear  # d -> m
+    act: nn.Module  # elementwise activation
+    c_proj: nn.Linear  # m -> d
+    ln_post: nn.LayerNorm
+    proj: torch.Tensor | None  # [d, D]
+
+    @property
+    def head_width(self) -> int:
+        return self.width // self.heads
+
+    def ls1_gamma(self) -> torch.Tensor:
+        """``[d]`` gamma of ls_1 (ones without LayerScale)."""
+        return _gamma(self.ls_1, self.width, self.c_fc.weight)
+
+    def ls2_gamma(self) -> torch.Tensor:
+        return _gamma(self.ls_2, self.width, self.c_fc.weight)
+
+    def ln2_gamma(self) -> torch.Tensor:
+        return _norm_weight(self.ln_2, self.width, self.c_fc.weight)
+
+    def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention probabilities ``[B, H, n, n]`` and values ``[B, H, n, dh]`` on tokens ``x`` ``[B, n, d]``."""
+        b, n, d = x.shape
+        qkv = F.linear(self.ln_1(x), self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.view(b, n, 3, self.heads, self.head_width).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax((q * self.head_width ** -0.5) @ k.transpose(-1, -2), dim=-1)
+        return attn, v
+
+    def after_attention(self, x: torch.Tensor, attn: torch.Tensor, values: torch.Tensor) -> "LastBlockActivations":
+        """Finish the block from its attention: ``attn`` ``[B, H, n, n]``, ``values`` ``[B, H, n, dh]``."""
+        b, n, d = x.shape
+        o = (attn @ values).transpose(1, 2).reshape(b, n, d)
+        y1 = x + self.ls_1(self.out_proj(o))
+        pre = self.c_fc(self.ln_2(y1))
+        out = y1 + self.ls_2(self.c_proj(self.act(pre)))
+        return LastBlockActivations(attn=attn, values=values, y1=y1, pre_act=pre, out=out)
+
+    def pooled_feature(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Explainability image feature before normalisation: ``proj(ln_post(mean over all tokens))`` ``[B, D]``."""
+        pooled = self.ln_post(tokens.mean(dim=1))
+        return pooled @ self.proj if self.proj is not None else pooled
+
+
+@dataclass
+class LastBlockActivations:
+    """The last block's internals for tokens ``x`` ``[B, n, d]``."""
+
+    attn: torch.Tensor  # A, attention probabilities [B, H, n, n]
+    values: torch.Tensor  # V per head [B, H, n, dh]
+    y1: torch.Tensor  # after the attention residual [B, n, d]
+    pre_act: torch.Tensor  # MLP pre-activation [B, n, m]
+    out: torch.Tensor  # block output [B, n, d]
+
+
+_views: "weakref.WeakKeyDictionary[nn.Module, LastBlock]" = weakref.WeakKeyDictionary()
+
+
+def last_block(visual: nn.Module) -> LastBlock:
+    """The :class:`LastBlock` view of ``visual`` (checked with :func:`check_supported`, built once per model)."""
+    view = _views.get(visual)
+    if view is None:
+        check_supported(visual)
+        block = visual.transformer.resblocks[-1]
+        attn = block.attn
+        weight, bias = _fused_qkv(attn)
+        view = LastBlock(heads=int(attn.num_heads), width=int(weight.shape[1]),
+                         mlp_width=int(block.mlp.c_fc.out_features), qkv_weight=weight, qkv_bias=bias,
+                         out_proj=_out_projection(attn), ln_1=block.ln_1, ln_2=block.ln_2, ls_1=block.ls_1,
+                         ls_2=block.ls_2, c_fc=block.mlp.c_fc, act=block.mlp.gelu, c_proj=block.mlp.c_proj,
+                         ln_post=visual.ln_post, proj=visual.proj)
+        _views[visual] = view
+    return view
 
 
 def trunk_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -83,55 +246,18 @@ def trunk_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor) ->
     return x
 
 
-@dataclass
-class LastBlockActivations:
-    """The last block's internals for tokens ``x`` ``[B, n, d]``."""
-
-    attn: torch.Tensor  # A, attention probabilities [B, H, n, n]
-    values: torch.Tensor  # V per head [B, H, n, dh]
-    y1: torch.Tensor  # after the attention residual [B, n, d]
-    pre_act: torch.Tensor  # MLP pre-activation [B, n, m]
-    out: torch.Tensor  # block output [B, n, d]
-
-
-def last_block_attention(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention probabilities ``[B, H, n, n]`` and values ``[B, H, n, dh]`` of ``block`` on ``x``."""
-    mha: nn.MultiheadAttention = block.attn
-    b, n, d = x.shape
-    h = mha.num_heads
-    qkv = F.linear(block.ln_1(x), mha.in_proj_weight, mha.in_proj_bias)
-    q, k, v = qkv.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-    attn = torch.softmax((q * (d // h) ** -0.5) @ k.transpose(-1, -2), dim=-1)
-    return attn, v
-
-
-def last_block_after_attention(block: nn.Module, x: torch.Tensor, attn: torch.Tensor,
-                               values: torch.Tensor) -> LastBlockActivations:
-    """Finish the last block from its attention: ``attn`` ``[B, H, n, n]``, ``values`` ``[B, H, n, dh]``."""
-    b, n, d = x.shape
-    o = (attn @ values).transpose(1, 2).reshape(b, n, d)
-    y1 = x + block.ls_1(block.attn.out_proj(o))
-    pre = block.mlp.c_fc(block.ln_2(y1))
-    out = y1 + block.ls_2(block.mlp.c_proj(block.mlp.gelu(pre)))
-    return LastBlockActivations(attn=attn, values=values, y1=y1, pre_act=pre, out=out)
-
-
-def layer_scale(module: nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
-    """LayerScale gamma ``[d]`` of an ``ls_*`` module (ones for ``nn.Identity``)."""
-    gamma = getattr(module, "gamma", None)
-    if gamma is None:
-        return torch.ones(width, dtype=like.dtype, device=like.device)
-    return gamma.detach()
-
-
-def pooled_feature(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Explainability image feature before normalisation: ``proj(ln_post(mean over all tokens))`` ``[B, D]``."""
-    return visual.ln_post(tokens.mean(dim=1)) @ visual.proj
+def tokens_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The last block's output tokens ``[B, n, width]`` for pixels ``[B, 3, S, S]``."""
+    view = last_block(visual)
+    x = trunk_forward(visual, pixels, pos)
+    attn, values = view.attention(x)
+    return view.after_attention(x, attn, values).out
 
 
 def global_embedding(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """The model's own image embedding ``[B, D]`` (class token after ln_post and proj for CLIP ViTs)."""
-    pooled, _ = visual._pool(tokens)
+    pool = getattr(visual, "_pool", None) or getattr(visual, "_global_pool")
+    pooled, _ = pool(tokens)
     return pooled @ visual.proj if visual.proj is not None else pooled
 
 

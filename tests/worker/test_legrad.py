@@ -1,0 +1,106 @@
+"""Gradient tests of worker.legrad (timm style): float64 gradcheck of the hand-written backwards, and the
+decomposed map against autograd through the whole ViT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from worker import legrad, vit
+from worker.engine import MaskInversionEngine
+from worker.models import load_clip
+
+MODELS = ["maskinv-test-tiny", "maskinv-test-tiny-ls"]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_ln_backward_matches_autograd_and_gradcheck(with_weight):
+    x = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen(0))
+    weight = torch.randn(7, dtype=torch.float64, generator=gen(1)) if with_weight else None
+    xhat, rstd = legrad._ln_stats(x, 1e-5)
+    grad_out = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen(2))
+    xr = x.clone().requires_grad_(True)
+    ref, = torch.autograd.grad(F.layer_norm(xr, (7,), weight, None, 1e-5), xr, grad_out)
+    torch.testing.assert_close(legrad.ln_backward(grad_out, weight, xhat, rstd), ref)
+    # ln_backward is linear in grad_out: its own gradient (used by autograd upstream of the map) is exact
+    g = grad_out.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: legrad.ln_backward(t, weight, xhat, rstd), (g,))
+
+
+def synthetic_state(n_grid: int = 2, heads: int = 2, dh: int = 3, m: int = 5, seed: int = 0) -> legrad.ImageState:
+    """A float64 ImageState with random contents (shapes only matter for the map's algebra)."""
+    g = gen(seed)
+    n, d = n_grid * n_grid + 1, heads * dh
+
+    def r(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g)
+
+    return legrad.ImageState(global_embedding=r(4), z_unit=F.normalize(r(4), dim=0), z_norm=r(()).abs() + 1,
+                             post_xhat=r(d), post_rstd=r(()).abs() + 1, act_r=r(n, m), act_xhat_r=r(n, m),
+                             xhat_out=r(n, d), values_t=r(heads, dh, n - 1), grid=n_grid, size=n_grid * 4)
+
+
+@pytest.mark.parametrize("n_masks", [1, 3])
+def test_relevance_function_forward_and_gradcheck(n_masks):
+    state, heads = synthetic_state(), 2
+    m, d = state.act_r.shape[1], state.xhat_out.shape[1]
+    fc_out = torch.randn(m, d, dtype=torch.float64, generator=gen(5))
+    w = torch.randn(n_masks, m, dtype=torch.float64, generator=gen(6), requires_grad=True)
+    b = torch.randn(n_masks, d, dtype=torch.float64, generator=gen(7), requires_grad=True)
+    ref = legrad.relevance_from_cotangents(w, b, state, fc_out, heads)
+    out = legrad._Relevance.apply(w, b, state, fc_out, heads, True)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, (w, b), grad), torch.autograd.grad(ref, (w, b), grad))
+    assert torch.autograd.gradcheck(lambda w_, b_: legrad._Relevance.apply(w_, b_, state, fc_out, heads, True),
+                                    (w, b))
+
+
+def test_relevance_without_grad_keeps_no_mask():
+    state = synthetic_state()
+    m, d = state.act_r.shape[1], state.xhat_out.shape[1]
+    fc_out = torch.randn(m, d, dtype=torch.float64, generator=gen(5))
+    w, b = torch.randn(2, m, dtype=torch.float64), torch.randn(2, d, dtype=torch.float64)
+    out = legrad._Relevance.apply(w, b, state, fc_out, 2, False)
+    assert out.shape == (2, state.values_t.shape[-1]) and not out.requires_grad
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def double_model(request):
+    clip = load_clip(request.param, "none", "cpu")
+    clip.model.double()
+    engine = MaskInversionEngine(clip)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 60, 3), dtype=np.uint8))
+    size = 2 * int(clip.visual.image_size[0])
+    pixels = engine._pixels(img, size).double()
+    pos = engine.pos.get(size)
+    state = legrad.build_image_state(clip.visual, pixels, pos)
+    return clip.visual, state, pixels, pos
+
+
+def test_whole_decomposed_map_matches_autograd_in_float64(double_model):
+    visual, state, pixels, pos = double_model
+    emb = (state.global_embedding + 0.5 * torch.randn(3, state.global_embedding.shape[0], dtype=torch.float64,
+                                                       generator=gen(3))).requires_grad_(True)
+    dec = legrad.decomposed_relevance(visual, state, emb)
+    ref = legrad.autograd_relevance(visual, pixels, pos, emb)
+    torch.testing.assert_close(dec, ref, atol=1e-12, rtol=1e-9)
+    jac_dec = torch.autograd.functional.jacobian(lambda e: legrad.decomposed_relevance(visual, state, e), emb)
+    jac_ref = torch.autograd.functional.jacobian(lambda e: legrad.autograd_relevance(visual, pixels, pos, e), emb)
+    torch.testing.assert_close(jac_dec, jac_ref, atol=1e-12, rtol=1e-8)
+
+
+def test_whole_decomposed_map_gradcheck(double_model):
+    visual, state, _, _ = double_model
+    emb = (state.global_embedding + 0.5 * torch.randn(2, state.global_embedding.shape[0], dtype=torch.float64,
+                                                       generator=gen(4))).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda e: legrad.relevance_to_map(legrad.decomposed_relevance(visual, state, e), state.grid,
+                                          vit.patch_size_of(visual)), (emb,))
