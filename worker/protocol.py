@@ -50,6 +50,8 @@ class JobKind:
 JOB_KINDS: dict[str, JobKind] = {
     "label_regions": JobKind("label_regions", "worker.jobs.label_regions",
                              "label and caption every region of one image"),
+    "embed_regions": JobKind("embed_regions", "worker.embed_jobs.embed_regions",
+                             "the LETs of regions of one image (examples), and text prototypes of labels"),
 }
 
 #: RQ success callback that stores a finished job's region results in the result cache
@@ -196,6 +198,7 @@ class JobResult:
     params: Mapping[str, Any] = field(default_factory=dict)
     kind: str = "label_regions"
     v: int = PROTOCOL_VERSION
+    meta: Mapping[str, Any] = field(default_factory=dict)  # kind-specific, JSON-able extras (readers ignore unknown keys)
 
     @classmethod
     def rejected(cls, message: str, region_ids: list[str], model: Mapping[str, Any] | None = None,
@@ -206,7 +209,7 @@ class JobResult:
     def to_dict(self) -> dict[str, Any]:
         return {"v": self.v, "kind": self.kind, "model": dict(self.model), "image_sha256": self.image_sha256,
                 "error": self.error, "regions": [r.to_dict() for r in self.regions], "timings": dict(self.timings),
-                "cache": dict(self.cache), "params": dict(self.params)}
+                "cache": dict(self.cache), "params": dict(self.params), "meta": dict(self.meta)}
 
     @classmethod
     def from_dict(cls, data: Any) -> "JobResult":
@@ -218,14 +221,14 @@ class JobResult:
         regions = data.get("regions") or []
         if not isinstance(regions, list):
             raise ProtocolError("job result.regions must be a list")
-        for key in ("model", "timings", "cache", "params"):
+        for key in ("model", "timings", "cache", "params", "meta"):
             if not isinstance(data.get(key) or {}, Mapping):
                 raise ProtocolError(f"job result.{key} must be an object")
         return cls(regions=tuple(RegionResult.from_dict(r, f"regions[{i}]") for i, r in enumerate(regions)),
                    model=dict(data.get("model") or {}), image_sha256=_opt_str(data, "image_sha256", "job result"),
                    error=_opt_str(data, "error", "job result"), timings=dict(data.get("timings") or {}),
                    cache=dict(data.get("cache") or {}), params=dict(data.get("params") or {}),
-                   kind=str(data.get("kind") or "label_regions"), v=v)
+                   kind=str(data.get("kind") or "label_regions"), v=v, meta=dict(data.get("meta") or {}))
 
 
 def check_payload_version(payload: Mapping[str, Any]) -> int:
