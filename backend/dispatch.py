@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.let_cache import JOB_META_KEY as LET_META_KEY
 from worker.payload import InversionParams, encode_image, encode_mask, sha256_hex
 from worker.result_cache import (JOB_META_KEY, MemoryResultCache, RedisResultCache, ResultCache,
                                  entries_from_result, params_digest, region_key)
@@ -39,6 +40,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = "worker.jobs.label_regions"
+EMBED_FUNCTION = "worker.embed_jobs.embed_regions"
 STORE_CALLBACK = "worker.result_cache.store_job_result"
 JOB_RESULT_TTL_S = 600  # finished jobs (results are also in the result cache, with MASKINV_RESULT_TTL)
 #: times one request re-enqueues a job that vanished from Redis (Redis restarted without persistence)
@@ -58,6 +60,7 @@ class LabelRequest:
     labels: list[str]
     params: InversionParams
     image_sha256: str = ""
+    prototypes: dict | None = None  # the project's example prototypes for these labels (backend.learning)
 
     def __post_init__(self) -> None:
         if not self.image_sha256:
@@ -135,6 +138,8 @@ class Dispatcher:
             shas.append(enc["sha256"])
             encoded.setdefault(enc["sha256"], enc)
         pdigest = params_digest(req.params.to_dict(), req.labels)
+        if req.prototypes:  # results scored with examples are cached under the example set's version
+            pdigest = sha256_hex(f"{pdigest}\nexamples:{req.prototypes.get('version')}".encode())
         p = _Prepared(req, shas, encoded, pdigest)
         if model and model.get("id") and encoded:
             keys = {sha: region_key(self.settings.redis_prefix, model["id"], req.image_sha256, sha, pdigest)
@@ -150,6 +155,8 @@ class Dispatcher:
             p.payload = {"image": encode_image(req.image),
                          "regions": [{"id": sha, "mask": encoded[sha]} for sha in missing],
                          "labels": list(req.labels), "params": req.params.to_dict()}
+            if req.prototypes:
+                p.payload["prototypes"] = req.prototypes
             ident = "\n".join([self.settings.queue, req.image_sha256, pdigest, *sorted(missing)])
             p.job_id = re.sub(r"[^A-Za-z0-9_-]", "_", self.settings.queue) + "-" + sha256_hex(ident.encode())[:40]
         return p
@@ -170,7 +177,8 @@ class Dispatcher:
                 for region in res.get("regions") or []:
                     by_sha[str(region.get("id"))] = {
                         "labels": region.get("labels") or [], "caption": region.get("caption"),
-                        "caption_mode": region.get("caption_mode"), "error": region.get("error"), "cached": False}
+                        "caption_mode": region.get("caption_mode"), "error": region.get("error"), "cached": False,
+                        "meta": region.get("meta") or {}}
             else:
                 error, kind = run.error, run.kind or "failed"
         if not out_model and p.hits:
@@ -239,6 +247,24 @@ class EmbeddedDispatcher(Dispatcher):
         entries = entries_from_result(self.settings.redis_prefix, payload, result)
         self.cache.put_many(entries)
         return result
+
+    def run_embed(self, payload: dict, timeout_s: float) -> dict:
+        """Run one ``embed_regions`` job (worker.embed_jobs) in the model's thread; DispatchError on failure."""
+        def job() -> dict:
+            from worker import embed_jobs
+
+            if self._model is None:
+                self._load_model()
+            return embed_jobs.embed_regions(payload)
+
+        try:
+            return self._pool.submit(job).result(timeout=timeout_s)
+        except FutureTimeout:
+            raise DispatchError(f"embed job: no result after {timeout_s:g}s") from None
+        except DispatchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            raise DispatchError(f"embed job failed: {exc.__class__.__name__}: {exc}") from None
 
     def _run(self, items: list[_Prepared], timeout_s: float) -> list[_RunResult]:
         futures = [self._pool.submit(self._job, p.payload) for p in items]
@@ -312,8 +338,39 @@ class QueueDispatcher(Dispatcher):
             timeout=self.settings.job_timeout_s, result_ttl=JOB_RESULT_TTL_S, failure_ttl=JOB_RESULT_TTL_S,
             ttl=max(3600, 2 * self.settings.job_timeout_s),
             on_success=Callback(STORE_CALLBACK),
-            meta={JOB_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.result_ttl_s}},
+            meta={JOB_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.result_ttl_s},
+                  LET_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.let_ttl_s}},
             description=f"label {len(p.payload['regions'])} region(s) of image {p.request.image_sha256[:12]}")
+
+    def run_embed(self, payload: dict, timeout_s: float) -> dict:
+        """Enqueue one ``embed_regions`` job and wait for its result; DispatchError on failure or timeout."""
+        from redis.exceptions import RedisError
+
+        try:
+            if not self.registry.live_workers():
+                raise DispatchError(f"no MaskInversion worker is serving queue {self.settings.queue!r}")
+            job = self.queue.enqueue_call(
+                EMBED_FUNCTION, args=(payload,), timeout=self.settings.job_timeout_s, result_ttl=JOB_RESULT_TTL_S,
+                failure_ttl=JOB_RESULT_TTL_S, ttl=max(3600, 2 * self.settings.job_timeout_s),
+                meta={LET_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.let_ttl_s}},
+                description=f"embed {len(payload.get('regions') or [])} region(s)")
+            deadline = time.monotonic() + timeout_s
+            poll = 0.02
+            while True:
+                status = self._peek(job)[0]
+                if status == "finished":
+                    result = job.return_value(refresh=True)
+                    if isinstance(result, dict):
+                        return result
+                    raise DispatchError(f"embed job {job.id} finished without a result")
+                if status in ("failed", "stopped", "canceled") or status is None:
+                    raise DispatchError(self._failure(job, status or "vanished"))
+                if time.monotonic() >= deadline:
+                    raise DispatchError(f"embed job {job.id}: no result after {timeout_s:g}s (status {status})")
+                time.sleep(poll)
+                poll = min(poll * 1.5, 0.25)
+        except RedisError as exc:
+            raise DispatchError(f"Redis at {self.settings.redis_url_redacted} is not reachable: {exc}") from None
 
     def _submit(self, p: _Prepared):
         """Enqueue, or attach to the live job with the same id; replace a failed or orphaned one."""

@@ -158,3 +158,13 @@ class Service:
 
     def health(self) -> dict[str, Any]:
         return self.dispatcher.health()
+
+    @property
+    def learner(self):
+        """The project examples' learner (backend.learning.Learner), created on first use."""
+        with self._lock:
+            if getattr(self, "_learner", None) is None:
+                from .learning import Learner
+
+                self._learner = Learner(self)
+            return self._learner

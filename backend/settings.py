@@ -154,6 +154,11 @@ class Settings:
     # Inversion defaults (overridable per request)
     params: InversionParams = field(default_factory=InversionParams)
     extra_labels: tuple[str, ...] = ()
+    # Learning from annotations (issue 14: examples, LET cache)
+    learn: bool = True
+    data_dir: str = "./maskinv-data"
+    let_ttl_s: int = 7 * 24 * 3600
+    max_examples: int = 20000
 
     @property
     def redis_url_redacted(self) -> str | None:
@@ -234,4 +239,8 @@ class Settings:
             warmup=_bool(env, "MASKINV_WARMUP", True),
             params=params,
             extra_labels=_labels(env, "MASKINV_LABELS"),
+            learn=_bool(env, "MASKINV_LEARN", True),
+            data_dir=_str(env, "MASKINV_DATA_DIR", "./maskinv-data"),
+            let_ttl_s=_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0),
+            max_examples=_int(env, "MASKINV_MAX_EXAMPLES", 20000, 1),
         )

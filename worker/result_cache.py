@@ -53,7 +53,7 @@ def cache_value(region: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str
     if region.get("error") is not None or not region.get("labels"):
         return None
     return {"labels": list(region["labels"]), "caption": region.get("caption"),
-            "caption_mode": region.get("caption_mode"),
+            "caption_mode": region.get("caption_mode"), "meta": region.get("meta") or {},
             "model": {k: model.get(k) for k in ("name", "pretrained", "id")}}
 
 
