@@ -66,11 +66,12 @@ class Example:
 
 
 def examples_digest(examples: Sequence[Example]) -> str:
-    """Content digest of one annotation's examples (order-independent)."""
+    """Content digest of one annotation's examples (order-independent). LETs enter rounded to float16, so a
+    LET recomputed with last-bit floating-point differences (another process, another batch) digests the same."""
     h = hashlib.sha256()
     for e in sorted(examples, key=lambda e: (e.region_id, e.label, e.model_key)):
         h.update(f"{e.region_id}\n{e.label}\n{e.model_key}\n".encode())
-        h.update(np.asarray(e.let, "<f4").tobytes())
+        h.update(np.asarray(e.let, "<f2").tobytes())
     return h.hexdigest()
 
 

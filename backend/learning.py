@@ -122,6 +122,7 @@ class Learner:
     def handle_event(self, data: dict[str, Any]) -> EventOutcome:
         """One webhook body (see the module docstring)."""
         action = data.get("action") if isinstance(data.get("action"), str) else None
+        log.info("webhook %s (payload keys: %s)", str(action)[:60], ", ".join(sorted(map(str, data))[:20]))
         if action not in ANNOTATION_EVENTS + DELETE_EVENTS + TRAIN_EVENTS:
             return EventOutcome(action, None, "ignored", reason="not an annotation or training event")
         project = project_id(data.get("project"))
@@ -222,8 +223,7 @@ class Learner:
         cfg = self._config(getattr(proj, "label_config", None))
         seen: set[str] = set()
         n_ann = n_ex = 0
-        for task in client.tasks.list(project=int(project), fields="all", only_annotated=True):
-            t = task.model_dump() if hasattr(task, "model_dump") else dict(task)
+        for t in annotated_tasks(client, int(project)):
             for ann in t.get("annotations") or []:
                 if not isinstance(ann, dict) or ann.get("id") is None:
                     continue
@@ -304,6 +304,30 @@ class Learner:
                    "means": encode_vectors(means[has], "float32"), "counts": [int(c) for c in counts[has]]}
         self._remember(self._protos, key, doc)
         return doc
+
+
+def annotated_tasks(client: Any, project: int, page_size: int = 100) -> Iterable[dict[str, Any]]:
+    """Every task of ``project`` with annotations, as dicts (label-studio-sdk, page by page).
+
+    Label Studio 1.23 answers a page past the end with 404 "Invalid page" where the SDK's pager would ask for it
+    (a full last page), so pages are requested here until one comes back short or 404.
+    """
+    from label_studio_sdk.core.api_error import ApiError
+
+    page = 1
+    while True:
+        try:
+            items = client.tasks.list(project=project, fields="all", only_annotated=True, page=page,
+                                      page_size=page_size).items or []
+        except ApiError as exc:
+            if page > 1 and getattr(exc, "status_code", None) == 404:
+                return
+            raise
+        for task in items:
+            yield task.model_dump() if hasattr(task, "model_dump") else dict(task)
+        if len(items) < page_size:
+            return
+        page += 1
 
 
 def version_suffix(prototypes: Iterable[dict | None]) -> str:
