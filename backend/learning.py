@@ -112,11 +112,27 @@ class Learner:
     def __init__(self, service: Any, store: ExampleStore | None = None):
         self.service = service
         self.settings = service.settings
-        connection = getattr(service.dispatcher, "connection", None)
-        self.store = store or make_example_store(self.settings, connection)
+        self._store = store
         self._text: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
         self._protos: OrderedDict[tuple, dict | None] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def store(self) -> ExampleStore:
+        """The example store, opened (SQLite: created) on first use."""
+        with self._lock:
+            if self._store is None:
+                self._store = make_example_store(self.settings, getattr(self.service.dispatcher, "connection", None))
+            return self._store
+
+    def has_store(self) -> bool:
+        """Whether examples can exist yet (embedded mode: the SQLite file was created by a first event)."""
+        if self._store is not None or not self.settings.embedded:
+            return True
+        from pathlib import Path
+        import os
+
+        return (Path(os.path.expanduser(self.settings.data_dir)) / "examples.sqlite3").exists()
 
     # ------------------------------------------------------------------ events
     def handle_event(self, data: dict[str, Any]) -> EventOutcome:
@@ -276,7 +292,7 @@ class Learner:
     def prototypes(self, project: str | None, labels: Iterable[str], params: InversionParams) -> dict | None:
         """The compact prototypes (worker.embed_jobs format) of a project's examples for ``labels``; None
         without examples for any of them (text only)."""
-        if project is None or not self.settings.learn:
+        if project is None or not self.settings.learn or not self.has_store():
             return None
         labels = tuple(labels)
         version = self.store.version(project)
