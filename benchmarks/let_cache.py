@@ -1,6 +1,6 @@
 """A changed label set on 100 cached regions: re-scoring cached LETs vs today's full re-inversion (issue 14).
 
-25 images x 4 region masks (100 regions) go through ``worker.jobs.label_regions`` once with one label set (this
+100 regions (scene-world test images of up to 4 objects) go through ``worker.jobs.label_regions`` once with one label set (this
 fills the worker's image-state cache and the LET cache). Then the label set changes (a new vocabulary, as when
 a project edits its labels) and the same 100 regions are labelled again:
 
