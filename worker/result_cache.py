@@ -53,8 +53,9 @@ def cache_value(region: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str
     if region.get("error") is not None or not region.get("labels"):
         return None
     return {"labels": list(region["labels"]), "caption": region.get("caption"),
-            "caption_mode": region.get("caption_mode"), "meta": region.get("meta") or {},
-            "model": {k: model.get(k) for k in ("name", "pretrained", "id")}}
+            "caption_mode": region.get("caption_mode"),
+            "model": {k: model.get(k) for k in ("name", "pretrained", "id")},
+            **({"meta": dict(region["meta"])} if region.get("meta") else {})}  # margin, examples (issue 14)
 
 
 def entries_from_result(prefix: str, job: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, dict]:
