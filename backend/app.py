@@ -104,6 +104,7 @@ def predict_view():
     if "tasks" not in data:
         raise PredictError(400, "the request has no 'tasks'")
     model = MaskInversionModel(label_config=data.get("label_config"))
+    model.maskinv_project = data.get("project")  # "<id>.<timestamp>" from Label Studio; its examples are used
     extra = {k: v for k, v in params.items() if k != "context"}
     context = params.get("context")
     if not (isinstance(context, dict) and isinstance(context.get("result"), list) and context["result"]):
@@ -154,12 +155,39 @@ def webhook_view():
             raise
         data = {}
     action = data.get("action") if isinstance(data.get("action"), str) else None
-    log.info("ignoring webhook %s: this backend does not train", action)
-    return jsonify({"status": "ignored", "action": action, "reason": "MaskInversion does not train"}), 200
+    service = _service()
+    if not service.settings.learn:
+        log.info("ignoring webhook %s: MASKINV_LEARN is off", action)
+        return jsonify({"status": "ignored", "action": action, "reason": "MASKINV_LEARN=false"}), 200
+    return _learning_call(lambda: service.learner.handle_event(data))
 
 
 def train_view():
-    return jsonify({"status": "ignored", "reason": "MaskInversion does not train"}), 200
+    """Label Studio's *Start training* without the webhook feature flag: rebuild the project's examples."""
+    from .learning import project_id
+
+    data = _json_body()
+    service = _service()
+    if not service.settings.learn:
+        return jsonify({"status": "ignored", "reason": "MASKINV_LEARN=false"}), 200
+    return _learning_call(lambda: service.learner.rebuild(project_id(data.get("project"))))
+
+
+def _learning_call(fn):
+    """Run a learning action; bad events -> 400/422 JSON, store trouble -> 503, worker trouble -> 503."""
+    from .examples import ExampleStoreError
+    from .images import ImageError
+    from .learning import LearningError
+
+    try:
+        outcome = fn()
+    except LearningError as exc:
+        raise PredictError(422, str(exc)) from None
+    except ImageError as exc:
+        raise PredictError(502 if exc.upstream else 422, f"annotation image: {exc}") from None
+    except ExampleStoreError as exc:
+        raise PredictError(503, str(exc)) from None
+    return jsonify(outcome.to_dict()), 200
 
 
 def is_training_view():
@@ -175,6 +203,23 @@ def runs_view():
     from .background import runs_for
 
     return jsonify({"runs": runs_for(_service()).runs()})
+
+
+def examples_view():
+    """GET /examples?project=N: the project's example set (version, count per label)."""
+    from .learning import project_id
+
+    service = _service()
+    try:
+        pid = project_id(request.args.get("project"))
+    except ValueError as exc:
+        raise PredictError(400, str(exc)) from None
+    store = service.learner.store
+    counts: dict[str, int] = {}
+    for e in store.examples(pid):
+        counts[e.label] = counts.get(e.label, 0) + 1
+    return jsonify({"project": pid, "version": store.version(pid), "count": sum(counts.values()), "labels": counts,
+                    "annotations": len(store.annotation_ids(pid))})
 
 
 VIEWS = {"_predict": predict_view, "_setup": setup_view, "health": health_view, "webhook": webhook_view,
@@ -238,6 +283,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
             app.view_functions[endpoint] = _guarded(view)
         app.add_url_rule("/versions", "get_version", methods=["GET"])  # LS 1.23 asks with GET; 1.0.9 has POST
         app.add_url_rule("/runs", "runs", _guarded(runs_view), methods=["GET"])
+        app.add_url_rule("/examples", "examples", _guarded(examples_view), methods=["GET"])
         app.before_request(_check_auth)
         app.register_error_handler(HTTPException, _http_error)
         app.config["MASKINV_INSTALLED"] = True

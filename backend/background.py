@@ -155,7 +155,7 @@ def predict_batch(service: Service, cfg: ProjectConfig, tasks: Any, overrides: A
     mgr = runs_for(service)
     api = mgr.api()
     if api is None or not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-        return predict_tasks(service, cfg, tasks, overrides=overrides)
+        return predict_tasks(service, cfg, tasks, overrides=overrides, project=project)
     params, labels = service.params(overrides)
     version = service.model_version(cfg, params, labels)
     answers: list[Any] = [None] * len(tasks)
@@ -174,7 +174,8 @@ def predict_batch(service: Service, cfg: ProjectConfig, tasks: Any, overrides: A
         else:
             later.append(i)
     if now:
-        for i, a in zip(now, predict_tasks(service, cfg, [tasks[i] for i in now], overrides=overrides)):
+        answered = predict_tasks(service, cfg, [tasks[i] for i in now], overrides=overrides, project=project)
+        for i, a in zip(now, answered):
             if _continues(a):
                 later.append(i)
             else:

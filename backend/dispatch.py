@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.protocol import (JOB_META_KEY, STORE_CALLBACK, InversionParams, JobResult, LabelRegionsJob,
+from worker.protocol import (JOB_META_KEY, LET_META_KEY, STORE_CALLBACK, InversionParams, JobResult, LabelRegionsJob,
                              MemoryResultCache, PrepareLabelsJob, ProtocolError, RedisResultCache, RegionResult,
                              RegistryReader, ResultCache, encode_mask, entries_from_result, job_function,
                              job_serializer, params_digest, region_from_cache, region_key, sha256_hex)
@@ -41,6 +41,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 JOB_FUNCTION = job_function("label_regions")
+EMBED_FUNCTION = job_function("embed_regions")
 JOB_RESULT_TTL_S = 600  # finished jobs (results are also in the result cache, with MASKINV_RESULT_TTL)
 #: times one request re-enqueues a job that vanished from Redis (Redis restarted without persistence)
 MAX_RESUBMITS = 2
@@ -59,6 +60,7 @@ class LabelRequest:
     labels: list[str]
     params: InversionParams
     image_sha256: str = ""
+    prototypes: dict | None = None  # the project's example prototypes for these labels (backend.learning)
 
     def __post_init__(self) -> None:
         if not self.image_sha256:
@@ -155,6 +157,8 @@ class Dispatcher:
             shas.append(enc["sha256"])
             encoded.setdefault(enc["sha256"], enc)
         pdigest = params_digest(req.params.to_dict(), req.labels)
+        if req.prototypes:  # results scored with examples are cached under the example set's version
+            pdigest = sha256_hex(f"{pdigest}\nexamples:{req.prototypes.get('version')}".encode())
         p = _Prepared(req, shas, encoded, pdigest)
         if model and model.get("id") and encoded:
             keys = {sha: region_key(self.settings.redis_prefix, model["id"], req.image_sha256, sha, pdigest)
@@ -168,7 +172,7 @@ class Dispatcher:
         missing = [sha for sha in encoded if sha not in p.hits]
         if missing:
             p.payload = LabelRegionsJob.build(req.image, [(sha, encoded[sha]) for sha in missing], req.labels,
-                                              req.params).to_dict()
+                                              req.params, prototypes=req.prototypes or None).to_dict()
             ident = "\n".join([self.settings.queue, req.image_sha256, pdigest, *sorted(missing)])
             p.job_id = re.sub(r"[^A-Za-z0-9_-]", "_", self.settings.queue) + "-" + sha256_hex(ident.encode())[:40]
         return p
@@ -278,6 +282,7 @@ class EmbeddedDispatcher(Dispatcher):
     def _send_prepare_labels(self, payload: dict) -> None:
         # the one job thread runs it after the model load and before any later label job
         self._pool.submit(self._prepare_job, payload)
+
     def _submit(self, p: _Prepared) -> Future:
         """Run ``p``'s job, or attach to the identical job (same deterministic id) still queued or running."""
         with self._lock:
@@ -295,6 +300,24 @@ class EmbeddedDispatcher(Dispatcher):
         with self._lock:
             if self._inflight.get(job_id) is fut:
                 del self._inflight[job_id]
+
+    def run_embed(self, payload: dict, timeout_s: float) -> dict:
+        """Run one ``embed_regions`` job (worker.embed_jobs) in the model's thread; DispatchError on failure."""
+        def job() -> dict:
+            from worker import embed_jobs
+
+            if self._model is None:
+                self._load_model()
+            return embed_jobs.embed_regions(payload)
+
+        try:
+            return self._pool.submit(job).result(timeout=timeout_s)
+        except FutureTimeout:
+            raise DispatchError(f"embed job: no result after {timeout_s:g}s") from None
+        except DispatchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported to the caller
+            raise DispatchError(f"embed job failed: {exc.__class__.__name__}: {exc}") from None
 
     def _run(self, items: list[_Prepared], timeout_s: float) -> list[_RunResult]:
         futures = [self._submit(p) for p in items]
@@ -382,8 +405,39 @@ class QueueDispatcher(Dispatcher):
             timeout=self.settings.job_timeout_s, result_ttl=JOB_RESULT_TTL_S, failure_ttl=JOB_RESULT_TTL_S,
             ttl=max(3600, 2 * self.settings.job_timeout_s),
             on_success=Callback(STORE_CALLBACK),
-            meta={JOB_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.result_ttl_s}},
+            meta={JOB_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.result_ttl_s},
+                  LET_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.let_ttl_s}},
             description=f"label {len(p.payload['regions'])} region(s) of image {p.request.image_sha256[:12]}")
+
+    def run_embed(self, payload: dict, timeout_s: float) -> dict:
+        """Enqueue one ``embed_regions`` job and wait for its result; DispatchError on failure or timeout."""
+        from redis.exceptions import RedisError
+
+        try:
+            if not self.registry.live_workers():
+                raise DispatchError(f"no MaskInversion worker is serving queue {self.settings.queue!r}")
+            job = self.queue.enqueue_call(
+                EMBED_FUNCTION, args=(payload,), timeout=self.settings.job_timeout_s, result_ttl=JOB_RESULT_TTL_S,
+                failure_ttl=JOB_RESULT_TTL_S, ttl=max(3600, 2 * self.settings.job_timeout_s),
+                meta={LET_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.let_ttl_s}},
+                description=f"embed {len(payload.get('regions') or [])} region(s)")
+            deadline = time.monotonic() + timeout_s
+            poll = 0.02
+            while True:
+                status = self._peek(job)[0]
+                if status == "finished":
+                    result = job.return_value(refresh=True)
+                    if isinstance(result, dict):
+                        return result
+                    raise DispatchError(f"embed job {job.id} finished without a result")
+                if status in ("failed", "stopped", "canceled") or status is None:
+                    raise DispatchError(self._failure(job, status or "vanished"))
+                if time.monotonic() >= deadline:
+                    raise DispatchError(f"embed job {job.id}: no result after {timeout_s:g}s (status {status})")
+                time.sleep(poll)
+                poll = min(poll * 1.5, 0.25)
+        except RedisError as exc:
+            raise DispatchError(f"Redis at {self.settings.redis_url_redacted} is not reachable: {exc}") from None
 
     def _submit(self, p: _Prepared):
         """Enqueue, or attach to the live job with the same id; replace a failed or orphaned one."""

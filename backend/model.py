@@ -46,7 +46,8 @@ class MaskInversionModel(_ml_model.LabelStudioMLBase):
         """One prediction per task; ``kwargs["maskinv"]`` may override inversion params and labels."""
         from .predict import predict_tasks
 
-        return predict_tasks(self.service, self.config, tasks, context=context, overrides=kwargs.get("maskinv"))
+        return predict_tasks(self.service, self.config, tasks, context=context, overrides=kwargs.get("maskinv"),
+                             project=getattr(self, "maskinv_project", None))
 
     def fit(self, *args: Any, **kwargs: Any) -> dict:
         """Nothing to train: MaskInversion optimises per region at prediction time."""

@@ -82,7 +82,7 @@ def task_regions(task: dict[str, Any]) -> tuple[list[dict], str]:
 
 
 def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any = None,
-                  overrides: Any = None, timeout_s: float | None = None) -> list[Any]:
+                  overrides: Any = None, timeout_s: float | None = None, project: Any = None) -> list[Any]:
     """One answer per task (see module docstring).
 
     The whole request (image downloads and the wait for the jobs) is bounded by MASKINV_TIMEOUT (interactive)
@@ -159,6 +159,7 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
             requests.append(LabelRequest(f.blob, masks, list(f.vocab), params))
             f.plan.groups.append((len(requests) - 1, ok))
 
+    used_examples = attach_prototypes(service, project, tasks, requests)
     try:
         outcomes = (service.dispatcher.label(requests, max(0.0, deadline - time.monotonic()))
                     if requests else [])
@@ -166,7 +167,7 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
         log.error("dispatch failed: %s", exc)
         raise PredictError(503, str(exc)) from None
     # the same string /setup answers for this config (Label Studio skips tasks that have this version's prediction)
-    version = service.model_version(cfg, params, label_override)
+    version = service.model_version(cfg, params, label_override) + used_examples
 
     answers: list[Any] = []
     for plan in plans:
@@ -262,3 +263,26 @@ def _summary(errors: list[dict[str, Any]]) -> str:
         ids = [i for i in ids if i]
         parts.append(f"region {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}: {msg}" if ids else msg)
     return "; ".join(parts) + (f" (+{len(by_msg) - 3} more)" if len(by_msg) > 3 else "")
+
+
+def attach_prototypes(service: Service, project: Any, tasks: list[dict], requests: list[LabelRequest]) -> str:
+    """Give each request its project's example prototypes (backend.learning); returns the ``model_version``
+    suffix naming the example sets used ("" when none: text only). Never fails a prediction: on trouble the
+    regions are scored by text alone (logged)."""
+    from .learning import LearningError, project_id, version_suffix
+
+    if not requests or not service.settings.learn:
+        return ""
+    raw = project if project is not None else next((t.get("project") for t in tasks if t.get("project")), None)
+    try:
+        pid = project_id(raw) if raw is not None else None
+        if pid is None:
+            return ""
+        for req in requests:
+            req.prototypes = service.learner.prototypes(pid, req.labels, req.params)
+    except (LearningError, DispatchError, Exception) as exc:  # noqa: BLE001 - text-only is always a valid answer
+        log.warning("project %s: scoring without examples (%s: %s)", raw, exc.__class__.__name__, exc)
+        for req in requests:
+            req.prototypes = None
+        return ""
+    return version_suffix(r.prototypes for r in requests)

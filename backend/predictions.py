@@ -32,6 +32,17 @@ def alternatives_text(labels: list[dict[str, Any]]) -> str:
     return f"MaskInversion top-{len(labels)}: {parts}"
 
 
+def uncertainty_meta(region_meta: dict[str, Any]) -> dict[str, Any]:
+    """``margin`` (top-1 minus top-2 probability) and ``examples`` (annotated examples behind the top-1 label)
+    from a worker result's region meta, for the region's ``meta`` in Label Studio."""
+    out: dict[str, Any] = {}
+    if isinstance(region_meta.get("margin"), (int, float)) and not isinstance(region_meta.get("margin"), bool):
+        out["margin"] = round(float(region_meta["margin"]), 4)
+    if isinstance(region_meta.get("examples"), int) and not isinstance(region_meta.get("examples"), bool):
+        out["examples"] = int(region_meta["examples"])
+    return out
+
+
 def region_results(region: Region, res: dict[str, Any], cfg: ProjectConfig) -> list[dict[str, Any]]:
     """Result items for one successfully labelled region (``res``: labels best-first, caption)."""
     control = region.control
@@ -41,6 +52,7 @@ def region_results(region: Region, res: dict[str, Any], cfg: ProjectConfig) -> l
     best = res["labels"][0]
     score = float(best["score"])
     meta = {"text": [alternatives_text(res["labels"])]}
+    meta.update(uncertainty_meta(res.get("meta") or {}))
     if control.labels_control is not None and best["label"] in control.labels:
         rtype = control.labelled_type
         out = [{"id": region.id, "from_name": control.labels_control, "to_name": control.to_name, "type": rtype,

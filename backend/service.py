@@ -201,3 +201,13 @@ class Service:
         (``MASKINV_PREPARE_LABELS``), so that the project's first suggestion does not wait for the text encoder."""
         if self.settings.prepare_labels:
             self.dispatcher.prepare_labels([c.labels for c in cfg.region_controls.values()], self.settings.params)
+
+    @property
+    def learner(self):
+        """The project examples' learner (backend.learning.Learner), created on first use."""
+        with self._lock:
+            if getattr(self, "_learner", None) is None:
+                from .learning import Learner
+
+                self._learner = Learner(self)
+            return self._learner

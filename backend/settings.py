@@ -144,6 +144,11 @@ class Settings:
     # Project runs (backend.background): the rest of a Retrieve predictions that overruns MASKINV_BATCH_TIMEOUT
     background_runs: bool = True
     run_workers: int = 0  # tasks in flight per background run (0: twice the live queue workers, 2 embedded)
+    # Learning from annotations (issue 14: examples, LET cache)
+    learn: bool = True
+    data_dir: str = "./maskinv-data"
+    let_ttl_s: int = 7 * 24 * 3600
+    max_examples: int = 20000
 
     @property
     def redis_url_redacted(self) -> str | None:
@@ -245,4 +250,8 @@ class Settings:
             prepare_labels=_bool(env, "MASKINV_PREPARE_LABELS", True),
             background_runs=_bool(env, "MASKINV_BACKGROUND_RUNS", True),
             run_workers=_int(env, "MASKINV_RUN_WORKERS", 0, 0, 256),
+            learn=_bool(env, "MASKINV_LEARN", True),
+            data_dir=_str(env, "MASKINV_DATA_DIR", "./maskinv-data"),
+            let_ttl_s=_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0),
+            max_examples=_int(env, "MASKINV_MAX_EXAMPLES", 20000, 1),
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 from .protocol import (DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, InversionParams, JobResult, LabelRegionsJob, LabelScore,
                        PayloadError, PrepareLabelsJob, RegionResult, check_label_caps, check_limits, check_templates,
@@ -32,6 +33,7 @@ class Runtime:
     captioner: Any  # worker.captions.RetrievalCaptioner
     lock: threading.Lock
     settings: WorkerSettings = WorkerSettings()
+    let_cache: Any = None  # worker.let_cache.MemoryLetCache (embedded mode; queue jobs use Redis, see embed_jobs)
 
     def model_info(self) -> dict[str, str]:
         return {"name": self.clip.name, "pretrained": getattr(self.clip, "weights", "") or self.clip.pretrained,
@@ -57,6 +59,7 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
     from .captions import RetrievalCaptioner
     from .clipcap import load_captioner
     from .labels import LabelScorer
+    from .let_cache import MemoryLetCache
     from .models import load_clip
 
     t0 = time.perf_counter()
@@ -65,8 +68,9 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
     scorer = LabelScorer(clip, max_entries=settings.prototype_cache_entries,
                          max_bytes=settings.prototype_cache_bytes)
     captioner = load_captioner(scorer, settings.captioner) or RetrievalCaptioner(scorer)
+    let_cache = MemoryLetCache(settings.let_cache_entries, settings.let_cache_bytes, settings.let_ttl_s)
     rt = Runtime(clip=clip, engine=build_engine(clip, settings), scorer=scorer, captioner=captioner,
-                 lock=threading.Lock(), settings=settings)
+                 lock=threading.Lock(), settings=settings, let_cache=let_cache)
     log.info("runtime ready in %.1fs: model %s, %s captions", time.perf_counter() - t0, clip.id, captioner.mode)
     return rt
 
@@ -135,17 +139,22 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
             except PayloadError as exc:
                 region_errors[k] = str(exc)
                 masks.append(np.zeros((1, 1), bool))
+        from .embed_jobs import job_let_cache, parse_prototypes, region_lets, score_regions
+
+        prototypes = parse_prototypes(payload.prototypes, labels, int(rt.clip.embed_dim)) if labels else None
+        cache, prefix = job_let_cache(rt.let_cache)
         with rt.lock:
-            res = rt.engine.invert(image_bytes, masks, size=params.size, steps=params.steps, lr=params.lr,
-                                   alpha=params.alpha, final_loss=False) if masks else None
+            # LETs come from the LET cache when this region was inverted before (whatever its labels were)
+            res = region_lets(rt, image_bytes, digest, masks, params, cache, prefix, region_errors) if masks else None
             errors = list(res.errors) if res else []
-            for k, msg in region_errors.items():
-                errors[k] = msg
             good = [k for k, e in enumerate(errors) if e is None]
-            scored = rt.scorer.score(res.lets[good], labels, params.templates, params.top_k) if good and labels else []
+            lets_good = torch.from_numpy(res.lets[good]) if good else None
+            scored, region_meta = (score_regions(rt, res.lets[good], labels, params.templates, params.top_k, prototypes)
+                                   if good and labels else ([], []))
             # retrieval captions need a label to pick a phrase bank; a ClipCap captioner needs only the LET
             can_caption = bool(scored) or (bool(good) and rt.captioner.mode != "retrieval")
-            captions = (rt.captioner.caption(res.lets[good], [s[0][0] for s in scored] if scored else [""] * len(good))
+            captions = (rt.captioner.caption(lets_good.to(rt.clip.device),
+                                             [s[0][0] for s in scored] if scored else [""] * len(good))
                         if can_caption and params.caption else [])
             cache_stats = rt.engine.cache.stats.as_dict()
     except (PayloadError, ValueError) as exc:
@@ -162,15 +171,18 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
             labels=tuple(LabelScore(lab, sc) for lab, sc in scored[j]) if j is not None and scored else (),
             caption=captions[j] if has_caption else None,
             caption_mode=rt.captioner.mode if has_caption else None,
-            error=errors[k]))
+            error=errors[k],
+            meta=region_meta[j] if j is not None and region_meta else {}))
     total = time.perf_counter() - t0
     timings = {"total_s": total, "forward_s": res.timings["forward_s"] if res else 0.0,
                "inversion_s": res.timings["inversion_s"] if res else 0.0}
     hit = bool(res and res.image_hit)
+    let_hits = res.hits if res else 0
     log.info("job: %d regions on image %s in %.2fs (image cache %s; forward %.2fs, inversion %.2fs)",
              len(ids), digest[:12], total, "hit" if hit else "miss", timings["forward_s"], timings["inversion_s"])
     return JobResult(regions=tuple(out_regions), model=rt.model_info(), image_sha256=digest, timings=timings,
-                     cache={"image_hit": hit, **cache_stats, "vit_forwards": rt.engine.stats.vit_forwards},
+                     cache={"image_hit": hit, **cache_stats, "vit_forwards": rt.engine.stats.vit_forwards,
+                            "let_hits": let_hits},
                      params=params.to_dict()).to_dict()
 
 

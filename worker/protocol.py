@@ -77,6 +77,8 @@ JOB_KINDS: dict[str, JobKind] = {
                              "label and caption every region of one image"),
     "prepare_labels": JobKind("prepare_labels", "worker.jobs.prepare_labels",
                               "build and cache the text prototypes (and caption phrases) of a project's label sets"),
+    "embed_regions": JobKind("embed_regions", "worker.embed_jobs.embed_regions",
+                             "the LETs of regions of one image (examples), and text prototypes of labels"),
 }
 
 #: RQ success callback that stores a finished job's region results in the result cache
@@ -224,6 +226,8 @@ class JobResult:
     params: Mapping[str, Any] = field(default_factory=dict)
     kind: str = "label_regions"
     v: int = PROTOCOL_VERSION
+    #: kind-specific, JSON-able extras (readers ignore unknown keys)
+    meta: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def rejected(cls, message: str, region_ids: list[str], model: Mapping[str, Any] | None = None,
@@ -232,12 +236,15 @@ class JobResult:
                    error=message, kind=kind)
 
     def to_dict(self) -> dict[str, Any]:
-        """The wire form; ``"error"`` only when the job was rejected (as the version-1 worker wrote it)."""
+        """The wire form; ``"error"`` only when the job was rejected (as the version-1 worker wrote it), ``"meta"``
+        only when set."""
         out = {"v": self.v, "kind": self.kind, "model": dict(self.model), "image_sha256": self.image_sha256,
                "regions": [r.to_dict() for r in self.regions], "timings": dict(self.timings),
                "cache": dict(self.cache), "params": dict(self.params)}
         if self.error is not None:
             out["error"] = self.error
+        if self.meta:
+            out["meta"] = dict(self.meta)
         return out
 
     @classmethod
@@ -250,14 +257,14 @@ class JobResult:
         regions = data.get("regions") or []
         if not isinstance(regions, list):
             raise ProtocolError("job result.regions must be a list")
-        for key in ("model", "timings", "cache", "params"):
+        for key in ("model", "timings", "cache", "params", "meta"):
             if not isinstance(data.get(key) or {}, Mapping):
                 raise ProtocolError(f"job result.{key} must be an object")
         return cls(regions=tuple(RegionResult.from_dict(r, f"regions[{i}]") for i, r in enumerate(regions)),
                    model=dict(data.get("model") or {}), image_sha256=_opt_str(data, "image_sha256", "job result"),
                    error=_opt_str(data, "error", "job result"), timings=dict(data.get("timings") or {}),
                    cache=dict(data.get("cache") or {}), params=dict(data.get("params") or {}),
-                   kind=str(data.get("kind") or "label_regions"), v=v)
+                   kind=str(data.get("kind") or "label_regions"), v=v, meta=dict(data.get("meta") or {}))
 
 
 def check_payload_version(payload: Mapping[str, Any]) -> int:
@@ -583,6 +590,43 @@ def check_label_caps(labels: Iterable[str], max_chars: int = DEFAULT_MAX_LABEL_C
                            f"bytes, more than MASKINV_MAX_VOCAB_BYTES={max_vocab_bytes}")
 
 
+# ---------------------------------------------------------------------------------------------- vectors
+def encode_vectors(x: np.ndarray, dtype: str = "float32") -> dict:
+    """``[N, D]`` -> ``{"dtype", "shape", "data": base64 of the little-endian array}`` (dtype float32 or float16)."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    arr = np.ascontiguousarray(np.asarray(x, dtype="<f4" if dtype == "float32" else "<f2"))
+    if arr.ndim != 2:
+        raise ValueError(f"expected a [N, D] array, got shape {arr.shape}")
+    return {"dtype": dtype, "shape": list(arr.shape), "data": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
+def decode_vectors(doc: dict, max_bytes: int = 64 << 20) -> np.ndarray:
+    """Inverse of :func:`encode_vectors` -> float32 ``[N, D]``; ValueError on a malformed document."""
+    if not isinstance(doc, dict):
+        raise ValueError("vectors must be an object {dtype, shape, data}")
+    dtype, shape, data = doc.get("dtype"), doc.get("shape"), doc.get("data")
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"vectors.dtype must be float32 or float16, got {dtype!r}")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise ValueError(f"vectors.shape must be [N, D] with non-negative integers, got {shape!r}")
+    if not isinstance(data, str) or len(data) > max_bytes * 4 // 3 + 4:
+        raise ValueError("vectors.data must be a base64 string within the size limit")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (ValueError, TypeError):
+        raise ValueError("vectors.data is not valid base64") from None
+    item = 4 if dtype == "float32" else 2
+    if len(raw) != shape[0] * shape[1] * item:
+        need = shape[0] * shape[1] * item
+        raise ValueError(f"vectors.data has {len(raw)} bytes, expected {need} for {shape} {dtype}")
+    arr = np.frombuffer(raw, dtype="<f4" if dtype == "float32" else "<f2").reshape(shape).astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError("vectors contain non-finite values")
+    return arr
+
+
 # ---------------------------------------------------------------------------------------------- job payloads
 @dataclass(frozen=True)
 class LabelRegionsJob:
@@ -592,9 +636,11 @@ class LabelRegionsJob:
 
         {"v": 1, "image": {"sha256": str, "data_b64": str},
          "regions": [{"id": str, "mask": {"shape": [H, W], "bits_b64": str, "sha256": str}}, ...],
-         "labels": [str, ...], "params": InversionParams.to_dict()}
+         "labels": [str, ...], "params": InversionParams.to_dict(),
+         "prototypes": {...}}   # optional: the project's example prototypes (worker.embed_jobs.parse_prototypes)
 
-    ``regions`` are kept as sent (``from_dict`` does not decode masks: a bad mask fails only its region).
+    ``regions`` are kept as sent (``from_dict`` does not decode masks: a bad mask fails only its region);
+    ``prototypes`` is checked by the worker that scores with it.
     """
 
     image: Mapping[str, Any]
@@ -602,21 +648,26 @@ class LabelRegionsJob:
     labels: tuple[str, ...] = ()
     params: InversionParams = field(default_factory=InversionParams)
     v: int = PROTOCOL_VERSION
+    prototypes: Mapping[str, Any] | None = None
 
     kind = "label_regions"
 
     @classmethod
     def build(cls, image_bytes: bytes, regions: Iterable[tuple[str, np.ndarray | Mapping[str, Any]]],
-              labels: Sequence[str], params: InversionParams) -> "LabelRegionsJob":
+              labels: Sequence[str], params: InversionParams,
+              prototypes: Mapping[str, Any] | None = None) -> "LabelRegionsJob":
         """From image bytes and ``(region_id, mask [H, W] or encoded mask)`` pairs."""
         return cls(image=encode_image(image_bytes),
                    regions=tuple({"id": str(rid), "mask": m if isinstance(m, Mapping) else encode_mask(m)}
                                  for rid, m in regions),
-                   labels=tuple(labels), params=params)
+                   labels=tuple(labels), params=params, prototypes=prototypes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v": self.v, "image": dict(self.image), "regions": [dict(r) for r in self.regions],
-                "labels": list(self.labels), "params": self.params.to_dict()}
+        out = {"v": self.v, "image": dict(self.image), "regions": [dict(r) for r in self.regions],
+               "labels": list(self.labels), "params": self.params.to_dict()}
+        if self.prototypes is not None:
+            out["prototypes"] = dict(self.prototypes)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "LabelRegionsJob":
@@ -632,7 +683,11 @@ class LabelRegionsJob:
         regions = data.get("regions")
         if not isinstance(regions, list):
             raise PayloadError("regions must be a list")
-        return cls(image=image, regions=tuple(regions), labels=tuple(labels), params=params, v=v)
+        prototypes = data.get("prototypes")
+        if prototypes is not None and not isinstance(prototypes, dict):
+            raise PayloadError("prototypes must be an object")
+        return cls(image=image, regions=tuple(regions), labels=tuple(labels), params=params, v=v,
+                   prototypes=prototypes)
 
     def region_ids(self) -> list[str]:
         """Each region's id (its position when it has none)."""
@@ -693,6 +748,9 @@ def payload_region_ids(payload: Any) -> list[str]:
 # ---------------------------------------------------------------------------------------------- result cache
 #: Key in an RQ job's ``meta`` telling the worker-side callback where and how long to store results.
 JOB_META_KEY = "maskinv_cache"
+#: Key in an RQ job's ``meta``: ``{"prefix": str, "ttl_s": int}``, where the worker keeps LETs in Redis
+#: (``worker.let_cache``; keys ``{prefix}:let:{sha256(model | image | mask | size | steps | lr | alpha)}``)
+LET_META_KEY = "maskinv_let_cache"
 
 
 def params_digest(params: Mapping[str, Any], labels: Iterable[str]) -> str:

@@ -21,6 +21,9 @@ Variables (defaults in brackets; README's configuration tables and docker-compos
     MASKINV_MAX_TEMPLATE_CHARS      longest prompt template [300]
     MASKINV_PROTOTYPE_CACHE_ENTRIES label sets whose text prototypes are cached [256]
     MASKINV_PROTOTYPE_CACHE_MB      byte bound of that cache in MiB [64]
+    MASKINV_LET_CACHE_ENTRIES       LETs kept in the in-process LET cache (embedded mode) [50000]
+    MASKINV_LET_CACHE_MB            byte bound of that cache in MiB [256]
+    MASKINV_LET_TTL                 seconds a cached LET is reused (both modes) [604800]
     MASKINV_CAPTIONER               ClipCap captioner directory ("" / none / retrieval: retrieval captions) [""]
     MASKINV_CAPTION_DECODING        beam or greedy (checked by the captioner) [beam]
     MASKINV_CAPTION_BEAM            beam width [3]
@@ -102,6 +105,10 @@ class WorkerSettings:
     max_template_chars: int = DEFAULT_MAX_TEMPLATE_CHARS
     prototype_cache_entries: int = DEFAULT_PROTOTYPE_CACHE_ENTRIES
     prototype_cache_bytes: int = DEFAULT_PROTOTYPE_CACHE_MB << 20
+    # the LET cache apart from labels (embedded mode; queue mode keeps LETs in Redis with the backend's TTL)
+    let_cache_entries: int = 50_000
+    let_cache_bytes: int = 256 << 20
+    let_ttl_s: int = 7 * 24 * 3600
     # captions
     captioner: CaptionerSettings = CaptionerSettings()
     # queue process
@@ -141,6 +148,9 @@ class WorkerSettings:
                                             **err),
             prototype_cache_bytes=env_int(env, "MASKINV_PROTOTYPE_CACHE_MB", DEFAULT_PROTOTYPE_CACHE_MB, 0,
                                           **err) << 20,
+            let_cache_entries=env_int(env, "MASKINV_LET_CACHE_ENTRIES", 50_000, 0, **err),
+            let_cache_bytes=env_int(env, "MASKINV_LET_CACHE_MB", 256, 0, **err) << 20,
+            let_ttl_s=env_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0, **err),
             captioner=captioner,
             redis_url=env_str(env, "REDIS_URL", DEFAULT_REDIS_URL),
             queue=env_str(env, "MASKINV_QUEUE", "maskinv"),

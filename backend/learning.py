@@ -1,0 +1,358 @@
+"""Learning from annotations: Label Studio events -> examples (LETs of labelled regions) -> prototypes.
+
+What Label Studio 1.23 sends (checked against its source, ``label_studio/ml/models.py`` and ``webhooks/``, and
+a live run, ``tests/e2e/test_active_learning.py``):
+
+* Connecting an ML backend to a project creates a project webhook to ``<backend url>/webhook`` with
+  ``send_payload=True, send_for_all_actions=True`` (``create_ml_webhook``; nothing to switch on). Every
+  project event is then POSTed as ``{"action": ..., <payload>, "project": {project, incl. id and label_config}}``:
+
+  - ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED``: ``"annotation"`` (id, result, was_cancelled, task,
+    project, ...) and ``"task"`` (id, data, ...);
+  - ``ANNOTATIONS_CREATED`` (bulk, e.g. import): ``"annotation"`` a list and ``"task"`` a list;
+  - ``ANNOTATIONS_DELETED``: ``"annotations": [{"id": ...}, ...]`` (ids only, hence the store's
+    annotation -> examples index);
+  - others (``TASKS_CREATED``, ``PROJECT_UPDATED``, ...): acknowledged and ignored.
+
+* The model page's *Start training*: with the feature flag ``ff_back_dev_1417_start_training_mlbackend_webhooks``
+  (on in 1.23's ``feature_flags.json``) Label Studio POSTs ``{"action": "START_TRAINING", "project": {...}}`` to
+  ``/webhook``; without it, ``/train`` with ``{"annotations": [tasks with annotations], "project": "<id>.<ts>",
+  "label_config": ...}``. Both rebuild the project's examples from *all* its annotations, read through the Label
+  Studio API (label-studio-sdk), as does ``maskinv-rebuild-examples``.
+
+For every labelled region of a submitted annotation, its LET (``embed_regions`` job) is recorded as an example of
+each of its labels. Cancelled (skipped) annotations and unlabelled regions give no examples; predictions are
+never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+from worker.protocol import InversionParams, decode_vectors, encode_image, encode_mask, encode_vectors, sha256_hex
+
+from .examples import Example, ExampleStore, ExampleStoreError, make_example_store
+from .label_config import LabelConfigError, ProjectConfig
+from .prototype_fit import class_means, fit_prototypes
+from .regions import RegionError, collect_regions, region_mask
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+DELETE_EVENTS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")
+TRAIN_EVENTS = ("START_TRAINING",)
+#: value keys of a region result item that hold its labels
+LABEL_KEYS = ("brushlabels", "polygonlabels", "rectanglelabels", "ellipselabels", "keypointlabels", "labels")
+#: seconds an embed job (one annotation's regions) may take
+EMBED_TIMEOUT_S = 300.0
+#: prototype sets and text prototypes kept in memory
+CACHE_ENTRIES = 64
+
+
+class LearningError(ValueError):
+    """A webhook or training request that cannot be used; the message says why (HTTP 400/422)."""
+
+
+def project_id(value: Any) -> str:
+    """Label Studio project id as a string: from ``{"id": 3}``, ``3`` or ``"3.1700000000"`` (ML API's uid)."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool) or value is None:
+        raise LearningError("no project id in the request")
+    text = str(value).split(".", 1)[0].strip()
+    if not text.isdigit() or len(text) > 20:
+        raise LearningError(f"bad project id {str(value)[:50]!r}")
+    return text
+
+
+def region_labels(items: list[Any], region_id: str, geometry: dict[str, Any]) -> list[str]:
+    """The labels an annotator gave one region: its geometry item's ``<tool>labels`` plus any ``labels`` item
+    with the same id."""
+    out: list[str] = []
+    value = geometry.get("value") if isinstance(geometry.get("value"), dict) else {}
+    sources = [value] + [it.get("value") for it in items if isinstance(it, dict) and str(it.get("id")) == region_id
+                         and str(it.get("type") or "").lower() == "labels" and isinstance(it.get("value"), dict)]
+    for v in sources:
+        for key in LABEL_KEYS:
+            labels = v.get(key)
+            if isinstance(labels, list):
+                out += [x.strip() for x in labels if isinstance(x, str) and x.strip()]
+    return list(dict.fromkeys(out))
+
+
+def model_key(model: dict[str, Any] | None, params: InversionParams) -> str:
+    """What made a LET: model id + inversion size, steps, lr, alpha."""
+    mid = (model or {}).get("id") or "?"
+    return f"{mid}|{params.size}|{params.steps}|{params.lr!r}|{params.alpha!r}"
+
+
+@dataclass
+class EventOutcome:
+    action: str | None
+    project: str | None
+    status: str  # "stored" | "deleted" | "rebuilt" | "ignored" | "unchanged"
+    annotations: int = 0
+    examples: int = 0
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in ("", None)}
+
+
+class Learner:
+    """Owns the example store and turns events into examples and examples into prototypes."""
+
+    def __init__(self, service: Any, store: ExampleStore | None = None):
+        self.service = service
+        self.settings = service.settings
+        self._store = store
+        self._text: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
+        self._protos: OrderedDict[tuple, dict | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> ExampleStore:
+        """The example store, opened (SQLite: created) on first use."""
+        with self._lock:
+            if self._store is None:
+                self._store = make_example_store(self.settings, getattr(self.service.dispatcher, "connection", None))
+            return self._store
+
+    def has_store(self) -> bool:
+        """Whether examples can exist yet (embedded mode: the SQLite file was created by a first event)."""
+        if self._store is not None or not self.settings.embedded:
+            return True
+        from pathlib import Path
+        import os
+
+        return (Path(os.path.expanduser(self.settings.data_dir)) / "examples.sqlite3").exists()
+
+    # ------------------------------------------------------------------ events
+    def handle_event(self, data: dict[str, Any]) -> EventOutcome:
+        """One webhook body (see the module docstring)."""
+        action = data.get("action") if isinstance(data.get("action"), str) else None
+        log.info("webhook %s (payload keys: %s)", str(action)[:60], ", ".join(sorted(map(str, data))[:20]))
+        if action not in ANNOTATION_EVENTS + DELETE_EVENTS + TRAIN_EVENTS:
+            return EventOutcome(action, None, "ignored", reason="not an annotation or training event")
+        project = project_id(data.get("project"))
+        if action in TRAIN_EVENTS:
+            return self.rebuild(project)
+        if action in DELETE_EVENTS:
+            anns = data.get("annotations") if action == "ANNOTATIONS_DELETED" else [data.get("annotation")]
+            ids = [str(a.get("id")) for a in anns or [] if isinstance(a, dict) and a.get("id") is not None]
+            removed = sum(self.store.delete_annotation(project, i) for i in ids)
+            log.info("project %s: %d annotation(s) deleted, %d had examples", project, len(ids), removed)
+            return EventOutcome(action, project, "deleted" if removed else "unchanged", annotations=removed)
+        cfg = self._config((data.get("project") or {}).get("label_config") if isinstance(data.get("project"), dict)
+                           else None)
+        anns = data.get("annotation")
+        tasks = data.get("task")
+        anns = anns if isinstance(anns, list) else [anns]
+        tasks = tasks if isinstance(tasks, list) else [tasks]
+        by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
+        changed, n_examples = 0, 0
+        for ann in anns:
+            if not isinstance(ann, dict) or ann.get("id") is None:
+                continue
+            task = by_id.get(ann.get("task")) or (tasks[0] if len(tasks) == 1 and isinstance(tasks[0], dict) else None)
+            examples = self.annotation_examples(cfg, ann, task)
+            changed += self.store.replace_annotation(project, str(ann["id"]), examples)
+            n_examples += len(examples)
+        log.info("project %s: %s -> %d example(s), %d annotation(s) changed", project, action, n_examples, changed)
+        return EventOutcome(action, project, "stored" if changed else "unchanged", annotations=changed,
+                            examples=n_examples)
+
+    def _config(self, xml: Any) -> ProjectConfig:
+        if not isinstance(xml, str) or not xml.strip():
+            raise LearningError("the event has no project.label_config")
+        try:
+            return self.service.config(xml)
+        except LabelConfigError as exc:
+            raise LearningError(f"label config: {exc}") from None
+
+    # ------------------------------------------------------------------ annotations -> examples
+    def annotation_examples(self, cfg: ProjectConfig, ann: dict[str, Any], task: dict[str, Any] | None
+                            ) -> list[Example]:
+        """Examples of one annotation: every labelled region's LET, once per label. None for a cancelled one."""
+        items = ann.get("result")
+        if ann.get("was_cancelled") or not isinstance(items, list) or not items:
+            return []
+        if not isinstance(task, dict):
+            raise LearningError(f"annotation {ann.get('id')}: the event has no task (needed for the image)")
+        regions, problems = collect_regions(items, cfg)
+        for p in problems:
+            log.info("annotation %s region %s not used: %s", ann.get("id"), p.id, p.error)
+        labelled = [(r, region_labels(items, r.id, r.item)) for r in regions]
+        labelled = [(r, labs) for r, labs in labelled if labs]
+        if not labelled:
+            return []
+        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        params = self.settings.params
+        out: list[Example] = []
+        by_image: dict[str, list] = {}
+        for r, labs in labelled:
+            by_image.setdefault(r.control.to_name, []).append((r, labs))
+        hostname, token = self.service.setup_fallbacks()
+        for image_name, regs in by_image.items():
+            url = data.get(cfg.images[image_name].data_key)
+            deadline = time.monotonic() + self.settings.fetch_timeout_s
+            blob = self.service.fetcher.fetch(url, task.get("id"), hostname, token, deadline=deadline)
+            from .images import image_size
+
+            size = image_size(blob)
+            masks, used = [], []
+            for r, labs in regs:
+                try:
+                    masks.append(region_mask(r, size, self.settings.mask_max_side, self.settings.max_image_pixels))
+                    used.append((r, labs))
+                except RegionError as exc:
+                    log.info("annotation %s region %s not used: %s", ann.get("id"), r.id, exc)
+            if not masks:
+                continue
+            payload = {"v": 1, "image": encode_image(blob), "params": params.to_dict(), "dtype": "float32",
+                       "regions": [{"id": r.id, "mask": encode_mask(np.asarray(m, bool))}
+                                   for (r, _), m in zip(used, masks)]}
+            result = self.service.dispatcher.run_embed(payload, EMBED_TIMEOUT_S)
+            if result.get("error"):
+                raise LearningError(f"annotation {ann.get('id')}: embedding failed: {result['error']}")
+            key = model_key(result.get("model"), params)
+            for (r, labs), reg in zip(used, result.get("regions") or []):
+                let_doc = (reg.get("meta") or {}).get("let")
+                if reg.get("error") or not let_doc:
+                    log.info("annotation %s region %s not used: %s", ann.get("id"), r.id, reg.get("error"))
+                    continue
+                let = decode_vectors(let_doc)[0]
+                out += [Example(r.id, lab, key, let) for lab in labs]
+        return out
+
+    # ------------------------------------------------------------------ rebuild from Label Studio
+    def rebuild(self, project: str, client: Any = None) -> EventOutcome:
+        """Re-derive a project's examples from all its annotations in Label Studio (the source of truth)."""
+        client = client or self._client()
+        proj = client.projects.get(id=int(project))
+        cfg = self._config(getattr(proj, "label_config", None))
+        seen: set[str] = set()
+        n_ann = n_ex = 0
+        for t in annotated_tasks(client, int(project)):
+            for ann in t.get("annotations") or []:
+                if not isinstance(ann, dict) or ann.get("id") is None:
+                    continue
+                seen.add(str(ann["id"]))
+                examples = self.annotation_examples(cfg, ann, t)
+                self.store.replace_annotation(project, str(ann["id"]), examples)
+                n_ann += bool(examples)
+                n_ex += len(examples)
+        for stale in self.store.annotation_ids(project) - seen:
+            self.store.delete_annotation(project, stale)
+        log.info("project %s: examples rebuilt from Label Studio: %d annotation(s), %d example(s)", project, n_ann,
+                 n_ex)
+        return EventOutcome("START_TRAINING", project, "rebuilt", annotations=n_ann, examples=n_ex)
+
+    def _client(self) -> Any:
+        url = self.settings.label_studio_url or self.service.setup_fallbacks()[0]
+        key = self.settings.label_studio_api_key or self.service.setup_fallbacks()[1]
+        if not url or not key:
+            raise LearningError("rebuilding examples needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or a /setup "
+                                "that sent hostname and access_token)")
+        from label_studio_sdk import LabelStudio
+
+        return LabelStudio(base_url=url, api_key=key)
+
+    # ------------------------------------------------------------------ prototypes
+    def text_prototypes(self, labels: tuple[str, ...], params: InversionParams, model_id: str
+                        ) -> tuple[np.ndarray, float]:
+        """Normalised text prototypes ``[L, D]`` and the logit scale, from the worker (cached)."""
+        key = (model_id, labels, tuple(params.templates))
+        with self._lock:
+            hit = self._text.get(key)
+        if hit is not None:
+            return hit
+        result = self.service.dispatcher.run_embed(
+            {"v": 1, "regions": [], "labels": list(labels), "params": params.to_dict(), "dtype": "float32"},
+            EMBED_TIMEOUT_S)
+        meta = result.get("meta") or {}
+        if result.get("error") or "text" not in meta:
+            raise LearningError(f"text prototypes: {result.get('error') or 'missing in the worker result'}")
+        value = (decode_vectors(meta["text"]), float(meta["logit_scale"]))
+        self._remember(self._text, key, value)
+        return value
+
+    def _remember(self, cache: OrderedDict, key: tuple, value: Any) -> None:
+        with self._lock:
+            cache[key] = value
+            cache.move_to_end(key)
+            while len(cache) > CACHE_ENTRIES:
+                cache.popitem(last=False)
+
+    def prototypes(self, project: str | None, labels: Iterable[str], params: InversionParams) -> dict | None:
+        """The compact prototypes (worker.embed_jobs format) of a project's examples for ``labels``; None
+        without examples for any of them (text only)."""
+        if project is None or not self.settings.learn or not self.has_store():
+            return None
+        labels = tuple(labels)
+        version = self.store.version(project)
+        if not version:
+            return None
+        model = self.service.dispatcher.model_info()
+        mkey = model_key(model, params)
+        key = (project, version, mkey, labels, tuple(params.templates))
+        with self._lock:
+            if key in self._protos:
+                return self._protos[key]
+        index = {lab: i for i, lab in enumerate(labels)}
+        examples = [e for e in self.store.examples(project, mkey) if e.label in index]
+        doc = None
+        if examples:
+            text, scale = self.text_prototypes(labels, params, (model or {}).get("id") or "?")
+            x = np.stack([e.let for e in examples])
+            y = np.asarray([index[e.label] for e in examples])
+            w, b = fit_prototypes(text, x, y, scale)
+            means, counts = class_means(x, y, len(labels))
+            has = counts > 0
+            doc = {"version": sha256_hex(f"{version}\n{mkey}\n{labels}".encode())[:12],
+                   "labels": [lab for lab, h in zip(labels, has) if h],
+                   "weights": encode_vectors(w[has], "float32"), "bias": [float(v) for v in b[has]],
+                   "means": encode_vectors(means[has], "float32"), "counts": [int(c) for c in counts[has]]}
+        self._remember(self._protos, key, doc)
+        return doc
+
+
+def annotated_tasks(client: Any, project: int, page_size: int = 100) -> Iterable[dict[str, Any]]:
+    """Every task of ``project`` with annotations, as dicts (label-studio-sdk, page by page).
+
+    Label Studio 1.23 answers a page past the end with 404 "Invalid page" where the SDK's pager would ask for it
+    (a full last page), so pages are requested here until one comes back short or 404.
+    """
+    from label_studio_sdk.core.api_error import ApiError
+
+    page = 1
+    while True:
+        try:
+            items = client.tasks.list(project=project, fields="all", only_annotated=True, page=page,
+                                      page_size=page_size).items or []
+        except ApiError as exc:
+            if page > 1 and getattr(exc, "status_code", None) == 404:
+                return
+            raise
+        for task in items:
+            yield task.model_dump() if hasattr(task, "model_dump") else dict(task)
+        if len(items) < page_size:
+            return
+        page += 1
+
+
+def version_suffix(prototypes: Iterable[dict | None]) -> str:
+    """``-ex<digest>`` naming the example sets a prediction used ("" when none)."""
+    versions = sorted({p["version"] for p in prototypes if p})
+    return f"-ex{sha256_hex(' '.join(versions).encode())[:8]}" if versions else ""
+
+
+__all__ = ["Learner", "LearningError", "EventOutcome", "ExampleStoreError", "project_id", "region_labels",
+           "version_suffix"]

@@ -1,0 +1,397 @@
+"""Few-shot region classification: text prototypes vs vision prototypes from annotated examples (issue 14).
+
+Scene world with the committed tiny scene CLIP. Every region's LET is the MaskInversion of its ground-truth mask
+(size 112, 10 steps, lr 0.1, alpha 0, as in ``benchmarks.region_classification``):
+
+* the example pool: every region of val scenes ``300 .. 300 + pool`` (k examples per class are drawn from it),
+* the selection set: regions of multi-object val scenes ``0 .. 299`` (methods and their settings are chosen here),
+* the test set: the 663 regions of multi-object test scenes ``0 .. 299`` (reported).
+
+For k in {0, 1, 2, 4, 8, 16} examples per class and several random draws per k, each region is classified among
+the 25 classes by
+
+* ``text``     — cosine with prompt-ensembled text prototypes (``worker.labels.LabelScorer``),
+* ``vision``   — the vision side alone (``worker.prototypes``: class means of the examples' centred LETs),
+* ``combined`` — text and vision together by the method :mod:`worker.prototypes` implements (the one chosen on
+  the selection set; the alternatives measured there are in the table too).
+
+Two naming settings: ``own`` (the class words the model was trained on) and ``opaque`` (codes ``type-00`` ..
+``type-24`` that the text encoder cannot read). ``half`` is the case where only half the classes have examples:
+accuracy on the classes without examples, text-only vs combined.
+
+LETs are computed once and cached in a ``.npz`` under ``/tmp`` (``--cache``); writes
+``benchmarks/results/few_shot.{md,json}`` and ``few_shot.png`` (also copied to ``docs/``).
+
+    python -m benchmarks.few_shot
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from benchmarks.region_classification import SCENE_CHECKPOINT, SCENE_MODEL
+from worker.labels import LabelScorer
+from worker.models import ClipModel, load_clip
+from worker.payload import DEFAULT_TEMPLATES
+
+RESULTS = Path(__file__).with_name("results")
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+KS = (0, 1, 2, 4, 8, 16)
+SIZE, STEPS, LR = 112, 10, 0.1
+
+
+# ---------------------------------------------------------------------- data
+def collect(clip: ClipModel, split: str, start: int, count: int, world_seed: int = 0) -> dict[str, np.ndarray]:
+    """LETs of every ground-truth region of scenes ``start .. start+count`` of ``split``.
+
+    Returns ``lets [N, D]``, ``globals [N, D]`` (the image's embedding), ``label [N]`` (class index),
+    ``scene [N]`` and ``n_in_image [N]`` (regions in the region's image).
+    """
+    from benchmarks.scene_world import SceneWorld
+    from worker.engine import MaskInversionEngine
+
+    world = SceneWorld(seed=world_seed, image_size=SIZE)
+    index = {c: i for i, c in enumerate(world.class_names)}
+    engine = MaskInversionEngine(clip)
+    lets, globs, labels, scenes, counts = [], [], [], [], []
+    for i in range(start, start + count):
+        sc = world.scene(i, split)
+        masks = np.stack([o.mask for o in sc.objects])
+        res = engine.invert(sc.image, masks, size=SIZE, steps=STEPS, lr=LR, alpha=0.0)
+        lets.append(res.lets.cpu().numpy())
+        globs.append(res.global_embedding[None].repeat(len(masks), 1).cpu().numpy())
+        labels += [index[o.label] for o in sc.objects]
+        scenes += [i] * len(masks)
+        counts += [len(masks)] * len(masks)
+    return {
+        "lets": np.concatenate(lets).astype(np.float32),
+        "globals": np.concatenate(globs).astype(np.float32),
+        "label": np.asarray(labels),
+        "scene": np.asarray(scenes),
+        "n_in_image": np.asarray(counts),
+    }
+
+
+def load_sets(clip: ClipModel, pool: int, cache_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The pool, selection and test sets, from the ``.npz`` cache when present."""
+    specs = {"pool": ("val", 300, pool), "select": ("val", 0, 300), "test": ("test", 0, 300)}
+    out = {}
+    for name, (split, start, count) in specs.items():
+        tag = hashlib.sha256(f"{clip.id}|{split}|{start}|{count}|{SIZE}|{STEPS}|{LR}".encode()).hexdigest()[:16]
+        path = cache_dir / f"few_shot_lets_{name}_{tag}.npz"
+        if path.is_file():
+            out[name] = dict(np.load(path))
+        else:
+            t0 = time.perf_counter()
+            out[name] = collect(clip, split, start, count)
+            np.savez(path, **out[name])
+            print(f"{name}: {len(out[name]['label'])} regions inverted in {time.perf_counter() - t0:.0f}s -> {path}")
+        if name != "pool":  # evaluated on regions of multi-object scenes
+            keep = out[name]["n_in_image"] >= 2
+            out[name] = {k: v[keep] for k, v in out[name].items()}
+    return out
+
+
+# ---------------------------------------------------------------------- methods
+def _acc(logits: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Acc@k in percent (ties count against the true class)."""
+    if not len(y):
+        return float("nan")
+    true = logits[np.arange(len(y)), y]
+    return float(((logits > true[:, None]).sum(1) < k).mean() * 100)
+
+
+def draw(pool: dict[str, np.ndarray], k: int, seed: int, classes: Sequence[int]) -> np.ndarray:
+    """Indices of ``k`` pool regions per class of ``classes`` (without replacement)."""
+    rng = np.random.default_rng(seed)
+    out = [rng.choice(np.flatnonzero(pool["label"] == c), size=k, replace=False) for c in classes]
+    return np.concatenate(out) if out else np.zeros(0, int)
+
+
+def methods_logits(
+    x: np.ndarray, text: np.ndarray, scale: float, ex: np.ndarray, ey: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Logits ``[N, L]`` of the three reported methods plus the alternatives measured to choose the combination."""
+    from backend import prototype_fit as F
+    from worker import prototypes as P
+
+    n_labels = len(text)
+    t = scale * P.normalize(x) @ text.T
+    means, counts = F.class_means(ex, ey, n_labels)
+    w, b = F.fit_prototypes(text, ex, ey, scale)
+    out = {
+        "text": t,
+        "vision": P.vision_logits(x, means, counts),
+        "combined": P.combined_logits(x, text, scale, w, b, means, counts),
+    }
+    if (counts > 0).all():  # the alternatives, for the full case only
+        xn = P.normalize(x)
+        z = lambda a: (a - a.mean(1, keepdims=True)) / a.std(1, keepdims=True)  # noqa: E731
+        out["alt: class mean z-scored + text z-scored"] = z(t) + z(xn @ means.T)
+        aff = xn @ P.normalize(ex).T
+        out["alt: Tip-Adapter (beta 5, alpha 3)"] = t + 3 * np.exp(-5 * (1 - aff)) @ np.eye(n_labels)[ey]
+        out["alt: text-anchored probe alone"] = scale * (xn @ w.T + b)
+    return out
+
+
+def run(sets: dict, texts: dict[str, np.ndarray], scale: float, draws: int, eval_set: str) -> dict:
+    """Acc@1/Acc@5 per naming, k and method (mean and std over draws), plus the half-classes case."""
+    data = sets[eval_set]
+    x, y = data["lets"], data["label"]
+    n_labels = len(next(iter(texts.values())))
+    res: dict = {}
+    for naming, text in texts.items():
+        for k in KS:
+            acc: dict[str, list[tuple[float, float]]] = {}
+            half: dict[str, list[float]] = {}
+            for d in range(draws):
+                ex_idx = draw(sets["pool"], k, 1000 * k + d, range(n_labels)) if k else np.zeros(0, int)
+                logits = methods_logits(x, text, scale, sets["pool"]["lets"][ex_idx], sets["pool"]["label"][ex_idx])
+                for m, lg in logits.items():
+                    if m == "vision" and k == 0:
+                        continue
+                    acc.setdefault(m, []).append((_acc(lg, y, 1), _acc(lg, y, 5)))
+                if k:
+                    rng = np.random.default_rng(7000 + d)
+                    with_ex = np.zeros(n_labels, bool)
+                    with_ex[rng.choice(n_labels, n_labels // 2, replace=False)] = True
+                    hi = draw(sets["pool"], k, 1000 * k + d, np.flatnonzero(with_ex))
+                    lg = methods_logits(x, text, scale, sets["pool"]["lets"][hi], sets["pool"]["label"][hi])
+                    no = ~with_ex[y]
+                    half.setdefault("no_examples_text", []).append(_acc(lg["text"][no], y[no], 1))
+                    half.setdefault("no_examples_combined", []).append(_acc(lg["combined"][no], y[no], 1))
+                    half.setdefault("with_examples_text", []).append(_acc(lg["text"][~no], y[~no], 1))
+                    half.setdefault("with_examples_combined", []).append(_acc(lg["combined"][~no], y[~no], 1))
+                    half.setdefault("all_combined", []).append(_acc(lg["combined"], y, 1))
+            res.setdefault(naming, {})[str(k)] = {
+                "methods": {
+                    m: {
+                        "acc1": float(np.mean([a for a, _ in v])),
+                        "acc5": float(np.mean([b for _, b in v])),
+                        "acc1_std": float(np.std([a for a, _ in v])),
+                        "draws": len(v),
+                    }
+                    for m, v in acc.items()
+                },
+                "half": {h: float(np.mean(v)) for h, v in half.items()},
+            }
+    return res
+
+
+# ---------------------------------------------------------------------- report
+def bars(test: dict) -> list[tuple[str, float, float, bool]]:
+    """(bar, measured, threshold, met) for the issue's bars, on the test results."""
+
+    def a(naming: str, k: int, m: str) -> float:
+        return test[naming][str(k)]["methods"][m]["acc1"]
+
+    text = a("own", 0, "text")
+    worst_half = min(
+        test["own"][str(k)]["half"]["no_examples_combined"] - test["own"][str(k)]["half"]["no_examples_text"]
+        for k in KS
+        if k
+    )
+    return [
+        (
+            "own names: combined k=8 ≥ text-only + 8",
+            a("own", 8, "combined"),
+            text + 8,
+            a("own", 8, "combined") >= text + 8,
+        ),
+        (
+            "own names: combined k=1 ≥ text-only − 1",
+            a("own", 1, "combined"),
+            text - 1,
+            a("own", 1, "combined") >= text - 1,
+        ),
+        ("opaque names: combined k=8 ≥ 40 %", a("opaque", 8, "combined"), 40.0, a("opaque", 8, "combined") >= 40.0),
+        ("half the classes with examples: the others lose ≤ 1 point (worst k)", worst_half, -1.0, worst_half >= -1.0),
+    ]
+
+
+def to_markdown(results: dict, regions: dict, draws: int, config: dict) -> str:
+    lines = [
+        "# Few-shot region classification: text vs vision prototypes from examples (scene world)",
+        "",
+        f"Model `{config['model']}`, LETs of ground-truth masks ({SIZE}×{SIZE}, {STEPS} steps, lr {LR}, alpha 0). "
+        f"Examples: k per class drawn from {regions['pool']} regions of val scenes 300–{299 + config['pool']}; "
+        f"choice of method on {regions['select']} regions of multi-object val scenes 0–299; reported on the "
+        f"{regions['test']} regions of multi-object test scenes 0–299. {draws} draws per k (mean; ± std of Acc@1 "
+        "over draws). 25 classes (chance 4 %).",
+        "",
+        "Methods (`worker/prototypes.py`): **text** = prompt-ensembled text prototypes; **vision** = class means of "
+        "the examples' LETs alone; **combined** = text-anchored linear probe (starts at the text prototypes, "
+        "cross-entropy on the examples, L2 pull back to text) + class-mean log-likelihood weighted n/(n+4); "
+        "with examples for only some labels it re-ranks only those labels, under the best text score among them.",
+        "",
+    ]
+    for part, title in (("test", "Test (663 regions)"), ("select", "Selection set (val)")):
+        lines += [f"## {title}", ""]
+        for naming in ("own", "opaque"):
+            r = results[part][naming]
+            lines += [
+                f"### {naming} names" + (" (the class words)" if naming == "own" else " (`type-00` … `type-24`)"),
+                "",
+                "| k | text Acc@1 | text Acc@5 | vision Acc@1 | vision Acc@5 | combined Acc@1 | combined Acc@5 |",
+                "|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for k in KS:
+                m = r[str(k)]["methods"]
+                cell = lambda name, key: (  # noqa: E731
+                    (f"{m[name][key]:.1f}" + (f" ± {m[name]['acc1_std']:.1f}" if key == "acc1" and k else ""))
+                    if name in m
+                    else "–"
+                )  # noqa: E731
+                lines.append(
+                    f"| {k} | {cell('text', 'acc1')} | {cell('text', 'acc5')} | {cell('vision', 'acc1')} | "
+                    f"{cell('vision', 'acc5')} | {cell('combined', 'acc1')} | {cell('combined', 'acc5')} |"
+                )
+            lines += [
+                "",
+                "Half the classes with examples (12 of 25, random per draw), Acc@1:",
+                "",
+                "| k | no-example classes: text | … combined | with-example classes: text | … combined |",
+                "|---:|---:|---:|---:|---:|",
+            ]
+            for k in KS[1:]:
+                h = r[str(k)]["half"]
+                lines.append(
+                    f"| {k} | {h['no_examples_text']:.1f} | {h['no_examples_combined']:.1f} | "
+                    f"{h['with_examples_text']:.1f} | {h['with_examples_combined']:.1f} |"
+                )
+            lines.append("")
+        lines += [
+            "Alternatives measured (full case, own names, Acc@1):",
+            "",
+            "| k | " + " | ".join(m for m in results[part]["own"]["8"]["methods"] if m.startswith("alt")) + " |",
+            "|---:|" + "---:|" * sum(m.startswith("alt") for m in results[part]["own"]["8"]["methods"]),
+        ]
+        for k in KS[1:]:
+            m = results[part]["own"][str(k)]["methods"]
+            lines.append(
+                f"| {k} | " + " | ".join(f"{v['acc1']:.1f}" for n, v in m.items() if n.startswith("alt")) + " |"
+            )
+        lines.append("")
+    lines += [
+        "## What limits it (measured on the selection set while choosing the method)",
+        "",
+        "* A LET is the image's global embedding moved only as far as its map needs: cos(LET, global) = 0.71 "
+        "on average. Removing the global component hurts everything: vision class means on normalize(LET − β·"
+        "global) fall from 43.1 (β = 0) to 36.5 (β = 0.5) and 21.1 (β = 1) at k = 8; subtracting β × the "
+        "global embedding's text scores from the LET's drops text-only from 40.7 to 27.9 (β = 0.5). The "
+        "global part carries which objects are in the image, which is most of what narrows the label down.",
+        "* Shared-covariance (LDA/GDA) prototypes, with the covariance shrunk and/or taken from the images' "
+        "global embeddings (the nuisance), and whitening/centering on the example pool: no better than class "
+        "means (43.3 at k = 8, 47.2 at k = 16) and worse at small k. Tip-Adapter (affinity sharpening β = 3–10): "
+        "44.4 at k = 8.",
+        "* The ceiling of linear prototypes on these LETs is close: class means of *all* ~58 pool examples per "
+        "class reach 50.9 on the selection set. The text-anchored probe keeps the text's knowledge and moves "
+        "each prototype only where the examples disagree with it; adding the class means gives the rest.",
+        "* Half the classes with examples: an unconstrained probe makes the classes without examples lose 13–31 "
+        "points (prototypes with examples win everywhere); re-ranking only among the labels with examples, under "
+        "their best text score, makes that loss exactly 0 at top-1, at the price of smaller gains for the "
+        "labels with examples (e.g. opaque names).",
+        "",
+    ]
+    lines += ["## Bars (test)", "", "| bar | measured | threshold | met |", "|---|---:|---:|---|"]
+    for name, got, thr, ok in bars(results["test"]):
+        lines.append(f"| {name} | {got:.1f} | {thr:.1f} | {'yes' if ok else '**no**'} |")
+    lines += [
+        "",
+        f"Generated by `python -m benchmarks.few_shot` ({platform.machine()}, torch {torch.__version__}).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, naming in zip(axes, ("own", "opaque")):
+        r = results["test"][naming]
+        for m, style in (("text", "k--"), ("vision", "b-o"), ("combined", "r-s")):
+            ks = [k for k in KS if m in r[str(k)]["methods"]]
+            ax.plot(ks, [r[str(k)]["methods"][m]["acc1"] for k in ks], style, label=m)
+        ax.axhline(4.0, color="grey", lw=0.5)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(list(KS), [str(k) for k in KS])
+        ax.set_xlabel("examples per class (k)")
+        ax.set_title(f"{naming} names (663 test regions)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Acc@1 (%)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pool", type=int, default=600, help="val scenes in the example pool [600]")
+    ap.add_argument("--draws", type=int, default=5, help="random draws per k [5]")
+    ap.add_argument("--cache", default="/tmp/few_shot_cache", help="folder of the LET cache [/tmp/few_shot_cache]")
+    ap.add_argument("--out", default=str(RESULTS / "few_shot.md"))
+    a = ap.parse_args(argv)
+    from benchmarks.scene_world import SceneWorld
+
+    clip = load_clip(SCENE_MODEL, str(SCENE_CHECKPOINT))
+    cache = Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    sets = load_sets(clip, a.pool, cache)
+    names = SceneWorld(image_size=SIZE).class_names
+    scorer = LabelScorer(clip)
+    texts = {
+        "own": scorer.prototypes(names, DEFAULT_TEMPLATES).cpu().numpy(),
+        "opaque": scorer.prototypes([f"type-{i:02d}" for i in range(len(names))], DEFAULT_TEMPLATES).cpu().numpy(),
+    }
+    scale = float(clip.model.logit_scale.exp())
+    results = {part: run(sets, texts, scale, a.draws, part) for part in ("select", "test")}
+    regions = {n: int(len(s["label"])) for n, s in sets.items()}
+    md = to_markdown(results, regions, a.draws, {"model": clip.id, "pool": a.pool})
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    summary = {"regions": regions["test"]}
+    for naming in ("own", "opaque"):
+        summary[naming] = {
+            str(k): {
+                m: (
+                    results["test"][naming][str(k)]["methods"][m]["acc1"]
+                    if m in results["test"][naming][str(k)]["methods"]
+                    else None
+                )
+                for m in ("text", "vision", "combined")
+            }
+            for k in KS
+        }
+    summary["details"] = {
+        "test": results["test"],
+        "select": results["select"],
+        "draws": a.draws,
+        "bars": [{"bar": n, "measured": g, "threshold": t, "met": ok} for n, g, t, ok in bars(results["test"])],
+    }
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    png = plot(results, out.with_suffix(".png"))
+    DOCS.mkdir(exist_ok=True)
+    shutil.copy(png, DOCS / "few_shot.png")
+    print(md)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

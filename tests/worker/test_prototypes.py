@@ -1,0 +1,69 @@
+"""worker.prototypes and backend.prototype_fit: the text-anchored probe, the combination rule, the vector format."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.prototype_fit import class_means, fit_prototypes
+from worker.protocol import decode_vectors, encode_vectors
+from worker.prototypes import combined_logits, normalize
+
+
+def data(seed=0, n_labels=4, dim=16, per=5):
+    rng = np.random.default_rng(seed)
+    centres = normalize(rng.normal(size=(n_labels, dim)))
+    text = normalize(centres + 0.8 * rng.normal(size=(n_labels, dim)))
+    y = np.repeat(np.arange(n_labels), per)
+    x = normalize(centres[y] + 0.3 * rng.normal(size=(len(y), dim)))
+    return text, x, y, centres
+
+
+def test_without_examples_it_is_text():
+    text, x, *_ = data()
+    w, b = fit_prototypes(text, np.zeros((0, 16)), np.zeros(0, int), 20.0)
+    np.testing.assert_allclose(w, text, atol=1e-6)
+    np.testing.assert_allclose(combined_logits(x, text, 20.0), 20.0 * x @ text.T, rtol=1e-5, atol=1e-5)
+
+
+def test_examples_improve_accuracy_on_held_out_points():
+    text, x, y, centres = data()
+    _, xt, yt, _ = data(seed=0, per=40)
+    w, b = fit_prototypes(text, x, y, 20.0)
+    means, counts = class_means(x, y, 4)
+    acc_text = (np.argmax(xt @ text.T, 1) == yt).mean()
+    acc_comb = (np.argmax(combined_logits(xt, text, 20.0, w, b, means, counts), 1) == yt).mean()
+    assert acc_comb > acc_text
+
+
+def test_labels_without_examples_keep_their_top1_decisions():
+    text, x, y, _ = data(n_labels=6)
+    _, xt, _, _ = data(seed=0, n_labels=6, per=30)
+    keep = y < 3  # labels 3..5 have no examples
+    w, b = fit_prototypes(text, x[keep], y[keep], 20.0)
+    means, counts = class_means(x[keep], y[keep], 6)
+    comb = combined_logits(xt, text, 20.0, w, b, means, counts)
+    t = xt @ text.T
+    text_top = np.argmax(t, 1)
+    # wherever text picked a label without examples, the combination picks the same
+    np.testing.assert_array_equal(np.argmax(comb, 1)[text_top >= 3], text_top[text_top >= 3])
+    np.testing.assert_array_equal(w[3:], text[3:].astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_vectors_round_trip(dtype):
+    x = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
+    doc = encode_vectors(x, dtype)
+    np.testing.assert_allclose(decode_vectors(doc), x, rtol=1e-3 if dtype == "float16" else 0, atol=1e-3)
+
+
+@pytest.mark.parametrize("doc, msg", [
+    ({"dtype": "int8", "shape": [1, 1], "data": ""}, "dtype"),
+    ({"dtype": "float32", "shape": [1], "data": ""}, "shape"),
+    ({"dtype": "float32", "shape": [1, 2], "data": "AAAA"}, "bytes"),
+    ({"dtype": "float32", "shape": [1, 1], "data": "not base64!"}, "base64"),
+    ({"dtype": "float32", "shape": [1, 1], "data": "AADAfw=="}, "non-finite"),
+])
+def test_bad_vectors_are_refused_with_a_clear_error(doc, msg):
+    with pytest.raises(ValueError, match=msg):
+        decode_vectors(doc)

@@ -1,0 +1,257 @@
+"""LETs through the LET cache, scoring with text + example prototypes, and the ``embed_regions`` job.
+
+``embed_regions`` (job kind in :data:`worker.protocol.JOB_KINDS`) turns annotated regions into examples: it
+returns each region's LET, and optionally the text prototypes of a label set, compactly::
+
+    payload = {"v": 1, "image": {"sha256", "data_b64"}, "regions": [{"id": str, "mask": EncodedMask}, ...],
+               "params": InversionParams, "labels": [str, ...] (optional), "dtype": "float16" | "float32"}
+    result  = JobResult(kind="embed_regions", regions=[RegionResult(id, meta={"let": Vectors [1, D]}), ...],
+                        meta={"text": Vectors [L, D] (when labels were given), "logit_scale": float,
+                              "embed_dim": int})
+
+    Vectors = {"dtype": "float32" | "float16", "shape": [N, D], "data": base64 of the little-endian array}
+    (worker.prototypes.encode_vectors / decode_vectors; float16 by default: 2 bytes per dimension)
+
+LETs are the raw (unnormalised) LETs of :meth:`worker.engine.MaskInversionEngine.invert`. Both this job and
+``label_regions`` look LETs up in the LET cache (:mod:`worker.let_cache`) before inverting.
+
+Prototypes for ``label_regions`` (optional ``"prototypes"`` in its payload; built by the backend from the
+project's examples, :mod:`backend.learning`)::
+
+    {"version": str, "labels": [str, ...], "weights": Vectors [P, D], "bias": [float] * P,
+     "means": Vectors [P, D], "counts": [int] * P}
+
+one row per label *with examples* (labels of the job not listed fall back to text); scored by
+:func:`worker.prototypes.combined_logits`. Each region's ``meta`` then carries ``margin`` (top-1 minus top-2
+probability), ``examples`` (the number of examples behind its top-1 label) and ``examples_version``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .let_cache import JOB_META_KEY, LetCache, RedisLetCache, let_key
+from .protocol import (InversionParams, JobResult, PayloadError, ProtocolError, RegionResult, check_limits,
+                       check_payload_version, decode_image, decode_mask, encode_mask)
+from .prototypes import combined_logits, decode_vectors, encode_vectors
+
+log = logging.getLogger(__name__)
+
+#: most labels an embed job computes text prototypes for, and most prototype rows a label job accepts
+MAX_LABELS = 1000
+DEFAULT_PREFIX = "maskinv"
+
+
+def job_let_cache(memory: LetCache) -> tuple[LetCache, str]:
+    """The LET cache for the running job: Redis (shared by all workers) when the backend named one in the RQ
+    job's meta, else the process's in-memory cache; and the key prefix."""
+    try:
+        from rq import get_current_job
+
+        job = get_current_job()
+    except Exception:  # noqa: BLE001 - not inside an RQ worker
+        job = None
+    conf = (job.meta or {}).get(JOB_META_KEY) if job is not None else None
+    if conf and isinstance(conf, dict):
+        return RedisLetCache(job.connection, int(conf.get("ttl_s", 0))), str(conf.get("prefix") or DEFAULT_PREFIX)
+    return memory, DEFAULT_PREFIX
+
+
+@dataclass
+class LetBatch:
+    """LETs of N regions of one image."""
+
+    lets: np.ndarray  # [N, D] float32, unnormalised (zeros where errors[i] is set)
+    errors: list[str | None]
+    hits: int = 0  # regions served from the LET cache
+    image_hit: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def region_lets(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
+                params: InversionParams, cache: LetCache, prefix: str,
+                mask_errors: dict[int, str] | None = None) -> LetBatch:
+    """LETs ``[N, D]`` of ``masks`` on the image: cached ones from ``cache``, the others inverted (and stored).
+
+    ``mask_errors``: regions already known to be bad (their error is kept, nothing is inverted for them).
+    """
+    mask_errors = dict(mask_errors or {})
+    n = len(masks)
+    dim = int(rt.clip.embed_dim)
+    lets = np.zeros((n, dim), np.float32)
+    errors: list[str | None] = [mask_errors.get(i) for i in range(n)]
+    model_id = rt.clip.id
+    keys = {i: let_key(prefix, model_id, image_sha256, encode_mask(np.asarray(masks[i], bool))["sha256"],
+                       params.size, params.steps, params.lr, params.alpha)
+            for i in range(n) if errors[i] is None}
+    try:
+        found = dict(zip(keys, cache.get_many(list(keys.values())))) if keys else {}
+    except Exception as exc:  # noqa: BLE001 - a cache read failure only costs an inversion
+        log.warning("LET cache read failed: %s", exc)
+        found = {}
+    hits = 0
+    for i, let in found.items():
+        if let is not None and let.shape == (dim,):
+            lets[i] = let
+            hits += 1
+    todo = [i for i in keys if not (found.get(i) is not None and found[i].shape == (dim,))]
+    timings = {"forward_s": 0.0, "inversion_s": 0.0}
+    image_hit = False
+    if todo:
+        res = rt.engine.invert(image_bytes, [masks[i] for i in todo], size=params.size, steps=params.steps,
+                               lr=params.lr, alpha=params.alpha, final_loss=False)
+        image_hit = bool(res.image_hit)
+        timings = {"forward_s": res.timings["forward_s"], "inversion_s": res.timings["inversion_s"]}
+        out = res.lets.detach().float().cpu().numpy()
+        store = {}
+        for j, i in enumerate(todo):
+            if res.errors[j] is None:
+                lets[i] = out[j]
+                store[keys[i]] = out[j]
+            else:
+                errors[i] = res.errors[j]
+        try:
+            cache.put_many(store)
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("LET cache write failed: %s", exc)
+    return LetBatch(lets=lets, errors=errors, hits=hits, image_hit=image_hit, timings=timings)
+
+
+def text_prototypes(rt: Any, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """Normalised text prototypes ``[L, D]`` (the runtime's label scorer, cached there)."""
+    return rt.scorer.prototypes(list(labels), list(templates)).detach().float().cpu().numpy()
+
+
+def logit_scale(rt: Any) -> float:
+    return float(rt.clip.model.logit_scale.exp())
+
+
+def parse_prototypes(doc: Any, labels: Sequence[str], dim: int) -> dict[str, Any] | None:
+    """The ``prototypes`` of a label job aligned to the job's ``labels`` (rows of unlisted labels: no examples);
+    None when absent. PayloadError for a malformed document."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        raise PayloadError("prototypes must be an object")
+    names = doc.get("labels")
+    if not isinstance(names, list) or not all(isinstance(x, str) for x in names) or len(names) > MAX_LABELS:
+        raise PayloadError(f"prototypes.labels must be a list of at most {MAX_LABELS} strings")
+    try:
+        weights = decode_vectors(doc.get("weights"))
+        means = decode_vectors(doc.get("means"))
+    except ValueError as exc:
+        raise PayloadError(f"prototypes: {exc}") from None
+    bias, counts = doc.get("bias"), doc.get("counts")
+    p = len(names)
+    if weights.shape != (p, dim) or means.shape != (p, dim):
+        raise PayloadError(f"prototypes.weights and .means must be [{p}, {dim}], got {list(weights.shape)} and "
+                           f"{list(means.shape)}")
+    if (not isinstance(bias, list) or len(bias) != p
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and np.isfinite(b) for b in bias)):
+        raise PayloadError(f"prototypes.bias must be {p} finite numbers")
+    if not isinstance(counts, list) or len(counts) != p or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise PayloadError(f"prototypes.counts must be {p} non-negative integers")
+    index = {name: j for j, name in enumerate(names)}
+    n = len(labels)
+    out = {"weights": np.zeros((n, dim), np.float32), "bias": np.zeros(n, np.float32),
+           "means": np.zeros((n, dim), np.float32), "counts": np.zeros(n, np.int64),
+           "version": str(doc.get("version") or "")[:100]}
+    for i, label in enumerate(labels):
+        j = index.get(label)
+        if j is not None and counts[j] > 0:
+            out["weights"][i], out["bias"][i] = weights[j], bias[j]
+            out["means"][i], out["counts"][i] = means[j], counts[j]
+    return out
+
+
+def score_regions(rt: Any, lets: np.ndarray, labels: Sequence[str], templates: Sequence[str], top_k: int,
+                  prototypes: dict[str, Any] | None = None
+                  ) -> tuple[list[list[tuple[str, float]]], list[dict[str, Any]]]:
+    """Top-k ``(label, probability)`` per LET ``[N, D]`` and per-region meta (margin, examples behind top-1)."""
+    text = text_prototypes(rt, labels, templates)
+    scale = logit_scale(rt)
+    if prototypes is None:
+        logits = combined_logits(lets, text, scale)
+    else:
+        # labels with examples: the probe's weights; without: their text prototype (see worker.prototypes)
+        weights = np.where(prototypes["counts"][:, None] > 0, prototypes["weights"], text)
+        logits = combined_logits(lets, text, scale, weights, prototypes["bias"], prototypes["means"],
+                                 prototypes["counts"])
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    k = min(int(top_k), len(labels))
+    order = np.argsort(-probs, axis=1, kind="stable")
+    scored, meta = [], []
+    for row, idx in zip(probs, order):
+        scored.append([(labels[j], float(row[j])) for j in idx[:k]])
+        second = float(row[idx[1]]) if len(idx) > 1 else 0.0
+        m: dict[str, Any] = {"margin": float(row[idx[0]]) - second}
+        if prototypes is not None:
+            m["examples"] = int(prototypes["counts"][idx[0]])
+            m["examples_version"] = prototypes["version"]
+        else:
+            m["examples"] = 0
+        meta.append(m)
+    return scored, meta
+
+
+def embed_regions(job: dict[str, Any]) -> dict[str, Any]:
+    """The LETs of a job's regions (and text prototypes of its labels), see the module docstring."""
+    from .jobs import check_text_limits, get_runtime
+
+    rt = get_runtime()
+    t0 = time.perf_counter()
+    ids: list[str] = []
+    try:
+        if not isinstance(job, dict):
+            raise PayloadError(f"job must be a dict, got {type(job).__name__}")
+        check_payload_version(job)
+        regions = job.get("regions") or []
+        if not isinstance(regions, list):
+            raise PayloadError("regions must be a list")
+        ids = [str(r.get("id", k)) if isinstance(r, dict) else str(k) for k, r in enumerate(regions)]
+        params = InversionParams.from_dict(job.get("params"))
+        check_limits(params, rt.settings.max_steps, rt.settings.max_size)
+        labels = job.get("labels") or []
+        if (not isinstance(labels, list) or len(labels) > MAX_LABELS
+                or not all(isinstance(x, str) and x.strip() for x in labels)):
+            raise PayloadError(f"labels must be a list of at most {MAX_LABELS} non-empty strings")
+        check_text_limits(params, labels, rt.settings)
+        dtype = job.get("dtype", "float16")
+        if dtype not in ("float16", "float32"):
+            raise PayloadError(f"dtype must be float16 or float32, got {dtype!r}")
+        masks, mask_errors = [], {}
+        for k, r in enumerate(regions):
+            try:
+                if not isinstance(r, dict):
+                    raise PayloadError("region must be an object")
+                masks.append(decode_mask(r.get("mask") or {}))
+            except PayloadError as exc:
+                mask_errors[k] = str(exc)
+                masks.append(np.zeros((1, 1), bool))
+        image_bytes, digest = decode_image(job.get("image") or {}) if regions else (b"", None)
+        cache, prefix = job_let_cache(rt.let_cache)
+        with rt.lock:
+            batch = (region_lets(rt, image_bytes, digest, masks, params, cache, prefix, mask_errors) if regions
+                     else LetBatch(np.zeros((0, rt.clip.embed_dim), np.float32), []))
+            meta: dict[str, Any] = {"embed_dim": int(rt.clip.embed_dim), "logit_scale": logit_scale(rt)}
+            if labels:
+                meta["text"] = encode_vectors(text_prototypes(rt, labels, params.templates), dtype)
+    except (PayloadError, ProtocolError, ValueError) as exc:
+        log.warning("embed job rejected: %s", exc)
+        return JobResult.rejected(str(exc), ids, rt.model_info(), kind="embed_regions").to_dict()
+    out = [RegionResult.failed(rid, err) if err else
+           RegionResult(id=rid, meta={"let": encode_vectors(batch.lets[k:k + 1], dtype)})
+           for k, (rid, err) in enumerate(zip(ids, batch.errors))]
+    total = time.perf_counter() - t0
+    log.info("embed job: %d region(s) (%d from the LET cache) in %.2fs", len(ids), batch.hits, total)
+    return JobResult(regions=tuple(out), model=rt.model_info(), image_sha256=digest,
+                     timings={"total_s": total, **batch.timings},
+                     cache={"let_hits": batch.hits, "image_hit": batch.image_hit}, params=params.to_dict(),
+                     kind="embed_regions", meta=meta).to_dict()
