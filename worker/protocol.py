@@ -50,6 +50,8 @@ class JobKind:
 JOB_KINDS: dict[str, JobKind] = {
     "label_regions": JobKind("label_regions", "worker.jobs.label_regions",
                              "label and caption every region of one image"),
+    "propose_regions": JobKind("propose_regions", "worker.proposal_jobs.propose_regions",
+                               "propose, label and caption regions nobody drew on one image"),
 }
 
 #: RQ success callback that stores a finished job's region results in the result cache
