@@ -45,6 +45,13 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int | None = None,
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _str(env, name, default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float, lo: float | None = None) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -154,6 +161,9 @@ class Settings:
     # Inversion defaults (overridable per request)
     params: InversionParams = field(default_factory=InversionParams)
     extra_labels: tuple[str, ...] = ()
+    # Proposals (batch mode): "auto" = tasks without any region get proposed regions; "off" = never
+    proposals: str = "auto"
+    max_proposals: int = 20
 
     @property
     def redis_url_redacted(self) -> str | None:
@@ -234,4 +244,6 @@ class Settings:
             warmup=_bool(env, "MASKINV_WARMUP", True),
             params=params,
             extra_labels=_labels(env, "MASKINV_LABELS"),
+            proposals=_choice(env, "MASKINV_PROPOSALS", "auto", ("auto", "off")),
+            max_proposals=_int(env, "MASKINV_MAX_PROPOSALS", 20, 1, 1000),
         )

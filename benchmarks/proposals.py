@@ -10,7 +10,9 @@ Methods (all labelled by the same MaskInversion, K steps at the given input size
 * ``text``     — thresholded LeGrad maps of the text prototypes of the labels the global embedding ranks
   highest (``worker.proposals.text_candidates``);
 * ``maskcut``  — MaskCut on the last block's keys (``worker.maskcut``), every component of each round;
-* ``union``    — both, merged by NMS (the product's default);
+* ``keyseeds`` — key-affinity seed regions (``worker.maskcut.affinity_seeds``): per seed patch, the connected
+  patches whose keys are similar to the seed's;
+* ``union``    — all three, merged by NMS (the product's default);
 * ``sliding_window`` — the baseline every region method must beat: 2×2 and 3×3 grid cells and the whole image;
 * ``slic_colour``    — a CLIP-free colour segmentation (SLIC superpixels merged by mean colour on a region
   adjacency graph), to show what this world rewards.
@@ -53,8 +55,9 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 REPO = Path(__file__).resolve().parent.parent
 SCENE_MODEL = "maskinv-scene-tiny"
 SCENE_CHECKPOINT = REPO / "assets" / "tiny_scene_clip" / f"{SCENE_MODEL}.safetensors"
-METHODS = ("text", "maskcut", "union", "sliding_window", "slic_colour")
-SOURCES = {"text": ("text",), "maskcut": ("maskcut",), "union": ("maskcut", "text"), "sliding_window": ("window",)}
+METHODS = ("text", "maskcut", "keyseeds", "union", "sliding_window", "slic_colour")
+SOURCES = {"text": ("text",), "maskcut": ("maskcut",), "keyseeds": ("keyseeds",), "union": ("maskcut", "keyseeds", "text"),
+           "sliding_window": ("window",)}
 
 
 @dataclass
@@ -143,12 +146,12 @@ def run_setting(engine: MaskInversionEngine, scorer: LabelScorer, items: Sequenc
             t = time.perf_counter()
             if m == "slic_colour":
                 cands = [P.Candidate(x, "slic") for x in colour_segments(img, size)]
-            elif m == "union" and {"maskcut", "text"} <= set(per):  # already refined
-                cands = per["maskcut"] + per["text"]
+            elif m == "union" and {"maskcut", "keyseeds", "text"} <= set(per):  # already refined
+                cands = per["maskcut"] + per["keyseeds"] + per["text"]
             else:
                 cands = P.gather_candidates(engine, scorer, img, labels, DEFAULT_TEMPLATES, size, SOURCES[m])
             if seg is not None and m not in ("slic_colour", "sliding_window") and not (
-                    m == "union" and {"maskcut", "text"} <= set(per) - {"union"}):
+                    m == "union" and {"maskcut", "keyseeds", "text"} <= set(per)):
                 cands = [P.Candidate(P.snap_to_superpixels(c.mask, seg), c.source, c.hint) for c in cands]
             if m != "sliding_window":
                 cands = P.dedupe(cands)[:P.MAX_CANDIDATES]
@@ -290,10 +293,10 @@ def summary_json(report: dict, size: int, refined: bool) -> dict:
         return next(r for r in report["rows"] if r["method"] == method and r["size"] == size and r["refined"] == ref)
 
     return {"objects": report["objects_multi"],
-            "recall50": {m: row(m)["recall50"] for m in ("text", "maskcut", "union")},
-            "recall75": {m: row(m)["recall75"] for m in ("text", "maskcut", "union")},
-            "ap50": {m: row(m)["ap50"] for m in ("union", "sliding_window", "slic_colour", "maskcut", "text")},
-            "ap": {m: row(m)["ap"] for m in ("union", "sliding_window", "slic_colour", "maskcut", "text")},
+            "recall50": {m: row(m)["recall50"] for m in ("text", "maskcut", "keyseeds", "union")},
+            "recall75": {m: row(m)["recall75"] for m in ("text", "maskcut", "keyseeds", "union")},
+            "ap50": {m: row(m)["ap50"] for m in ("union", "sliding_window", "slic_colour", "maskcut", "keyseeds", "text")},
+            "ap": {m: row(m)["ap"] for m in ("union", "sliding_window", "slic_colour", "maskcut", "keyseeds", "text")},
             "size": size, "refined": refined}
 
 

@@ -148,3 +148,37 @@ def last_block_keys(visual: torch.nn.Module, tokens: torch.Tensor) -> torch.Tens
     w_k = mha.in_proj_weight[d:2 * d]
     b_k = mha.in_proj_bias[d:2 * d] if mha.in_proj_bias is not None else None
     return F.linear(block.ln_1(tokens), w_k, b_k)[:, 1:]
+
+
+#: cosine thresholds of :func:`affinity_seeds`
+SEED_TAUS = (0.3, 0.5)
+
+
+def affinity_seeds(keys: torch.Tensor, grid: tuple[int, int], taus: tuple[float, ...] = SEED_TAUS,
+                   max_seeds_side: int = 14) -> list[tuple[np.ndarray, int]]:
+    """Key-affinity seed regions: for each seed patch and each ``tau``, the connected component holding the seed
+    of the patches whose keys have cosine > ``tau`` with the seed's key ``[gh, gw]`` bool.
+
+    Seeds are every patch on grids up to ``max_seeds_side`` per side, else a regular subsample. Identical regions
+    are merged; returns ``(mask, seeds that produced it)``, most-produced first (a region many seeds agree on is
+    a stable segment).
+    """
+    gh, gw = grid
+    if keys.shape[0] != gh * gw:
+        raise ValueError(f"{keys.shape[0]} keys do not fit a {gh} x {gw} grid")
+    k = F.normalize(keys.detach().double(), dim=-1)
+    cos = (k @ k.T).cpu().numpy()
+    sy = max(1, -(-gh // max_seeds_side))
+    sx = max(1, -(-gw // max_seeds_side))
+    seeds = [y * gw + x for y in range(sy // 2, gh, sy) for x in range(sx // 2, gw, sx)]
+    found: dict[bytes, list] = {}
+    for tau in taus:
+        for i in seeds:
+            lab, _ = ndimage.label((cos[i] > tau).reshape(gh, gw))
+            comp = lab == lab.reshape(-1)[i]
+            key = np.packbits(comp).tobytes()
+            if key in found:
+                found[key][1] += 1
+            else:
+                found[key] = [comp, 1]
+    return sorted(((m, c) for m, c in found.values()), key=lambda mc: -mc[1])

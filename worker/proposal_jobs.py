@@ -3,7 +3,7 @@
 Payload (a plain JSON object, like ``label_regions``'s)::
 
     {"v": 1, "image": {"sha256", "data_b64"}, "labels": [str, ...], "params": InversionParams.to_dict(),
-     "proposals": {"sources": ["maskcut", "text"], "max_proposals": int, "min_score": float, "refine": bool}}
+     "proposals": {"sources": ["maskcut", "keyseeds", "text"], "max_proposals": int, "min_score": float, "refine": bool}}
 
 Result: :class:`worker.protocol.JobResult` (kind ``"propose_regions"``), one :class:`RegionResult` per kept
 proposal, best first, id ``"proposal-<k>"``, with ``meta = {"proposed": True, "source": str, "mask": <packed
@@ -12,7 +12,8 @@ bits, worker.payload.encode_mask, [S, S] over the whole image>, "area": share of
 Worker settings (read once, at the first job; see README):
     MASKINV_MAX_PROPOSALS       proposals returned per image at most [20]; a job may ask for fewer
     MASKINV_PROPOSAL_MIN_SCORE  default best-label probability a proposal needs [0.2]
-    MASKINV_PROPOSAL_SOURCES    default sources, comma-separated, of maskcut,text,window,sam [maskcut,text]
+    MASKINV_PROPOSAL_SOURCES    default sources, comma-separated, of maskcut,keyseeds,text,window,sam
+                                [maskcut,keyseeds,text]
     MASKINV_PROPOSAL_REFINE     snap masks to SLIC superpixels by default (1/0) [0]
     MASKINV_SAM_CHECKPOINT      a transformers SAM checkpoint (folder or hub id in the local cache) for the
                                 ``sam`` source [unset: no SAM]
@@ -42,7 +43,7 @@ class ProposalSettings:
 
     max_proposals: int = 20
     min_score: float = 0.2
-    sources: tuple[str, ...] = ("maskcut", "text")
+    sources: tuple[str, ...] = ("maskcut", "keyseeds", "text")
     refine: bool = False
     sam_checkpoint: str | None = None
 

@@ -4,6 +4,8 @@ Sources of candidate masks (all ``[S, S]`` bool at the model input size S, the w
 
 * ``maskcut`` — MaskCut on the last block's key features (:mod:`worker.maskcut`): every connected component of
   each round's foreground, at the patch grid;
+* ``keyseeds`` — key-affinity seed regions (:func:`worker.maskcut.affinity_seeds`): per seed patch, the connected
+  patches whose last-block keys have cosine > tau with the seed's, most-agreed-on regions first;
 * ``text``    — the LeGrad map of each label's text prototype (the decomposed path with ``emb`` = the
   prototype), for the labels the image's global embedding ranks highest, thresholded and split into connected
   components ("where is each label?");
@@ -31,8 +33,8 @@ import torch
 from . import maskcut, vit
 from .preprocess import ImageLike, image_to_tensor, open_image
 
-SOURCES = ("maskcut", "text", "window", "sam")
-DEFAULT_SOURCES = ("maskcut", "text")
+SOURCES = ("maskcut", "keyseeds", "text", "window", "sam")
+DEFAULT_SOURCES = ("maskcut", "keyseeds", "text")
 #: default probability a proposal's best label needs to be kept (MASKINV_PROPOSAL_MIN_SCORE)
 DEFAULT_MIN_SCORE = 0.2
 #: default cap on proposals returned per image (MASKINV_MAX_PROPOSALS)
@@ -128,18 +130,23 @@ def dedupe(cands: list[Candidate], iou: float = DEDUPE_IOU) -> list[Candidate]:
     return [cands[i] for i in keep]
 
 
-def superpixels(image, size: int, n_segments: int | None = None, compactness: float = 10.0) -> np.ndarray:
+#: SLIC superpixels per image and the share of a superpixel a mask must cover to take it (chosen on 40 scenes,
+#: see benchmarks/results/proposals.md)
+SLIC_SEGMENTS = 150
+SNAP_COVER = 0.7
+
+
+def superpixels(image, size: int, n_segments: int = SLIC_SEGMENTS, compactness: float = 10.0) -> np.ndarray:
     """SLIC superpixel labels ``[size, size]`` int of the image resized to size×size (scikit-image)."""
     from PIL import Image
     from skimage.segmentation import slic
 
     img = open_image(image)[0] if not hasattr(image, "resize") else image
     arr = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
-    n = n_segments or max(16, (size // 8) ** 2 // 2)
-    return slic(arr, n_segments=n, compactness=compactness, start_label=0)
+    return slic(arr, n_segments=n_segments, compactness=compactness, start_label=0)
 
 
-def snap_to_superpixels(mask: np.ndarray, segments: np.ndarray, min_cover: float = 0.5) -> np.ndarray:
+def snap_to_superpixels(mask: np.ndarray, segments: np.ndarray, min_cover: float = SNAP_COVER) -> np.ndarray:
     """The union of the superpixels that ``mask`` covers by at least ``min_cover`` ``[S, S]`` bool (the mask
     itself when none is covered that much)."""
     seg = segments.reshape(-1)
@@ -173,6 +180,19 @@ def maskcut_candidates(keys: torch.Tensor, grid: int, size: int, n_cuts: int = m
     for cut in maskcut.maskcut(keys, (grid, grid), n_cuts=n_cuts, tau=tau):
         comps = [cut.mask] + [c for c in cut.components if not np.array_equal(c, cut.mask)]
         out += [Candidate(upsample_grid(c, size), "maskcut") for c in comps]
+    return out
+
+
+def keyseed_candidates(keys: torch.Tensor, grid: int, size: int, max_regions: int = 40) -> list[Candidate]:
+    """The ``max_regions`` key-affinity seed regions most seeds agree on, as ``[S, S]`` masks (regions covering
+    2+ corners, the background, are left out)."""
+    out = []
+    for m, _ in maskcut.affinity_seeds(keys, (grid, grid)):
+        if maskcut.corners_covered(m) >= maskcut.CORNER_LIMIT:
+            continue
+        out.append(Candidate(upsample_grid(m, size), "keyseeds"))
+        if len(out) >= max_regions:
+            break
     return out
 
 
@@ -218,9 +238,12 @@ def gather_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], t
     if unknown:
         raise ValueError(f"unknown proposal source(s) {unknown}; known: {list(SOURCES)}")
     out: list[Candidate] = []
-    if "maskcut" in sources:
+    if "maskcut" in sources or "keyseeds" in sources:
         keys, grid = image_keys(engine, image, size)
-        out += maskcut_candidates(keys, grid, size, n_cuts=n_cuts)
+        if "maskcut" in sources:
+            out += maskcut_candidates(keys, grid, size, n_cuts=n_cuts)
+        if "keyseeds" in sources:
+            out += keyseed_candidates(keys, grid, size)
     if "text" in sources:
         out += text_candidates(engine, scorer, image, labels, templates, size)
     if "window" in sources:

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 #: the job functions a worker runs (anything else enqueued on its queue fails without being imported)
-ALLOWED_FUNCTIONS = frozenset({"worker.jobs.label_regions"})
+ALLOWED_FUNCTIONS = frozenset({"worker.jobs.label_regions", "worker.proposal_jobs.propose_regions"})
 #: the job callbacks it runs (others are ignored)
 ALLOWED_CALLBACKS = frozenset({"worker.result_cache.store_job_result"})
 

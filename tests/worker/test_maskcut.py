@@ -103,3 +103,26 @@ def test_last_block_keys_match_the_attention_keys():
     qkv = torch.nn.functional.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
     assert keys.shape == (2, 49, d)
     assert torch.allclose(keys, qkv[:, 1:, d:2 * d])
+
+
+def test_affinity_seeds_recover_every_object_and_rank_stable_regions_first():
+    lab = np.zeros((10, 10), int)
+    lab[1:3, 1:3] = 1
+    lab[6:9, 2:4] = 2
+    lab[3:6, 6:9] = 3
+    seeds = maskcut.affinity_seeds(_keys(lab, seed=4), (10, 10))
+    masks = [m for m, _ in seeds]
+    for obj in range(4):
+        assert any(np.array_equal(m, lab == obj) for m in masks), obj
+    counts = [c for _, c in seeds]
+    assert counts == sorted(counts, reverse=True)
+    assert np.array_equal(masks[0], lab == 0)  # the background: most seeds land on it
+    assert sum(counts) == 100 * len(maskcut.SEED_TAUS)
+
+
+def test_affinity_seeds_subsample_large_grids():
+    lab = np.zeros((28, 28), int)
+    lab[5:15, 5:15] = 1
+    seeds = maskcut.affinity_seeds(_keys(lab, dim=4), (28, 28), taus=(0.5,))
+    assert sum(c for _, c in seeds) == 14 * 14
+    assert any(np.array_equal(m, lab == 1) for m, _ in seeds)

@@ -67,7 +67,7 @@ def test_snap_to_superpixels_takes_covered_segments_only():
     mask = np.zeros((6, 6), bool)
     mask[:4, :3] = True  # all of segment 0
     mask[0, 3] = True  # a sliver of segment 1
-    out = P.snap_to_superpixels(mask, seg)
+    out = P.snap_to_superpixels(mask, seg, min_cover=0.5)
     assert np.array_equal(out, seg == 0)
     assert np.array_equal(P.snap_to_superpixels(np.zeros((6, 6), bool) | (seg == 5), seg), seg == 5)
 
@@ -78,7 +78,7 @@ def test_superpixels_follow_colour_edges():
     assert seg.shape == (64, 64)
     red = np.zeros((64, 64), bool)
     red[13:40, 8:30] = True  # the red block in the 64x64 frame (48 -> 64 rows)
-    snapped = P.snap_to_superpixels(red & ~_box(64, 13, 18, 8, 30), seg)
+    snapped = P.snap_to_superpixels(red & ~_box(64, 13, 18, 8, 30), seg, min_cover=0.5)
     assert (snapped & red).sum() / (snapped | red).sum() > 0.7
 
 
@@ -101,7 +101,7 @@ def test_gather_candidates_per_source_and_unknown_source(tiny):
     img = _png()
     keys, grid = P.image_keys(engine, img, 64)
     assert keys.shape[0] == grid * grid
-    for src in ("maskcut", "text", "window"):
+    for src in ("maskcut", "keyseeds", "text", "window"):
         cands = P.gather_candidates(engine, scorer, img, LABELS, TEMPLATES, 64, (src,))
         assert cands and all(c.source == src and c.mask.shape == (64, 64) for c in cands)
     text = P.gather_candidates(engine, scorer, img, LABELS, TEMPLATES, 64, ("text",))
