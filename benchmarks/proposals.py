@@ -127,7 +127,7 @@ def _coco_rle(mask: np.ndarray) -> dict:
 
 def run_setting(engine: MaskInversionEngine, scorer: LabelScorer, items: Sequence[Item], methods: Sequence[str],
                 labels: Sequence[str], size: int, refine: bool, steps: int, min_score: float, max_proposals: int,
-                progress: bool = False) -> dict[str, MethodRun]:
+                progress: bool = False, label: bool = True) -> dict[str, MethodRun]:
     """Every method at one (size, refinement) setting. Each image's candidates of all methods are inverted in
     one batch (a LET depends only on its own mask, so this equals inverting each method's set apart)."""
     cat_id = {name: i + 1 for i, name in enumerate(labels)}
@@ -159,10 +159,11 @@ def run_setting(engine: MaskInversionEngine, scorer: LabelScorer, items: Sequenc
             times[m] = time.perf_counter() - t
         flat = list({id(c): c for m in methods for c in per[m]}.values())  # union shares its members
         t = time.perf_counter()
-        labelled = P.label_candidates(engine, scorer, img, flat, labels, DEFAULT_TEMPLATES, size, steps=steps, top_k=1)
+        labelled = (P.label_candidates(engine, scorer, img, flat, labels, DEFAULT_TEMPLATES, size, steps=steps, top_k=1)
+                    if label else [])
         t_inv = (time.perf_counter() - t) / max(1, len(flat))
         by_id = {id(c): p for c, p in zip(flat, labelled)}  # label_candidates keeps order; failures are rare
-        if len(labelled) != len(flat):
+        if label and len(labelled) != len(flat):
             by_id = {}
             for p in labelled:
                 for c in flat:
@@ -256,20 +257,22 @@ def coco_items(annotations: str, images: str | None, limit: int | None) -> tuple
 
 
 def evaluate(clip, items: list[Item], labels: list[str], sizes: Sequence[int], steps: int, min_score: float,
-             max_proposals: int, methods: Sequence[str] = METHODS, progress: bool = True) -> dict:
+             max_proposals: int, methods: Sequence[str] = METHODS, progress: bool = True,
+             refine_settings: Sequence[bool] = (False, True), label: bool = True) -> dict:
     engine = MaskInversionEngine(clip)
     scorer = LabelScorer(clip)
     scorer.prototypes(labels, DEFAULT_TEMPLATES)
     multi_ids = [it.image_id for it in items if len(it.masks) >= 2]
     rows = []
     for size in sizes:
-        for refine in (False, True):
+        for refine in refine_settings:
             todo = [m for m in methods if not (refine and m in ("slic_colour", "sliding_window"))]
             runs = run_setting(engine, scorer, items, todo, labels, size, refine, steps, min_score, max_proposals,
-                               progress)
+                               progress, label)
             for method, run in runs.items():
-                ap, ap50 = coco_ap(items, labels, run.detections)
-                ap_m, ap50_m = coco_ap(items, labels, run.detections, multi_ids)
+                nan = (float("nan"), float("nan"))
+                ap, ap50 = coco_ap(items, labels, run.detections) if label else nan
+                ap_m, ap50_m = coco_ap(items, labels, run.detections, multi_ids) if label else nan
                 rows.append({"method": method, "size": size, "refined": refine or method == "slic_colour",
                              "recall50": run.recall(0.5), "recall75": run.recall(0.75),
                              "recall50_kept": run.recall(0.5, kept=True), "recall75_kept": run.recall(0.75, kept=True),
@@ -402,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="markdown path [benchmarks/results/proposals.md]")
     ap.add_argument("--figure", default=None, help="PNG of proposals on a few scenes [docs/proposals.png]")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--refine", choices=("both", "off", "on"), default="both", help="settings to run [both]")
+    ap.add_argument("--no-labels", action="store_true", help="class-agnostic recall of the candidates only (no "
+                                                              "inversion, no AP)")
+    ap.add_argument("--rows", default=None, help="also write the rows as JSON lines to this path")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -425,12 +432,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dataset = Path(a.annotations).name
         sizes = a.sizes or [int(clip.visual.image_size[0])]
     t0 = time.perf_counter()
-    report = evaluate(clip, items, labels, sizes, a.steps, a.min_score, a.max_proposals, a.methods)
+    refine_settings = {"both": (False, True), "off": (False,), "on": (True,)}[a.refine]
+    report = evaluate(clip, items, labels, sizes, a.steps, a.min_score, a.max_proposals, a.methods,
+                      refine_settings=refine_settings, label=not a.no_labels)
+    if a.rows:
+        Path(a.rows).write_text("".join(json.dumps(r) + "\n" for r in report["rows"]))
     hsize = a.headline_size or max(sizes)
     config = {"dataset": dataset, "model": clip.id, "steps": a.steps, "min_score": a.min_score,
               "max_proposals": a.max_proposals, "argv": " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "seconds": time.perf_counter() - t0}
-    if set(METHODS) <= set(a.methods):
+    if set(METHODS) <= set(a.methods) and a.refine == "both" and not a.no_labels:
         head_patch = summary_json(report, hsize, False)
         head_ref = summary_json(report, hsize, True)
         best = head_ref if head_ref["ap50"]["union"] >= head_patch["ap50"]["union"] else head_patch
