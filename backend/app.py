@@ -115,7 +115,9 @@ def predict_view():
     else:
         results = model.predict(data["tasks"], context=context, **extra)
     service = _service()
-    version = service.model_version(model.config, *service.params(extra.get("maskinv")))
+    from .propose import split_override
+
+    version = service.model_version(model.config, *service.params(split_override(extra.get("maskinv"))[0]))
     return jsonify({"results": results, "model_version": version})
 
 

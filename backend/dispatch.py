@@ -33,8 +33,8 @@ import numpy as np
 
 from worker.protocol import (JOB_META_KEY, LET_META_KEY, STORE_CALLBACK, InversionParams, JobResult, LabelRegionsJob,
                              MemoryResultCache, PrepareLabelsJob, ProtocolError, RedisResultCache, RegionResult,
-                             RegistryReader, ResultCache, encode_mask, entries_from_result, job_function,
-                             job_serializer, params_digest, region_from_cache, region_key, sha256_hex)
+                             RegistryReader, ResultCache, allowed_functions, encode_mask, entries_from_result,
+                             job_function, job_serializer, params_digest, region_from_cache, region_key, sha256_hex)
 
 from .settings import Settings
 
@@ -87,6 +87,7 @@ class _Prepared:
     hits: dict[str, dict] = field(default_factory=dict)  # sha -> cached value
     payload: dict | None = None
     job_id: str | None = None
+    function: str = JOB_FUNCTION  # the worker job that runs the payload (a worker.protocol.JOB_KINDS function)
 
 
 @dataclass
@@ -149,6 +150,22 @@ class Dispatcher:
         todo = [p for p in prepared if p.payload is not None]
         runs = dict(zip((id(p) for p in todo), self._run(todo, timeout_s))) if todo else {}
         return [self._merge(p, runs.get(id(p)), model) for p in prepared]
+
+    def run_jobs(self, function: str, requests: list[tuple[bytes, dict]], timeout_s: float) -> list[_RunResult]:
+        """Run one job of ``function`` (a worker.protocol.JOB_KINDS function) per ``(image, payload)`` and wait up
+        to ``timeout_s``; no result cache (used by the proposal jobs, whose results depend on no drawn mask)."""
+        from worker.protocol import allowed_functions
+
+        if function not in allowed_functions():
+            raise DispatchError(f"{function!r} is not a worker job function")
+        items = []
+        for image, payload in requests:
+            req = LabelRequest(image, [], list(payload.get("labels") or []), InversionParams())
+            ident = "\n".join([self.settings.queue, function, sha256_hex(repr(sorted(
+                (k, v) for k, v in payload.items() if k != "image")).encode()), req.image_sha256])
+            job_id = re.sub(r"[^A-Za-z0-9_-]", "_", self.settings.queue) + "-" + sha256_hex(ident.encode())[:40]
+            items.append(_Prepared(req, [], {}, "", payload=payload, job_id=job_id, function=function))
+        return self._run(items, timeout_s) if items else []
 
     def _prepare(self, req: LabelRequest, model: dict[str, Any] | None) -> _Prepared:
         shas, encoded = [], {}
@@ -262,11 +279,19 @@ class EmbeddedDispatcher(Dispatcher):
             return {"mode": self.mode, "model": self._model, "model_error": self._model_error,
                     "ready": self._model is not None}
 
-    def _job(self, payload: dict) -> dict:
+    def _job(self, payload: dict, function: str = JOB_FUNCTION) -> dict:
         from worker import jobs
 
         if self._model is None:
             self._load_model()
+        if function != JOB_FUNCTION:  # another job kind (run_jobs): no result cache
+            import importlib
+
+            if function not in allowed_functions():
+                raise DispatchError(f"refusing to run job function {function!r}: not in worker.protocol.JOB_KINDS")
+
+            module, name = function.rsplit(".", 1)
+            return getattr(importlib.import_module(module), name)(payload)
         result = jobs.label_regions(payload)
         entries = entries_from_result(self.settings.redis_prefix, payload, result)
         self.cache.put_many(entries)
@@ -289,7 +314,7 @@ class EmbeddedDispatcher(Dispatcher):
             fut = self._inflight.get(p.job_id) if p.job_id else None
             if fut is not None and not fut.done():
                 return fut
-            fut = self._pool.submit(self._job, p.payload)
+            fut = self._pool.submit(self._job, p.payload, p.function)
             if p.job_id:
                 self._inflight[p.job_id] = fut
         if p.job_id:  # outside the lock: the callback runs at once if the job is already done
@@ -401,13 +426,14 @@ class QueueDispatcher(Dispatcher):
         from rq import Callback
 
         return self.queue.enqueue_call(
-            JOB_FUNCTION, args=(p.payload,), job_id=p.job_id, unique=True,
+            p.function, args=(p.payload,), job_id=p.job_id, unique=True,
             timeout=self.settings.job_timeout_s, result_ttl=JOB_RESULT_TTL_S, failure_ttl=JOB_RESULT_TTL_S,
             ttl=max(3600, 2 * self.settings.job_timeout_s),
-            on_success=Callback(STORE_CALLBACK),
+            on_success=Callback(STORE_CALLBACK) if p.function == JOB_FUNCTION else None,
             meta={JOB_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.result_ttl_s},
                   LET_META_KEY: {"prefix": self.settings.redis_prefix, "ttl_s": self.settings.let_ttl_s}},
-            description=f"label {len(p.payload['regions'])} region(s) of image {p.request.image_sha256[:12]}")
+            description=f"{p.function.rsplit('.', 1)[-1]}: {len(p.payload.get('regions') or [])} region(s) of image "
+                        f"{p.request.image_sha256[:12]}")
 
     def run_embed(self, payload: dict, timeout_s: float) -> dict:
         """Enqueue one ``embed_regions`` job and wait for its result; DispatchError on failure or timeout."""

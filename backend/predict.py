@@ -32,6 +32,7 @@ from .dispatch import DispatchError, LabelRequest
 from .images import ImageError, image_size
 from .label_config import ProjectConfig
 from .predictions import region_results, task_prediction
+from .propose import propose_answers, split_override, untouched, wanted
 from .regions import Region, RegionError, collect_regions, region_mask
 from .service import PredictError, Service
 
@@ -95,6 +96,7 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
     if len(tasks) > settings.max_tasks:
         raise PredictError(413, f"the request has {len(tasks)} tasks, more than MASKINV_MAX_TASKS="
                                 f"{settings.max_tasks}; send them in smaller batches")
+    overrides, proposal_override = split_override(overrides)
     params, label_override = service.params(overrides)
     interactive = isinstance(context, dict) and isinstance(context.get("result"), list) and bool(context["result"])
     if interactive and len(tasks) != 1:
@@ -106,10 +108,14 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
 
     plans: list[_TaskPlan] = []
     fetches: list[_Fetch] = []
+    propose_for: list[int] = []  # tasks that get proposed regions (backend.propose)
     for task in tasks:
         items, source = (context["result"], "context") if interactive else task_regions(task)
         plan = _TaskPlan(task.get("id"), source)
         plans.append(plan)
+        if not interactive and source == "none" and untouched(task) and wanted(settings.proposals, proposal_override):
+            propose_for.append(len(plans) - 1)
+            continue
         regions, problems = collect_regions(items, cfg)
         plan.n_regions = len(regions) + len(problems)
         if plan.n_regions > settings.max_regions:
@@ -194,6 +200,11 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
             answers.append([])
         else:
             answers.append({"error": _summary(plan.errors), "maskinv": diagnostics})
+    if propose_for:
+        proposed = propose_answers(service, cfg, [tasks[i] for i in propose_for], params, label_override,
+                                   proposal_override, deadline, version)
+        for i, answer in zip(propose_for, proposed):
+            answers[i] = answer
     log.info("predict: %d task(s), %d job(s), %s mode, %.2fs", len(tasks), len(requests),
              "interactive" if interactive else "batch", time.perf_counter() - t0)
 

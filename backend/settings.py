@@ -39,6 +39,13 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int | None = None,
     return env_int(env, name, default, lo, hi, error=SettingsError)
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _str(env, name, default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float, lo: float | None = None) -> float:
     return env_float(env, name, default, lo, error=SettingsError)
 
@@ -149,6 +156,9 @@ class Settings:
     data_dir: str = "./maskinv-data"
     let_ttl_s: int = 7 * 24 * 3600
     max_examples: int = 20000
+    # Proposals (batch mode): "auto" = tasks without any region get proposed regions; "off" = never
+    proposals: str = "auto"
+    max_proposals: int = 20
 
     @property
     def redis_url_redacted(self) -> str | None:
@@ -254,4 +264,6 @@ class Settings:
             data_dir=_str(env, "MASKINV_DATA_DIR", "./maskinv-data"),
             let_ttl_s=_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0),
             max_examples=_int(env, "MASKINV_MAX_EXAMPLES", 20000, 1),
+            proposals=_choice(env, "MASKINV_PROPOSALS", "auto", ("auto", "off")),
+            max_proposals=_int(env, "MASKINV_MAX_PROPOSALS", 20, 1, 1000),
         )

@@ -79,6 +79,8 @@ JOB_KINDS: dict[str, JobKind] = {
                               "build and cache the text prototypes (and caption phrases) of a project's label sets"),
     "embed_regions": JobKind("embed_regions", "worker.embed_jobs.embed_regions",
                              "the LETs of regions of one image (examples), and text prototypes of labels"),
+    "propose_regions": JobKind("propose_regions", "worker.proposal_jobs.propose_regions",
+                               "propose, label and caption regions nobody drew on one image"),
 }
 
 #: RQ success callback that stores a finished job's region results in the result cache

@@ -56,7 +56,7 @@ def test_batch_labels_annotations_then_predictions_and_scores_by_weakest_region(
         task(4, 4),
     ]
     sent = copy.deepcopy(tasks)
-    resp = predict(client, "brush", tasks)
+    resp = predict(client, "brush", tasks, maskinv={"proposals": False})  # proposals: tests/backend/test_propose.py
     assert resp.status_code == 200, resp.get_json()
     res = resp.get_json()["results"]
     assert len(res) == 4

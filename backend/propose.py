@@ -1,0 +1,161 @@
+"""Batch mode for tasks nobody drew on: propose regions with the worker's ``propose_regions`` job and answer them
+as predictions in the project's own region type.
+
+When (documented in README, "Proposals"):
+
+* only in batch mode (no interactive ``context``), only for tasks that have no region at all (no annotation and
+  no prediction with a result): tasks with regions are labelled as before, never given proposals;
+* ``MASKINV_PROPOSALS=auto`` (default) proposes for such tasks, ``off`` never does; a request overrides it with
+  ``params.maskinv.proposals``: ``false``, ``true``, or an object with the job's options
+  (``sources``, ``min_score``, ``max_proposals``, ``refine``; see worker.proposal_jobs).
+
+What: the first region control of the config that has a vocabulary (and can carry a label) decides the output
+type — BrushLabels (RLE), PolygonLabels (contour, percent points) or RectangleLabels (box); see
+:mod:`backend.region_output`. Each proposal is a result item with its label, ``score``, ``meta.text``
+("proposed by MaskInversion (maskcut) · top-3 ...") and ``meta.proposed = true``, plus a caption in the per-region
+TextArea if the config has one. At most ``MASKINV_MAX_PROPOSALS`` proposals per image (the worker caps too).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from worker.protocol import InversionParams, decode_mask, encode_image
+
+from .dispatch import DispatchError
+from .label_config import ProjectConfig, RegionControl
+from .predictions import alternatives_text, task_prediction
+from .region_output import OutputError, geometry_value
+from .service import PredictError, Service
+
+log = logging.getLogger(__name__)
+
+PROPOSE_FUNCTION = "worker.proposal_jobs.propose_regions"
+OPTION_KEYS = frozenset({"sources", "min_score", "max_proposals", "refine"})
+
+
+def split_override(overrides: Any) -> tuple[Any, bool | dict[str, Any] | None]:
+    """``params.maskinv`` without its ``proposals`` key, and that key (None when absent).
+
+    Raises PredictError(400) for a ``proposals`` value that is neither a boolean nor an object of known options.
+    """
+    if not isinstance(overrides, dict) or "proposals" not in overrides:
+        return overrides, None
+    rest = {k: v for k, v in overrides.items() if k != "proposals"}
+    value = overrides["proposals"]
+    if isinstance(value, dict):
+        unknown = set(value) - OPTION_KEYS
+        if unknown:
+            raise PredictError(400, f"unknown key(s) in params.maskinv.proposals: {sorted(unknown)}; allowed: "
+                                    f"{sorted(OPTION_KEYS)}")
+    elif not isinstance(value, bool):
+        raise PredictError(400, f"params.maskinv.proposals must be true, false or an object, got {value!r}")
+    return (rest or None), value
+
+
+def wanted(mode: str, override: bool | dict[str, Any] | None) -> bool:
+    """Whether tasks without regions get proposals (``mode``: MASKINV_PROPOSALS)."""
+    if override is None:
+        return mode == "auto"
+    return override is not False
+
+
+def untouched(task: dict[str, Any]) -> bool:
+    """True when no annotator has submitted anything on the task (no annotation that was not cancelled)."""
+    anns = task.get("annotations")
+    return not any(isinstance(a, dict) and not a.get("was_cancelled") for a in (anns if isinstance(anns, list) else []))
+
+
+def target_control(cfg: ProjectConfig) -> RegionControl | None:
+    """The region control proposals are written as: the first with a vocabulary that can carry a label, else the
+    first with a vocabulary (the label then goes into ``meta.text`` only)."""
+    with_labels = [c for c in cfg.region_controls.values() if c.labels]
+    return next((c for c in with_labels if c.labels_control is not None), with_labels[0] if with_labels else None)
+
+
+def proposal_items(control: RegionControl, cfg: ProjectConfig, res: dict[str, Any], width: int, height: int,
+                   key: str) -> list[dict[str, Any]]:
+    """Result items (region + optional caption) for one proposal result ``res`` (a RegionResult dict)."""
+    mask = decode_mask(res["meta"]["mask"])
+    geometry = geometry_value(control.kind, mask, width, height)
+    best = res["labels"][0]
+    source = str(res["meta"].get("source") or "?")
+    meta = {"text": [f"proposed by MaskInversion ({source}) · {alternatives_text(res['labels'])}"],
+            "proposed": True, "source": source}
+    frame = {"original_width": width, "original_height": height, "image_rotation": 0}
+    if control.labels_control is not None and best["label"] in control.labels:
+        rtype = control.labelled_type
+        out = [{"id": key, "from_name": control.labels_control, "to_name": control.to_name, "type": rtype,
+                "value": {**geometry, rtype: [best["label"]]}, "score": float(best["score"]), "meta": meta,
+                "origin": "prediction", **frame}]
+    else:
+        out = [{"id": key, "from_name": control.name, "to_name": control.to_name, "type": control.tag,
+                "value": geometry, "score": float(best["score"]), "meta": meta, "origin": "prediction", **frame}]
+    caption = cfg.captions.get(control.to_name)
+    if caption is not None and res.get("caption"):
+        out.append({"id": key, "from_name": caption.name, "to_name": control.to_name, "type": "textarea",
+                    "value": {**geometry, "text": [str(res["caption"])]}, "origin": "prediction", **frame})
+    return out
+
+
+def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, Any]], params: InversionParams,
+                    label_override: list[str] | None, override: bool | dict[str, Any] | None, deadline: float,
+                    version: str) -> list[Any]:
+    """One answer per task (a prediction, ``[]`` when nothing was proposed, or ``{"error", "maskinv"}``)."""
+    from .predict import _Fetch, _fetch_all, _TaskPlan
+
+    control = target_control(cfg)
+    answers: list[Any] = [None] * len(tasks)
+    fetches: list[tuple[int, _Fetch]] = []
+    for i, task in enumerate(tasks):
+        if control is None:
+            answers[i] = []
+            continue
+        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        vocab = tuple(label_override or control.labels)
+        plan = _TaskPlan(task.get("id"), "proposals")
+        fetches.append((i, _Fetch(plan, data.get(cfg.images[control.to_name].data_key), task.get("id"), vocab, [])))
+    _fetch_all(service, [f for _, f in fetches], deadline)
+    options = {"max_proposals": service.settings.max_proposals, **(override if isinstance(override, dict) else {})}
+    jobs: list[tuple[int, _Fetch]] = []
+    requests = []
+    for i, f in fetches:
+        if f.error is not None:
+            answers[i] = {"error": f.error, "maskinv": {"source": "proposals", "errors": [
+                {"region": None, "error": f.error, "kind": "image" if f.upstream else "source"}]}}
+            continue
+        payload = {"v": 1, "image": encode_image(f.blob), "labels": list(f.vocab), "params": params.to_dict(),
+                   "proposals": options}
+        jobs.append((i, f))
+        requests.append((f.blob, payload))
+    try:
+        runs = service.dispatcher.run_jobs(PROPOSE_FUNCTION, requests, max(0.0, deadline - time.monotonic()))
+    except DispatchError as exc:
+        raise PredictError(503, str(exc)) from None
+    for (i, f), run in zip(jobs, runs):
+        res = run.result
+        error = run.error if res is None else res.get("error")
+        diagnostics = {"source": "proposals", "job": run.info, "model": (res or {}).get("model", {}),
+                       "timings": (res or {}).get("timings", {}), "errors": []}
+        if error:
+            log.warning("task %s: proposals failed: %s", f.task_id, error)
+            answers[i] = {"error": f"proposals: {error}", "maskinv": diagnostics}
+            continue
+        width, height = f.size
+        results, scores = [], []
+        for k, region in enumerate(res.get("regions") or []):
+            if region.get("error") or not region.get("labels"):
+                continue
+            key = f"prop{k}_{res.get('image_sha256', '')[:6]}"
+            try:
+                results += proposal_items(control, cfg, region, width, height, key)
+            except (OutputError, KeyError, ValueError) as exc:
+                diagnostics["errors"].append({"region": key, "error": str(exc), "kind": "region"})
+                continue
+            scores.append(float(region["labels"][0]["score"]))
+        diagnostics.update({"proposed": len(scores), "regions": 0})
+        answers[i] = task_prediction(results, scores, version, diagnostics) if results else []
+        log.info("task %s: %d proposed region(s) as %s", f.task_id, len(scores), control.tag)
+    return answers

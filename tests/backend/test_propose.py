@@ -1,0 +1,113 @@
+"""Batch mode proposes regions for tasks nobody drew on (embedded mode, tiny random model)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from backend.label_config import parse_label_config
+from backend.propose import split_override, target_control, wanted
+from backend.regions import collect_regions, region_mask
+from backend.service import PredictError
+from backend_support import H, W, brush, config, predict, task
+
+@pytest.fixture(autouse=True, scope="module")
+def proposal_env():
+    """Worker proposal settings for a random model on 2 busy cores: every proposal kept (its scores are near
+    uniform), MaskCut only, at most 3 per image."""
+    from worker import proposal_jobs
+
+    mp = pytest.MonkeyPatch()
+    for k, v in {"MASKINV_PROPOSAL_MIN_SCORE": "0", "MASKINV_PROPOSAL_SOURCES": "maskcut",
+                 "MASKINV_MAX_PROPOSALS": "3"}.items():
+        mp.setenv(k, v)
+    mp.setattr(proposal_jobs, "_settings", None)
+    yield
+    mp.undo()
+    proposal_jobs._settings = None
+
+
+SLOW_OK = {"MASKINV_BATCH_TIMEOUT": "600"}  # the first job of a module loads the runtime (tens of s on busy cores)
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client(**SLOW_OK)
+
+
+TYPES = {"polygon": "polygonlabels", "rectangle": "rectanglelabels", "brush": "brushlabels"}
+
+
+@pytest.mark.parametrize("name", ["polygon", "rectangle", "brush"])
+def test_task_without_regions_gets_proposals_in_the_config_type(client, name):
+    tasks = [task(1, 1)]
+    sent = copy.deepcopy(tasks)
+    resp = predict(client, name, tasks)
+    assert resp.status_code == 200, resp.get_json()
+    (pred,) = resp.get_json()["results"]
+    assert pred and "result" in pred, pred
+    cfg = parse_label_config(config(name))
+    assert cfg.validate_prediction(pred) == []
+    regions = [r for r in pred["result"] if r["type"] == TYPES[name]]
+    captions = {r["id"]: r for r in pred["result"] if r["type"] == "textarea"}
+    assert 1 <= len(regions) <= 3  # MASKINV_MAX_PROPOSALS
+    for r in regions:
+        assert r["meta"]["proposed"] is True and r["meta"]["source"] == "maskcut"
+        assert r["meta"]["text"][0].startswith("proposed by MaskInversion")
+        (label,) = r["value"][TYPES[name]]
+        assert label in cfg.control("label").labels and 0 < r["score"] <= 1
+        assert (r["original_width"], r["original_height"]) == (W, H)
+        assert captions[r["id"]]["value"]["text"][0].strip()
+    # the geometry reads back as a non-empty mask with the backend's own parser
+    parsed, problems = collect_regions(regions, cfg)
+    assert not problems and all(region_mask(p, (W, H)).any() for p in parsed)
+    assert pred["maskinv"]["source"] == "proposals" and pred["score"] == pytest.approx(min(r["score"] for r in regions))
+    assert tasks == sent
+
+
+def test_tasks_with_regions_or_annotations_get_no_proposals_and_off_switches(client, make_client):
+    m = np.zeros((H, W), bool)
+    m[5:30, 10:40] = True
+    drawn = task(1, 1, annotations=[{"id": 1, "result": [brush("b1", m)]}])
+    empty_submitted = task(2, 2, annotations=[{"id": 2, "result": []}])
+    res = predict(client, "brush", [drawn, empty_submitted, task(3, 3)]).get_json()["results"]
+    assert {r["id"] for r in res[0]["result"]} == {"b1"}  # labelled, not proposed
+    assert res[1] == []  # an annotator submitted "nothing here": left alone
+    assert res[2]["maskinv"]["source"] == "proposals"
+    assert predict(client, "brush", [task(3, 3)], maskinv={"proposals": False}).get_json()["results"] == [[]]
+    off = make_client(MASKINV_PROPOSALS="off", **SLOW_OK)
+    assert predict(off, "brush", [task(3, 3)]).get_json()["results"] == [[]]
+    on = predict(off, "brush", [task(3, 3)], maskinv={"proposals": {"max_proposals": 2, "min_score": 0.0}})
+    (pred,) = on.get_json()["results"]
+    assert 1 <= len([r for r in pred["result"] if r["type"] == "brushlabels"]) <= 2
+
+
+def test_interactive_requests_never_propose(client):
+    from backend_support import rect
+
+    resp = predict(client, "rectangle", [task(7)], context={"result": [rect("a1")]})
+    (pred,) = resp.get_json()["results"]
+    assert {r["id"] for r in pred["result"]} == {"a1"}
+
+
+def test_bad_proposal_overrides_are_400(client):
+    resp = predict(client, "brush", [task(1)], maskinv={"proposals": "yes"})
+    assert resp.status_code == 400 and "proposals" in resp.get_json()["error"]
+    resp = predict(client, "brush", [task(1)], maskinv={"proposals": {"foo": 1}})
+    assert resp.status_code == 400 and "foo" in resp.get_json()["error"]
+    resp = predict(client, "brush", [task(1)], maskinv={"proposals": {"sources": ["dino"]}})
+    (ans,) = resp.get_json()["results"]
+    assert "proposals.sources" in ans["error"]
+
+
+def test_override_helpers():
+    assert split_override(None) == (None, None)
+    assert split_override({"steps": 3, "proposals": False}) == ({"steps": 3}, False)
+    assert split_override({"proposals": True}) == (None, True)
+    with pytest.raises(PredictError):
+        split_override({"proposals": 1})
+    assert wanted("auto", None) and not wanted("off", None) and wanted("off", {}) and not wanted("auto", False)
+    cfg = parse_label_config(config("polygon"))
+    assert target_control(cfg).kind == "polygon"

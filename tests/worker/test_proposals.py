@@ -1,0 +1,211 @@
+"""Proposal geometry (pure), the propose pipeline and the propose_regions job on the tiny random test model."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker import proposals as P
+from worker.payload import InversionParams, decode_mask, encode_image
+from worker.protocol import JobResult, allowed_functions, job_function
+
+
+def _png(seed=0, w=64, h=48) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = np.full((h, w, 3), 120, np.uint8) + rng.integers(0, 20, (h, w, 3), dtype=np.uint8)
+    arr[10:30, 8:30] = (230, 20, 20)  # a red block
+    arr[20:44, 40:60] = (20, 20, 230)  # a blue block
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _box(size, y0, y1, x0, x1):
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_mask_iou_and_nms_keep_the_best_of_overlapping_masks():
+    a, b, c = _box(10, 0, 5, 0, 5), _box(10, 0, 5, 0, 4), _box(10, 5, 10, 5, 10)
+    iou = P.mask_iou(np.stack([a, b, c]), np.stack([a, c]))
+    assert iou[0, 0] == 1 and iou[1, 0] == pytest.approx(20 / 25) and iou[0, 1] == 0
+    assert P.nms(np.stack([a, b, c]), [0.5, 0.9, 0.1], iou=0.5) == [1, 2]
+    assert P.nms(np.stack([a, b, c]), [0.5, 0.9, 0.1], iou=0.9) == [1, 0, 2]
+    assert P.nms(np.zeros((0, 3, 3), bool), []) == []
+
+
+def test_dedupe_drops_empty_and_near_duplicate_candidates_keeping_the_first():
+    a = _box(20, 0, 10, 0, 10)
+    b = a.copy()
+    b[9, 9] = False
+    cands = [P.Candidate(np.zeros((20, 20), bool), "x"), P.Candidate(a, "maskcut"), P.Candidate(b, "text"),
+             P.Candidate(~a, "text")]
+    out = P.dedupe(cands, iou=0.9)
+    assert [c.source for c in out] == ["maskcut", "text"] and out[1].mask is cands[3].mask
+
+
+def test_upsample_grid_and_windows():
+    g = np.zeros((2, 2), bool)
+    g[0, 1] = True
+    up = P.upsample_grid(g, 8)
+    assert up.shape == (8, 8) and up[:4, 4:].all() and up.sum() == 16
+    with pytest.raises(ValueError, match="multiple"):
+        P.upsample_grid(g, 7)
+    wins = P.window_candidates(12)
+    assert len(wins) == 1 + 4 + 9 and wins[0].mask.all()
+    assert sum(int(w.mask.sum()) for w in wins[5:]) == 144  # 3x3 cells tile the image
+
+
+def test_snap_to_superpixels_takes_covered_segments_only():
+    seg = np.zeros((6, 6), int)
+    seg[:, 3:] = 1
+    seg[4:, :] = 2
+    mask = np.zeros((6, 6), bool)
+    mask[:4, :3] = True  # all of segment 0
+    mask[0, 3] = True  # a sliver of segment 1
+    out = P.snap_to_superpixels(mask, seg, min_cover=0.5)
+    assert np.array_equal(out, seg == 0)
+    assert np.array_equal(P.snap_to_superpixels(np.zeros((6, 6), bool) | (seg == 5), seg), seg == 5)
+
+
+def test_superpixels_follow_colour_edges():
+    img = Image.open(io.BytesIO(_png()))
+    seg = P.superpixels(img, 64, n_segments=40)
+    assert seg.shape == (64, 64)
+    red = np.zeros((64, 64), bool)
+    red[13:40, 8:30] = True  # the red block in the 64x64 frame (48 -> 64 rows)
+    snapped = P.snap_to_superpixels(red & ~_box(64, 13, 18, 8, 30), seg, min_cover=0.5)
+    assert (snapped & red).sum() / (snapped | red).sum() > 0.7
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from worker.engine import MaskInversionEngine
+    from worker.labels import LabelScorer
+    from worker.models import load_clip
+
+    clip = load_clip("maskinv-test-tiny", "none", device="cpu")
+    return MaskInversionEngine(clip), LabelScorer(clip)
+
+
+LABELS = ["red block", "blue block", "grey wall"]
+TEMPLATES = ("a photo of a {}.",)
+
+
+def test_gather_candidates_per_source_and_unknown_source(tiny):
+    engine, scorer = tiny
+    img = _png()
+    keys, grid = P.image_keys(engine, img, 64)
+    assert keys.shape[0] == grid * grid
+    for src in ("maskcut", "keyseeds", "text", "window"):
+        cands = P.gather_candidates(engine, scorer, img, LABELS, TEMPLATES, 64, (src,))
+        assert cands and all(c.source == src and c.mask.shape == (64, 64) for c in cands)
+    text = P.gather_candidates(engine, scorer, img, LABELS, TEMPLATES, 64, ("text",))
+    assert all(c.hint in LABELS for c in text)
+    with pytest.raises(ValueError, match="unknown proposal source"):
+        P.gather_candidates(engine, scorer, img, LABELS, TEMPLATES, 64, ("dino",))
+    with pytest.raises(ValueError, match="SAM checkpoint"):
+        P.gather_candidates(engine, scorer, img, LABELS, TEMPLATES, 64, ("sam",))
+
+
+def test_propose_returns_capped_thresholded_non_overlapping_proposals(tiny):
+    engine, scorer = tiny
+    res = P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, sources=("maskcut", "text", "window"),
+                    steps=2, min_score=0.0, max_proposals=3)
+    props = res.proposals
+    assert 1 <= len(props) <= 3
+    assert [p.score for p in props] == sorted((p.score for p in props), reverse=True)
+    assert all(p.mask.shape == (64, 64) and p.label in LABELS and len(p.labels) == 3 for p in props)
+    ious = P.mask_iou(np.stack([p.mask for p in props]), np.stack([p.mask for p in props]))
+    assert (ious[~np.eye(len(props), dtype=bool)] <= P.NMS_IOU).all()
+    assert set(res.candidates) == {"maskcut", "text", "window"} and res.timings["inverted"] >= len(props)
+    high = P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, steps=2, min_score=0.99)
+    assert all(p.score >= 0.99 for p in high.proposals)
+    refined = P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, steps=2, min_score=0.0, refine=True)
+    assert refined.proposals and refined.timings["refine_s"] > 0
+    with pytest.raises(ValueError, match="max_proposals"):
+        P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, max_proposals=0)
+
+
+def test_sam_like_external_source_is_used(tiny):
+    engine, scorer = tiny
+
+    def fake_sam(img, size):
+        return np.stack([_box(size, 0, 16, 0, 16), _box(size, 30, 60, 30, 60)])
+
+    cands = P.gather_candidates(engine, scorer, _png(), LABELS, TEMPLATES, 64, ("sam",), sam=fake_sam)
+    assert [c.source for c in cands] == ["sam", "sam"]
+
+
+# ---------------------------------------------------------------------------------------------- the job
+@pytest.fixture(scope="module")
+def jobs():
+    from worker import jobs as module
+    from worker import proposal_jobs
+
+    mp = pytest.MonkeyPatch()
+    for k, v in {"MASKINV_MODEL": "maskinv-test-tiny", "MASKINV_PRETRAINED": "none", "MASKINV_DEVICE": "cpu",
+                 "MASKINV_MAX_PROPOSALS": "4"}.items():
+        mp.setenv(k, v)
+    mp.setattr(module, "_runtime", None)
+    mp.setattr(proposal_jobs, "_settings", None)
+    yield proposal_jobs
+    mp.undo()
+    module._runtime = None
+    proposal_jobs._settings = None
+
+
+def _job(**proposals):
+    return {"v": 1, "image": encode_image(_png()), "labels": LABELS,
+            "params": InversionParams(size=64, steps=2, top_k=2).to_dict(), "proposals": proposals}
+
+
+def test_propose_regions_job_returns_marked_proposals_within_the_cap(jobs):
+    assert job_function("propose_regions") == "worker.proposal_jobs.propose_regions"
+    assert "worker.proposal_jobs.propose_regions" in allowed_functions()
+    out = jobs.propose_regions(_job(min_score=0.0, max_proposals=50, sources=["maskcut", "text", "window"]))
+    res = JobResult.from_dict(out)
+    assert res.kind == "propose_regions" and res.error is None
+    assert 1 <= len(res.regions) <= 4  # MASKINV_MAX_PROPOSALS caps what a job asks for
+    assert res.params["proposals"]["max_proposals"] == 4
+    for k, r in enumerate(res.regions):
+        assert r.id == f"proposal-{k}" and r.ok and len(r.labels) == 2
+        assert r.meta["proposed"] is True and r.meta["source"] in ("maskcut", "text", "window")
+        m = decode_mask(r.meta["mask"])
+        assert m.shape == (64, 64) and m.any() and 0 < r.meta["area"] <= 1
+        assert r.caption and r.caption_mode == "retrieval"
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"sources": ["dino"]}, "proposals.sources"), ({"max_proposals": 0}, "max_proposals"),
+    ({"min_score": 2}, "min_score"), ({"refine": "yes"}, "refine"), ({"foo": 1}, "unknown proposal option"),
+    ({"sources": ["sam"]}, "MASKINV_SAM_CHECKPOINT"),
+])
+def test_propose_regions_job_rejects_bad_options_by_name(jobs, bad, msg):
+    out = jobs.propose_regions(_job(**bad))
+    assert msg in out["error"] and out["regions"] == [] and out["kind"] == "propose_regions"
+
+
+def test_propose_regions_job_rejects_bad_labels_and_newer_protocol(jobs):
+    assert "labels" in jobs.propose_regions({**_job(), "labels": []})["error"]
+    assert "protocol version" in jobs.propose_regions({**_job(), "v": 99})["error"]
+
+
+def test_proposal_settings_from_env_name_the_variable():
+    from worker.proposal_jobs import ProposalSettings
+
+    s = ProposalSettings.from_env({"MASKINV_MAX_PROPOSALS": "7", "MASKINV_PROPOSAL_SOURCES": "maskcut",
+                                   "MASKINV_PROPOSAL_REFINE": "1", "MASKINV_PROPOSAL_MIN_SCORE": "0.5"})
+    assert (s.max_proposals, s.sources, s.refine, s.min_score) == (7, ("maskcut",), True, 0.5)
+    assert ProposalSettings.from_env({}) == ProposalSettings()
+    for env, name in [({"MASKINV_MAX_PROPOSALS": "0"}, "MASKINV_MAX_PROPOSALS"),
+                      ({"MASKINV_PROPOSAL_MIN_SCORE": "x"}, "MASKINV_PROPOSAL_MIN_SCORE"),
+                      ({"MASKINV_PROPOSAL_SOURCES": "maskcut,dino"}, "MASKINV_PROPOSAL_SOURCES"),
+                      ({"MASKINV_PROPOSAL_REFINE": "maybe"}, "MASKINV_PROPOSAL_REFINE"),
+                      ({"MASKINV_PROPOSAL_SOURCES": "sam"}, "MASKINV_SAM_CHECKPOINT")]:
+        with pytest.raises(ValueError, match=name):
+            ProposalSettings.from_env(env)

@@ -1,0 +1,55 @@
+"""The SAM proposal source's plumbing on a tiny random-initialised SamConfig (no SAM weights here)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    import torch
+    from transformers import (SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamModel, SamProcessor,
+                              SamPromptEncoderConfig, SamVisionConfig)
+
+    torch.manual_seed(0)
+    cfg = SamConfig(
+        vision_config=SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=1024, patch_size=64, window_size=4, global_attn_indexes=[0],
+                                      mlp_dim=64, num_pos_feats=16),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=32, image_size=1024, patch_size=64),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, iou_head_hidden_dim=32))
+    path = tmp_path_factory.mktemp("tiny-sam")
+    SamModel(cfg).save_pretrained(path)
+    SamProcessor(SamImageProcessor()).save_pretrained(path)
+    return str(path)
+
+
+def test_sam_source_gives_masks_in_the_model_frame(tiny_sam):
+    from worker.sam_source import SamSource
+
+    src = SamSource.from_pretrained(tiny_sam, points_per_side=3, min_iou=-1e9)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    masks = src(img, 32)
+    assert masks.dtype == bool and masks.shape[1:] == (32, 32) and masks.shape[0] <= 9
+    assert src.grid_points(64, 48)[0] == [64 / 6, 8.0]
+    strict = SamSource.from_pretrained(tiny_sam, points_per_side=2, min_iou=1e9)
+    assert strict(img, 32).shape == (0, 32, 32)
+
+
+def test_sam_source_feeds_the_proposal_pipeline(tiny_sam):
+    from worker import proposals as P
+    from worker.engine import MaskInversionEngine
+    from worker.labels import LabelScorer
+    from worker.models import load_clip
+    from worker.sam_source import SamSource
+
+    clip = load_clip("maskinv-test-tiny", "none", device="cpu")
+    src = SamSource.from_pretrained(tiny_sam, points_per_side=2, min_iou=-1e9)
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    res = P.propose(MaskInversionEngine(clip), LabelScorer(clip), img, ["a", "b"], ("a {}",), size=32,
+                    sources=("sam",), steps=1, min_score=0.0, sam=src)
+    assert all(p.source == "sam" for p in res.proposals)
+    assert res.candidates.get("sam", 0) >= len(res.proposals)

@@ -1,0 +1,203 @@
+"""The ``propose_regions`` job: propose, label and caption regions nobody drew on one image.
+
+Payload (a plain JSON object, like ``label_regions``'s)::
+
+    {"v": 1, "image": {"sha256", "data_b64"}, "labels": [str, ...], "params": InversionParams.to_dict(),
+     "proposals": {"sources": ["maskcut", "keyseeds", "text"], "max_proposals": int, "min_score": float,
+                   "refine": bool}}
+
+Result: :class:`worker.protocol.JobResult` (kind ``"propose_regions"``), one :class:`RegionResult` per kept
+proposal, best first, id ``"proposal-<k>"``, with ``meta = {"proposed": True, "source": str, "mask": <packed
+bits, worker.payload.encode_mask, [S, S] over the whole image>, "area": share of the image}``.
+
+Worker settings (read once, at the first job; see README):
+    MASKINV_MAX_PROPOSALS       proposals returned per image at most [20]; a job may ask for fewer
+    MASKINV_PROPOSAL_MIN_SCORE  default best-label probability a proposal needs [0.2]
+    MASKINV_PROPOSAL_SOURCES    default sources, comma-separated, of maskcut,keyseeds,text,window,sam
+                                [maskcut,keyseeds,text]
+    MASKINV_PROPOSAL_REFINE     snap masks to SLIC superpixels by default (1/0) [0]
+    MASKINV_SAM_CHECKPOINT      a transformers SAM checkpoint (folder or hub id in the local cache) for the
+                                ``sam`` source [unset: no SAM]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .env import env_int
+from .protocol import (InversionParams, JobResult, LabelScore, PayloadError, ProtocolError, RegionResult,
+                       check_payload_version, decode_image, encode_mask)
+
+log = logging.getLogger(__name__)
+
+KIND = "propose_regions"
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """Worker-side proposal settings (see module docstring)."""
+
+    max_proposals: int = 20
+    min_score: float = 0.2
+    sources: tuple[str, ...] = ("maskcut", "keyseeds", "text")
+    refine: bool = False
+    sam_checkpoint: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "ProposalSettings":
+        from .proposals import SOURCES
+
+        env = os.environ if env is None else env
+        cap = env_int("MASKINV_MAX_PROPOSALS", cls.max_proposals, minimum=1, env=env)
+        raw = env.get("MASKINV_PROPOSAL_MIN_SCORE", "").strip()
+        try:
+            min_score = float(raw) if raw else cls.min_score
+        except ValueError:
+            raise ValueError(f"MASKINV_PROPOSAL_MIN_SCORE must be a number, got {raw!r}") from None
+        if not 0.0 <= min_score <= 1.0:
+            raise ValueError(f"MASKINV_PROPOSAL_MIN_SCORE must be in [0, 1], got {min_score}")
+        raw = env.get("MASKINV_PROPOSAL_SOURCES", "").strip()
+        sources = tuple(s.strip() for s in raw.split(",") if s.strip()) if raw else cls.sources
+        bad = [s for s in sources if s not in SOURCES]
+        if bad or not sources:
+            raise ValueError(f"MASKINV_PROPOSAL_SOURCES must list some of {','.join(SOURCES)}, got {raw!r}")
+        raw = env.get("MASKINV_PROPOSAL_REFINE", "").strip().lower()
+        if raw not in ("", "0", "1", "true", "false", "yes", "no"):
+            raise ValueError(f"MASKINV_PROPOSAL_REFINE must be 0 or 1, got {raw!r}")
+        refine = raw in ("1", "true", "yes") if raw else cls.refine
+        sam = env.get("MASKINV_SAM_CHECKPOINT", "").strip() or None
+        if "sam" in sources and sam is None:
+            raise ValueError("MASKINV_PROPOSAL_SOURCES lists 'sam' but MASKINV_SAM_CHECKPOINT is not set")
+        return cls(cap, min_score, sources, refine, sam)
+
+
+@dataclass(frozen=True)
+class ProposalOptions:
+    """What one job asks for (validated against :class:`ProposalSettings`)."""
+
+    sources: tuple[str, ...]
+    max_proposals: int
+    min_score: float
+    refine: bool
+
+    @classmethod
+    def from_dict(cls, data: Any, settings: ProposalSettings) -> "ProposalOptions":
+        from .proposals import SOURCES
+
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise PayloadError(f"proposals must be an object, got {type(data).__name__}")
+        unknown = set(data) - {"sources", "max_proposals", "min_score", "refine"}
+        if unknown:
+            raise PayloadError(f"unknown proposal option(s): {sorted(unknown)}")
+        sources = data.get("sources", list(settings.sources))
+        if (not isinstance(sources, (list, tuple)) or not sources
+                or not all(isinstance(s, str) and s in SOURCES for s in sources)):
+            raise PayloadError(f"proposals.sources must be a non-empty list of {list(SOURCES)}, got {sources!r}")
+        if "sam" in sources and settings.sam_checkpoint is None:
+            raise PayloadError("proposals.sources asks for 'sam' but this worker has no MASKINV_SAM_CHECKPOINT")
+        cap = data.get("max_proposals", settings.max_proposals)
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise PayloadError(f"proposals.max_proposals must be an integer >= 1, got {cap!r}")
+        score = data.get("min_score", settings.min_score)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+            raise PayloadError(f"proposals.min_score must be a number in [0, 1], got {score!r}")
+        refine = data.get("refine", settings.refine)
+        if not isinstance(refine, bool):
+            raise PayloadError(f"proposals.refine must be true or false, got {refine!r}")
+        return cls(tuple(dict.fromkeys(sources)), min(cap, settings.max_proposals), float(score), refine)
+
+
+_settings: ProposalSettings | None = None
+_sam = None
+_lock = threading.Lock()
+
+
+def proposal_settings() -> ProposalSettings:
+    """The worker's proposal settings, read from the environment once."""
+    global _settings
+    with _lock:
+        if _settings is None:
+            _settings = ProposalSettings.from_env()
+        return _settings
+
+
+def _sam_source(settings: ProposalSettings, device):
+    global _sam
+    with _lock:
+        if _sam is None and settings.sam_checkpoint:
+            from .sam_source import SamSource
+
+            _sam = SamSource.from_pretrained(settings.sam_checkpoint, device=device)
+            log.info("SAM proposal source loaded from %s", settings.sam_checkpoint)
+        return _sam
+
+
+def _labels(job: Mapping[str, Any]) -> list[str]:
+    labels = job.get("labels") or []
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise PayloadError("labels must be a non-empty list of non-empty strings")
+    if len(set(labels)) != len(labels):
+        raise PayloadError("labels must be unique")
+    return labels
+
+
+def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
+    """Propose, label and caption regions of one image (payload: module docstring); returns
+    ``JobResult.to_dict()``. A malformed job yields a result with a top-level ``error`` and no regions."""
+    from .jobs import check_worker_limits, get_runtime
+    from .proposals import propose
+
+    rt = get_runtime()
+    t0 = time.perf_counter()
+    try:
+        if not isinstance(job, dict):
+            raise PayloadError(f"job must be a dict, got {type(job).__name__}")
+        check_payload_version(job)
+        settings = proposal_settings()
+        params = InversionParams.from_dict(job.get("params"))
+        check_worker_limits(params)
+        labels = _labels(job)
+        opts = ProposalOptions.from_dict(job.get("proposals"), settings)
+        image_bytes, digest = decode_image(job.get("image") or {})
+        sam = _sam_source(settings, rt.clip.device) if "sam" in opts.sources else None
+        with rt.lock:
+            res = propose(rt.engine, rt.scorer, image_bytes, labels, params.templates, size=params.size,
+                          sources=opts.sources, steps=params.steps, lr=params.lr, top_k=params.top_k,
+                          min_score=opts.min_score, max_proposals=opts.max_proposals, refine=opts.refine,
+                          sam=sam)
+            props = res.proposals
+            captions: list[str] = []
+            if props and params.caption:
+                import torch
+
+                lets = torch.stack([p.let for p in props])
+                captions = rt.captioner.caption(lets, [p.label for p in props])
+    except (PayloadError, ProtocolError, ValueError) as exc:
+        log.warning("proposal job rejected: %s", exc)
+        return JobResult.rejected(str(exc), [], rt.model_info(), kind=KIND).to_dict()
+
+    regions = []
+    for k, p in enumerate(props):
+        regions.append(RegionResult(
+            id=f"proposal-{k}", labels=tuple(LabelScore(lab, sc) for lab, sc in p.labels),
+            caption=captions[k] if captions else None, caption_mode=rt.captioner.mode if captions else None,
+            meta={"proposed": True, "source": p.source, "mask": encode_mask(p.mask),
+                  "area": float(p.mask.mean())}))
+    total = time.perf_counter() - t0
+    timings = {"total_s": total, **{k: float(v) for k, v in res.timings.items()}}
+    log.info("proposals: %d kept of %d inverted on image %s in %.2fs (%s)", len(regions),
+             int(res.timings.get("inverted", 0)), digest[:12], total, ", ".join(opts.sources))
+    return JobResult(regions=tuple(regions), model=rt.model_info(), image_sha256=digest, timings=timings,
+                     cache={"candidates": dict(res.candidates), **rt.engine.cache.stats.as_dict()},
+                     params={**params.to_dict(), "proposals": {"sources": list(opts.sources),
+                                                               "max_proposals": opts.max_proposals,
+                                                               "min_score": opts.min_score,
+                                                               "refine": opts.refine}},
+                     kind=KIND).to_dict()

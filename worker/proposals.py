@@ -1,0 +1,312 @@
+"""Regions nobody drew: propose masks from the loaded CLIP, label them with MaskInversion, merge, threshold.
+
+Sources of candidate masks (all ``[S, S]`` bool at the model input size S, the whole image stretched to S×S):
+
+* ``maskcut`` — MaskCut on the last block's key features (:mod:`worker.maskcut`): every connected component of
+  each round's foreground, at the patch grid;
+* ``keyseeds`` — key-affinity seed regions (:func:`worker.maskcut.affinity_seeds`): per seed patch, the connected
+  patches whose last-block keys have cosine > tau with the seed's, most-agreed-on regions first;
+* ``text``    — the LeGrad map of each label's text prototype (the decomposed path with ``emb`` = the
+  prototype), for the labels the image's global embedding ranks highest, thresholded and split into connected
+  components ("where is each label?");
+* ``window``  — grid cells (2×2, 3×3) and the whole image (the sliding-window baseline, off by default);
+* ``sam``     — masks from a SAM automatic mask generator (:mod:`worker.sam_source`) when one is configured.
+
+Every candidate is then inverted like a drawn region (one LET per mask, one image forward), labelled by the
+LET's best label, de-duplicated by mask-IoU NMS in order of that label's probability, and dropped when the
+probability is below ``score_threshold``; at most ``max_proposals`` survive. With ``refine`` the masks are
+snapped to SLIC superpixels of the image before inversion (:func:`snap_to_superpixels`).
+
+The engine and the scorer are arguments (a ``worker.engine.MaskInversionEngine`` and a
+``worker.labels.LabelScorer``); nothing here holds state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import maskcut, vit
+from .preprocess import ImageLike, image_to_tensor, open_image
+
+SOURCES = ("maskcut", "keyseeds", "text", "window", "sam")
+DEFAULT_SOURCES = ("maskcut", "keyseeds", "text")
+#: default probability a proposal's best label needs to be kept (MASKINV_PROPOSAL_MIN_SCORE)
+DEFAULT_MIN_SCORE = 0.2
+#: default cap on proposals returned per image (MASKINV_MAX_PROPOSALS)
+DEFAULT_MAX_PROPOSALS = 20
+#: candidates inverted per image at most (after de-duplication), whatever the sources produce
+MAX_CANDIDATES = 64
+NMS_IOU = 0.5
+DEDUPE_IOU = 0.9
+
+#: an external mask source: (PIL image, size) -> bool masks [N, S, S]
+MaskSource = Callable[[object, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A mask to label: ``mask`` bool ``[S, S]``, where it came from, and the label that produced it (text)."""
+
+    mask: np.ndarray
+    source: str
+    hint: str | None = None
+
+
+@dataclass
+class Proposal:
+    """A labelled proposal: mask ``[S, S]`` bool, top-k ``(label, probability)`` best first, its LET ``[D]``."""
+
+    mask: np.ndarray
+    source: str
+    labels: list[tuple[str, float]]
+    let: torch.Tensor
+    hint: str | None = None
+
+    @property
+    def score(self) -> float:
+        return self.labels[0][1] if self.labels else 0.0
+
+    @property
+    def label(self) -> str | None:
+        return self.labels[0][0] if self.labels else None
+
+
+@dataclass
+class ProposalResult:
+    proposals: list[Proposal]
+    size: int
+    image_sha256: str
+    candidates: dict[str, int] = field(default_factory=dict)  # per source, before de-duplication
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def upsample_grid(mask: np.ndarray, size: int) -> np.ndarray:
+    """Patch-grid mask ``[g, g]`` -> pixel mask ``[size, size]`` (each patch a block; size % g == 0)."""
+    g = mask.shape[0]
+    if size % g:
+        raise ValueError(f"size {size} is not a multiple of the grid {g}")
+    k = size // g
+    return np.kron(mask.astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU ``[N, M]`` of bool masks ``a`` ``[N, H, W]`` and ``b`` ``[M, H, W]``."""
+    fa = a.reshape(len(a), -1).astype(np.float32)
+    fb = b.reshape(len(b), -1).astype(np.float32)
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+
+
+def nms(masks: np.ndarray, scores: Sequence[float], iou: float = NMS_IOU) -> list[int]:
+    """Indices kept by greedy mask NMS, best score first: a mask overlapping a kept one by IoU > ``iou`` goes."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    if len(order) == 0:
+        return []
+    ious = mask_iou(masks, masks)
+    keep: list[int] = []
+    for i in order:
+        if all(ious[i, j] <= iou for j in keep):
+            keep.append(int(i))
+    return keep
+
+
+def dedupe(cands: list[Candidate], iou: float = DEDUPE_IOU) -> list[Candidate]:
+    """Drop empty candidates and near-duplicates (IoU > ``iou`` with an earlier one), keeping the first."""
+    cands = [c for c in cands if c.mask.any()]
+    if not cands:
+        return []
+    ious = mask_iou(np.stack([c.mask for c in cands]), np.stack([c.mask for c in cands]))
+    keep: list[int] = []
+    for i in range(len(cands)):
+        if all(ious[i, j] <= iou for j in keep):
+            keep.append(i)
+    return [cands[i] for i in keep]
+
+
+#: SLIC superpixels per image and the share of a superpixel a mask must cover to take it (chosen on 40 scenes,
+#: see benchmarks/results/proposals.md)
+SLIC_SEGMENTS = 150
+SNAP_COVER = 0.7
+
+
+def superpixels(image, size: int, n_segments: int = SLIC_SEGMENTS, compactness: float = 10.0) -> np.ndarray:
+    """SLIC superpixel labels ``[size, size]`` int of the image resized to size×size (scikit-image)."""
+    from PIL import Image
+    from skimage.segmentation import slic
+
+    img = open_image(image)[0] if not hasattr(image, "resize") else image
+    arr = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
+    return slic(arr, n_segments=n_segments, compactness=compactness, start_label=0)
+
+
+def snap_to_superpixels(mask: np.ndarray, segments: np.ndarray, min_cover: float = SNAP_COVER) -> np.ndarray:
+    """The union of the superpixels that ``mask`` covers by at least ``min_cover`` ``[S, S]`` bool (the mask
+    itself when none is covered that much)."""
+    seg = segments.reshape(-1)
+    n = int(seg.max()) + 1
+    total = np.bincount(seg, minlength=n)
+    inside = np.bincount(seg, weights=mask.reshape(-1).astype(np.float64), minlength=n)
+    chosen = inside >= min_cover * np.maximum(total, 1)
+    out = chosen[segments]
+    return out if out.any() else mask.astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+@torch.no_grad()
+def image_keys(engine, image: ImageLike, size: int) -> tuple[torch.Tensor, int]:
+    """Last-block patch keys ``[g², d]`` of one image and the grid side g (one extra trunk forward).
+
+    TODO(integration): read the keys from the engine's cached ImageState once it keeps them.
+    """
+    img, _ = open_image(image)
+    clip = engine.clip
+    pixels = image_to_tensor(img, size, clip.mean, clip.std, clip.device)
+    x = vit.trunk_forward(engine.visual, pixels, engine.pos.get(size))
+    keys = maskcut.last_block_keys(engine.visual, x)[0]
+    return keys, vit.grid_side(x.shape[1])
+
+
+def maskcut_candidates(keys: torch.Tensor, grid: int, size: int, n_cuts: int = maskcut.N_CUTS,
+                       tau: float = maskcut.TAU) -> list[Candidate]:
+    """Every connected component of each MaskCut round's foreground (the kept one first), as ``[S, S]`` masks."""
+    out = []
+    for cut in maskcut.maskcut(keys, (grid, grid), n_cuts=n_cuts, tau=tau):
+        comps = [cut.mask] + [c for c in cut.components if not np.array_equal(c, cut.mask)]
+        out += [Candidate(upsample_grid(c, size), "maskcut") for c in comps]
+    return out
+
+
+def keyseed_candidates(keys: torch.Tensor, grid: int, size: int, max_regions: int = 40) -> list[Candidate]:
+    """The ``max_regions`` key-affinity seed regions most seeds agree on, as ``[S, S]`` masks (regions covering
+    2+ corners, the background, are left out)."""
+    out = []
+    for m, _ in maskcut.affinity_seeds(keys, (grid, grid)):
+        if maskcut.corners_covered(m) >= maskcut.CORNER_LIMIT:
+            continue
+        out.append(Candidate(upsample_grid(m, size), "keyseeds"))
+        if len(out) >= max_regions:
+            break
+    return out
+
+
+@torch.no_grad()
+def text_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], templates: Sequence[str], size: int,
+                    top_labels: int = 5, thresholds: Sequence[float] = (0.5,), min_area: float = 0.005
+                    ) -> list[Candidate]:
+    """Connected components of the thresholded LeGrad maps of the ``top_labels`` labels that the image's global
+    embedding ranks highest (components smaller than ``min_area`` of the image are dropped)."""
+    from .maskcut import components
+
+    state, *_ = engine.image_state(image, size)
+    protos = scorer.prototypes(labels, templates)
+    probs = scorer.probabilities(state.global_embedding[None], labels, templates)[0]
+    top = probs.topk(min(top_labels, len(labels))).indices.tolist()
+    maps = engine.explain(image, protos[top], size=size).cpu().numpy()  # [k, S, S] in [0, 1]
+    out = []
+    for j, e in zip(top, maps):
+        for t in thresholds:
+            for c in components(e >= t, min_size=max(1, int(min_area * size * size))):
+                out.append(Candidate(c, "text", hint=labels[j]))
+    return out
+
+
+def window_candidates(size: int, grids: Sequence[int] = (2, 3)) -> list[Candidate]:
+    """The whole image and every cell of each ``k × k`` grid, as ``[S, S]`` masks."""
+    out = [Candidate(np.ones((size, size), bool), "window")]
+    for k in grids:
+        edges = np.linspace(0, size, k + 1).round().astype(int)
+        for i in range(k):
+            for j in range(k):
+                m = np.zeros((size, size), bool)
+                m[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = True
+                out.append(Candidate(m, "window"))
+    return out
+
+
+def gather_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], templates: Sequence[str], size: int,
+                      sources: Sequence[str] = DEFAULT_SOURCES, n_cuts: int = maskcut.N_CUTS,
+                      sam: MaskSource | None = None) -> list[Candidate]:
+    """Candidates of every requested source (``SOURCES``), not yet de-duplicated."""
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        raise ValueError(f"unknown proposal source(s) {unknown}; known: {list(SOURCES)}")
+    out: list[Candidate] = []
+    if "maskcut" in sources or "keyseeds" in sources:
+        keys, grid = image_keys(engine, image, size)
+        if "maskcut" in sources:
+            out += maskcut_candidates(keys, grid, size, n_cuts=n_cuts)
+        if "keyseeds" in sources:
+            out += keyseed_candidates(keys, grid, size)
+    if "text" in sources:
+        out += text_candidates(engine, scorer, image, labels, templates, size)
+    if "window" in sources:
+        out += window_candidates(size)
+    if "sam" in sources:
+        if sam is None:
+            raise ValueError("proposal source 'sam' needs a SAM checkpoint (MASKINV_SAM_CHECKPOINT)")
+        out += [Candidate(np.asarray(m, bool), "sam") for m in sam(open_image(image)[0], size)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], labels: Sequence[str],
+                     templates: Sequence[str], size: int, steps: int = 10, lr: float = 0.1,
+                     top_k: int = 3) -> list[Proposal]:
+    """Invert every candidate like a drawn region and attach its top-k labels (failed inversions are dropped)."""
+    if not cands:
+        return []
+    res = engine.invert(image, np.stack([c.mask for c in cands]), size=size, steps=steps, lr=lr)
+    ok = [i for i, e in enumerate(res.errors) if e is None]
+    if not ok:
+        return []
+    scored = scorer.score(res.lets[ok], labels, templates, top_k=top_k)
+    return [Proposal(cands[i].mask, cands[i].source, s, res.lets[i], cands[i].hint) for i, s in zip(ok, scored)]
+
+
+def select(proposals: list[Proposal], min_score: float = DEFAULT_MIN_SCORE, max_proposals: int = DEFAULT_MAX_PROPOSALS,
+           nms_iou: float = NMS_IOU) -> list[Proposal]:
+    """NMS by best-label probability, then the score threshold, then the cap; best first."""
+    if not proposals:
+        return []
+    keep = nms(np.stack([p.mask for p in proposals]), [p.score for p in proposals], nms_iou)
+    return [proposals[i] for i in keep if proposals[i].score >= min_score][:max_proposals]
+
+
+def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: Sequence[str], size: int = 448,
+            sources: Sequence[str] = DEFAULT_SOURCES, steps: int = 10, lr: float = 0.1, top_k: int = 3,
+            min_score: float = DEFAULT_MIN_SCORE, max_proposals: int = DEFAULT_MAX_PROPOSALS,
+            refine: bool = False, n_cuts: int = maskcut.N_CUTS, nms_iou: float = NMS_IOU,
+            sam: MaskSource | None = None, max_candidates: int = MAX_CANDIDATES) -> ProposalResult:
+    """Propose, label, merge and threshold regions of one image (see module docstring).
+
+    Returns at most ``max_proposals`` proposals, best label probability first, masks ``[size, size]``.
+    """
+    if not labels:
+        raise ValueError("proposals need at least one label")
+    if max_proposals < 1:
+        raise ValueError(f"max_proposals must be >= 1, got {max_proposals}")
+    t0 = time.perf_counter()
+    img, digest = open_image(image)
+    cands = gather_candidates(engine, scorer, img, labels, templates, size, sources, n_cuts, sam)
+    per_source: dict[str, int] = {}
+    for c in cands:
+        per_source[c.source] = per_source.get(c.source, 0) + 1
+    t1 = time.perf_counter()
+    if refine and cands:
+        seg = superpixels(img, size)
+        cands = [Candidate(snap_to_superpixels(c.mask, seg), c.source, c.hint) for c in cands]
+    cands = dedupe(cands)[:max_candidates]
+    t2 = time.perf_counter()
+    labelled = label_candidates(engine, scorer, img, cands, labels, templates, size, steps, lr, top_k)
+    t3 = time.perf_counter()
+    kept = select(labelled, min_score, max_proposals, nms_iou)
+    return ProposalResult(kept, size, digest, per_source,
+                          {"candidates_s": t1 - t0, "refine_s": t2 - t1, "inversion_s": t3 - t2,
+                           "total_s": time.perf_counter() - t0, "inverted": float(len(cands))})
