@@ -80,7 +80,7 @@ def stub_predict(monkeypatch):
     """Replace batch mode with a stub: ``calls`` lists the task ids it labelled; ``answer`` can be swapped."""
     state = {"calls": [], "answer": answer_for, "delay": 0.0}
 
-    def fake(service, cfg, tasks, context=None, overrides=None, timeout_s=None):
+    def fake(service, cfg, tasks, context=None, overrides=None, timeout_s=None, project=None):
         out = []
         for t in tasks:
             state["calls"].append(t["id"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import io
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -220,6 +221,21 @@ def test_interactive_error_is_reported_through_label_studio(ls: LabelStudioClien
     assert ls.predictions(task["id"]) == []
 
 
+def wait_for_examples(backend_url: str, project_id: int, annotations: int, timeout_s: float = 120.0) -> None:
+    """Wait until the backend's example store holds ``annotations`` annotations of the project (GET /examples)."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    seen = None
+    while time.monotonic() < deadline:
+        resp = requests.get(f"{backend_url}/examples", params={"project": project_id}, timeout=10)
+        seen = resp.json() if resp.ok else resp.text
+        if resp.ok and seen.get("annotations") == annotations:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the backend did not record the project's {annotations} annotations: {seen}")
+
+
 def test_batch_predictions_for_annotated_tasks(ls: LabelStudioClient, request, backend_mode: str):
     cfg = shipped_config("polygon" if "polygon" in SHIPPED else SHIPPED[0])
     project, ml = new_project(ls, cfg, backend_for(request, backend_mode).url)
@@ -236,6 +252,9 @@ def test_batch_predictions_for_annotated_tasks(ls: LabelStudioClient, request, b
         ls.create_annotation(task["id"], regions)
         drawn[task["id"]] = regions
         annotations_before[task["id"]] = copy.deepcopy(ls.annotations(task["id"]))
+    # the backend learns from these annotations (webhook, issue 14), and the model version names the example set:
+    # let the example set settle, so that both Retrieve actions below ask for the same version
+    wait_for_examples(backend_for(request, backend_mode).url, project["id"], n_tasks)
 
     ans = ls.retrieve_predictions(project["id"])
     assert ans.get("processed_items") == n_tasks + 1, ans
