@@ -134,7 +134,11 @@ def setup_view():
     log.info("setup for project %s: controls %s", str(data.get("project"))[:100],
              {n: len(c.labels) for n, c in cfg.region_controls.items()})
     service.prepare_labels(cfg)  # text prototypes built in the background, before the first /predict
-    return jsonify({"model_version": service.model_version(cfg)})
+    # Label Studio asks /setup for the version before every Retrieve predictions and skips the tasks that hold a
+    # prediction of it: with examples, that is the version /predict answers (it names the example set)
+    suffix = service.learner.version_suffix(data.get("project"), service.settings.params) \
+        if service.settings.learn else ""
+    return jsonify({"model_version": service.model_version(cfg) + suffix})
 
 
 def health_view():

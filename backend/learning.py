@@ -291,6 +291,23 @@ class Learner:
             while len(cache) > CACHE_ENTRIES:
                 cache.popitem(last=False)
 
+    def version_suffix(self, project: Any, params: InversionParams) -> str:
+        """``-ex<digest>`` naming the project's example set for the model and ``params`` ("" without examples, or
+        when learning is off). ``/setup`` and ``/predict`` both answer it, so Label Studio's *Retrieve predictions*
+        skips exactly the tasks that hold a prediction made with the current examples."""
+        if project is None or not self.settings.learn or not self.has_store():
+            return ""
+        try:
+            pid = project_id(project)
+        except LearningError:
+            return ""
+        version = self.store.version(pid)
+        if not version:
+            return ""
+        mkey = model_key(self.service.dispatcher.model_info(), params)
+        digest = sha256_hex(f"{version}\n{mkey}".encode())
+        return f"-ex{digest[:8]}"
+
     def prototypes(self, project: str | None, labels: Iterable[str], params: InversionParams) -> dict | None:
         """The compact prototypes (worker.embed_jobs format) of a project's examples for ``labels``; None
         without examples for any of them (text only)."""
@@ -348,11 +365,4 @@ def annotated_tasks(client: Any, project: int, page_size: int = 100) -> Iterable
         page += 1
 
 
-def version_suffix(prototypes: Iterable[dict | None]) -> str:
-    """``-ex<digest>`` naming the example sets a prediction used ("" when none)."""
-    versions = sorted({p["version"] for p in prototypes if p})
-    return f"-ex{sha256_hex(' '.join(versions).encode())[:8]}" if versions else ""
-
-
-__all__ = ["Learner", "LearningError", "EventOutcome", "ExampleStoreError", "project_id", "region_labels",
-           "version_suffix"]
+__all__ = ["Learner", "LearningError", "EventOutcome", "ExampleStoreError", "project_id", "region_labels"]

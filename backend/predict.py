@@ -278,9 +278,9 @@ def _summary(errors: list[dict[str, Any]]) -> str:
 
 def attach_prototypes(service: Service, project: Any, tasks: list[dict], requests: list[LabelRequest]) -> str:
     """Give each request its project's example prototypes (backend.learning); returns the ``model_version``
-    suffix naming the example sets used ("" when none: text only). Never fails a prediction: on trouble the
-    regions are scored by text alone (logged)."""
-    from .learning import LearningError, project_id, version_suffix
+    suffix naming the project's example set ("" when none: text only; the same string ``/setup`` answers). Never
+    fails a prediction: on trouble the regions are scored by text alone (logged)."""
+    from .learning import LearningError, project_id
 
     if not requests or not service.settings.learn:
         return ""
@@ -296,4 +296,6 @@ def attach_prototypes(service: Service, project: Any, tasks: list[dict], request
         for req in requests:
             req.prototypes = None
         return ""
-    return version_suffix(r.prototypes for r in requests)
+    if not any(r.prototypes for r in requests):
+        return ""
+    return service.learner.version_suffix(pid, requests[0].params)
