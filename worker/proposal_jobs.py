@@ -23,57 +23,18 @@ Worker settings (read once, at the first job; see README):
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .env import env_int
-from .protocol import (InversionParams, JobResult, LabelScore, PayloadError, ProtocolError, RegionResult,
+from .protocol import (InversionParams, JobResult, LabelScore, PayloadError, ProtocolError, RegionResult, check_limits,
                        check_payload_version, decode_image, encode_mask)
+from .settings import ProposalSettings
 
 log = logging.getLogger(__name__)
 
 KIND = "propose_regions"
-
-
-@dataclass(frozen=True)
-class ProposalSettings:
-    """Worker-side proposal settings (see module docstring)."""
-
-    max_proposals: int = 20
-    min_score: float = 0.2
-    sources: tuple[str, ...] = ("maskcut", "keyseeds", "text")
-    refine: bool = False
-    sam_checkpoint: str | None = None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ProposalSettings":
-        from .proposals import SOURCES
-
-        env = os.environ if env is None else env
-        cap = env_int("MASKINV_MAX_PROPOSALS", cls.max_proposals, minimum=1, env=env)
-        raw = env.get("MASKINV_PROPOSAL_MIN_SCORE", "").strip()
-        try:
-            min_score = float(raw) if raw else cls.min_score
-        except ValueError:
-            raise ValueError(f"MASKINV_PROPOSAL_MIN_SCORE must be a number, got {raw!r}") from None
-        if not 0.0 <= min_score <= 1.0:
-            raise ValueError(f"MASKINV_PROPOSAL_MIN_SCORE must be in [0, 1], got {min_score}")
-        raw = env.get("MASKINV_PROPOSAL_SOURCES", "").strip()
-        sources = tuple(s.strip() for s in raw.split(",") if s.strip()) if raw else cls.sources
-        bad = [s for s in sources if s not in SOURCES]
-        if bad or not sources:
-            raise ValueError(f"MASKINV_PROPOSAL_SOURCES must list some of {','.join(SOURCES)}, got {raw!r}")
-        raw = env.get("MASKINV_PROPOSAL_REFINE", "").strip().lower()
-        if raw not in ("", "0", "1", "true", "false", "yes", "no"):
-            raise ValueError(f"MASKINV_PROPOSAL_REFINE must be 0 or 1, got {raw!r}")
-        refine = raw in ("1", "true", "yes") if raw else cls.refine
-        sam = env.get("MASKINV_SAM_CHECKPOINT", "").strip() or None
-        if "sam" in sources and sam is None:
-            raise ValueError("MASKINV_PROPOSAL_SOURCES lists 'sam' but MASKINV_SAM_CHECKPOINT is not set")
-        return cls(cap, min_score, sources, refine, sam)
 
 
 @dataclass(frozen=True)
@@ -114,18 +75,15 @@ class ProposalOptions:
         return cls(tuple(dict.fromkeys(sources)), min(cap, settings.max_proposals), float(score), refine)
 
 
-_settings: ProposalSettings | None = None
 _sam = None
 _lock = threading.Lock()
 
 
 def proposal_settings() -> ProposalSettings:
-    """The worker's proposal settings, read from the environment once."""
-    global _settings
-    with _lock:
-        if _settings is None:
-            _settings = ProposalSettings.from_env()
-        return _settings
+    """The worker's proposal settings (read once with the rest, ``worker.settings.WorkerSettings``)."""
+    from .jobs import get_runtime
+
+    return get_runtime().settings.proposals
 
 
 def _sam_source(settings: ProposalSettings, device):
@@ -151,7 +109,7 @@ def _labels(job: Mapping[str, Any]) -> list[str]:
 def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
     """Propose, label and caption regions of one image (payload: module docstring); returns
     ``JobResult.to_dict()``. A malformed job yields a result with a top-level ``error`` and no regions."""
-    from .jobs import check_worker_limits, get_runtime
+    from .jobs import check_text_limits, get_runtime
     from .proposals import propose
 
     rt = get_runtime()
@@ -162,8 +120,9 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
         check_payload_version(job)
         settings = proposal_settings()
         params = InversionParams.from_dict(job.get("params"))
-        check_worker_limits(params)
+        check_limits(params, rt.settings.max_steps, rt.settings.max_size)
         labels = _labels(job)
+        check_text_limits(params, labels, rt.settings)
         opts = ProposalOptions.from_dict(job.get("proposals"), settings)
         image_bytes, digest = decode_image(job.get("image") or {})
         sam = _sam_source(settings, rt.clip.device) if "sam" in opts.sources else None

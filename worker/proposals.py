@@ -32,9 +32,8 @@ import torch
 
 from . import maskcut, vit
 from .preprocess import ImageLike, image_to_tensor, open_image
-
-SOURCES = ("maskcut", "keyseeds", "text", "window", "sam")
-DEFAULT_SOURCES = ("maskcut", "keyseeds", "text")
+from .settings import DEFAULT_PROPOSAL_SOURCES as DEFAULT_SOURCES
+from .settings import PROPOSAL_SOURCES as SOURCES
 #: default probability a proposal's best label needs to be kept (MASKINV_PROPOSAL_MIN_SCORE)
 DEFAULT_MIN_SCORE = 0.2
 #: default cap on proposals returned per image (MASKINV_MAX_PROPOSALS)

@@ -29,6 +29,11 @@ Variables (defaults in brackets; README's configuration tables and docker-compos
     MASKINV_CAPTION_BEAM            beam width [3]
     MASKINV_CAPTION_MAX_TOKENS      longest caption in tokens [20]
     MASKINV_CAPTION_LENGTH_PENALTY  beam-search length penalty [1.0]
+    MASKINV_MAX_PROPOSALS           region proposals per image at most [20]
+    MASKINV_PROPOSAL_MIN_SCORE      best-label probability a proposal needs [0.2]
+    MASKINV_PROPOSAL_SOURCES        default proposal sources [maskcut,keyseeds,text]
+    MASKINV_PROPOSAL_REFINE         snap proposals to SLIC superpixels [0]
+    MASKINV_SAM_CHECKPOINT          local SAM checkpoint for the "sam" source [unset]
     REDIS_URL                       Redis of the queue [redis://127.0.0.1:6379/0]
     MASKINV_QUEUE                   RQ queue served [maskinv]
     MASKINV_REDIS_PREFIX            key prefix of the registry and result cache [maskinv]
@@ -43,7 +48,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .protocol import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_MAX_TEMPLATE_CHARS,
-                       DEFAULT_MAX_VOCAB_BYTES, SettingError, env_choice, env_float, env_int, env_str, process_env)
+                       DEFAULT_MAX_VOCAB_BYTES, SettingError, env_bool, env_choice, env_float, env_int, env_str,
+                       process_env)
 
 #: default bounds of the label scorer's prototype cache (entries, MiB)
 DEFAULT_PROTOTYPE_CACHE_ENTRIES = 256
@@ -83,6 +89,38 @@ class CaptionerSettings:
                    length_penalty=env_float(env, "MASKINV_CAPTION_LENGTH_PENALTY", 1.0, error=error))
 
 
+#: region-proposal sources (worker.proposals), and the default ones
+PROPOSAL_SOURCES = ("maskcut", "keyseeds", "text", "window", "sam")
+DEFAULT_PROPOSAL_SOURCES = ("maskcut", "keyseeds", "text")
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """Region proposals (``worker.proposal_jobs``): cap, score threshold, default sources, SLIC refinement, SAM."""
+
+    max_proposals: int = 20
+    min_score: float = 0.2
+    sources: tuple[str, ...] = DEFAULT_PROPOSAL_SOURCES
+    refine: bool = False
+    sam_checkpoint: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None,
+                 error: type[Exception] = WorkerSettingsError) -> "ProposalSettings":
+        env = process_env() if env is None else env
+        raw = env_str(env, "MASKINV_PROPOSAL_SOURCES", "")
+        sources = tuple(s.strip() for s in raw.split(",") if s.strip()) if raw else cls.sources
+        if not sources or any(s not in PROPOSAL_SOURCES for s in sources):
+            raise error(f"MASKINV_PROPOSAL_SOURCES must list some of {','.join(PROPOSAL_SOURCES)}, got {raw!r}")
+        sam = env_str(env, "MASKINV_SAM_CHECKPOINT", "") or None
+        if "sam" in sources and sam is None:
+            raise error("MASKINV_PROPOSAL_SOURCES lists 'sam' but MASKINV_SAM_CHECKPOINT is not set")
+        return cls(max_proposals=env_int(env, "MASKINV_MAX_PROPOSALS", cls.max_proposals, 1, 1000, error=error),
+                   min_score=env_float(env, "MASKINV_PROPOSAL_MIN_SCORE", cls.min_score, 0.0, 1.0, error=error),
+                   sources=sources, refine=env_bool(env, "MASKINV_PROPOSAL_REFINE", cls.refine, error=error),
+                   sam_checkpoint=sam)
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Everything the worker reads from the environment."""
@@ -109,8 +147,9 @@ class WorkerSettings:
     let_cache_entries: int = 50_000
     let_cache_bytes: int = 256 << 20
     let_ttl_s: int = 7 * 24 * 3600
-    # captions
+    # captions and region proposals
     captioner: CaptionerSettings = CaptionerSettings()
+    proposals: ProposalSettings = ProposalSettings()
     # queue process
     redis_url: str = DEFAULT_REDIS_URL
     queue: str = "maskinv"
@@ -152,6 +191,7 @@ class WorkerSettings:
             let_cache_bytes=env_int(env, "MASKINV_LET_CACHE_MB", 256, 0, **err) << 20,
             let_ttl_s=env_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0, **err),
             captioner=captioner,
+            proposals=ProposalSettings.from_env(env),
             redis_url=env_str(env, "REDIS_URL", DEFAULT_REDIS_URL),
             queue=env_str(env, "MASKINV_QUEUE", "maskinv"),
             redis_prefix=env_str(env, "MASKINV_REDIS_PREFIX", "maskinv"),

@@ -17,16 +17,15 @@ from backend_support import H, W, brush, config, predict, task
 def proposal_env():
     """Worker proposal settings for a random model on 2 busy cores: every proposal kept (its scores are near
     uniform), MaskCut only, at most 3 per image."""
-    from worker import proposal_jobs
+    from worker import jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in {"MASKINV_PROPOSAL_MIN_SCORE": "0", "MASKINV_PROPOSAL_SOURCES": "maskcut",
                  "MASKINV_MAX_PROPOSALS": "3"}.items():
         mp.setenv(k, v)
-    mp.setattr(proposal_jobs, "_settings", None)
+    mp.setattr(jobs, "_runtime", None)  # the worker reads its settings once, when its runtime is built
     yield
     mp.undo()
-    proposal_jobs._settings = None
 
 
 SLOW_OK = {"MASKINV_BATCH_TIMEOUT": "600"}  # the first job of a module loads the runtime (tens of s on busy cores)

@@ -152,11 +152,9 @@ def jobs():
                  "MASKINV_MAX_PROPOSALS": "4"}.items():
         mp.setenv(k, v)
     mp.setattr(module, "_runtime", None)
-    mp.setattr(proposal_jobs, "_settings", None)
     yield proposal_jobs
     mp.undo()
     module._runtime = None
-    proposal_jobs._settings = None
 
 
 def _job(**proposals):
@@ -196,7 +194,7 @@ def test_propose_regions_job_rejects_bad_labels_and_newer_protocol(jobs):
 
 
 def test_proposal_settings_from_env_name_the_variable():
-    from worker.proposal_jobs import ProposalSettings
+    from worker.settings import ProposalSettings
 
     s = ProposalSettings.from_env({"MASKINV_MAX_PROPOSALS": "7", "MASKINV_PROPOSAL_SOURCES": "maskcut",
                                    "MASKINV_PROPOSAL_REFINE": "1", "MASKINV_PROPOSAL_MIN_SCORE": "0.5"})
