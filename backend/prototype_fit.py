@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from worker.protocol import log_softmax_rows as _log_softmax
+from worker.protocol import normalize  # noqa: F401 - part of this module's API
+
 #: strength of the pull back to the text prototypes (chosen on val; see benchmarks/results/few_shot.md)
 DEFAULT_ANCHOR = 1.0
 DEFAULT_STEPS = 150
 DEFAULT_LR = 0.005
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` ``[N, D]`` scaled to unit length (zero rows stay zero)."""
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(n > 0, n, 1.0)
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def fit_prototypes(text: np.ndarray, examples: np.ndarray, labels: np.ndarray, logit_scale: float,

@@ -629,6 +629,20 @@ def decode_vectors(doc: dict, max_bytes: int = 64 << 20) -> np.ndarray:
     return arr
 
 
+# numpy helpers of the prototype vectors (fitted by backend.prototype_fit, scored by worker.prototypes)
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` ``[N, D]`` scaled to unit length (zero rows stay zero)."""
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(n > 0, n, 1.0)
+
+
+def log_softmax_rows(z: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis of ``z`` ``[N, L]``."""
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+
 # ---------------------------------------------------------------------------------------------- job payloads
 @dataclass(frozen=True)
 class LabelRegionsJob:

@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .protocol import log_softmax_rows as _log_softmax
+from .protocol import normalize  # noqa: F401 - part of this module's API
+
 from .protocol import decode_vectors, encode_vectors  # noqa: F401 - the vector codec, re-exported
 
 #: weight and logit scale of the class-mean term in the combined score (chosen on val)
@@ -38,17 +41,6 @@ VISION_WEIGHT = 1.0
 VISION_SCALE = 10.0
 #: the class-mean term of a label with n examples is weighted n / (n + VISION_SHRINK)
 VISION_SHRINK = 4.0
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` ``[N, D]`` scaled to unit length (zero rows stay zero)."""
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(n > 0, n, 1.0)
-
-
-def _log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def _lsm_rows(z: np.ndarray) -> np.ndarray:
