@@ -111,16 +111,10 @@ def start_workers(n: int, env: dict, logs: Path) -> list[WorkerProcess]:
 
 
 def cleanup(ns: str) -> None:
-    from redis import Redis
+    """Remove the run's Redis keys (``benchmarks.bench_service.delete_namespace``)."""
+    from benchmarks.bench_service import delete_namespace
 
-    conn = Redis.from_url(REDIS_URL)
-    keys = list(conn.scan_iter(match=f"*{ns}*", count=1000))
-    if keys:
-        conn.delete(*keys)
-    for registry in ("rq:workers", "rq:queues"):
-        members = [m for m in conn.smembers(registry) if ns.encode() in m]
-        if members:
-            conn.srem(registry, *members)
+    delete_namespace(REDIS_URL, ns)
 
 
 def measure(ls_server: LabelStudioServer, ls: LabelStudioClient, token: str, m: Model, path: str, n_workers: int,
