@@ -184,8 +184,10 @@ class MaskInversionEngine:
                 torch.cuda.reset_peak_memory_stats(self.clip.device)
             try:
                 if method == "decomposed":
+                    workspace = legrad.Workspace()  # one sign-pattern buffer for all steps of this chunk
+
                     def map_fn(e: torch.Tensor) -> torch.Tensor:
-                        return legrad.relevance_to_map(legrad.decomposed_relevance(self.visual, state, e),
+                        return legrad.relevance_to_map(legrad.decomposed_relevance(self.visual, state, e, workspace),
                                                        state.grid, self.patch)
                 else:
                     def map_fn(e: torch.Tensor) -> torch.Tensor:

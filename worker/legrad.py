@@ -18,6 +18,7 @@ Two implementations of ``∂s/∂A``:
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, fields
 
@@ -150,46 +151,110 @@ def _per_mask_mv(mat: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class Workspace:
+    """Reusable buffer for the sign pattern ``[N, H, n, n-1]`` that one map evaluation keeps for its backward.
+
+    At 448 px the pattern of 10 masks is ~300 MB; allocating it afresh each step costs page faults on every
+    write (large blocks come from mmap and go back on free). The inversion loop holds one workspace for all
+    its steps. A buffer is lent to one forward at a time and returned by its backward; a forward that finds it
+    lent allocates its own. A second backward of a map whose buffer was handed out again fails on autograd's
+    version check of the saved tensor (the later forward wrote it in place), never with another step's pattern.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self.lent = False
+        self.generation = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
+        """A buffer of ``shape`` and this loan's generation (-1: a fresh tensor, not the workspace's)."""
+        if self.lent:
+            return torch.empty(shape, dtype=dtype, device=device), -1
+        buf = self._buffer
+        numel = math.prod(shape)
+        if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+            buf = self._buffer = torch.empty(numel, dtype=dtype, device=device)
+        self.lent = True
+        self.generation += 1
+        return buf[:numel].view(shape), self.generation
+
+    def give_back(self, generation: int) -> None:
+        if generation == self.generation:
+            self.lent = False
+
+
+def _unique_rows(w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows of ``(w, b)`` without exact repeats, and the index of each original row among them (None: no
+    repeats). At the first step every LET is the global embedding: one map serves all masks."""
+    if w.shape[0] < 2 or not (torch.equal(w, w[:1].expand_as(w)) and torch.equal(b, b[:1].expand_as(b))):
+        return w, b, None
+    return w[:1], b[:1], torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
+
+
+MICRO_BATCH_BYTES = 8 * 2**20  # the sign pattern of one micro-batch of masks stays in a typical L3 cache
+
+
+def micro_batch(n_tokens: int, heads: int, element_bytes: int) -> int:
+    """Masks per micro-batch of the map's loops: as many as keep their ``[H, n, n-1]`` products within
+    :data:`MICRO_BATCH_BYTES` (1 at 448 px on ViT-B/16, 5 at 224 px), so the products are clamped, summed and
+    turned into sign patterns while still in cache, and the GEMMs get ``k·n`` rows instead of ``n``."""
+    return max(1, MICRO_BATCH_BYTES // (element_bytes * heads * n_tokens * (n_tokens - 1)))
+
+
 class _Relevance(torch.autograd.Function):
     """:func:`relevance_from_cotangents` with an explicit backward: ``(w [N, m], b [N, d]) -> rel [N, n-1]``.
 
-    Per mask, forward: ``t = act_r ⊙ w`` in a reused ``[n, m]`` buffer, one GEMM ``[n, m] × [m, d]``, a GEMV
-    for the rank-one ln_2 term, and one bmm over heads ``[H, n, dh] × [H, dh, n-1]`` whose output is clamped,
-    summed, and kept as its 0/1 sign pattern. Backward: ``mask @ (c ⊙ V)`` (inner dimension n-1), one GEMM
-    ``[n, d] × [d, m]`` reduced against ``act_r`` over tokens, and GEMVs; nothing is recomputed. Working one mask
-    at a time keeps the ``[n, m]`` buffers in cache and makes every mask's result independent of the batch.
+    Per micro-batch of k masks, forward: ``t = act_r ⊙ w`` ``[k, n, m]``, one GEMM ``[k·n, m] × [m, d]``, the
+    rank-one ln_2 term, and one batched product ``[k, H, n, dh] × [H, dh, n-1]`` that is clamped, summed and
+    turned into its 0/1 sign pattern while it is in cache. Backward: ``mask @ (c ⊙ V)`` (inner dimension n-1),
+    one GEMM ``[k·n, d] × [d, m]`` reduced against ``act_r`` over tokens, and GEMVs; nothing is recomputed.
+    Identical rows (the first step, where every LET is the global embedding) are computed once.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, w: torch.Tensor, b: torch.Tensor, state: ImageState, fc_out: torch.Tensor, heads: int,
-                keep_mask: bool) -> torch.Tensor:
-        n_masks, (n, m), d = w.shape[0], state.act_r.shape, fc_out.shape[1]
+                keep_mask: bool, workspace: Workspace | None = None) -> torch.Tensor:
+        (n, m), d = state.act_r.shape, fc_out.shape[1]
         dh, in_dtype = d // heads, w.dtype
         acc = torch.promote_types(w.dtype, torch.float32)  # sums and the small products stay in >= fp32
         w, b = w.to(acc), b.to(acc)
+        w_u, b_u, inverse = _unique_rows(w, b)
+        n_u = w_u.shape[0]
         dtype = torch.get_autocast_dtype("cuda") if w.is_cuda and torch.is_autocast_enabled("cuda") else acc
         act_r, w_fc = state.act_r.to(dtype), fc_out.to(dtype)
         vt, x_out = state.values_t.to(dtype), state.xhat_out.to(dtype)
-        c = _per_mask_mv(state.act_xhat_r.to(acc), w).to(dtype)  # [N, n]
-        t = torch.empty(n, m, dtype=dtype, device=w.device)
-        g = torch.empty(n, d, dtype=dtype, device=w.device)
-        prod = torch.empty(n_masks, heads, n, n - 1, dtype=dtype, device=w.device)
-        for i in range(n_masks):
-            torch.mul(act_r, w[i].to(dtype), out=t)
-            torch.mm(t, w_fc, out=g)
-            g.addcmul_(c[i, :, None], x_out, value=-1).add_(b[i].to(dtype))
-            torch.bmm(g.view(n, heads, dh).transpose(0, 1), vt, out=prod[i])
-        rel = prod.clamp_(min=0).sum(dim=(1, 2), dtype=acc)
+        c = _per_mask_mv(state.act_xhat_r.to(acc), w_u).to(dtype)  # [N, n]
+        step = min(n_u, micro_batch(n, heads, torch.finfo(dtype).bits // 8))
+        t = torch.empty(step, n, m, dtype=dtype, device=w.device)
+        shape = (n_u if keep_mask else step, heads, n, n - 1)
+        if keep_mask and workspace is not None:
+            prod, generation = workspace.take(shape, dtype, w.device)
+        else:
+            prod, generation = torch.empty(shape, dtype=dtype, device=w.device), -1
+        rel = torch.empty(n_u, n - 1, dtype=acc, device=w.device)
+        for s0 in range(0, n_u, step):
+            k = min(step, n_u - s0)
+            sl = slice(s0, s0 + k)
+            tk = torch.mul(act_r[None], w_u[sl, None, :].to(dtype), out=t[:k])
+            g = (tk.view(k * n, m) @ w_fc).view(k, n, d)
+            g.addcmul_(c[sl, :, None], x_out[None], value=-1).add_(b_u[sl, None, :].to(dtype))
+            p = prod[sl] if keep_mask else prod[:k]
+            torch.matmul(g.view(k, n, heads, dh).transpose(1, 2), vt, out=p)
+            rel[sl] = p.clamp_(min=0).sum(dim=(1, 2), dtype=acc)
+            if keep_mask:
+                p.sign_()  # 0/1 (p >= 0 after the clamp)
         if keep_mask:
-            ctx.save_for_backward(prod.sign_())  # 0/1 (prod >= 0 after the clamp)
-            ctx.state, ctx.fc_out, ctx.heads, ctx.in_dtype = state, fc_out, heads, in_dtype
-        return rel / (heads * n)
+            ctx.save_for_backward(prod)
+            ctx.state, ctx.fc_out, ctx.heads, ctx.in_dtype, ctx.step = state, fc_out, heads, in_dtype, step
+            ctx.shared, ctx.workspace, ctx.generation = inverse is not None, workspace, generation
+        rel = rel / (heads * n)
+        return rel if inverse is None else rel[inverse]
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_rel: torch.Tensor):
-        mask, = ctx.saved_tensors  # [N, H, n, n-1]
+        mask, = ctx.saved_tensors  # [N_unique, H, n, n-1]
         state, fc_out, heads = ctx.state, ctx.fc_out, ctx.heads
         n_masks, (n, m), d = grad_rel.shape[0], state.act_r.shape, fc_out.shape[1]
         dh, dtype = d // heads, mask.dtype
@@ -199,23 +264,33 @@ class _Relevance(torch.autograd.Function):
         grad_b = torch.empty(n_masks, d, dtype=grad_rel.dtype, device=grad_rel.device)
         grad_w = torch.empty(n_masks, m, dtype=grad_rel.dtype, device=grad_rel.device)
         grad_c = torch.empty(n_masks, n, dtype=grad_rel.dtype, device=grad_rel.device)
-        gh = torch.empty(heads, n, dh, dtype=dtype, device=mask.device)
-        tt = torch.empty(n, m, dtype=dtype, device=mask.device)
-        for i in range(n_masks):
-            torch.bmm(mask[i], v * col[i][None, :, None], out=gh)
-            gg = gh.transpose(0, 1).reshape(n, d)  # [n, d]
-            grad_b[i] = gg.sum(0)
-            grad_c[i] = -(gg * state.xhat_out).sum(-1)
-            torch.mm(gg, w_fc_t, out=tt)
-            grad_w[i] = tt.mul_(act_r).sum(0)
+        step = ctx.step
+        for s0 in range(0, n_masks, step):
+            k = min(step, n_masks - s0)
+            sl = slice(s0, s0 + k)
+            if ctx.shared:  # one pattern for all masks: one product with k masks' columns side by side
+                rhs = (v[:, :, None, :] * col[sl].T[None, :, :, None]).reshape(heads, n - 1, k * dh)
+                gh = (mask[0] @ rhs).view(heads, n, k, dh).permute(2, 1, 0, 3)  # [k, n, H, dh]
+            else:
+                gh = torch.matmul(mask[sl], v[None] * col[sl, None, :, None]).transpose(1, 2)  # [k, n, H, dh]
+            gg = gh.reshape(k, n, d)
+            grad_b[sl] = gg.sum(1)
+            grad_c[sl] = -(gg * state.xhat_out).sum(-1)
+            tt = (gg.view(k * n, d) @ w_fc_t).view(k, n, m)
+            grad_w[sl] = tt.mul_(act_r).sum(1)
         grad_w += _per_mask_mv(state.act_xhat_r.T.to(grad_c.dtype), grad_c)
-        return grad_w.to(ctx.in_dtype), grad_b.to(ctx.in_dtype), None, None, None, None
+        if ctx.workspace is not None:
+            ctx.workspace.give_back(ctx.generation)
+        return grad_w.to(ctx.in_dtype), grad_b.to(ctx.in_dtype), None, None, None, None, None
 
 
-def decomposed_relevance(visual: torch.nn.Module, state: ImageState, emb: torch.Tensor) -> torch.Tensor:
+def decomposed_relevance(visual: torch.nn.Module, state: ImageState, emb: torch.Tensor,
+                         workspace: Workspace | None = None) -> torch.Tensor:
     """Patch relevance ``[N, n-1]`` (clamped ∂s/∂A averaged over heads and rows) for embeddings ``emb`` ``[N, D]``.
 
     Differentiable w.r.t. ``emb`` (first-order, explicit backward); cost per embedding is independent of depth.
+    ``workspace``: a :class:`Workspace` reused across the steps of one optimisation (saves re-allocating the
+    kept sign pattern each step).
     """
     view = vit.last_block(visual)
     k = block_constants(visual)
@@ -231,7 +306,7 @@ def decomposed_relevance(visual: torch.nn.Module, state: ImageState, emb: torch.
     w = (g_y * k.ls2) @ view.c_proj.weight  # [N, m] at the activation's output
     b = (g_y * k.ls1) @ view.out_proj.weight  # [N, d] through the attention residual
     keep_mask = torch.is_grad_enabled() and emb.requires_grad
-    return _Relevance.apply(w, b, state, k.fc_out, view.heads, keep_mask)
+    return _Relevance.apply(w, b, state, k.fc_out, view.heads, keep_mask, workspace)
 
 
 def relevance_to_map(rel: torch.Tensor, grid: int, patch: int) -> torch.Tensor:

@@ -104,3 +104,42 @@ def test_whole_decomposed_map_gradcheck(double_model):
     assert torch.autograd.gradcheck(
         lambda e: legrad.relevance_to_map(legrad.decomposed_relevance(visual, state, e), state.grid,
                                           vit.patch_size_of(visual)), (emb,))
+
+
+def _relevance_inputs(n_masks: int, same_rows: bool):
+    state, heads = synthetic_state(), 2
+    m, d = state.act_r.shape[1], state.xhat_out.shape[1]
+    fc_out = torch.randn(m, d, dtype=torch.float64, generator=gen(5))
+    w = torch.randn(1 if same_rows else n_masks, m, dtype=torch.float64, generator=gen(6))
+    b = torch.randn(1 if same_rows else n_masks, d, dtype=torch.float64, generator=gen(7))
+    if same_rows:
+        w, b = w.repeat(n_masks, 1), b.repeat(n_masks, 1)
+    return state, heads, fc_out, w.requires_grad_(True), b.requires_grad_(True)
+
+
+def test_identical_rows_are_computed_once_with_the_same_result_and_gradient():
+    """The first inversion step (every LET = the global embedding) shares one map and one sign pattern."""
+    state, heads, fc_out, w, b = _relevance_inputs(4, same_rows=True)
+    ref = legrad.relevance_from_cotangents(w, b, state, fc_out, heads)
+    out = legrad._Relevance.apply(w, b, state, fc_out, heads, True, legrad.Workspace())
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn(ref.shape, dtype=ref.dtype, generator=gen(8))
+    torch.testing.assert_close(torch.autograd.grad(out, (w, b), grad), torch.autograd.grad(ref, (w, b), grad))
+
+
+def test_workspace_is_reused_across_steps_and_refuses_a_stale_backward():
+    state, heads, fc_out, w, b = _relevance_inputs(3, same_rows=False)
+    ws = legrad.Workspace()
+    first = legrad._Relevance.apply(w, b, state, fc_out, heads, True, ws)
+    assert ws.lent
+    # a second forward while the first still holds the buffer gets its own tensor
+    second = legrad._Relevance.apply(w * 2, b, state, fc_out, heads, True, ws)
+    g1, = torch.autograd.grad(first.sum(), w, retain_graph=True)
+    assert not ws.lent  # the first backward returned the buffer
+    ref = legrad.relevance_from_cotangents(w, b, state, fc_out, heads)
+    torch.testing.assert_close(g1, torch.autograd.grad(ref.sum(), w)[0])
+    torch.autograd.grad(second.sum(), w)  # its own tensor: unaffected
+    third = legrad._Relevance.apply(w, b * 3, state, fc_out, heads, True, ws)  # takes the buffer again
+    with pytest.raises(RuntimeError, match="inplace"):
+        torch.autograd.grad(first.sum(), w)
+    torch.autograd.grad(third.sum(), w)
