@@ -5,9 +5,15 @@ When (documented in README, "Proposals"):
 
 * only in batch mode (no interactive ``context``), only for tasks that have no region at all (no annotation and
   no prediction with a result): tasks with regions are labelled as before, never given proposals;
-* ``MASKINV_PROPOSALS=auto`` (default) proposes for such tasks, ``off`` never does; a request overrides it with
-  ``params.maskinv.proposals``: ``false``, ``true``, or an object with the job's options
-  (``sources``, ``min_score``, ``max_proposals``, ``refine``; see worker.proposal_jobs).
+* whether such tasks get proposals is decided, first match wins (:func:`decide`):
+
+  1. the request or run: ``params.maskinv.proposals`` (``false``, ``true``, or an object with the job's options
+     ``sources``, ``min_score``, ``max_proposals``, ``refine``; see worker.proposal_jobs), or ``maskinv-annotate
+     --proposals on|off`` / ``ProjectRun(proposals=...)``;
+  2. the project's label config: the attribute ``maskinvProposals="true"|"false"`` on the region control the
+     proposals are written as, else on the root ``<View>`` (Label Studio keeps unknown attributes in the saved
+     config and its editor ignores them);
+  3. ``MASKINV_PROPOSALS``: ``auto`` (default) proposes, ``off`` does not.
 
 What: the first region control of the config that has a vocabulary (and can carry a label) decides the output
 type — BrushLabels (RLE), PolygonLabels (contour, percent points) or RectangleLabels (box); see
@@ -55,11 +61,49 @@ def split_override(overrides: Any) -> tuple[Any, bool | dict[str, Any] | None]:
     return (rest or None), value
 
 
-def wanted(mode: str, override: bool | dict[str, Any] | None) -> bool:
-    """Whether tasks without regions get proposals (``mode``: MASKINV_PROPOSALS)."""
-    if override is None:
-        return mode == "auto"
-    return override is not False
+def wanted(mode: str, override: bool | dict[str, Any] | None, config_switch: bool | None = None) -> bool:
+    """Whether tasks without regions get proposals: ``override`` (request/run) wins over ``config_switch`` (the
+    label config's ``maskinvProposals``), which wins over ``mode`` (MASKINV_PROPOSALS)."""
+    if override is not None:
+        return override is not False
+    if config_switch is not None:
+        return config_switch
+    return mode == "auto"
+
+
+#: the label-config attribute that turns proposals on or off for a project (region control or root <View>)
+CONFIG_ATTRIBUTE = "maskinvProposals"
+_TRUE, _FALSE = frozenset({"true", "on", "yes", "1"}), frozenset({"false", "off", "no", "0"})
+
+
+def config_switch(cfg: ProjectConfig) -> bool | None:
+    """The project's own switch: ``maskinvProposals`` on the target region control, else on the root ``<View>``
+    (None when neither has it). Raises PredictError(422) for a value that is not true/false/on/off/yes/no/1/0."""
+    control = target_control(cfg)
+    raw = None
+    if control is not None:
+        tag = cfg.interface.get_control(control.name)  # type: ignore[attr-defined]
+        raw = (getattr(tag, "attr", None) or {}).get(CONFIG_ATTRIBUTE)
+    if raw is None:
+        root = getattr(cfg.interface, "_tree", None)  # the SDK's parsed root element (lxml)
+        if root is None:
+            from lxml import etree
+
+            root = etree.fromstring(cfg.xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True))
+        raw = root.attrib.get(CONFIG_ATTRIBUTE)
+    if raw is None:
+        return None
+    value = str(raw).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise PredictError(422, f'label config: {CONFIG_ATTRIBUTE}="{raw}" must be "true" or "false"')
+
+
+def decide(mode: str, cfg: ProjectConfig, override: bool | dict[str, Any] | None) -> bool:
+    """:func:`wanted` with the label config's switch read from ``cfg`` (only when no override decides)."""
+    return wanted(mode, override, None if override is not None else config_switch(cfg))
 
 
 def untouched(task: dict[str, Any]) -> bool:
@@ -141,6 +185,9 @@ def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, 
                        "timings": (res or {}).get("timings", {}), "errors": []}
         if error:
             log.warning("task %s: proposals failed: %s", f.task_id, error)
+            # the kind lets project runs retry transient failures and background runs continue timed-out jobs
+            kind = "rejected" if res is not None else (run.kind or "failed")
+            diagnostics["errors"].append({"region": None, "error": f"proposals: {error}", "kind": kind})
             answers[i] = {"error": f"proposals: {error}", "maskinv": diagnostics}
             continue
         width, height = f.size

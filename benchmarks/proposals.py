@@ -235,7 +235,7 @@ def _bbox(m: np.ndarray) -> list[float]:
 
 
 def scene_items(count: int, seed: int = 0, start: int = 0) -> tuple[list[Item], list[str]]:
-    from benchmarks.scene_world import SceneWorld
+    from training.scene_world import SceneWorld
 
     world = SceneWorld(seed=seed, image_size=112)
     items = []
@@ -418,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         clip = load_clip(a.model or SCENE_MODEL, a.pretrained if a.pretrained is not None else str(SCENE_CHECKPOINT))
         items, labels = scene_items(a.scene_world, start=a.start)
         if a.split == "val":
-            from benchmarks.scene_world import SceneWorld
+            from training.scene_world import SceneWorld
             world = SceneWorld(seed=0, image_size=112)
             items = []
             for k, index in enumerate(range(a.start, a.start + a.scene_world)):
