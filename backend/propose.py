@@ -119,6 +119,15 @@ def target_control(cfg: ProjectConfig) -> RegionControl | None:
     return next((c for c in with_labels if c.labels_control is not None), with_labels[0] if with_labels else None)
 
 
+def proposal_score(res: dict[str, Any]) -> float:
+    """A proposal's score in Label Studio: the worker's ranking score (best-label probability × objectness,
+    ``meta.score``), else the best label's probability (older workers)."""
+    ranked = (res.get("meta") or {}).get("score")
+    if isinstance(ranked, (int, float)) and not isinstance(ranked, bool) and 0.0 <= ranked <= 1.0:
+        return float(ranked)
+    return float(res["labels"][0]["score"])
+
+
 def proposal_items(control: RegionControl, cfg: ProjectConfig, res: dict[str, Any], width: int, height: int,
                    key: str) -> list[dict[str, Any]]:
     """Result items (region + optional caption) for one proposal result ``res`` (a RegionResult dict)."""
@@ -126,17 +135,20 @@ def proposal_items(control: RegionControl, cfg: ProjectConfig, res: dict[str, An
     geometry = geometry_value(control.kind, mask, width, height)
     best = res["labels"][0]
     source = str(res["meta"].get("source") or "?")
-    meta = {"text": [f"proposed by MaskInversion ({source}) · {alternatives_text(res['labels'])}"],
+    score = proposal_score(res)
+    obj = res["meta"].get("objectness")
+    obj_text = f" · objectness {float(obj):.2f}" if isinstance(obj, (int, float)) else ""
+    meta = {"text": [f"proposed by MaskInversion ({source}){obj_text} · {alternatives_text(res['labels'])}"],
             "proposed": True, "source": source}
     frame = {"original_width": width, "original_height": height, "image_rotation": 0}
     if control.labels_control is not None and best["label"] in control.labels:
         rtype = control.labelled_type
         out = [{"id": key, "from_name": control.labels_control, "to_name": control.to_name, "type": rtype,
-                "value": {**geometry, rtype: [best["label"]]}, "score": float(best["score"]), "meta": meta,
+                "value": {**geometry, rtype: [best["label"]]}, "score": score, "meta": meta,
                 "origin": "prediction", **frame}]
     else:
         out = [{"id": key, "from_name": control.name, "to_name": control.to_name, "type": control.tag,
-                "value": geometry, "score": float(best["score"]), "meta": meta, "origin": "prediction", **frame}]
+                "value": geometry, "score": score, "meta": meta, "origin": "prediction", **frame}]
     caption = cfg.captions.get(control.to_name)
     if caption is not None and res.get("caption"):
         out.append({"id": key, "from_name": caption.name, "to_name": control.to_name, "type": "textarea",
@@ -201,7 +213,7 @@ def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, 
             except (OutputError, KeyError, ValueError) as exc:
                 diagnostics["errors"].append({"region": key, "error": str(exc), "kind": "region"})
                 continue
-            scores.append(float(region["labels"][0]["score"]))
+            scores.append(proposal_score(region))
         diagnostics.update({"proposed": len(scores), "regions": 0})
         answers[i] = task_prediction(results, scores, version, diagnostics) if results else []
         log.info("task %s: %d proposed region(s) as %s", f.task_id, len(scores), control.tag)

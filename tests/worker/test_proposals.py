@@ -118,7 +118,8 @@ def test_propose_returns_capped_thresholded_non_overlapping_proposals(tiny):
                     steps=2, min_score=0.0, max_proposals=3)
     props = res.proposals
     assert 1 <= len(props) <= 3
-    assert [p.score for p in props] == sorted((p.score for p in props), reverse=True)
+    assert [p.rank for p in props] == sorted((p.rank for p in props), reverse=True)
+    assert all(0.0 <= p.objectness <= 1.0 and p.rank <= p.score for p in props)
     assert all(p.mask.shape == (64, 64) and p.label in LABELS and len(p.labels) == 3 for p in props)
     ious = P.mask_iou(np.stack([p.mask for p in props]), np.stack([p.mask for p in props]))
     assert (ious[~np.eye(len(props), dtype=bool)] <= P.NMS_IOU).all()
