@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from worker import proposals as P
@@ -208,3 +209,14 @@ def test_proposal_settings_from_env_name_the_variable():
                       ({"MASKINV_PROPOSAL_SOURCES": "sam"}, "MASKINV_SAM_CHECKPOINT")]:
         with pytest.raises(ValueError, match=name):
             ProposalSettings.from_env(env)
+
+
+def test_objectness_and_ranking():
+    obj = P.objectness(torch.tensor([0.0, 0.5, 1.0, 1.2]))
+    assert np.allclose(obj, [1.0, 0.25, 0.0, 0.0])
+    m = np.zeros((8, 8), bool)
+    m[:4] = True
+    a = P.Proposal(m, "maskcut", [("cat", 0.9)], torch.zeros(4), objectness=0.1)  # confident, poorly explained
+    b = P.Proposal(m.copy(), "keyseeds", [("dog", 0.5)], torch.zeros(4), objectness=0.9)
+    assert [p.label for p in P.select([a, b], min_score=0.2)] == ["dog"]  # NMS keeps the better-ranked one
+    assert P.select([a, b], min_score=0.6) == []  # the threshold is on the probability: dog is below, cat lost NMS
