@@ -2,7 +2,12 @@
 Label Studio's API (backend.project_run), with a progress bar and a summary.
 
     maskinv-annotate --url http://localhost:8080 --token $LABEL_STUDIO_API_KEY --project 3 [--view 12 |
-                     --tasks 1,2,5-9] [--workers 4] [--retry-failed] [--dry-run]
+                     --tasks 1,2,5-9] [--workers 4] [--retry-failed] [--dry-run] [--proposals auto|on|off]
+
+Tasks without any region (no annotation, no prediction with a result) get regions proposed by the model
+(backend.propose) unless ``--proposals off``, the label config's ``maskinvProposals="false"`` or
+MASKINV_PROPOSALS=off says otherwise (``--proposals auto``, the default, leaves it to the config, then to
+MASKINV_PROPOSALS; ``on``/``off`` overrides both).
 
 It uses the backend's own settings (the same MASKINV_* environment as ``maskinv-backend``, so the model version
 it writes is the one Label Studio asks the backend for): with REDIS_URL set it sends the jobs to the RQ queue
@@ -108,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true",
                    help="also retry tasks that failed permanently in an earlier run")
     p.add_argument("--dry-run", action="store_true", help="list what would be labelled; run and write nothing")
+    p.add_argument("--proposals", choices=("auto", "on", "off"), default="auto",
+                   help="regions proposed for tasks without any region: auto = as the label config's "
+                        "maskinvProposals says, else MASKINV_PROPOSALS (default auto: on); on/off override both "
+                        "[auto]")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="where permanent failures are remembered [env MASKINV_RUN_STATE_DIR, default "
                         "~/.cache/maskinv-annotate]")
@@ -157,7 +166,7 @@ def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) ->
     from .ls_api import LabelStudioAPI, LabelStudioAPIError
     from .project_run import ProjectRun
     from .runs import MemoryRunStore, RedisRunStore
-    from .service import Service
+    from .service import PredictError, Service
 
     err = lambda msg: print(f"maskinv-annotate: {msg}", file=sys.stderr)  # noqa: E731
     api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
@@ -211,12 +220,17 @@ def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) ->
             err(str(exc))
             return 3
 
-    run = ProjectRun(service, cfg, api, store, model_version=version, kind="annotate", project=args.project,
-                     workers=workers, dry_run=args.dry_run, retry_failed=args.retry_failed,
-                     failed_before=failed_before, on_task=lambda o: on_task(o))
+    try:
+        run = ProjectRun(service, cfg, api, store, model_version=version, kind="annotate", project=args.project,
+                         workers=workers, dry_run=args.dry_run, retry_failed=args.retry_failed,
+                         failed_before=failed_before, on_task=lambda o: on_task(o),
+                         proposals={"auto": None, "on": True, "off": False}[args.proposals])
+    except PredictError as exc:
+        err(f"project {args.project}: {exc.message}")
+        return 2
     print(f"maskinv-annotate: run {run.run_id}: project {args.project}, model version {version}, "
-          f"{service.dispatcher.mode} mode, {workers} task(s) in flight"
-          f"{', dry run' if args.dry_run else ''}", file=sys.stderr)
+          f"{service.dispatcher.mode} mode, {workers} task(s) in flight, proposals for tasks without regions "
+          f"{'on' if run.proposing else 'off'}{', dry run' if args.dry_run else ''}", file=sys.stderr)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -271,8 +285,12 @@ def format_summary(s: Any, dry_run: bool, version: str, run_id: str) -> str:
     if dry_run:
         n = s.skipped_by.get("dry_run", 0)
         lines.append(f"  dry run: {n} task(s) would be labelled ({s.regions} regions); nothing was written")
+        if s.proposal_tasks:
+            lines.append(f"  of them {s.proposal_tasks} task(s) without regions would get proposals")
     else:
         lines.append(f"  labelled: {s.labelled} task(s), {s.regions} region(s) ({rate:.2f} regions/s)")
+        if s.proposal_tasks:
+            lines.append(f"    of them {s.proposal_tasks} task(s) without regions, {s.proposed} proposed region(s)")
     lines.append(f"  skipped:  {s.skipped} task(s)" + (f" ({skipped})" if skipped else ""))
     lines.append(f"  failed:   {s.failed} task(s)")
     for reason, (count, ids, kind) in s.failures.items():

@@ -32,7 +32,7 @@ from .dispatch import DispatchError, LabelRequest
 from .images import ImageError, image_size
 from .label_config import ProjectConfig
 from .predictions import region_results, task_prediction
-from .propose import propose_answers, split_override, untouched, wanted
+from .propose import decide, propose_answers, split_override, untouched
 from .regions import Region, RegionError, collect_regions, region_mask
 from .service import PredictError, Service
 
@@ -113,7 +113,8 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
         items, source = (context["result"], "context") if interactive else task_regions(task)
         plan = _TaskPlan(task.get("id"), source)
         plans.append(plan)
-        if not interactive and source == "none" and untouched(task) and wanted(settings.proposals, proposal_override):
+        if (not interactive and source == "none" and untouched(task)
+                and decide(settings.proposals, cfg, proposal_override)):
             propose_for.append(len(plans) - 1)
             continue
         regions, problems = collect_regions(items, cfg)

@@ -6,8 +6,12 @@ for the rest of a *Retrieve predictions* request that would overrun MASKINV_BATC
 Per task, in order:
 
 1. skipped when it already holds a prediction of the current model version (so a re-run writes nothing and a
-   killed run finishes only the rest), when it failed before for a reason a retry cannot fix (unless
-   ``retry_failed``), or when it has no region (batch mode: latest annotation, else latest prediction);
+   killed run finishes only the rest), or when it failed before for a reason a retry cannot fix (unless
+   ``retry_failed``). A task without regions (batch mode: latest annotation, else latest prediction) gets
+   regions proposed (backend.propose) when the run proposes — ``proposals`` (``maskinv-annotate
+   --proposals``), else ``params.maskinv.proposals`` of the request it continues, else the label config's
+   ``maskinvProposals``, else MASKINV_PROPOSALS (default ``auto``: on) — and no annotator submitted anything on
+   it; otherwise it is skipped;
 2. claimed for this run (backend.runs): a task a live run is labelling is deferred until that run lets it go;
 3. labelled with batch mode itself (:func:`backend.predict.predict_tasks` on the one task: same region finding,
    image fetching, dispatching and prediction JSON as ``/predict``; one job per image, queue or embedded);
@@ -37,6 +41,7 @@ from typing import Any, Callable, Iterable
 from .label_config import ProjectConfig
 from .ls_api import LabelStudioAPI, LabelStudioAPIError
 from .predict import predict_tasks, task_regions
+from .propose import decide, split_override, untouched
 from .regions import collect_regions
 from .runs import ALIVE_TTL_S, Heartbeat, RunStatus, RunStore, claim_key, new_run_id
 from .service import PredictError, Service
@@ -63,6 +68,8 @@ class TaskOutcome:
     kind: str | None = None  # failure kind (backend.predict.STATUS keys, "api"), or the skip reason's key
     regions: int = 0  # regions labelled in the written prediction
     region_errors: int = 0
+    proposed: int = 0  # of those, regions proposed for a task without regions (backend.propose)
+    regionless: bool = False  # the task had no region: its prediction holds proposals
 
 
 @dataclass
@@ -74,15 +81,20 @@ class Summary:
     failed: int = 0
     regions: int = 0
     region_errors: int = 0
+    proposed: int = 0  # regions proposed (in written predictions), part of ``regions``
+    proposal_tasks: int = 0  # tasks without regions that got proposals (dry run: would get them)
     seconds: float = 0.0
     skipped_by: dict[str, int] = field(default_factory=dict)
     failures: OrderedDict = field(default_factory=OrderedDict)  # reason -> [count, [task ids (first 10)], kind]
     interrupted: bool = False
 
     def add(self, o: TaskOutcome) -> None:
+        if o.regionless and o.status in ("labelled", "skipped") and o.kind in (None, "dry_run"):
+            self.proposal_tasks += 1
         if o.status == "labelled":
             self.labelled += 1
             self.regions += o.regions
+            self.proposed += o.proposed
             self.region_errors += o.region_errors
             if o.region_errors and o.reason:
                 self._reason(f"(labelled, some regions failed) {o.reason}", o)
@@ -109,7 +121,8 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         return {"labelled": self.labelled, "skipped": self.skipped, "failed": self.failed, "regions": self.regions,
-                "region_errors": self.region_errors, "seconds": round(self.seconds, 3),
+                "region_errors": self.region_errors, "proposed": self.proposed,
+                "proposal_tasks": self.proposal_tasks, "seconds": round(self.seconds, 3),
                 "skipped_by": dict(self.skipped_by), "interrupted": self.interrupted,
                 "failures": [{"reason": r, "count": c, "tasks": ids, "kind": k}
                              for r, (c, ids, k) in self.failures.items()]}
@@ -137,13 +150,17 @@ class ProjectRun:
 
     ``on_task(outcome)`` is called for every finished task (from worker threads, one at a time).
     ``failed_before``: task ids that failed permanently in an earlier run (skipped unless ``retry_failed``).
+    ``proposals``: True / False forces region proposals for tasks without regions on / off; None (default)
+    leaves it to ``overrides["proposals"]``, the label config and MASKINV_PROPOSALS (backend.propose.decide).
+    Raises PredictError for a bad ``overrides["proposals"]`` or label-config switch.
     """
 
     def __init__(self, service: Service, cfg: ProjectConfig, api: LabelStudioAPI, store: RunStore, *,
                  model_version: str, kind: str = "annotate", project: Any = None, overrides: Any = None,
                  workers: int = 2, timeout_s: float | None = None, dry_run: bool = False,
                  retry_failed: bool = False, failed_before: Iterable[Any] = (),
-                 on_task: Callable[[TaskOutcome], None] | None = None, run_id: str | None = None):
+                 on_task: Callable[[TaskOutcome], None] | None = None, run_id: str | None = None,
+                 proposals: bool | None = None):
         if workers < 1:
             raise ValueError("workers must be >= 1")
         self.service = service
@@ -151,7 +168,13 @@ class ProjectRun:
         self.api = api
         self.store = store
         self.version = model_version
-        self.overrides = overrides
+        rest, override = split_override(overrides)
+        if proposals is not None:
+            override = bool(proposals)
+        #: whether tasks without regions get proposals in this run (decided once)
+        self.proposing = decide(service.settings.proposals, cfg, override)
+        # batch mode gets the decision explicitly (a dict of job options is passed on as it is)
+        self.overrides = {**(rest or {}), "proposals": override if isinstance(override, dict) else self.proposing}
         self.workers = int(workers)
         self.timeout_s = float(timeout_s if timeout_s is not None else service.settings.job_timeout_s)
         self.dry_run = dry_run
@@ -274,10 +297,20 @@ class ProjectRun:
             return TaskOutcome(tid, "skipped", f"dry run: {n} region(s) would be labelled", "dry_run", regions=n)
         return None
 
-    def _regionless(self, task: dict[str, Any]) -> TaskOutcome:
-        """A task without regions. Hook for region proposals (issue: proposals): when the backend can propose
-        regions, label the proposals here instead of skipping."""
-        return TaskOutcome(task.get("id"), "skipped", "no regions to label", "no_regions")
+    def _regionless(self, task: dict[str, Any]) -> TaskOutcome | None:
+        """A task without regions: None (propose and label them) when the run proposes and no annotator
+        submitted anything on the task, else a skip."""
+        tid = task.get("id")
+        if not self.proposing:
+            return TaskOutcome(tid, "skipped", "no regions to label (proposals are off)", "no_regions")
+        if task_regions(task)[1] != "none":  # results, but none is a region of this config: not proposed for
+            return TaskOutcome(tid, "skipped", "no regions to label", "no_regions")
+        if not untouched(task):  # batch mode proposes only for tasks nobody submitted anything on
+            return TaskOutcome(tid, "skipped", "no regions to label (an annotator submitted an empty annotation)",
+                               "no_regions")
+        if self.dry_run:
+            return TaskOutcome(tid, "skipped", "dry run: regions would be proposed", "dry_run", regionless=True)
+        return None
 
     def _label(self, task: dict[str, Any], recheck: bool = False) -> TaskOutcome:
         tid = task.get("id")
@@ -294,6 +327,9 @@ class ProjectRun:
             except PredictError as exc:
                 return TaskOutcome(tid, "failed", exc.message, "limit" if exc.status == 413 else "failed")
             outcome = classify(tid, answer)
+            if outcome.status == "skipped" and self.proposing and task_regions(task)[1] == "none":
+                return TaskOutcome(tid, "skipped", "no region proposed above the score threshold "
+                                                   "(MASKINV_PROPOSAL_MIN_SCORE)", "no_proposals", regionless=True)
             if outcome.status != "labelled":
                 return outcome
             # check again right before writing: another writer (a Retrieve predictions, another run) may have
@@ -357,6 +393,7 @@ class ProjectRun:
             if o.status == "labelled":
                 s.done += 1
                 s.regions += o.regions
+                s.proposed += o.proposed
             elif o.status == "skipped":
                 s.skipped += 1
             else:
@@ -396,8 +433,10 @@ def classify(task_id: Any, answer: Any) -> TaskOutcome:
     if isinstance(answer, dict) and "result" in answer:
         if transient:
             return TaskOutcome(task_id, "failed", f"not written, retry later: {reason}", transient[0])
-        labelled = int((diag or {}).get("labelled") or 0)
-        return TaskOutcome(task_id, "labelled", reason, None, regions=labelled, region_errors=len(errors))
+        proposed = int((diag or {}).get("proposed") or 0) if (diag or {}).get("source") == "proposals" else 0
+        labelled = int((diag or {}).get("labelled") or 0) + proposed
+        return TaskOutcome(task_id, "labelled", reason, None, regions=labelled, region_errors=len(errors),
+                           proposed=proposed, regionless=bool(proposed))
     message = str(answer.get("error") if isinstance(answer, dict) else answer)
     kind = transient[0] if transient else (sorted(kinds - {None})[0] if kinds - {None} else "failed")
     return TaskOutcome(task_id, "failed", message, kind)

@@ -5,9 +5,15 @@ When (documented in README, "Proposals"):
 
 * only in batch mode (no interactive ``context``), only for tasks that have no region at all (no annotation and
   no prediction with a result): tasks with regions are labelled as before, never given proposals;
-* ``MASKINV_PROPOSALS=auto`` (default) proposes for such tasks, ``off`` never does; a request overrides it with
-  ``params.maskinv.proposals``: ``false``, ``true``, or an object with the job's options
-  (``sources``, ``min_score``, ``max_proposals``, ``refine``; see worker.proposal_jobs).
+* whether such tasks get proposals is decided, first match wins (:func:`decide`):
+
+  1. the request or run: ``params.maskinv.proposals`` (``false``, ``true``, or an object with the job's options
+     ``sources``, ``min_score``, ``max_proposals``, ``refine``; see worker.proposal_jobs), or ``maskinv-annotate
+     --proposals on|off`` / ``ProjectRun(proposals=...)``;
+  2. the project's label config: the attribute ``maskinvProposals="true"|"false"`` on the region control the
+     proposals are written as, else on the root ``<View>`` (Label Studio keeps unknown attributes in the saved
+     config and its editor ignores them);
+  3. ``MASKINV_PROPOSALS``: ``auto`` (default) proposes, ``off`` does not.
 
 What: the first region control of the config that has a vocabulary (and can carry a label) decides the output
 type — BrushLabels (RLE), PolygonLabels (contour, percent points) or RectangleLabels (box); see
@@ -55,11 +61,49 @@ def split_override(overrides: Any) -> tuple[Any, bool | dict[str, Any] | None]:
     return (rest or None), value
 
 
-def wanted(mode: str, override: bool | dict[str, Any] | None) -> bool:
-    """Whether tasks without regions get proposals (``mode``: MASKINV_PROPOSALS)."""
-    if override is None:
-        return mode == "auto"
-    return override is not False
+def wanted(mode: str, override: bool | dict[str, Any] | None, config_switch: bool | None = None) -> bool:
+    """Whether tasks without regions get proposals: ``override`` (request/run) wins over ``config_switch`` (the
+    label config's ``maskinvProposals``), which wins over ``mode`` (MASKINV_PROPOSALS)."""
+    if override is not None:
+        return override is not False
+    if config_switch is not None:
+        return config_switch
+    return mode == "auto"
+
+
+#: the label-config attribute that turns proposals on or off for a project (region control or root <View>)
+CONFIG_ATTRIBUTE = "maskinvProposals"
+_TRUE, _FALSE = frozenset({"true", "on", "yes", "1"}), frozenset({"false", "off", "no", "0"})
+
+
+def config_switch(cfg: ProjectConfig) -> bool | None:
+    """The project's own switch: ``maskinvProposals`` on the target region control, else on the root ``<View>``
+    (None when neither has it). Raises PredictError(422) for a value that is not true/false/on/off/yes/no/1/0."""
+    control = target_control(cfg)
+    raw = None
+    if control is not None:
+        tag = cfg.interface.get_control(control.name)  # type: ignore[attr-defined]
+        raw = (getattr(tag, "attr", None) or {}).get(CONFIG_ATTRIBUTE)
+    if raw is None:
+        root = getattr(cfg.interface, "_tree", None)  # the SDK's parsed root element (lxml)
+        if root is None:
+            from lxml import etree
+
+            root = etree.fromstring(cfg.xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True))
+        raw = root.attrib.get(CONFIG_ATTRIBUTE)
+    if raw is None:
+        return None
+    value = str(raw).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise PredictError(422, f'label config: {CONFIG_ATTRIBUTE}="{raw}" must be "true" or "false"')
+
+
+def decide(mode: str, cfg: ProjectConfig, override: bool | dict[str, Any] | None) -> bool:
+    """:func:`wanted` with the label config's switch read from ``cfg`` (only when no override decides)."""
+    return wanted(mode, override, None if override is not None else config_switch(cfg))
 
 
 def untouched(task: dict[str, Any]) -> bool:
@@ -75,6 +119,15 @@ def target_control(cfg: ProjectConfig) -> RegionControl | None:
     return next((c for c in with_labels if c.labels_control is not None), with_labels[0] if with_labels else None)
 
 
+def proposal_score(res: dict[str, Any]) -> float:
+    """A proposal's score in Label Studio: the worker's ranking score (best-label probability × objectness,
+    ``meta.score``), else the best label's probability (older workers)."""
+    ranked = (res.get("meta") or {}).get("score")
+    if isinstance(ranked, (int, float)) and not isinstance(ranked, bool) and 0.0 <= ranked <= 1.0:
+        return float(ranked)
+    return float(res["labels"][0]["score"])
+
+
 def proposal_items(control: RegionControl, cfg: ProjectConfig, res: dict[str, Any], width: int, height: int,
                    key: str) -> list[dict[str, Any]]:
     """Result items (region + optional caption) for one proposal result ``res`` (a RegionResult dict)."""
@@ -82,17 +135,20 @@ def proposal_items(control: RegionControl, cfg: ProjectConfig, res: dict[str, An
     geometry = geometry_value(control.kind, mask, width, height)
     best = res["labels"][0]
     source = str(res["meta"].get("source") or "?")
-    meta = {"text": [f"proposed by MaskInversion ({source}) · {alternatives_text(res['labels'])}"],
+    score = proposal_score(res)
+    obj = res["meta"].get("objectness")
+    obj_text = f" · objectness {float(obj):.2f}" if isinstance(obj, (int, float)) else ""
+    meta = {"text": [f"proposed by MaskInversion ({source}){obj_text} · {alternatives_text(res['labels'])}"],
             "proposed": True, "source": source}
     frame = {"original_width": width, "original_height": height, "image_rotation": 0}
     if control.labels_control is not None and best["label"] in control.labels:
         rtype = control.labelled_type
         out = [{"id": key, "from_name": control.labels_control, "to_name": control.to_name, "type": rtype,
-                "value": {**geometry, rtype: [best["label"]]}, "score": float(best["score"]), "meta": meta,
+                "value": {**geometry, rtype: [best["label"]]}, "score": score, "meta": meta,
                 "origin": "prediction", **frame}]
     else:
         out = [{"id": key, "from_name": control.name, "to_name": control.to_name, "type": control.tag,
-                "value": geometry, "score": float(best["score"]), "meta": meta, "origin": "prediction", **frame}]
+                "value": geometry, "score": score, "meta": meta, "origin": "prediction", **frame}]
     caption = cfg.captions.get(control.to_name)
     if caption is not None and res.get("caption"):
         out.append({"id": key, "from_name": caption.name, "to_name": control.to_name, "type": "textarea",
@@ -141,6 +197,9 @@ def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, 
                        "timings": (res or {}).get("timings", {}), "errors": []}
         if error:
             log.warning("task %s: proposals failed: %s", f.task_id, error)
+            # the kind lets project runs retry transient failures and background runs continue timed-out jobs
+            kind = "rejected" if res is not None else (run.kind or "failed")
+            diagnostics["errors"].append({"region": None, "error": f"proposals: {error}", "kind": kind})
             answers[i] = {"error": f"proposals: {error}", "maskinv": diagnostics}
             continue
         width, height = f.size
@@ -154,7 +213,7 @@ def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, 
             except (OutputError, KeyError, ValueError) as exc:
                 diagnostics["errors"].append({"region": key, "error": str(exc), "kind": "region"})
                 continue
-            scores.append(float(region["labels"][0]["score"]))
+            scores.append(proposal_score(region))
         diagnostics.update({"proposed": len(scores), "regions": 0})
         answers[i] = task_prediction(results, scores, version, diagnostics) if results else []
         log.info("task %s: %d proposed region(s) as %s", f.task_id, len(scores), control.tag)

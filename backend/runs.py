@@ -62,9 +62,10 @@ class RunStatus:
     queued: int = 0
     running: int = 0
     done: int = 0  # a prediction was written
-    skipped: int = 0  # already predicted, no regions, or failed before (without --retry-failed)
+    skipped: int = 0  # already predicted, no regions (or none proposed), or failed before (without --retry-failed)
     failed: int = 0
     regions: int = 0  # regions labelled (in written predictions)
+    proposed: int = 0  # of those, regions proposed for tasks without regions (backend.propose)
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     finished_at: float | None = None

@@ -175,8 +175,8 @@ def run_setting(engine: MaskInversionEngine, scorer: LabelScorer, items: Sequenc
             run = runs[m]
             cands = per[m]
             mine = [by_id[id(c)] for c in cands if id(c) in by_id]
-            if m == "sliding_window":  # the baseline as defined: every window, labelled, no merging
-                kept = [p for p in mine if p.score >= min_score]
+            if m == "sliding_window":  # the baseline as defined: every window, labelled, no merging (ranked
+                kept = [p for p in mine if p.score >= min_score]  # like the proposals: probability x objectness)
             else:
                 kept = P.select(mine, min_score=min_score, max_proposals=max_proposals)
             run.seconds += times[m] + t_inv * len(cands)  # inversion time shared out per candidate
@@ -190,7 +190,7 @@ def run_setting(engine: MaskInversionEngine, scorer: LabelScorer, items: Sequenc
             run.kept += len(kept)
             for p, km in zip(kept, kept_masks):
                 run.detections.append({"image_id": item.image_id, "category_id": cat_id[p.label],
-                                       "segmentation": _coco_rle(km), "score": float(p.score)})
+                                       "segmentation": _coco_rle(km), "score": float(p.rank)})
     return runs
 
 
@@ -235,7 +235,7 @@ def _bbox(m: np.ndarray) -> list[float]:
 
 
 def scene_items(count: int, seed: int = 0, start: int = 0) -> tuple[list[Item], list[str]]:
-    from benchmarks.scene_world import SceneWorld
+    from training.scene_world import SceneWorld
 
     world = SceneWorld(seed=seed, image_size=112)
     items = []
@@ -418,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         clip = load_clip(a.model or SCENE_MODEL, a.pretrained if a.pretrained is not None else str(SCENE_CHECKPOINT))
         items, labels = scene_items(a.scene_world, start=a.start)
         if a.split == "val":
-            from benchmarks.scene_world import SceneWorld
+            from training.scene_world import SceneWorld
             world = SceneWorld(seed=0, image_size=112)
             items = []
             for k, index in enumerate(range(a.start, a.start + a.scene_world)):

@@ -8,7 +8,8 @@ Payload (a plain JSON object, like ``label_regions``'s)::
 
 Result: :class:`worker.protocol.JobResult` (kind ``"propose_regions"``), one :class:`RegionResult` per kept
 proposal, best first, id ``"proposal-<k>"``, with ``meta = {"proposed": True, "source": str, "mask": <packed
-bits, worker.payload.encode_mask, [S, S] over the whole image>, "area": share of the image}``.
+bits, worker.payload.encode_mask, [S, S] over the whole image>, "area": share of the image, "objectness": (1 -
+final Dice loss)², "score": best-label probability × objectness (the ranking; worker.proposals)}``.
 
 Worker settings (read once, at the first job; see README):
     MASKINV_MAX_PROPOSALS       proposals returned per image at most [20]; a job may ask for fewer
@@ -148,7 +149,7 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
             id=f"proposal-{k}", labels=tuple(LabelScore(lab, sc) for lab, sc in p.labels),
             caption=captions[k] if captions else None, caption_mode=rt.captioner.mode if captions else None,
             meta={"proposed": True, "source": p.source, "mask": encode_mask(p.mask),
-                  "area": float(p.mask.mean())}))
+                  "area": float(p.mask.mean()), "objectness": float(p.objectness), "score": float(p.rank)}))
     total = time.perf_counter() - t0
     timings = {"total_s": total, **{k: float(v) for k, v in res.timings.items()}}
     log.info("proposals: %d kept of %d inverted on image %s in %.2fs (%s)", len(regions),

@@ -12,8 +12,11 @@ Sources of candidate masks (all ``[S, S]`` bool at the model input size S, the w
 * ``window``  — grid cells (2×2, 3×3) and the whole image (the sliding-window baseline, off by default);
 * ``sam``     — masks from a SAM automatic mask generator (:mod:`worker.sam_source`) when one is configured.
 
-Every candidate is then inverted like a drawn region (one LET per mask, one image forward), labelled by the
-LET's best label, de-duplicated by mask-IoU NMS in order of that label's probability, and dropped when the
+Every candidate is then inverted like a drawn region (one LET per mask, one image forward) and labelled by the
+LET's best label. It is ranked by that label's probability times an *objectness* term, ``(1 - d)²`` with ``d``
+the inversion's final Dice loss (how badly the LET's own LeGrad map explains the mask: a background or partial
+candidate that no single concept explains keeps a high loss; chosen on val scenes, see
+benchmarks/results/proposals.md), de-duplicated by mask-IoU NMS in that order, and dropped when the
 probability is below ``score_threshold``; at most ``max_proposals`` survive. With ``refine`` the masks are
 snapped to SLIC superpixels of the image before inversion (:func:`snap_to_superpixels`).
 
@@ -58,17 +61,25 @@ class Candidate:
 
 @dataclass
 class Proposal:
-    """A labelled proposal: mask ``[S, S]`` bool, top-k ``(label, probability)`` best first, its LET ``[D]``."""
+    """A labelled proposal: mask ``[S, S]`` bool, top-k ``(label, probability)`` best first, its LET ``[D]``,
+    and its objectness in [0, 1] (:func:`objectness`)."""
 
     mask: np.ndarray
     source: str
     labels: list[tuple[str, float]]
     let: torch.Tensor
     hint: str | None = None
+    objectness: float = 1.0
 
     @property
     def score(self) -> float:
+        """The best label's probability (what MASKINV_PROPOSAL_MIN_SCORE thresholds)."""
         return self.labels[0][1] if self.labels else 0.0
+
+    @property
+    def rank(self) -> float:
+        """The ranking score: best-label probability × objectness (NMS order, output order, detection score)."""
+        return self.score * self.objectness
 
     @property
     def label(self) -> str | None:
@@ -255,10 +266,22 @@ def gather_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], t
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
+#: exponent of (1 - final Dice loss) in the objectness term (1 and 2..3 tried on 40 val scenes: 2 best, by 0.4 AP50)
+OBJECTNESS_POWER = 2.0
+
+
+def objectness(final_loss: torch.Tensor | np.ndarray, power: float = OBJECTNESS_POWER) -> np.ndarray:
+    """``(1 - d) ** power`` per mask for the inversion's final Dice losses ``d`` ``[N]`` (clipped to [0, 1])."""
+    d = np.clip(np.asarray(final_loss.detach().cpu() if isinstance(final_loss, torch.Tensor) else final_loss,
+                           dtype=np.float64), 0.0, 1.0)
+    return (1.0 - d) ** power
+
+
 def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], labels: Sequence[str],
                      templates: Sequence[str], size: int, steps: int = 10, lr: float = 0.1,
                      top_k: int = 3) -> list[Proposal]:
-    """Invert every candidate like a drawn region and attach its top-k labels (failed inversions are dropped)."""
+    """Invert every candidate like a drawn region and attach its top-k labels and its objectness (from the
+    inversion's final loss); failed inversions are dropped."""
     if not cands:
         return []
     res = engine.invert(image, np.stack([c.mask for c in cands]), size=size, steps=steps, lr=lr)
@@ -266,15 +289,17 @@ def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], l
     if not ok:
         return []
     scored = scorer.score(res.lets[ok], labels, templates, top_k=top_k)
-    return [Proposal(cands[i].mask, cands[i].source, s, res.lets[i], cands[i].hint) for i, s in zip(ok, scored)]
+    obj = objectness(res.losses[-1, ok])
+    return [Proposal(cands[i].mask, cands[i].source, s, res.lets[i], cands[i].hint, float(o))
+            for i, s, o in zip(ok, scored, obj)]
 
 
 def select(proposals: list[Proposal], min_score: float = DEFAULT_MIN_SCORE, max_proposals: int = DEFAULT_MAX_PROPOSALS,
            nms_iou: float = NMS_IOU) -> list[Proposal]:
-    """NMS by best-label probability, then the score threshold, then the cap; best first."""
+    """NMS in ranking order (:attr:`Proposal.rank`), then the probability threshold, then the cap; best first."""
     if not proposals:
         return []
-    keep = nms(np.stack([p.mask for p in proposals]), [p.score for p in proposals], nms_iou)
+    keep = nms(np.stack([p.mask for p in proposals]), [p.rank for p in proposals], nms_iou)
     return [proposals[i] for i in keep if proposals[i].score >= min_score][:max_proposals]
 
 
@@ -285,7 +310,7 @@ def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: 
             sam: MaskSource | None = None, max_candidates: int = MAX_CANDIDATES) -> ProposalResult:
     """Propose, label, merge and threshold regions of one image (see module docstring).
 
-    Returns at most ``max_proposals`` proposals, best label probability first, masks ``[size, size]``.
+    Returns at most ``max_proposals`` proposals, best rank (probability × objectness) first, masks ``[size, size]``.
     """
     if not labels:
         raise ValueError("proposals need at least one label")

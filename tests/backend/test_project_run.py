@@ -102,7 +102,7 @@ def test_run_writes_one_prediction_per_task_and_skips_the_rest(service, cfg, stu
     api = FakeAPI()
     tasks = [task(1, 2), task(2, 0), task(3, 1, predictions=[{"model_version": VERSION, "result": []}]),
              task(4, 3, predictions=[{"model_version": "other", "result": []}])]
-    run = make_run(service, cfg, api, workers=2)
+    run = make_run(service, cfg, api, workers=2, proposals=False)  # proposals: test_project_run_proposals.py
     s = run.run(iter(tasks), total=4)
     assert (s.labelled, s.skipped, s.failed, s.regions) == (2, 2, 0, 5)
     assert s.skipped_by == {"no_regions": 1, "predicted": 1}
@@ -115,7 +115,7 @@ def test_run_writes_one_prediction_per_task_and_skips_the_rest(service, cfg, stu
     # a second run over the same listing (now holding the predictions) writes nothing
     relisted = [dict(t, predictions=t["predictions"] + [{"model_version": v, "result": []}
                                                         for v in api.preds.get(t["id"], [])]) for t in tasks]
-    again = make_run(service, cfg, api).run(relisted, total=4)
+    again = make_run(service, cfg, api, proposals=False).run(relisted, total=4)
     assert again.labelled == 0 and api.writes == 2 and again.skipped_by["predicted"] == 3
 
 

@@ -110,3 +110,12 @@ def test_override_helpers():
     assert wanted("auto", None) and not wanted("off", None) and wanted("off", {}) and not wanted("auto", False)
     cfg = parse_label_config(config("polygon"))
     assert target_control(cfg).kind == "polygon"
+
+
+def test_proposal_score_is_the_workers_ranking_score():
+    from backend.propose import proposal_score
+
+    res = {"labels": [{"label": "car", "score": 0.6}], "meta": {"score": 0.15, "objectness": 0.25}}
+    assert proposal_score(res) == pytest.approx(0.15)
+    assert proposal_score({"labels": [{"label": "car", "score": 0.6}], "meta": {}}) == pytest.approx(0.6)
+    assert proposal_score({"labels": [{"label": "car", "score": 0.6}], "meta": {"score": True}}) == pytest.approx(0.6)

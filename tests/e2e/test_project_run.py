@@ -3,7 +3,8 @@
 * ``maskinv-annotate`` on a 30-task project (annotated brush, polygon and rectangle regions, tasks without
   regions, one task whose regions come from an imported prediction, one broken image), in queue mode with one
   worker: every region of every task with regions is labelled, the broken image is reported, the empty tasks
-  are skipped, annotations stay byte-for-byte the same; a second run writes nothing;
+  get proposed regions (skipped with ``--proposals off``), annotations stay byte-for-byte the same; a second
+  run writes nothing;
 * a run killed with SIGKILL mid-way and run again: every task ends with exactly one prediction of the model
   version;
 * *Retrieve predictions* on more tasks than fit in a low MASKINV_BATCH_TIMEOUT: Label Studio stores what was
@@ -41,6 +42,8 @@ W, H = 160, 120
 MODEL_ENV = {"MASKINV_MODEL": "maskinv-test-tiny", "MASKINV_PRETRAINED": "none", "MASKINV_DEVICE": "cpu",
              "MASKINV_SIZE": "112", "MASKINV_LOG_LEVEL": "INFO"}
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+#: a random model's probabilities are near uniform: keep every proposal, MaskCut only, at most 3 (fast)
+PROPOSAL_ENV = {"MASKINV_PROPOSAL_MIN_SCORE": "0", "MASKINV_PROPOSAL_SOURCES": "maskcut", "MASKINV_MAX_PROPOSALS": "3"}
 
 
 def all_kinds_config() -> str:
@@ -139,7 +142,7 @@ def check_prediction(pred: dict, region_ids: list[str]) -> None:
 def queue_env(redis_conn, tmp_path_factory):
     """A fresh queue + key prefix served by one ``python -m worker`` (tiny model); deleted afterwards."""
     ns = f"maskinv-e2e-run-{uuid.uuid4().hex[:8]}"
-    env = dict(MODEL_ENV, REDIS_URL=REDIS_URL, MASKINV_QUEUE=ns, MASKINV_REDIS_PREFIX=ns)
+    env = dict(MODEL_ENV, REDIS_URL=REDIS_URL, MASKINV_QUEUE=ns, MASKINV_REDIS_PREFIX=ns, **PROPOSAL_ENV)
     worker = WorkerProcess(tmp_path_factory.mktemp("run-worker") / "worker.log", env=env).start()
     from worker.queue_worker import WorkerRegistry
 
@@ -184,30 +187,38 @@ def test_annotate_labels_a_project_and_a_second_run_writes_nothing(ls, ls_server
     before = snapshot_annotations(ls, all_ids)
 
     dry = run_annotate(ls_server, ls_token, queue_env, pid, tmp_path, "dry", "--dry-run")
-    assert dry["skipped_by"].get("dry_run") == 26 and dry["labelled"] == 0, dry
+    assert dry["skipped_by"].get("dry_run") == 30 and dry["labelled"] == 0, dry
+    assert dry["proposal_tasks"] == 4, dry
+    dry_off = run_annotate(ls_server, ls_token, queue_env, pid, tmp_path, "dry-off", "--dry-run", "--proposals", "off")
+    assert dry_off["skipped_by"] == {"dry_run": 26, "no_regions": 4}, dry_off
     assert all(p["model_version"] == "imported" for t in all_ids for p in ls.predictions(t)), "a dry run writes nothing"
 
     first = run_annotate(ls_server, ls_token, queue_env, pid, tmp_path, "first")
     version = first["model_version"]
-    assert first["labelled"] == 25, first["stderr"][-3000:]
+    assert first["labelled"] == 29, first["stderr"][-3000:]
     assert first["failed"] == 1 and first["exit"] == 1, first
     assert first["failures"][0]["tasks"] == [built["broken"]], first["failures"]
-    assert first["skipped_by"] == {"no_regions": 4}, first
-    assert first["regions"] == sum(len(v) for v in built["regions"].values())
-    assert "labelled: 25 task(s)" in first["stderr"] and "failed:   1 task(s)" in first["stderr"]
+    assert first["skipped_by"] == {}, first
+    assert first["proposal_tasks"] == 4 and 4 <= first["proposed"] <= 12, first
+    assert first["regions"] - first["proposed"] == sum(len(v) for v in built["regions"].values())
+    assert "labelled: 29 task(s)" in first["stderr"] and "failed:   1 task(s)" in first["stderr"]
 
     for tid, region_ids in built["regions"].items():
         preds = ours(ls, tid, version)
         assert len(preds) == 1, (tid, preds)
         check_prediction(preds[0], region_ids)
-    for tid in built["empty"] + [built["broken"]]:
-        assert ours(ls, tid, version) == []
+    for tid in built["empty"]:  # tasks nobody drew on: proposed regions, marked as such
+        (pred,) = ours(ls, tid, version)
+        regions = [r for r in pred["result"] if r["type"] != "textarea"]
+        assert 1 <= len(regions) <= 3 and all(r["meta"]["proposed"] for r in regions), pred
+        assert all(r["value"][r["type"]][0] in LABELS for r in regions)
+    assert ours(ls, built["broken"], version) == []
     assert snapshot_annotations(ls, all_ids) == before, "annotations must stay byte-for-byte the same"
 
     counts = {t: len(ls.predictions(t)) for t in all_ids}
     second = run_annotate(ls_server, ls_token, queue_env, pid, tmp_path, "second")
     assert second["labelled"] == 0 and second["failed"] == 0, second
-    assert second["skipped_by"].get("predicted") == 25, second
+    assert second["skipped_by"].get("predicted") == 29, second
     assert {t: len(ls.predictions(t)) for t in all_ids} == counts, "a second run must write nothing"
 
     # the broken image failed for a reason a retry cannot fix: remembered, retried only on request

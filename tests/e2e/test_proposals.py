@@ -9,6 +9,7 @@ percent, captions, the proposed mark, what Label Studio stores), not the accurac
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 
@@ -73,3 +74,23 @@ def test_retrieve_predictions_proposes_polygons_for_unannotated_images(ls: Label
     assert {r["id"] for r in pred["result"]} == {region["id"]}
     assert not any(r.get("meta", {}).get("proposed") for r in pred["result"])
     assert ls.annotations(annotated["id"]) == before
+
+
+@pytest.mark.parametrize("where", ["view", "control"])
+def test_label_config_switch_is_kept_by_label_studio_and_turns_proposals_off(ls: LabelStudioClient,
+                                                                             proposing_backend, where):
+    """``maskinvProposals="false"`` on the root <View> or on the region control: Label Studio validates and keeps
+    it in the saved config (and in what it sends the backend), and Retrieve Predictions proposes nothing."""
+    cfg = shipped_config("polygon")
+    tag = "<View>" if where == "view" else "<PolygonLabels "
+    xml = cfg.xml.replace(tag, tag[:-1] + ' maskinvProposals="false"' + tag[-1], 1)
+    assert xml != cfg.xml
+    ans = ls.request("POST", "/api/projects/validate/", json={"label_config": xml}, expect=(200, 204))
+    assert ans is None or "errors" not in ans, ans
+    project, _ = new_project(ls, dataclasses.replace(cfg, xml=xml), proposing_backend.url)
+    saved = ls.request("GET", f"/api/projects/{project['id']}")["label_config"]
+    assert 'maskinvProposals="false"' in saved, saved
+    tasks = ls.upload_images(project["id"], [("raw.png", scene_png(seed=50))])
+    ans = ls.retrieve_predictions(project["id"])
+    assert ans.get("processed_items") == 1, ans
+    assert ls.predictions(tasks[0]["id"]) == []  # the backend answered [] (nothing to label): nothing stored

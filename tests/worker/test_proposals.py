@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from worker import proposals as P
@@ -118,7 +119,8 @@ def test_propose_returns_capped_thresholded_non_overlapping_proposals(tiny):
                     steps=2, min_score=0.0, max_proposals=3)
     props = res.proposals
     assert 1 <= len(props) <= 3
-    assert [p.score for p in props] == sorted((p.score for p in props), reverse=True)
+    assert [p.rank for p in props] == sorted((p.rank for p in props), reverse=True)
+    assert all(0.0 <= p.objectness <= 1.0 and p.rank <= p.score for p in props)
     assert all(p.mask.shape == (64, 64) and p.label in LABELS and len(p.labels) == 3 for p in props)
     ious = P.mask_iou(np.stack([p.mask for p in props]), np.stack([p.mask for p in props]))
     assert (ious[~np.eye(len(props), dtype=bool)] <= P.NMS_IOU).all()
@@ -207,3 +209,14 @@ def test_proposal_settings_from_env_name_the_variable():
                       ({"MASKINV_PROPOSAL_SOURCES": "sam"}, "MASKINV_SAM_CHECKPOINT")]:
         with pytest.raises(ValueError, match=name):
             ProposalSettings.from_env(env)
+
+
+def test_objectness_and_ranking():
+    obj = P.objectness(torch.tensor([0.0, 0.5, 1.0, 1.2]))
+    assert np.allclose(obj, [1.0, 0.25, 0.0, 0.0])
+    m = np.zeros((8, 8), bool)
+    m[:4] = True
+    a = P.Proposal(m, "maskcut", [("cat", 0.9)], torch.zeros(4), objectness=0.1)  # confident, poorly explained
+    b = P.Proposal(m.copy(), "keyseeds", [("dog", 0.5)], torch.zeros(4), objectness=0.9)
+    assert [p.label for p in P.select([a, b], min_score=0.2)] == ["dog"]  # NMS keeps the better-ranked one
+    assert P.select([a, b], min_score=0.6) == []  # the threshold is on the probability: dog is below, cat lost NMS

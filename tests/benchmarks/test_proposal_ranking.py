@@ -1,0 +1,27 @@
+"""benchmarks.proposal_ranking: the product's selection under a ranking score, on synthetic candidates."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.proposal_ranking import SCORES, Scored, detections
+from benchmarks.proposals import Item, coco_ap
+
+
+def test_objectness_ranking_puts_the_explained_object_first():
+    gt = np.zeros((1, 16, 16), bool)
+    gt[0, 2:8, 2:8] = True
+    background = ~gt[0]
+    part = np.zeros((16, 16), bool)
+    part[2:5, 2:5] = True
+    masks = np.stack([gt[0], background, part])
+    probs = np.array([[0.5, 0.5], [0.8, 0.2], [0.1, 0.9]])  # the object: right label, least confident
+    s = Scored(masks, probs, loss_final=np.array([0.1, 0.95, 0.9]), loss_start=np.ones(3),
+               cos_global=np.zeros(3), area=masks.mean(axis=(1, 2)), source=["maskcut"] * 3)
+    item = Item(1, Image.new("RGB", (16, 16)), gt, ["a"])
+    by_p = detections([s], [item], ["a", "b"], SCORES["probability (product)"], 0.2, 20)
+    by_obj = detections([s], [item], ["a", "b"], SCORES["p x (1 - final loss)^2"], 0.2, 20)
+    assert max(by_p, key=lambda d: d["score"])["score"] == 0.9  # the partial candidate, confidently wrong
+    assert max(by_obj, key=lambda d: d["score"])["score"] == 0.5 * 0.9 ** 2  # the object the LET explains
+    assert coco_ap([item], ["a", "b"], by_obj)[1] >= coco_ap([item], ["a", "b"], by_p)[1]
