@@ -40,7 +40,7 @@ from worker.protocol import InversionParams, decode_vectors, encode_image, encod
 
 from .examples import Example, ExampleStore, ExampleStoreError, make_example_store
 from .label_config import LabelConfigError, ProjectConfig
-from .prototype_fit import FIT_VERSION, class_means, fit_prototypes
+from .prototype_fit import FIT_VERSION, fit_prototypes, vision_prototypes
 from .regions import RegionError, collect_regions, region_mask
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ class Learner:
             x = np.stack([e.let for e in examples])
             y = np.asarray([index[e.label] for e in examples])
             w, b = fit_prototypes(text, x, y, scale)
-            means, counts = class_means(x, y, len(labels))
+            means, counts = vision_prototypes(text, x, y)
             has = counts > 0
             doc = {"version": sha256_hex(f"{version}\n{mkey}\n{labels}\n{FIT_VERSION}".encode())[:12],
                    "labels": [lab for lab, h in zip(labels, has) if h],

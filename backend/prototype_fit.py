@@ -1,8 +1,10 @@
 """Fitting class prototypes from a project's examples (numpy only, torch-free; the backend side).
 
 The method and why it was chosen are described in :mod:`worker.prototypes`, which scores with what is fitted here
-(``benchmarks/few_shot.py`` measures it). The fitted weights, biases and class means travel to the worker in the
-``label_regions`` payload, coded by :func:`worker.protocol.encode_vectors`.
+(``benchmarks/few_shot.py`` measures it): :func:`fit_prototypes` (the text-anchored probe with a shared
+text-to-vision map) and :func:`vision_prototypes` (class means shrunk towards the mapped text). The fitted
+weights, biases and vision prototypes travel to the worker in the ``label_regions`` payload (``weights``,
+``bias``, ``means``, ``counts``), coded by :func:`worker.protocol.encode_vectors`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from worker.protocol import normalize  # noqa: F401 - part of this module's API
 
 #: names the fitting method: part of the prototypes' version (and so of ``model_version`` and the result cache
 #: keys), so prototypes fitted by another method from the same examples are never taken for these
-FIT_VERSION = "shared-map-1"
+FIT_VERSION = "shared-map-prior-1"
 #: strength of the pull back to the text prototypes, per label (chosen on val; see benchmarks/results/few_shot.md)
 DEFAULT_ANCHOR = 1.0
 #: strength of the pull of the shared text-to-vision map ``M`` back to zero (chosen on val)
@@ -89,3 +91,36 @@ def class_means(examples: np.ndarray, labels: np.ndarray, n_labels: int) -> tupl
     if len(y):
         np.add.at(sums, y, x)
     return normalize(sums).astype(np.float32), counts.astype(np.int64)
+
+
+#: examples' worth of the text-mapped prior in each label's vision prototype, and the ridge of that map (val)
+DEFAULT_PRIOR = 16.0
+DEFAULT_RIDGE = 1.0
+
+
+def vision_prototypes(text: np.ndarray, examples: np.ndarray, labels: np.ndarray, prior: float = DEFAULT_PRIOR,
+                      ridge: float = DEFAULT_RIDGE) -> tuple[np.ndarray, np.ndarray]:
+    """Class means shrunk towards the text mapped into the vision cone: per label ``[L, D]`` (zero rows without
+    examples) and the example count ``[L]``.
+
+    A ridge map ``x ≈ A [t_y; 1]`` from text prototypes ``text`` ``[L, D]`` to the normalised ``examples``
+    ``[N, D]`` is fitted on all the examples (one map for the project's labels: it bridges the modality gap);
+    label ``c`` with ``n_c`` examples then gets ``normalize((sum_i x_i + prior * A [t_c; 1]) / (n_c + prior))``.
+    A label with one example is thus mostly where the other labels' examples put its text, and ``n_c >> prior``
+    gives its plain class mean.
+    """
+    text = np.asarray(text, np.float64)
+    n_labels, dim = text.shape
+    y = np.asarray(labels, int)
+    if len(y) == 0:
+        return np.zeros((n_labels, dim), np.float32), np.zeros(n_labels, np.int64)
+    x = normalize(np.asarray(examples, np.float64))
+    counts = np.bincount(y, minlength=n_labels)
+    z = np.hstack([text, np.ones((n_labels, 1))])  # [L, D + 1]
+    zy = z[y]
+    a = np.linalg.solve(zy.T @ zy + ridge * np.eye(dim + 1), zy.T @ x)  # [D + 1, D]
+    sums = np.zeros((n_labels, dim))
+    np.add.at(sums, y, x)
+    protos = (sums + prior * (z @ a)) / (counts[:, None] + prior)
+    protos[counts == 0] = 0.0
+    return normalize(protos).astype(np.float32), counts.astype(np.int64)

@@ -106,3 +106,26 @@ def test_shared_map_teaches_across_labels_that_share_words():
     shared = acc(*fit_prototypes(text, x, y, 20.0))
     own = acc(*fit_prototypes(text, x, y, 20.0, shared_anchor=None))
     assert shared > own + 0.05, (shared, own)
+
+
+def test_vision_prototypes_lean_on_mapped_text_with_few_examples_and_on_the_mean_with_many():
+    from backend.prototype_fit import vision_prototypes
+
+    text, x, y = compositional(per=1, noise=1.0)
+    keep = y != 5  # label 5 has no example
+    protos, counts = vision_prototypes(text, x[keep], y[keep])
+    assert counts[5] == 0 and not protos[5].any() and counts[0] == 1
+    np.testing.assert_allclose(np.linalg.norm(protos[counts > 0], axis=1), 1, atol=1e-5)
+    _, xt, yt = compositional(per=40, noise=1.0, noise_seed=2)
+    ok = yt != 5
+    acc = (np.argmax(xt[ok] @ protos.T, 1) == yt[ok]).mean()
+    means, _ = class_means(x[keep], y[keep], len(text))
+    assert acc > (np.argmax(xt[ok] @ means.T, 1) == yt[ok]).mean() + 0.1, acc  # one example each: the map helps
+    # many examples: the plain class mean
+    _, xm, ym = compositional(per=400, noise_seed=3)
+    protos_m, _ = vision_prototypes(text, xm, ym, prior=1.0)
+    means_m, _ = class_means(xm, ym, len(text))
+    assert (protos_m * means_m).sum(1).min() > 0.999
+    # no examples: zero rows, zero counts
+    empty, c0 = vision_prototypes(text, np.zeros((0, text.shape[1])), np.zeros(0, int))
+    assert not empty.any() and not c0.any()
