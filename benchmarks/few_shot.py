@@ -320,7 +320,9 @@ def to_markdown(results: dict, regions: dict, draws: int, config: dict) -> str:
         "the vision cone (a ridge map x ≈ A [t; 1] fitted on all the project's examples, i.e. across the modality "
         "gap), instead of a class mean weighted down by n/(n+4): 49.2 → 50.6 at k = 8, 50.9 → 51.4 at k = 16. "
         "Grid: prior worth {1, 4, 16, 32, 64, ∞} examples, ridge {0.1, 0.3, 1, 3}, weight {0.5, 1, 1.5, 2}; "
-        "16 / 1 / 1.5 kept (opaque k = 8: 43.4 on val; a prior worth ∞ drops it to 37–40). On test: k = 8 "
+        "16 / 1 / 1.5 kept (opaque k = 8: 43.4 on val; a prior worth ∞ drops it to 37–40); with it, the probe's "
+        "pulls re-checked ({0.1, 0.3, 1} × {0.3, 1, 3} × weight {1, 1.5, 2}): 0.3 / 1 / 1.5 stays best at k = 8. "
+        "On test: k = 8 "
         "47.2 → 48.1, k = 16 47.5 → 50.3, Acc@5 up 1–2 points everywhere, k = 1 43.4 → 42.1 (above its bar).",
         "* **What did not pay.** Shared-covariance GDA/LDA on the LETs (class means + one pooled covariance "
         "shrunk towards a sphere by 0.05–0.5): alone 36.9–43.3 at k = 8 (class means: 44.8), fused with text "

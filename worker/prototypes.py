@@ -27,10 +27,11 @@ Combined score (what :func:`combined_logits` computes): the probe's log-softmax 
 log-softmax of the vision prototypes (``VISION_SCALE * cos(x, m_c)``), both over the labels that have examples.
 ``m_c`` (the payload's ``means``; :func:`backend.prototype_fit.vision_prototypes`) is the label's class mean
 shrunk towards its text mapped into the vision cone by a ridge map fitted on all the project's examples
-(49.2 -> 50.6 Acc@1 at k = 8 on val over plain class means). When only some labels have examples, that combination only re-ranks *those* labels: it is shifted
-so that its best value equals the best text logit among them, and labels without examples keep their text
-logits. So the examples never change whether a label without examples wins (top-1) -- the "falls back to text"
-guarantee -- and with examples for every label it is the plain combination.
+(49.2 -> 50.6 Acc@1 at k = 8 on val over plain class means). When only some labels have examples, that
+combination only re-ranks *those* labels: it is shifted so that its best value equals the best text logit among
+them, and labels without examples keep their text logits. So the examples never change whether a label without
+examples wins (top-1) -- the "falls back to text" guarantee -- and with examples for every label it is the plain
+combination.
 """
 
 from __future__ import annotations
