@@ -40,7 +40,7 @@ from worker.protocol import InversionParams, decode_vectors, encode_image, encod
 
 from .examples import Example, ExampleStore, ExampleStoreError, make_example_store
 from .label_config import LabelConfigError, ProjectConfig
-from .prototype_fit import class_means, fit_prototypes
+from .prototype_fit import FIT_VERSION, fit_prototypes, vision_prototypes
 from .regions import RegionError, collect_regions, region_mask
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class Learner:
         if not version:
             return ""
         mkey = model_key(self.service.dispatcher.model_info(), params)
-        digest = sha256_hex(f"{version}\n{mkey}".encode())
+        digest = sha256_hex(f"{version}\n{mkey}\n{FIT_VERSION}".encode())
         return f"-ex{digest[:8]}"
 
     def prototypes(self, project: str | None, labels: Iterable[str], params: InversionParams) -> dict | None:
@@ -331,9 +331,9 @@ class Learner:
             x = np.stack([e.let for e in examples])
             y = np.asarray([index[e.label] for e in examples])
             w, b = fit_prototypes(text, x, y, scale)
-            means, counts = class_means(x, y, len(labels))
+            means, counts = vision_prototypes(text, x, y)
             has = counts > 0
-            doc = {"version": sha256_hex(f"{version}\n{mkey}\n{labels}".encode())[:12],
+            doc = {"version": sha256_hex(f"{version}\n{mkey}\n{labels}\n{FIT_VERSION}".encode())[:12],
                    "labels": [lab for lab, h in zip(labels, has) if h],
                    "weights": encode_vectors(w[has], "float32"), "bias": [float(v) for v in b[has]],
                    "means": encode_vectors(means[has], "float32"), "counts": [int(c) for c in counts[has]]}

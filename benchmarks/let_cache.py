@@ -36,7 +36,7 @@ def scenes(n_regions: int, size: int) -> list[tuple[bytes, list[np.ndarray]]]:
     """Test scenes of 4 objects (fewer where placement failed) until ``n_regions`` regions."""
     import io
 
-    from benchmarks.scene_world import SceneWorld
+    from training.scene_world import SceneWorld
 
     world = SceneWorld(seed=0, image_size=size, min_objects=4, max_objects=4)
     out, n, i = [], 0, 0

@@ -67,3 +67,65 @@ def test_vectors_round_trip(dtype):
 def test_bad_vectors_are_refused_with_a_clear_error(doc, msg):
     with pytest.raises(ValueError, match=msg):
         decode_vectors(doc)
+
+
+def compositional(seed=0, n_a=4, n_b=4, dim=24, per=3, noise=0.35, noise_seed=1):
+    """Labels = (a, b) pairs; text = a + b word vectors; vision = a fixed rotation of the same sum, plus noise
+    (``seed`` fixes the words and the rotation, ``noise_seed`` the draws)."""
+    rng = np.random.default_rng(seed)
+    wa, wb = rng.normal(size=(n_a, dim)), rng.normal(size=(n_b, dim))
+    pairs = [(i, j) for i in range(n_a) for j in range(n_b)]
+    text = normalize(np.stack([wa[i] + wb[j] for i, j in pairs]))
+    rot, _ = np.linalg.qr(np.eye(dim) + 0.6 * rng.normal(size=(dim, dim)))
+    centres = normalize(text @ rot.T)
+    y = np.repeat(np.arange(len(pairs)), per)
+    noise_rng = np.random.default_rng(noise_seed)
+    x = normalize(centres[y] + noise * noise_rng.normal(size=(len(y), dim)) / np.sqrt(dim))
+    return text, x, y
+
+
+def test_shared_map_moves_only_rows_with_examples_and_off_is_the_per_label_probe():
+    text, x, y = compositional()
+    keep = y < 10
+    w, b = fit_prototypes(text, x[keep], y[keep], 20.0)
+    np.testing.assert_array_equal(w[10:], text[10:].astype(np.float32))
+    np.testing.assert_array_equal(b[10:], 0)
+    assert np.abs(w[:10] - text[:10]).max() > 1e-3
+    w0, _ = fit_prototypes(text, x, y, 20.0, shared_anchor=None)
+    w1, _ = fit_prototypes(text, x, y, 20.0, shared_anchor=1e9)  # a pull that strong keeps M at ~0
+    np.testing.assert_allclose(w0, w1, atol=1e-4)
+
+
+def test_shared_map_teaches_across_labels_that_share_words():
+    text, x, y = compositional(per=2)
+    _, xt, yt = compositional(per=40, noise_seed=2)  # held-out points of the same labels
+
+    def acc(w, b):
+        return (np.argmax(xt @ w.T + b, 1) == yt).mean()
+
+    shared = acc(*fit_prototypes(text, x, y, 20.0))
+    own = acc(*fit_prototypes(text, x, y, 20.0, shared_anchor=None))
+    assert shared > own + 0.05, (shared, own)
+
+
+def test_vision_prototypes_lean_on_mapped_text_with_few_examples_and_on_the_mean_with_many():
+    from backend.prototype_fit import vision_prototypes
+
+    text, x, y = compositional(per=1, noise=1.0)
+    keep = y != 5  # label 5 has no example
+    protos, counts = vision_prototypes(text, x[keep], y[keep])
+    assert counts[5] == 0 and not protos[5].any() and counts[0] == 1
+    np.testing.assert_allclose(np.linalg.norm(protos[counts > 0], axis=1), 1, atol=1e-5)
+    _, xt, yt = compositional(per=40, noise=1.0, noise_seed=2)
+    ok = yt != 5
+    acc = (np.argmax(xt[ok] @ protos.T, 1) == yt[ok]).mean()
+    means, _ = class_means(x[keep], y[keep], len(text))
+    assert acc > (np.argmax(xt[ok] @ means.T, 1) == yt[ok]).mean() + 0.1, acc  # one example each: the map helps
+    # many examples: the plain class mean
+    _, xm, ym = compositional(per=400, noise_seed=3)
+    protos_m, _ = vision_prototypes(text, xm, ym, prior=1.0)
+    means_m, _ = class_means(xm, ym, len(text))
+    assert (protos_m * means_m).sum(1).min() > 0.999
+    # no examples: zero rows, zero counts
+    empty, c0 = vision_prototypes(text, np.zeros((0, text.shape[1])), np.zeros(0, int))
+    assert not empty.any() and not c0.any()
