@@ -207,3 +207,15 @@ def test_unsupported_tower_is_rejected():
     clip.model.visual.attn_pool = torch.nn.Identity()
     with pytest.raises(NotImplementedError, match="attentional pooling"):
         MaskInversionEngine(clip)
+
+
+def test_many_masks_use_the_linear_basis_with_the_same_lets(image):
+    clip = load_clip(MODELS[0], "none", "cpu")
+    masks = random_masks(40, seed=8)
+    size = 64
+    direct = MaskInversionEngine(clip, use_basis=False).invert(image, masks, size=size, steps=10)
+    fast = MaskInversionEngine(clip).invert(image, masks, size=size, steps=10)
+    assert direct.timings["basis_s"] == 0.0 and fast.timings["basis_s"] > 0.0
+    cos = torch.nn.functional.cosine_similarity(fast.lets, direct.lets)
+    assert cos.min().item() > 0.9999
+    torch.testing.assert_close(fast.losses, direct.losses, atol=1e-4, rtol=1e-4)

@@ -143,3 +143,29 @@ def test_workspace_is_reused_across_steps_and_refuses_a_stale_backward():
     with pytest.raises(RuntimeError, match="inplace"):
         torch.autograd.grad(first.sum(), w)
     torch.autograd.grad(third.sum(), w)
+
+
+def test_basis_path_equals_the_direct_map_and_gradient_in_float64(double_model):
+    """G is linear in u = normalize(LET): the map from the precomputed basis G(e_j) is the same function."""
+    visual, state, _, _ = double_model
+    emb = (state.global_embedding + 0.5 * torch.randn(3, state.global_embedding.shape[0], dtype=torch.float64,
+                                                       generator=gen(9))).requires_grad_(True)
+    basis = legrad.relevance_basis(visual, state)
+    assert basis.shape == (state.z_unit.shape[0], state.n_tokens, state.xhat_out.shape[1])
+    assert legrad.basis_bytes(state) == basis.nbytes
+    direct = legrad.decomposed_relevance(visual, state, emb)
+    via_basis = legrad.decomposed_relevance(visual, state, emb, basis=basis)
+    torch.testing.assert_close(via_basis, direct, atol=1e-12, rtol=1e-9)
+    grad = torch.randn(direct.shape, dtype=torch.float64, generator=gen(10))
+    torch.testing.assert_close(torch.autograd.grad(via_basis, emb, grad)[0], torch.autograd.grad(direct, emb, grad)[0],
+                               atol=1e-10, rtol=1e-8)
+    assert torch.autograd.gradcheck(lambda e: legrad.decomposed_relevance(visual, state, e, basis=basis), (emb,))
+
+
+def test_basis_pays_only_for_many_mask_steps():
+    state = synthetic_state(m=40)  # D = 4 < m
+    m, dim = state.act_r.shape[1], state.z_unit.shape[0]
+    even = dim * m / (2 * (m - dim))  # break-even number of mask-steps
+    assert not legrad.basis_pays(state, int(even * 1.5) - 1)
+    assert legrad.basis_pays(state, int(even * 1.5) + 1)
+    assert not legrad.basis_pays(synthetic_state(m=3), 10**6)  # m <= D: never
