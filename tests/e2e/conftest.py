@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 
+from backend_support import delete_namespace
 from ls_harness import BackendServer, HarnessError, LabelStudioClient, LabelStudioServer, WorkerProcess
 
 #: the backend's environment in these tests (tiny random-init model; embedded mode: REDIS_URL is unset)
@@ -92,13 +93,7 @@ def ml_backend_queue(ls_server, ls_token, redis_conn, tmp_path_factory):
     yield server
     server.stop()
     worker.stop()
-    keys = list(redis_conn.scan_iter(match=f"*{ns}*", count=1000))
-    if keys:
-        redis_conn.delete(*keys)
-    for registry in ("rq:workers", "rq:queues"):
-        members = [m for m in redis_conn.smembers(registry) if ns.encode() in m]
-        if members:
-            redis_conn.srem(registry, *members)
+    delete_namespace(redis_conn, ns)
 
 
 @pytest.fixture(params=["embedded", pytest.param("queue", marks=pytest.mark.redis)])
