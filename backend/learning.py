@@ -27,6 +27,7 @@ never read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -88,9 +89,10 @@ def region_labels(items: list[Any], region_id: str, geometry: dict[str, Any]) ->
 
 
 def model_key(model: dict[str, Any] | None, params: InversionParams) -> str:
-    """What made a LET: model id + inversion size, steps, lr, alpha."""
+    """What made a LET: model id + inversion size, steps, lr, alpha (+ the views when more than one)."""
     mid = (model or {}).get("id") or "?"
-    return f"{mid}|{params.size}|{params.steps}|{params.lr!r}|{params.alpha!r}"
+    key = f"{mid}|{params.size}|{params.steps}|{params.lr!r}|{params.alpha!r}"
+    return key if params.views == 1 else f"{key}|views={params.views}"
 
 
 @dataclass
@@ -133,6 +135,11 @@ class Learner:
         import os
 
         return (Path(os.path.expanduser(self.settings.data_dir)) / "examples.sqlite3").exists()
+
+    def example_params(self, params: InversionParams) -> InversionParams:
+        """``params`` as examples are embedded with, and as the predictions that use them must be made:
+        ``MASKINV_EXAMPLE_VIEWS`` views (a prototype only matches embeddings made the way its examples were)."""
+        return dataclasses.replace(params, views=self.settings.example_views)
 
     # ------------------------------------------------------------------ events
     def handle_event(self, data: dict[str, Any]) -> EventOutcome:
@@ -194,7 +201,7 @@ class Learner:
         if not labelled:
             return []
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
-        params = self.settings.params
+        params = self.example_params(self.settings.params)
         out: list[Example] = []
         by_image: dict[str, list] = {}
         for r, labs in labelled:
@@ -304,7 +311,7 @@ class Learner:
         version = self.store.version(pid)
         if not version:
             return ""
-        mkey = model_key(self.service.dispatcher.model_info(), params)
+        mkey = model_key(self.service.dispatcher.model_info(), self.example_params(params))
         digest = sha256_hex(f"{version}\n{mkey}\n{FIT_VERSION}".encode())
         return f"-ex{digest[:8]}"
 
@@ -314,6 +321,7 @@ class Learner:
         if project is None or not self.settings.learn or not self.has_store():
             return None
         labels = tuple(labels)
+        params = self.example_params(params)
         version = self.store.version(project)
         if not version:
             return None

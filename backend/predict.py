@@ -286,16 +286,19 @@ def attach_prototypes(service: Service, project: Any, tasks: list[dict], request
     if not requests or not service.settings.learn:
         return ""
     raw = project if project is not None else next((t.get("project") for t in tasks if t.get("project")), None)
+    zero_shot = [req.params for req in requests]
     try:
         pid = project_id(raw) if raw is not None else None
         if pid is None:
             return ""
         for req in requests:
             req.prototypes = service.learner.prototypes(pid, req.labels, req.params)
+            if req.prototypes is not None:  # embedded like the examples behind the prototypes
+                req.params = service.learner.example_params(req.params)
     except (LearningError, DispatchError, Exception) as exc:  # noqa: BLE001 - text-only is always a valid answer
         log.warning("project %s: scoring without examples (%s: %s)", raw, exc.__class__.__name__, exc)
-        for req in requests:
-            req.prototypes = None
+        for req, params in zip(requests, zero_shot):
+            req.prototypes, req.params = None, params
         return ""
     if not any(r.prototypes for r in requests):
         return ""

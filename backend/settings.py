@@ -153,6 +153,7 @@ class Settings:
     run_workers: int = 0  # tasks in flight per background run (0: twice the live queue workers, 2 embedded)
     # Learning from annotations (issue 14: examples, LET cache)
     learn: bool = True
+    example_views: int = 2  # views (InversionParams.views) of examples and of predictions that use examples
     data_dir: str = "./maskinv-data"
     let_ttl_s: int = 7 * 24 * 3600
     max_examples: int = 20000
@@ -261,6 +262,7 @@ class Settings:
             background_runs=_bool(env, "MASKINV_BACKGROUND_RUNS", True),
             run_workers=_int(env, "MASKINV_RUN_WORKERS", 0, 0, 256),
             learn=_bool(env, "MASKINV_LEARN", True),
+            example_views=_int(env, "MASKINV_EXAMPLE_VIEWS", 2, 1, 2),
             data_dir=_str(env, "MASKINV_DATA_DIR", "./maskinv-data"),
             let_ttl_s=_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0),
             max_examples=_int(env, "MASKINV_MAX_EXAMPLES", 20000, 1),

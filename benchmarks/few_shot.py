@@ -1,7 +1,9 @@
 """Few-shot region classification: text prototypes vs vision prototypes from annotated examples (issue 14).
 
 Scene world with the committed tiny scene CLIP. Every region's LET is the MaskInversion of its ground-truth mask
-(size 112, 10 steps, lr 0.1, alpha 0, as in ``benchmarks.region_classification``):
+(size 112, 10 steps, lr 0.1, alpha 0, as in ``benchmarks.region_classification``), on the image and on its
+horizontal mirror (image and mask flipped): one view is what a zero-shot project gets, two views
+(``worker.embed_jobs.combine_views``, ``MASKINV_EXAMPLE_VIEWS=2``) what a project with examples gets:
 
 * the example pool: every region of val scenes ``300 .. 300 + pool`` (k examples per class are drawn from it),
 * the selection set: regions of multi-object val scenes ``0 .. 299`` (methods and their settings are chosen here),
@@ -10,10 +12,12 @@ Scene world with the committed tiny scene CLIP. Every region's LET is the MaskIn
 For k in {0, 1, 2, 4, 8, 16} examples per class and several random draws per k, each region is classified among
 the 25 classes by
 
-* ``text``     — cosine with prompt-ensembled text prototypes (``worker.labels.LabelScorer``),
-* ``vision``   — the vision side alone (``worker.prototypes``: class means of the examples' centred LETs),
-* ``combined`` — text and vision together by the method :mod:`worker.prototypes` implements (the one chosen on
-  the selection set; the alternatives measured there are in the table too).
+* ``text``     — cosine with prompt-ensembled text prototypes (``worker.labels.LabelScorer``), one view (the
+  zero-shot product),
+* ``vision``   — the vision side alone (class means of the examples' two-view embeddings),
+* ``combined`` — text and vision together by the method :mod:`worker.prototypes` implements, on two-view
+  embeddings of examples and regions (the product with examples; chosen on the selection set; the alternatives
+  measured there, among them the same method on one view, are in the table too).
 
 Two naming settings: ``own`` (the class words the model was trained on) and ``opaque`` (codes ``type-00`` ..
 ``type-24`` that the text encoder cannot read). ``half`` is the case where only half the classes have examples:
@@ -40,6 +44,7 @@ import numpy as np
 import torch
 
 from benchmarks.region_classification import SCENE_CHECKPOINT, SCENE_MODEL
+from worker.embed_jobs import combine_views
 from worker.labels import LabelScorer
 from worker.models import ClipModel, load_clip
 from worker.payload import DEFAULT_TEMPLATES
@@ -54,27 +59,33 @@ SIZE, STEPS, LR = 112, 10, 0.1
 def collect(clip: ClipModel, split: str, start: int, count: int, world_seed: int = 0) -> dict[str, np.ndarray]:
     """LETs of every ground-truth region of scenes ``start .. start+count`` of ``split``.
 
-    Returns ``lets [N, D]``, ``globals [N, D]`` (the image's embedding), ``label [N]`` (class index),
+    Returns ``lets [N, D]``, ``lets_hflip [N, D]`` (the same region on the mirrored image), ``globals [N, D]``
+    (the image's embedding), ``label [N]`` (class index),
     ``scene [N]`` and ``n_in_image [N]`` (regions in the region's image).
     """
     from training.scene_world import SceneWorld
     from worker.engine import MaskInversionEngine
+    from PIL import Image
 
     world = SceneWorld(seed=world_seed, image_size=SIZE)
     index = {c: i for i, c in enumerate(world.class_names)}
     engine = MaskInversionEngine(clip)
-    lets, globs, labels, scenes, counts = [], [], [], [], []
+    lets, flips, globs, labels, scenes, counts = [], [], [], [], [], []
     for i in range(start, start + count):
         sc = world.scene(i, split)
         masks = np.stack([o.mask for o in sc.objects])
         res = engine.invert(sc.image, masks, size=SIZE, steps=STEPS, lr=LR, alpha=0.0)
+        mirrored = engine.invert(sc.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                                 np.ascontiguousarray(masks[:, :, ::-1]), size=SIZE, steps=STEPS, lr=LR, alpha=0.0)
         lets.append(res.lets.cpu().numpy())
+        flips.append(mirrored.lets.cpu().numpy())
         globs.append(res.global_embedding[None].repeat(len(masks), 1).cpu().numpy())
         labels += [index[o.label] for o in sc.objects]
         scenes += [i] * len(masks)
         counts += [len(masks)] * len(masks)
     return {
         "lets": np.concatenate(lets).astype(np.float32),
+        "lets_hflip": np.concatenate(flips).astype(np.float32),
         "globals": np.concatenate(globs).astype(np.float32),
         "label": np.asarray(labels),
         "scene": np.asarray(scenes),
@@ -87,7 +98,7 @@ def load_sets(clip: ClipModel, pool: int, cache_dir: Path) -> dict[str, dict[str
     specs = {"pool": ("val", 300, pool), "select": ("val", 0, 300), "test": ("test", 0, 300)}
     out = {}
     for name, (split, start, count) in specs.items():
-        tag = hashlib.sha256(f"{clip.id}|{split}|{start}|{count}|{SIZE}|{STEPS}|{LR}".encode()).hexdigest()[:16]
+        tag = hashlib.sha256(f"{clip.id}|{split}|{start}|{count}|{SIZE}|{STEPS}|{LR}|hflip".encode()).hexdigest()[:16]
         path = cache_dir / f"few_shot_lets_{name}_{tag}.npz"
         if path.is_file():
             out[name] = dict(np.load(path))
@@ -96,6 +107,7 @@ def load_sets(clip: ClipModel, pool: int, cache_dir: Path) -> dict[str, dict[str
             out[name] = collect(clip, split, start, count)
             np.savez(path, **out[name])
             print(f"{name}: {len(out[name]['label'])} regions inverted in {time.perf_counter() - t0:.0f}s -> {path}")
+        out[name]["views2"] = combine_views(np.stack([out[name]["lets"], out[name]["lets_hflip"]]))
         if name != "pool":  # evaluated on regions of multi-object scenes
             keep = out[name]["n_in_image"] >= 2
             out[name] = {k: v[keep] for k, v in out[name].items()}
@@ -119,9 +131,11 @@ def draw(pool: dict[str, np.ndarray], k: int, seed: int, classes: Sequence[int])
 
 
 def methods_logits(
-    x: np.ndarray, text: np.ndarray, scale: float, ex: np.ndarray, ey: np.ndarray
+    x1: np.ndarray, x: np.ndarray, text: np.ndarray, scale: float, ex1: np.ndarray, ex: np.ndarray, ey: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Logits ``[N, L]`` of the three reported methods plus the alternatives measured to choose the combination."""
+    """Logits ``[N, L]`` of the three reported methods plus the alternatives measured to choose the combination.
+
+    ``x1`` / ``ex1``: one-view embeddings of the regions / examples; ``x`` / ``ex``: two-view embeddings."""
     from backend import prototype_fit as F
     from worker import prototypes as P
 
@@ -131,11 +145,17 @@ def methods_logits(
     w, b = F.fit_prototypes(text, ex, ey, scale)
     protos, _ = F.vision_prototypes(text, ex, ey)
     out = {
-        "text": t,
+        "text": scale * P.normalize(x1) @ text.T,
         "vision": P.vision_logits(x, means, counts),
         "combined": P.combined_logits(x, text, scale, w, b, protos, counts),
     }
     if (counts > 0).all():  # the alternatives, for the full case only
+        w1, b1 = F.fit_prototypes(text, ex1, ey, scale)
+        protos1, _ = F.vision_prototypes(text, ex1, ey)
+        out["alt: combined, 1 view (previous product)"] = P.combined_logits(x1, text, scale, w1, b1, protos1, counts)
+        out["alt: text, 2 views"] = t
+        out["alt: combined, 2-view queries, 1-view examples"] = P.combined_logits(x, text, scale, w1, b1, protos1,
+                                                                                  counts)
         xn = P.normalize(x)
         z = lambda a: (a - a.mean(1, keepdims=True)) / a.std(1, keepdims=True)  # noqa: E731
         out["alt: class mean z-scored + text z-scored"] = z(t) + z(xn @ means.T)
@@ -160,7 +180,8 @@ def methods_logits(
 def run(sets: dict, texts: dict[str, np.ndarray], scale: float, draws: int, eval_set: str) -> dict:
     """Acc@1/Acc@5 per naming, k and method (mean and std over draws), plus the half-classes case."""
     data = sets[eval_set]
-    x, y = data["lets"], data["label"]
+    x1, x, y = data["lets"], data["views2"], data["label"]
+    pool = sets["pool"]
     n_labels = len(next(iter(texts.values())))
     res: dict = {}
     for naming, text in texts.items():
@@ -169,7 +190,8 @@ def run(sets: dict, texts: dict[str, np.ndarray], scale: float, draws: int, eval
             half: dict[str, list[float]] = {}
             for d in range(draws):
                 ex_idx = draw(sets["pool"], k, 1000 * k + d, range(n_labels)) if k else np.zeros(0, int)
-                logits = methods_logits(x, text, scale, sets["pool"]["lets"][ex_idx], sets["pool"]["label"][ex_idx])
+                logits = methods_logits(x1, x, text, scale, pool["lets"][ex_idx], pool["views2"][ex_idx],
+                                        pool["label"][ex_idx])
                 for m, lg in logits.items():
                     if m == "vision" and k == 0:
                         continue
@@ -179,7 +201,7 @@ def run(sets: dict, texts: dict[str, np.ndarray], scale: float, draws: int, eval
                     with_ex = np.zeros(n_labels, bool)
                     with_ex[rng.choice(n_labels, n_labels // 2, replace=False)] = True
                     hi = draw(sets["pool"], k, 1000 * k + d, np.flatnonzero(with_ex))
-                    lg = methods_logits(x, text, scale, sets["pool"]["lets"][hi], sets["pool"]["label"][hi])
+                    lg = methods_logits(x1, x, text, scale, pool["lets"][hi], pool["views2"][hi], pool["label"][hi])
                     no = ~with_ex[y]
                     half.setdefault("no_examples_text", []).append(_acc(lg["text"][no], y[no], 1))
                     half.setdefault("no_examples_combined", []).append(_acc(lg["combined"][no], y[no], 1))
@@ -242,8 +264,15 @@ def to_markdown(results: dict, regions: dict, draws: int, config: dict) -> str:
         f"{regions['test']} regions of multi-object test scenes 0–299. {draws} draws per k (mean; ± std of Acc@1 "
         "over draws). 25 classes (chance 4 %).",
         "",
+        "**Views.** Every region (example or evaluated) is inverted on the image and on its horizontal mirror "
+        "(image and mask flipped); its two-view embedding is the mean direction of the two LETs "
+        "(`worker.embed_jobs.combine_views`). A zero-shot project embeds one view (the **text** column); a project "
+        "with examples embeds examples and regions from two (`MASKINV_EXAMPLE_VIEWS=2`, the default): **vision** "
+        "and **combined** use two-view embeddings, at twice the inversions. The same method on one view is the "
+        "column *alt: combined, 1 view (previous product)*; text on two views is *alt: text, 2 views*.",
+        "",
         "Methods (`worker/prototypes.py`): **text** = prompt-ensembled text prototypes; **vision** = class means of "
-        "the examples' LETs alone; **combined** = text-anchored linear probe with a shared text-to-vision map "
+        "the examples' embeddings alone; **combined** = text-anchored linear probe with a shared text-to-vision map "
         "(each label's weights w_c = t_c + M t_c + d_c: M [D, D] shared by all labels, d_c the label's own; "
         "cross-entropy on the examples, L2 pulls of M (0.3) and d_c (1.0) back to zero) + 1.5 × the "
         "log-likelihood of vision prototypes (class means shrunk towards the text mapped into the vision cone by "

@@ -29,9 +29,13 @@ JOB_META_KEY = LET_META_KEY
 
 
 def let_key(prefix: str, model_id: str, image_sha256: str, mask_sha256: str, size: int, steps: int, lr: float,
-            alpha: float) -> str:
-    """Cache key of one region's LET (the inversion's inputs only; no label, template or example)."""
+            alpha: float, view: str = "") -> str:
+    """Cache key of one region's LET (the inversion's inputs only; no label, template or example).
+
+    ``view``: "" for the image as sent, ``"hflip"`` for its horizontal mirror (image and mask flipped)."""
     blob = f"{model_id}\n{image_sha256}\n{mask_sha256}\n{int(size)}\n{int(steps)}\n{float(lr)!r}\n{float(alpha)!r}"
+    if view:
+        blob += f"\n{view}"
     return f"{prefix}:let:{sha256_hex(blob.encode())}"
 
 

@@ -382,6 +382,10 @@ DEFAULT_MAX_STEPS = 200
 DEFAULT_MAX_SIZE = 1024
 
 
+#: allowed values of ``InversionParams.views``
+VIEWS = (1, 2)
+
+
 @dataclass(frozen=True)
 class InversionParams:
     """Per-request MaskInversion parameters (defaults: the paper's label setting)."""
@@ -393,10 +397,15 @@ class InversionParams:
     top_k: int = 3
     templates: tuple[str, ...] = field(default=DEFAULT_TEMPLATES)
     caption: bool = True
+    #: views a region is embedded from: 1 = the image; 2 = also its horizontal mirror (image and mask flipped),
+    #: the region's embedding then being the mean direction of the two LETs (see ``worker.embed_jobs``)
+    views: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["templates"] = list(self.templates)
+        if self.views == 1:  # the default stays implicit: a worker that predates views reads the payload unchanged
+            del d["views"]
         return d
 
     @classmethod
@@ -418,7 +427,7 @@ class InversionParams:
         return p
 
     def validate(self) -> None:
-        for name in ("steps", "size", "top_k", "lr", "alpha"):
+        for name in ("steps", "size", "top_k", "lr", "alpha", "views"):
             if isinstance(getattr(self, name), bool):
                 raise PayloadError(f"params.{name} must be a number, got a boolean")
         if not isinstance(self.caption, bool):
@@ -431,6 +440,8 @@ class InversionParams:
             raise PayloadError(f"params.alpha must be in [0, 1000], got {self.alpha!r}")
         if not isinstance(self.size, int) or not 32 <= self.size <= 2048:
             raise PayloadError(f"params.size must be an integer in [32, 2048], got {self.size!r}")
+        if self.views not in VIEWS:
+            raise PayloadError(f"params.views must be one of {list(VIEWS)}, got {self.views!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 100:
             raise PayloadError(f"params.top_k must be an integer in [1, 100], got {self.top_k!r}")
         if not isinstance(self.templates, tuple):

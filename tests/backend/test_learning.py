@@ -115,3 +115,23 @@ def test_learning_can_be_turned_off(make_client, tmp_path):
     c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_LEARN="false")
     resp = c.post("/webhook", json=created(11, [rect("a", labels=("car",))]))
     assert resp.get_json()["status"] == "ignored"
+
+
+@pytest.mark.parametrize("views", ["2", "1"])
+def test_examples_and_their_predictions_share_the_views(make_client, tmp_path, views):
+    """MASKINV_EXAMPLE_VIEWS: examples are embedded from that many views, and a prediction that uses them is made
+    the same way (a prototype only matches embeddings made like its examples); zero-shot predictions use one."""
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_EXAMPLE_VIEWS=views)
+    service = c.application.config["MASKINV_SERVICE"]
+    sent: list = []
+    label = service.dispatcher.label
+    service.dispatcher.label = lambda reqs, timeout: sent.extend(r.params.views for r in reqs) or label(reqs, timeout)
+    target = [rect("r1", labels=("car",))]
+    predict(c, "rectangle", [task(5, seed=3, annotations=[{"id": 99, "result": target}])])
+    assert sent == [1]
+    c.post("/webhook", json=created(11, [rect("a", labels=("car",))]))
+    (key,) = {e.model_key for e in service.learner.store.examples("1")}
+    assert key.endswith("|views=2") == (views == "2")
+    after = predict(c, "rectangle", [task(5, seed=3, annotations=[{"id": 99, "result": target}])]).get_json()
+    assert sent == [1, int(views)]
+    assert "-ex" in after["results"][0]["model_version"]

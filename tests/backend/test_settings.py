@@ -40,6 +40,8 @@ def test_parsing():
     ({"BASIC_AUTH_USER": "u"}, "set together"),
     ({"LABEL_STUDIO_URL": "ls:8080"}, "must start with http"),
     ({"MASKINV_LOG_LEVEL": "LOUD"}, "MASKINV_LOG_LEVEL"),
+    ({"MASKINV_EXAMPLE_VIEWS": "3"}, "MASKINV_EXAMPLE_VIEWS"),
+    ({"MASKINV_EXAMPLE_VIEWS": "two"}, "MASKINV_EXAMPLE_VIEWS"),
 ])
 def test_bad_values_name_the_variable(env, match):
     with pytest.raises(SettingsError, match=match):

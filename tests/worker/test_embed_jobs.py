@@ -101,3 +101,48 @@ def test_label_job_with_prototypes_uses_examples(tiny_runtime):
         assert m["examples"] == {"cat": 0, "dog": 1, "cow": 1}[t]
     bad = dict(job, prototypes={**protos, "counts": [1]})
     assert "prototypes.counts" in jobs.label_regions(bad)["error"]
+
+
+def test_two_views_embed_the_region_and_its_mirror(tiny_runtime):
+    """views=2: the region's embedding is the mean direction of its LET on the image and on the mirrored image
+    (image and mask flipped), each view cached under its own key; views=1 keeps the single-view LET exactly."""
+    from PIL import Image
+
+    from worker import embed_jobs, jobs
+    from worker.let_cache import MemoryLetCache
+
+    rt = jobs.get_runtime()
+    img = png_bytes(80, 60, seed=6)
+    a, b = masks()
+    cache = MemoryLetCache(100, 10**7, 0)
+    one = embed_jobs.region_lets(rt, img, "img6", [a, b], InversionParams(size=64, steps=2), cache, "t")
+    two = embed_jobs.region_lets(rt, img, "img6", [a, b], InversionParams(size=64, steps=2, views=2), cache, "t")
+    assert two.hits == 0 and one.hits == 0 and len(cache) == 4  # view 0 came from the cache: not a full hit
+    mirror = Image.open(__import__("io").BytesIO(img)).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped = rt.engine.invert(mirror, [a[:, ::-1], b[:, ::-1]], size=64, steps=2, final_loss=False)
+    expect = embed_jobs.combine_views(np.stack([one.lets, flipped.lets.numpy()]))
+    np.testing.assert_allclose(two.lets, expect, rtol=1e-5, atol=1e-6)
+    u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    assert np.all((u(two.lets) * u(one.lets)).sum(1) < 1 - 1e-6)  # the mirror view moved it
+    again = embed_jobs.region_lets(rt, img, "img6", [a, b], InversionParams(size=64, steps=2, views=2), cache, "t")
+    assert again.hits == 2 and again.timings["inversion_s"] == 0.0
+    np.testing.assert_array_equal(again.lets, two.lets)
+    # a bad mask is an error in every view, never a half-embedded region
+    bad = embed_jobs.region_lets(rt, img, "img6", [a, np.zeros((60, 80), bool)],
+                                 InversionParams(size=64, steps=2, views=2), cache, "t")
+    assert bad.errors[0] is None and bad.errors[1] and not bad.lets[1].any()
+
+
+def test_combine_views_shapes_and_scale():
+    from worker.embed_jobs import combine_views
+
+    rng = np.random.default_rng(0)
+    lets = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    out = combine_views(lets)
+    assert out.shape == (5, 8)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), np.linalg.norm(lets[0], axis=1), rtol=1e-5)
+    unit = lets / np.linalg.norm(lets, axis=2, keepdims=True)
+    d = unit.sum(0)
+    np.testing.assert_allclose(out / np.linalg.norm(out, axis=1, keepdims=True),
+                               d / np.linalg.norm(d, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(combine_views(lets[:1]), lets[0], rtol=1e-6)

@@ -157,3 +157,12 @@ def test_env_parsers_name_the_variable(parse, raw, match):
         parse({"X": raw})
     parse({})  # unset: the default
     parse({"X": "  "})  # blank: the default
+
+
+def test_views_parameter_is_validated_and_implicit_when_one():
+    assert "views" not in InversionParams().to_dict()  # an older worker reads a one-view payload unchanged
+    two = InversionParams(views=2)
+    assert two.to_dict()["views"] == 2 and InversionParams.from_dict(two.to_dict()) == two
+    for bad in (0, 3, True, 1.0, "2"):
+        with pytest.raises(protocol.PayloadError, match="params.views"):
+            InversionParams.from_dict({"views": bad})
