@@ -247,14 +247,9 @@ def delete_namespace(redis_url: str, ns: str) -> None:
     """Remove the run's queue, registry, job and result-cache keys (everything with ``ns`` in its name)."""
     from redis import Redis
 
-    conn = Redis.from_url(redis_url)
-    keys = list(conn.scan_iter(match=f"*{ns}*", count=1000))
-    if keys:
-        conn.delete(*keys)
-    for registry in ("rq:workers", "rq:queues"):
-        members = [m for m in conn.smembers(registry) if ns.encode() in m]
-        if members:
-            conn.srem(registry, *members)
+    from worker.protocol import delete_namespace as delete
+
+    delete(Redis.from_url(redis_url), ns)
 
 
 def run_config(cfg: Config, workdir: Path, redis_url: str, seed: int) -> dict[str, Any]:

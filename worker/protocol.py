@@ -135,6 +135,18 @@ class RedisKeys:
         return f"{self.prefix}:result:{digest}"
 
 
+def delete_namespace(conn: Any, ns: str) -> None:
+    """Delete every Redis key containing ``ns`` (a test's or benchmark's prefix/queue name: its queue, job,
+    result, LET and example keys) and drop ``ns`` members from RQ's global ``rq:workers`` / ``rq:queues`` sets."""
+    keys = list(conn.scan_iter(match=f"*{ns}*", count=1000))
+    if keys:
+        conn.delete(*keys)
+    for registry in ("rq:workers", "rq:queues"):
+        members = [m for m in conn.smembers(registry) if ns.encode() in m]
+        if members:
+            conn.srem(registry, *members)
+
+
 # ---------------------------------------------------------------------------------------------- results
 def _need(data: Any, what: str) -> Mapping[str, Any]:
     if not isinstance(data, Mapping):

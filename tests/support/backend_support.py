@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from worker.protocol import delete_namespace  # noqa: F401 - the tests' Redis namespace cleanup, re-exported
+
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 #: environment for a worker/engine on the tiny random-init test model
@@ -35,17 +37,6 @@ def png_bytes(width: int = 80, height: int = 60, seed: int = 0) -> bytes:
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def delete_namespace(conn, ns: str) -> None:
-    """Delete every key containing ``ns`` and drop ``ns`` members from RQ's global worker and queue sets."""
-    keys = list(conn.scan_iter(match=f"*{ns}*", count=1000))
-    if keys:
-        conn.delete(*keys)
-    for registry in ("rq:workers", "rq:queues"):
-        members = [m for m in conn.smembers(registry) if ns.encode() in m]
-        if members:
-            conn.srem(registry, *members)
 
 
 # -- embedded-mode HTTP helpers (the tiny model; fixtures ``make_client``/``client`` are in conftest.py) -----------
