@@ -37,7 +37,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from worker.protocol import InversionParams, decode_vectors, encode_image, encode_mask, encode_vectors, sha256_hex
+from worker.protocol import EmbedRegionsJob, InversionParams, decode_vectors, encode_vectors, sha256_hex
 
 from .examples import Example, ExampleStore, ExampleStoreError, make_example_store
 from .label_config import LabelConfigError, ProjectConfig
@@ -223,10 +223,9 @@ class Learner:
                     log.info("annotation %s region %s not used: %s", ann.get("id"), r.id, exc)
             if not masks:
                 continue
-            payload = {"v": 1, "image": encode_image(blob), "params": params.to_dict(), "dtype": "float32",
-                       "regions": [{"id": r.id, "mask": encode_mask(np.asarray(m, bool))}
-                                   for (r, _), m in zip(used, masks)]}
-            result = self.service.dispatcher.run_embed(payload, EMBED_TIMEOUT_S)
+            payload = EmbedRegionsJob.build(blob, [(r.id, np.asarray(m, bool)) for (r, _), m in zip(used, masks)],
+                                            params, dtype="float32")
+            result = self.service.dispatcher.run_embed(payload.to_dict(), EMBED_TIMEOUT_S)
             if result.get("error"):
                 raise LearningError(f"annotation {ann.get('id')}: embedding failed: {result['error']}")
             key = model_key(result.get("model"), params)
@@ -282,7 +281,7 @@ class Learner:
         if hit is not None:
             return hit
         result = self.service.dispatcher.run_embed(
-            {"v": 1, "regions": [], "labels": list(labels), "params": params.to_dict(), "dtype": "float32"},
+            EmbedRegionsJob.build(None, [], params, labels, dtype="float32").to_dict(),
             EMBED_TIMEOUT_S)
         meta = result.get("meta") or {}
         if result.get("error") or "text" not in meta:

@@ -28,7 +28,7 @@ import logging
 import time
 from typing import Any
 
-from worker.protocol import InversionParams, decode_mask, encode_image
+from worker.protocol import InversionParams, ProposeRegionsJob, decode_mask
 
 from .dispatch import DispatchError
 from .label_config import ProjectConfig, RegionControl
@@ -182,8 +182,7 @@ def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, 
             answers[i] = {"error": f.error, "maskinv": {"source": "proposals", "errors": [
                 {"region": None, "error": f.error, "kind": "image" if f.upstream else "source"}]}}
             continue
-        payload = {"v": 1, "image": encode_image(f.blob), "labels": list(f.vocab), "params": params.to_dict(),
-                   "proposals": options}
+        payload = ProposeRegionsJob.build(f.blob, f.vocab, params, options).to_dict()
         jobs.append((i, f))
         requests.append((f.blob, payload))
     try:

@@ -3,7 +3,8 @@
 ``embed_regions`` (job kind in :data:`worker.protocol.JOB_KINDS`) turns annotated regions into examples: it
 returns each region's LET, and optionally the text prototypes of a label set, compactly::
 
-    payload = {"v": 1, "image": {"sha256", "data_b64"}, "regions": [{"id": str, "mask": EncodedMask}, ...],
+    payload = worker.protocol.EmbedRegionsJob.to_dict()
+            = {"v": 1, "image": {"sha256", "data_b64"}, "regions": [{"id": str, "mask": EncodedMask}, ...],
                "params": InversionParams, "labels": [str, ...] (optional), "dtype": "float16" | "float32"}
     result  = JobResult(kind="embed_regions", regions=[RegionResult(id, meta={"let": Vectors [1, D]}), ...],
                         meta={"text": Vectors [L, D] (when labels were given), "logit_scale": float,
@@ -36,14 +37,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from .let_cache import JOB_META_KEY, LetCache, RedisLetCache, let_key
-from .protocol import (InversionParams, JobResult, PayloadError, ProtocolError, RegionResult, check_limits,
-                       check_payload_version, decode_image, decode_mask, encode_mask)
+from .protocol import (MAX_EMBED_LABELS, EmbedRegionsJob, InversionParams, JobResult, PayloadError, ProtocolError,
+                       RegionResult, check_limits, decode_image, decode_mask, encode_mask)
 from .prototypes import combined_logits, decode_vectors, encode_vectors
 
 log = logging.getLogger(__name__)
 
 #: most labels an embed job computes text prototypes for, and most prototype rows a label job accepts
-MAX_LABELS = 1000
+MAX_LABELS = MAX_EMBED_LABELS
 DEFAULT_PREFIX = "maskinv"
 
 
@@ -255,23 +256,12 @@ def embed_regions(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     ids: list[str] = []
     try:
-        if not isinstance(job, dict):
-            raise PayloadError(f"job must be a dict, got {type(job).__name__}")
-        check_payload_version(job)
-        regions = job.get("regions") or []
-        if not isinstance(regions, list):
-            raise PayloadError("regions must be a list")
-        ids = [str(r.get("id", k)) if isinstance(r, dict) else str(k) for k, r in enumerate(regions)]
-        params = InversionParams.from_dict(job.get("params"))
+        if isinstance(job, dict) and isinstance(job.get("regions"), list):  # ids first: a bad job fails each
+            ids = [str(r.get("id", k)) if isinstance(r, dict) else str(k) for k, r in enumerate(job["regions"])]
+        payload = EmbedRegionsJob.from_dict(job)
+        regions, params, labels, dtype = list(payload.regions), payload.params, list(payload.labels), payload.dtype
         check_limits(params, rt.settings.max_steps, rt.settings.max_size)
-        labels = job.get("labels") or []
-        if (not isinstance(labels, list) or len(labels) > MAX_LABELS
-                or not all(isinstance(x, str) and x.strip() for x in labels)):
-            raise PayloadError(f"labels must be a list of at most {MAX_LABELS} non-empty strings")
         check_text_limits(params, labels, rt.settings)
-        dtype = job.get("dtype", "float16")
-        if dtype not in ("float16", "float32"):
-            raise PayloadError(f"dtype must be float16 or float32, got {dtype!r}")
         masks, mask_errors = [], {}
         for k, r in enumerate(regions):
             try:
@@ -281,7 +271,7 @@ def embed_regions(job: dict[str, Any]) -> dict[str, Any]:
             except PayloadError as exc:
                 mask_errors[k] = str(exc)
                 masks.append(np.zeros((1, 1), bool))
-        image_bytes, digest = decode_image(job.get("image") or {}) if regions else (b"", None)
+        image_bytes, digest = decode_image(payload.image or {}) if regions else (b"", None)
         cache, prefix = job_let_cache(rt.let_cache)
         with rt.lock:
             batch = (region_lets(rt, image_bytes, digest, masks, params, cache, prefix, mask_errors) if regions

@@ -1,6 +1,6 @@
 """The ``propose_regions`` job: propose, label and caption regions nobody drew on one image.
 
-Payload (a plain JSON object, like ``label_regions``'s)::
+Payload (``worker.protocol.ProposeRegionsJob.to_dict()``, a plain JSON object like ``label_regions``'s)::
 
     {"v": 1, "image": {"sha256", "data_b64"}, "labels": [str, ...], "params": InversionParams.to_dict(),
      "proposals": {"sources": ["maskcut", "keyseeds", "text"], "max_proposals": int, "min_score": float,
@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .protocol import (InversionParams, JobResult, LabelScore, PayloadError, ProtocolError, RegionResult, check_limits,
-                       check_payload_version, decode_image, encode_mask)
+from .protocol import (JobResult, LabelScore, PayloadError, ProposeRegionsJob, ProtocolError,
+                       RegionResult, check_limits, decode_image, encode_mask)
 from .settings import ProposalSettings
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,6 @@ def _sam_source(settings: ProposalSettings, device):
         return _sam
 
 
-def _labels(job: Mapping[str, Any]) -> list[str]:
-    labels = job.get("labels") or []
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
-        raise PayloadError("labels must be a non-empty list of non-empty strings")
-    if len(set(labels)) != len(labels):
-        raise PayloadError("labels must be unique")
-    return labels
-
-
 def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
     """Propose, label and caption regions of one image (payload: module docstring); returns
     ``JobResult.to_dict()``. A malformed job yields a result with a top-level ``error`` and no regions."""
@@ -116,16 +107,13 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
     rt = get_runtime()
     t0 = time.perf_counter()
     try:
-        if not isinstance(job, dict):
-            raise PayloadError(f"job must be a dict, got {type(job).__name__}")
-        check_payload_version(job)
+        payload = ProposeRegionsJob.from_dict(job)
         settings = proposal_settings()
-        params = InversionParams.from_dict(job.get("params"))
+        params, labels = payload.params, list(payload.labels)
         check_limits(params, rt.settings.max_steps, rt.settings.max_size)
-        labels = _labels(job)
         check_text_limits(params, labels, rt.settings)
-        opts = ProposalOptions.from_dict(job.get("proposals"), settings)
-        image_bytes, digest = decode_image(job.get("image") or {})
+        opts = ProposalOptions.from_dict(payload.proposals, settings)
+        image_bytes, digest = decode_image(payload.image)
         sam = _sam_source(settings, rt.clip.device) if "sam" in opts.sources else None
         with rt.lock:
             res = propose(rt.engine, rt.scorer, image_bytes, labels, params.templates, size=params.size,

@@ -452,7 +452,7 @@ class InversionParams:
             raise PayloadError(f"params.alpha must be in [0, 1000], got {self.alpha!r}")
         if not isinstance(self.size, int) or not 32 <= self.size <= 2048:
             raise PayloadError(f"params.size must be an integer in [32, 2048], got {self.size!r}")
-        if self.views not in VIEWS:
+        if not isinstance(self.views, int) or self.views not in VIEWS:
             raise PayloadError(f"params.views must be one of {list(VIEWS)}, got {self.views!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 100:
             raise PayloadError(f"params.top_k must be an integer in [1, 100], got {self.top_k!r}")
@@ -731,6 +731,132 @@ class LabelRegionsJob:
     def region_ids(self) -> list[str]:
         """Each region's id (its position when it has none)."""
         return [str(r.get("id", k)) if isinstance(r, dict) else str(k) for k, r in enumerate(self.regions)]
+
+
+#: most labels an ``embed_regions`` job computes text prototypes for
+MAX_EMBED_LABELS = 1000
+#: vector encodings an ``embed_regions`` job may ask for (:func:`encode_vectors`)
+EMBED_DTYPES = ("float16", "float32")
+
+
+def _regions_list(data: Mapping[str, Any]) -> tuple[Any, ...]:
+    regions = data.get("regions") if data.get("regions") is not None else []
+    if not isinstance(regions, list):
+        raise PayloadError("regions must be a list")
+    return tuple(regions)
+
+
+def _image_object(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    image = data.get("image") if data.get("image") is not None else {}
+    if not isinstance(image, dict):
+        raise PayloadError(f"image must be an object, got {type(image).__name__}")
+    return image
+
+
+@dataclass(frozen=True)
+class EmbedRegionsJob:
+    """Payload of an ``embed_regions`` job: the LETs of regions of one image (a project's examples) and, optionally,
+    the text prototypes of a label set (``regions`` may then be empty and ``image`` absent)::
+
+        {"v": 1, "image": {"sha256", "data_b64"}, "regions": [{"id": str, "mask": EncodedMask}, ...],
+         "params": InversionParams.to_dict(), "labels": [str, ...], "dtype": "float16" | "float32"}
+
+    Caps: :data:`MAX_EMBED_LABELS` labels; regions are kept as sent (a bad mask fails only its region).
+    """
+
+    regions: tuple[Mapping[str, Any], ...] = ()
+    image: Mapping[str, Any] | None = None
+    params: InversionParams = field(default_factory=InversionParams)
+    labels: tuple[str, ...] = ()
+    dtype: str = "float16"
+    v: int = PROTOCOL_VERSION
+
+    kind = "embed_regions"
+
+    @classmethod
+    def build(cls, image_bytes: bytes | None, regions: Iterable[tuple[str, np.ndarray]], params: InversionParams,
+              labels: Sequence[str] = (), dtype: str = "float16") -> "EmbedRegionsJob":
+        """From image bytes (None for text prototypes only) and ``(region_id, mask [H, W])`` pairs."""
+        return cls(regions=tuple({"id": str(rid), "mask": encode_mask(m)} for rid, m in regions),
+                   image=encode_image(image_bytes) if image_bytes is not None else None, params=params,
+                   labels=tuple(labels), dtype=dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"v": self.v, "regions": [dict(r) for r in self.regions], "params": self.params.to_dict(),
+               "dtype": self.dtype}
+        if self.image is not None:
+            out["image"] = dict(self.image)
+        if self.labels:
+            out["labels"] = list(self.labels)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "EmbedRegionsJob":
+        """Validate a payload (version, params, labels, dtype, image, regions list); PayloadError names the field."""
+        if not isinstance(data, dict):
+            raise PayloadError(f"job must be a dict, got {type(data).__name__}")
+        v = check_payload_version(data)
+        regions = _regions_list(data)
+        params = InversionParams.from_dict(data.get("params"))
+        labels = data.get("labels") or []
+        if (not isinstance(labels, list) or len(labels) > MAX_EMBED_LABELS
+                or not all(isinstance(x, str) and x.strip() for x in labels)):
+            raise PayloadError(f"labels must be a list of at most {MAX_EMBED_LABELS} non-empty strings")
+        dtype = data.get("dtype", "float16")
+        if dtype not in EMBED_DTYPES:
+            raise PayloadError(f"dtype must be float16 or float32, got {dtype!r}")
+        image = _image_object(data) if regions else None
+        return cls(regions=regions, image=image, params=params, labels=tuple(labels), dtype=dtype, v=v)
+
+    def region_ids(self) -> list[str]:
+        """Each region's id (its position when it has none)."""
+        return [str(r.get("id", k)) if isinstance(r, dict) else str(k) for k, r in enumerate(self.regions)]
+
+
+@dataclass(frozen=True)
+class ProposeRegionsJob:
+    """Payload of a ``propose_regions`` job: propose, label and caption regions nobody drew on one image::
+
+        {"v": 1, "image": {"sha256", "data_b64"}, "labels": [str, ...], "params": InversionParams.to_dict(),
+         "proposals": {"sources": [str, ...], "max_proposals": int, "min_score": float, "refine": bool}}
+
+    ``proposals`` (every key optional) is checked by the worker against its own settings
+    (``worker.proposal_jobs.ProposalOptions``: which sources it has, its cap on proposals).
+    """
+
+    image: Mapping[str, Any]
+    labels: tuple[str, ...]
+    params: InversionParams = field(default_factory=InversionParams)
+    proposals: Mapping[str, Any] = field(default_factory=dict)
+    v: int = PROTOCOL_VERSION
+
+    kind = "propose_regions"
+
+    @classmethod
+    def build(cls, image_bytes: bytes, labels: Sequence[str], params: InversionParams,
+              proposals: Mapping[str, Any] | None = None) -> "ProposeRegionsJob":
+        return cls(image=encode_image(image_bytes), labels=tuple(labels), params=params,
+                   proposals=dict(proposals or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": self.v, "image": dict(self.image), "labels": list(self.labels), "params": self.params.to_dict(),
+                "proposals": dict(self.proposals)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ProposeRegionsJob":
+        """Validate a payload (version, params, labels: non-empty and unique, image, proposals object)."""
+        if not isinstance(data, dict):
+            raise PayloadError(f"job must be a dict, got {type(data).__name__}")
+        v = check_payload_version(data)
+        params = InversionParams.from_dict(data.get("params"))
+        labels = check_labels(data.get("labels"))
+        if not labels:
+            raise PayloadError("labels must be a non-empty list of non-empty strings")
+        proposals = data.get("proposals")
+        if proposals is not None and not isinstance(proposals, dict):
+            raise PayloadError(f"proposals must be an object, got {type(proposals).__name__}")
+        return cls(image=_image_object(data), labels=tuple(labels), params=params, proposals=dict(proposals or {}),
+                   v=v)
 
 
 #: most label sets (region controls) and labels in all one ``prepare_labels`` job may name

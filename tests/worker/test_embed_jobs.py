@@ -114,7 +114,7 @@ def test_two_views_embed_the_region_and_its_mirror(tiny_runtime):
     rt = jobs.get_runtime()
     img = png_bytes(80, 60, seed=6)
     a, b = masks()
-    cache = MemoryLetCache(100, 10**7, 0)
+    cache = MemoryLetCache(100, 10**7, 3600)
     one = embed_jobs.region_lets(rt, img, "img6", [a, b], InversionParams(size=64, steps=2), cache, "t")
     two = embed_jobs.region_lets(rt, img, "img6", [a, b], InversionParams(size=64, steps=2, views=2), cache, "t")
     assert two.hits == 0 and one.hits == 0 and len(cache) == 4  # view 0 came from the cache: not a full hit

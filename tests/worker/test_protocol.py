@@ -166,3 +166,26 @@ def test_views_parameter_is_validated_and_implicit_when_one():
     for bad in (0, 3, True, 1.0, "2"):
         with pytest.raises(protocol.PayloadError, match="params.views"):
             InversionParams.from_dict({"views": bad})
+
+
+def test_embed_and_propose_payloads_round_trip_and_name_bad_fields():
+    from worker.protocol import MAX_EMBED_LABELS, EmbedRegionsJob, ProposeRegionsJob
+
+    job = EmbedRegionsJob.build(b"png", [("a", _mask())], InversionParams(views=2), ["cat"], dtype="float32")
+    d = job.to_dict()
+    assert d["v"] == PROTOCOL_VERSION and d["params"]["views"] == 2 and d["regions"][0]["id"] == "a"
+    assert EmbedRegionsJob.from_dict(d) == job and EmbedRegionsJob.from_dict(d).region_ids() == ["a"]
+    text_only = EmbedRegionsJob.build(None, [], InversionParams(), ["cat", "dog"]).to_dict()
+    assert "image" not in text_only and EmbedRegionsJob.from_dict(text_only).labels == ("cat", "dog")
+    for bad, field in (({**d, "dtype": "int8"}, "dtype"), ({**d, "regions": {}}, "regions"),
+                       ({**d, "labels": ["x"] * (MAX_EMBED_LABELS + 1)}, "labels"), ({**d, "image": []}, "image"),
+                       ({**d, "v": PROTOCOL_VERSION + 1}, "version"), ([d], "dict")):
+        with pytest.raises(ProtocolError, match=field):
+            EmbedRegionsJob.from_dict(bad)
+    prop = ProposeRegionsJob.build(b"png", ["cat"], InversionParams(), {"max_proposals": 3})
+    p = prop.to_dict()
+    assert ProposeRegionsJob.from_dict(p) == prop and p["proposals"] == {"max_proposals": 3}
+    for bad, field in (({**p, "labels": []}, "labels"), ({**p, "labels": ["a", "a"]}, "unique"),
+                       ({**p, "proposals": [1]}, "proposals"), ({**p, "params": {"steps": -1}}, "steps")):
+        with pytest.raises(ProtocolError, match=field):
+            ProposeRegionsJob.from_dict(bad)
