@@ -174,7 +174,8 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
         log.error("dispatch failed: %s", exc)
         raise PredictError(503, str(exc)) from None
     # the same string /setup answers for this config (Label Studio skips tasks that have this version's prediction)
-    version = service.model_version(cfg, params, label_override) + used_examples
+    version_base = service.model_version(cfg, params, label_override)
+    version = version_base + used_examples
 
     answers: list[Any] = []
     for plan in plans:
@@ -203,7 +204,7 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
             answers.append({"error": _summary(plan.errors), "maskinv": diagnostics})
     if propose_for:
         proposed = propose_answers(service, cfg, [tasks[i] for i in propose_for], params, label_override,
-                                   proposal_override, deadline, version)
+                                   proposal_override, deadline, version_base, project)
         for i, answer in zip(propose_for, proposed):
             answers[i] = answer
     log.info("predict: %d task(s), %d job(s), %s mode, %.2fs", len(tasks), len(requests),
@@ -277,26 +278,37 @@ def _summary(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + (f" (+{len(by_msg) - 3} more)" if len(by_msg) > 3 else "")
 
 
+def example_project(service: Service, project: Any, tasks: list[dict]) -> str | None:
+    """The Label Studio project whose examples score these tasks (the request's ``project``, else the tasks'),
+    or None (learning off, no project, or an id that is not one)."""
+    from .learning import LearningError, project_id
+
+    if not service.settings.learn:
+        return None
+    raw = project if project is not None else next((t.get("project") for t in tasks if t.get("project")), None)
+    try:
+        return project_id(raw) if raw is not None else None
+    except LearningError:
+        return None
+
+
 def attach_prototypes(service: Service, project: Any, tasks: list[dict], requests: list[LabelRequest]) -> str:
     """Give each request its project's example prototypes (backend.learning); returns the ``model_version``
     suffix naming the project's example set ("" when none: text only; the same string ``/setup`` answers). Never
     fails a prediction: on trouble the regions are scored by text alone (logged)."""
-    from .learning import LearningError, project_id
+    from .learning import LearningError
 
-    if not requests or not service.settings.learn:
+    pid = example_project(service, project, tasks) if requests else None
+    if pid is None:
         return ""
-    raw = project if project is not None else next((t.get("project") for t in tasks if t.get("project")), None)
     zero_shot = [req.params for req in requests]
     try:
-        pid = project_id(raw) if raw is not None else None
-        if pid is None:
-            return ""
         for req in requests:
             req.prototypes = service.learner.prototypes(pid, req.labels, req.params)
             if req.prototypes is not None:  # embedded like the examples behind the prototypes
                 req.params = service.learner.example_params(req.params)
     except (LearningError, DispatchError, Exception) as exc:  # noqa: BLE001 - text-only is always a valid answer
-        log.warning("project %s: scoring without examples (%s: %s)", raw, exc.__class__.__name__, exc)
+        log.warning("project %s: scoring without examples (%s: %s)", pid, exc.__class__.__name__, exc)
         for req, params in zip(requests, zero_shot):
             req.prototypes, req.params = None, params
         return ""

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 from .protocol import (JobResult, LabelScore, PayloadError, ProposeRegionsJob, ProtocolError,
                        RegionResult, check_limits, decode_image, encode_mask)
+from .embed_jobs import parse_prototypes, score_regions
 from .settings import ProposalSettings
 
 log = logging.getLogger(__name__)
@@ -114,12 +115,18 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
         check_text_limits(params, labels, rt.settings)
         opts = ProposalOptions.from_dict(payload.proposals, settings)
         image_bytes, digest = decode_image(payload.image)
+        prototypes = parse_prototypes(payload.prototypes, labels, int(rt.clip.embed_dim))
         sam = _sam_source(settings, rt.clip.device) if "sam" in opts.sources else None
+        score_fn = None
+        if prototypes is not None:  # labelled like drawn regions of the project: text + its examples
+            def score_fn(lets):
+                return score_regions(rt, lets.detach().float().cpu().numpy(), labels, params.templates,
+                                     params.top_k, prototypes)[0]
         with rt.lock:
             res = propose(rt.engine, rt.scorer, image_bytes, labels, params.templates, size=params.size,
                           sources=opts.sources, steps=params.steps, lr=params.lr, top_k=params.top_k,
                           min_score=opts.min_score, max_proposals=opts.max_proposals, refine=opts.refine,
-                          sam=sam)
+                          sam=sam, score_fn=score_fn)
             props = res.proposals
             captions: list[str] = []
             if props and params.caption:
@@ -132,12 +139,16 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
         return JobResult.rejected(str(exc), [], rt.model_info(), kind=KIND).to_dict()
 
     regions = []
+    example_meta = ([{"examples": int(prototypes["counts"][labels.index(p.labels[0][0])]),
+                      "examples_version": prototypes["version"]} for p in props] if prototypes is not None
+                    else [{}] * len(props))
     for k, p in enumerate(props):
         regions.append(RegionResult(
             id=f"proposal-{k}", labels=tuple(LabelScore(lab, sc) for lab, sc in p.labels),
             caption=captions[k] if captions else None, caption_mode=rt.captioner.mode if captions else None,
             meta={"proposed": True, "source": p.source, "mask": encode_mask(p.mask),
-                  "area": float(p.mask.mean()), "objectness": float(p.objectness), "score": float(p.rank)}))
+                  "area": float(p.mask.mean()), "objectness": float(p.objectness), "score": float(p.rank),
+                  **example_meta[k]}))
     total = time.perf_counter() - t0
     timings = {"total_s": total, **{k: float(v) for k, v in res.timings.items()}}
     log.info("proposals: %d kept of %d inverted on image %s in %.2fs (%s)", len(regions),

@@ -277,18 +277,23 @@ def objectness(final_loss: torch.Tensor | np.ndarray, power: float = OBJECTNESS_
     return (1.0 - d) ** power
 
 
+#: top-k ``(label, probability)`` per LET ``[N, D]`` (e.g. text and a project's example prototypes)
+ScoreFn = Callable[[torch.Tensor], list[list[tuple[str, float]]]]
+
+
 def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], labels: Sequence[str],
                      templates: Sequence[str], size: int, steps: int = 10, lr: float = 0.1,
-                     top_k: int = 3) -> list[Proposal]:
-    """Invert every candidate like a drawn region and attach its top-k labels and its objectness (from the
-    inversion's final loss); failed inversions are dropped."""
+                     top_k: int = 3, score_fn: ScoreFn | None = None) -> list[Proposal]:
+    """Invert every candidate like a drawn region and attach its top-k labels (``score_fn``, default: text
+    prototypes) and its objectness (from the inversion's final loss); failed inversions are dropped."""
     if not cands:
         return []
     res = engine.invert(image, np.stack([c.mask for c in cands]), size=size, steps=steps, lr=lr)
     ok = [i for i, e in enumerate(res.errors) if e is None]
     if not ok:
         return []
-    scored = scorer.score(res.lets[ok], labels, templates, top_k=top_k)
+    scored = (score_fn(res.lets[ok]) if score_fn is not None
+              else scorer.score(res.lets[ok], labels, templates, top_k=top_k))
     obj = objectness(res.losses[-1, ok])
     return [Proposal(cands[i].mask, cands[i].source, s, res.lets[i], cands[i].hint, float(o))
             for i, s, o in zip(ok, scored, obj)]
@@ -307,8 +312,11 @@ def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: 
             sources: Sequence[str] = DEFAULT_SOURCES, steps: int = 10, lr: float = 0.1, top_k: int = 3,
             min_score: float = DEFAULT_MIN_SCORE, max_proposals: int = DEFAULT_MAX_PROPOSALS,
             refine: bool = False, n_cuts: int = maskcut.N_CUTS, nms_iou: float = NMS_IOU,
-            sam: MaskSource | None = None, max_candidates: int = MAX_CANDIDATES) -> ProposalResult:
-    """Propose, label, merge and threshold regions of one image (see module docstring).
+            sam: MaskSource | None = None, max_candidates: int = MAX_CANDIDATES,
+            score_fn: ScoreFn | None = None) -> ProposalResult:
+    """Propose, label, merge and threshold regions of one image (see module docstring). ``score_fn``: how a
+    candidate's LET is labelled (default: the text prototypes of ``labels``; the propose job passes the project's
+    example prototypes when it has them).
 
     Returns at most ``max_proposals`` proposals, best rank (probability × objectness) first, masks ``[size, size]``.
     """
@@ -328,7 +336,7 @@ def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: 
         cands = [Candidate(snap_to_superpixels(c.mask, seg), c.source, c.hint) for c in cands]
     cands = dedupe(cands)[:max_candidates]
     t2 = time.perf_counter()
-    labelled = label_candidates(engine, scorer, img, cands, labels, templates, size, steps, lr, top_k)
+    labelled = label_candidates(engine, scorer, img, cands, labels, templates, size, steps, lr, top_k, score_fn)
     t3 = time.perf_counter()
     kept = select(labelled, min_score, max_proposals, nms_iou)
     return ProposalResult(kept, size, digest, per_source,

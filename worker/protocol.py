@@ -818,7 +818,8 @@ class ProposeRegionsJob:
     """Payload of a ``propose_regions`` job: propose, label and caption regions nobody drew on one image::
 
         {"v": 1, "image": {"sha256", "data_b64"}, "labels": [str, ...], "params": InversionParams.to_dict(),
-         "proposals": {"sources": [str, ...], "max_proposals": int, "min_score": float, "refine": bool}}
+         "proposals": {"sources": [str, ...], "max_proposals": int, "min_score": float, "refine": bool},
+         "prototypes": {...}}   # optional: the project's example prototypes, as in LabelRegionsJob
 
     ``proposals`` (every key optional) is checked by the worker against its own settings
     (``worker.proposal_jobs.ProposalOptions``: which sources it has, its cap on proposals).
@@ -829,18 +830,23 @@ class ProposeRegionsJob:
     params: InversionParams = field(default_factory=InversionParams)
     proposals: Mapping[str, Any] = field(default_factory=dict)
     v: int = PROTOCOL_VERSION
+    prototypes: Mapping[str, Any] | None = None
 
     kind = "propose_regions"
 
     @classmethod
     def build(cls, image_bytes: bytes, labels: Sequence[str], params: InversionParams,
-              proposals: Mapping[str, Any] | None = None) -> "ProposeRegionsJob":
+              proposals: Mapping[str, Any] | None = None,
+              prototypes: Mapping[str, Any] | None = None) -> "ProposeRegionsJob":
         return cls(image=encode_image(image_bytes), labels=tuple(labels), params=params,
-                   proposals=dict(proposals or {}))
+                   proposals=dict(proposals or {}), prototypes=prototypes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v": self.v, "image": dict(self.image), "labels": list(self.labels), "params": self.params.to_dict(),
-                "proposals": dict(self.proposals)}
+        out = {"v": self.v, "image": dict(self.image), "labels": list(self.labels), "params": self.params.to_dict(),
+               "proposals": dict(self.proposals)}
+        if self.prototypes is not None:
+            out["prototypes"] = dict(self.prototypes)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "ProposeRegionsJob":
@@ -855,8 +861,11 @@ class ProposeRegionsJob:
         proposals = data.get("proposals")
         if proposals is not None and not isinstance(proposals, dict):
             raise PayloadError(f"proposals must be an object, got {type(proposals).__name__}")
+        prototypes = data.get("prototypes")
+        if prototypes is not None and not isinstance(prototypes, dict):
+            raise PayloadError("prototypes must be an object")
         return cls(image=_image_object(data), labels=tuple(labels), params=params, proposals=dict(proposals or {}),
-                   v=v)
+                   v=v, prototypes=prototypes)
 
 
 #: most label sets (region controls) and labels in all one ``prepare_labels`` job may name

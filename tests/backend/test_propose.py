@@ -119,3 +119,35 @@ def test_proposal_score_is_the_workers_ranking_score():
     assert proposal_score(res) == pytest.approx(0.15)
     assert proposal_score({"labels": [{"label": "car", "score": 0.6}], "meta": {}}) == pytest.approx(0.6)
     assert proposal_score({"labels": [{"label": "car", "score": 0.6}], "meta": {"score": True}}) == pytest.approx(0.6)
+
+
+def test_proposals_of_a_project_with_examples_use_them(make_client, tmp_path):
+    """Proposals are labelled like drawn regions of their project: with its examples' prototypes (one view,
+    MASKINV_EXAMPLE_VIEWS applies to drawn regions), the regions' meta say how many examples back their label,
+    and the prediction carries the project's ``-ex`` model version (what /setup answers)."""
+    from backend_support import rect
+
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), **SLOW_OK)
+    before = predict(c, "rectangle", [task(1, 1)]).get_json()["results"][0]
+    assert "-ex" not in before["model_version"]
+    assert all("examples" not in r["meta"] for r in before["result"] if r["type"] == "rectanglelabels")
+    labels = parse_label_config(config("rectangle")).control("label").labels
+    project = {"id": 1, "label_config": config("rectangle")}
+    for i, lab in enumerate(labels):
+        ann = {"id": 50 + i, "task": 50 + i, "project": 1, "was_cancelled": False,
+               "result": [rect("a", x=30, y=20, w=40, h=50, labels=(lab,))]}
+        ans = c.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": project, "annotation": ann,
+                                       "task": task(50 + i, 20 + i)})
+        assert ans.get_json()["status"] == "stored", ans.get_json()
+    sent = []
+    service = c.application.config["MASKINV_SERVICE"]
+    run_jobs = service.dispatcher.run_jobs
+    service.dispatcher.run_jobs = lambda fn, reqs, t: sent.extend(p for _, p in reqs) or run_jobs(fn, reqs, t)
+    after = predict(c, "rectangle", [task(1, 1)]).get_json()["results"][0]
+    assert "-ex" in after["model_version"]
+    setup = c.post("/setup", json={"project": "1.1700000000", "schema": config("rectangle")}).get_json()
+    assert setup["model_version"] == after["model_version"]
+    (payload,) = sent
+    assert payload["prototypes"]["counts"] == [1] * len(labels) and "views" not in payload["params"]
+    regions = [r for r in after["result"] if r["type"] == "rectanglelabels"]
+    assert regions and all(r["meta"]["examples"] == 1 and r["meta"]["proposed"] for r in regions)

@@ -185,7 +185,12 @@ def test_embed_and_propose_payloads_round_trip_and_name_bad_fields():
     prop = ProposeRegionsJob.build(b"png", ["cat"], InversionParams(), {"max_proposals": 3})
     p = prop.to_dict()
     assert ProposeRegionsJob.from_dict(p) == prop and p["proposals"] == {"max_proposals": 3}
+    assert "prototypes" not in p
+    protos = {"version": "x", "labels": ["cat"], "weights": {}, "bias": [0.0], "means": {}, "counts": [1]}
+    with_protos = ProposeRegionsJob.build(b"png", ["cat"], InversionParams(), None, protos)
+    assert ProposeRegionsJob.from_dict(with_protos.to_dict()).prototypes == protos
     for bad, field in (({**p, "labels": []}, "labels"), ({**p, "labels": ["a", "a"]}, "unique"),
-                       ({**p, "proposals": [1]}, "proposals"), ({**p, "params": {"steps": -1}}, "steps")):
+                       ({**p, "proposals": [1]}, "proposals"), ({**p, "params": {"steps": -1}}, "steps"),
+                       ({**p, "prototypes": [1]}, "prototypes")):
         with pytest.raises(ProtocolError, match=field):
             ProposeRegionsJob.from_dict(bad)
