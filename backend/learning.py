@@ -89,10 +89,13 @@ def region_labels(items: list[Any], region_id: str, geometry: dict[str, Any]) ->
 
 
 def model_key(model: dict[str, Any] | None, params: InversionParams) -> str:
-    """What made a LET: model id + inversion size, steps, lr, alpha (+ the views when more than one)."""
+    """What made a LET: model id + inversion size, steps, lr, alpha. Not the views: one- and two-view
+    embeddings of examples and regions mix without loss (scene world, 8 examples per class: two-view regions
+    scored by one-view examples 51.9 vs 52.0 Acc@1, one-view regions by two-view examples 48.1 vs 48.1;
+    ``benchmarks/results/few_shot.md``), so examples stored before a change of MASKINV_EXAMPLE_VIEWS keep
+    counting."""
     mid = (model or {}).get("id") or "?"
-    key = f"{mid}|{params.size}|{params.steps}|{params.lr!r}|{params.alpha!r}"
-    return key if params.views == 1 else f"{key}|views={params.views}"
+    return f"{mid}|{params.size}|{params.steps}|{params.lr!r}|{params.alpha!r}"
 
 
 @dataclass
@@ -136,9 +139,16 @@ class Learner:
 
         return (Path(os.path.expanduser(self.settings.data_dir)) / "examples.sqlite3").exists()
 
+    def _model_info(self) -> dict[str, Any] | None:
+        """The worker's model (examples are keyed by it); right after a restart the embedded dispatcher may still
+        be loading it: wait a little, as ``model_version`` does, rather than miss the examples."""
+        from .service import MODEL_WAIT_S
+
+        return self.service.dispatcher.model_info(wait_s=MODEL_WAIT_S)
+
     def example_params(self, params: InversionParams) -> InversionParams:
-        """``params`` as examples are embedded with, and as the predictions that use them must be made:
-        ``MASKINV_EXAMPLE_VIEWS`` views (a prototype only matches embeddings made the way its examples were)."""
+        """``params`` as examples are embedded with, and as the predictions that use them are made:
+        ``MASKINV_EXAMPLE_VIEWS`` views (the region's embedding is then the mean direction of its views' LETs)."""
         return dataclasses.replace(params, views=self.settings.example_views)
 
     # ------------------------------------------------------------------ events
@@ -310,8 +320,9 @@ class Learner:
         version = self.store.version(pid)
         if not version:
             return ""
-        mkey = model_key(self.service.dispatcher.model_info(), self.example_params(params))
-        digest = sha256_hex(f"{version}\n{mkey}\n{FIT_VERSION}".encode())
+        mkey = model_key(self._model_info(), params)
+        # the views the predictions are made with are part of what Label Studio must tell apart
+        digest = sha256_hex(f"{version}\n{mkey}\n{FIT_VERSION}\nviews={self.settings.example_views}".encode())
         return f"-ex{digest[:8]}"
 
     def prototypes(self, project: str | None, labels: Iterable[str], params: InversionParams) -> dict | None:
@@ -324,7 +335,7 @@ class Learner:
         version = self.store.version(project)
         if not version:
             return None
-        model = self.service.dispatcher.model_info()
+        model = self._model_info()
         mkey = model_key(model, params)
         key = (project, version, mkey, labels, tuple(params.templates))
         with self._lock:
