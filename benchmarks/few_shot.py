@@ -158,6 +158,8 @@ def methods_logits(
         out["alt: text, 2 views"] = t
         out["alt: combined, 2-view queries, 1-view examples"] = P.combined_logits(x, text, scale, w1, b1, protos1,
                                                                                   counts)
+        out["alt: combined, 1-view queries, 2-view examples (proposals)"] = P.combined_logits(x1, text, scale, w, b,
+                                                                                              protos, counts)
         xn = P.normalize(x)
         z = lambda a: (a - a.mean(1, keepdims=True)) / a.std(1, keepdims=True)  # noqa: E731
         out["alt: class mean z-scored + text z-scored"] = z(t) + z(xn @ means.T)
@@ -348,8 +350,10 @@ def to_markdown(results: dict, regions: dict, draws: int, config: dict) -> str:
         "hyper-parameters, two views of "
         "examples and regions: k = 8 48.1 → 52.0 on test (50.6 → 52.5 on the selection set), k = 1 42.1 → 45.4, "
         "opaque k = 8 43.4 → 45.8. The gain is on the regions' side: two-view regions against one-view examples "
-        "give 51.9 on test (column *2-view queries, 1-view examples*). Text alone gains +0.1 on test (+2.3 on "
-        "the selection set), so zero-shot projects keep one view and its latency. Tried and dropped on the way "
+        "give 51.9 on test (column *2-view queries, 1-view examples*), one-view regions against two-view examples "
+        "48.1 (what proposals do: column *(proposals)*), so one- and two-view examples are stored together. "
+        "Text alone gains +0.1 on test (+2.3 on the selection set), so zero-shot projects keep one view and its "
+        "latency. Tried and dropped on the way "
         "(one view, own names, k = 8, test): mirrored examples added to the pool with one-view regions 48.3 "
         "(+0.2); 20 steps instead of 10: 48.1 (+0.0); lr 0.2: 43.7 (text 32.6).",
         "* **What paid: sharing across labels through the text**, twice. (1) The previous probe moved each "
