@@ -42,13 +42,13 @@ class Scored:
     source: list[str]
 
 
-def val_items(count: int, start: int = 0) -> tuple[list[Item], list[str]]:
+def val_items(count: int, start: int = 0, split: str = "val") -> tuple[list[Item], list[str]]:
     from training.scene_world import SceneWorld
 
     world = SceneWorld(seed=0, image_size=112)
     items = []
     for k, index in enumerate(range(start, start + count)):
-        sc = world.scene(index, "val")
+        sc = world.scene(index, split)
         items.append(Item(k + 1, sc.image, np.stack([o.mask for o in sc.objects]), [o.label for o in sc.objects]))
     return items, world.class_names
 
@@ -111,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenes", type=int, default=40)
     ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--split", default="val", choices=("val", "test"),
+                    help="scene-world split [val: choose there; test only to check a choice]")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--min-score", type=float, default=P.DEFAULT_MIN_SCORE)
@@ -121,10 +123,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     clip = load_clip(SCENE_MODEL, str(SCENE_CHECKPOINT))
     engine, scorer = MaskInversionEngine(clip), LabelScorer(clip)
-    items, labels = val_items(a.scenes, a.start)
+    items, labels = val_items(a.scenes, a.start, a.split)
     t0 = time.perf_counter()
     scored = [score_candidates(engine, scorer, it, labels, a.size, a.steps, a.sources) for it in items]
-    print(f"{len(items)} val scenes, {sum(len(s.probs) for s in scored)} candidates, "
+    print(f"{len(items)} {a.split} scenes, {sum(len(s.probs) for s in scored)} candidates, "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     if a.save:
         import pickle
