@@ -13,7 +13,7 @@ Variables (defaults in brackets; README's configuration tables and docker-compos
     MASKINV_SEED                    seed of random init, so that every process builds the same weights [0]
     MASKINV_GPU_DTYPE               dtype of the inversion step on CUDA: fp32, bf16 or fp16 [fp32]
     MASKINV_CACHE_MB                bound of the engine's image-state cache in MiB [2048]
-    MASKINV_CHUNK_MEMORY_MB         working-memory budget of one chunk of masks in MiB [2048]
+    MASKINV_CHUNK_MEMORY_MB         working-memory budget of one chunk of masks in MiB [4096]
     MASKINV_MAX_IMAGE_PIXELS        largest image accepted, checked from the header before decoding [50000000]
     MASKINV_MAX_STEPS / _MAX_SIZE   the service's bounds on K and S, re-applied to every job [200 / 1024]
     MASKINV_MAX_LABEL_CHARS         longest label, re-applied to every job [200]
@@ -133,7 +133,7 @@ class WorkerSettings:
     gpu_dtype: str = "fp32"
     # engine and preprocessing
     cache_bytes: int = 2048 * 2**20
-    chunk_memory_bytes: int = 2048 * 2**20
+    chunk_memory_bytes: int = 4096 * 2**20
     max_image_pixels: int = 50_000_000
     max_steps: int = DEFAULT_MAX_STEPS
     max_size: int = DEFAULT_MAX_SIZE
@@ -176,7 +176,7 @@ class WorkerSettings:
             seed=env_int(env, "MASKINV_SEED", 0, 0, **err),
             gpu_dtype=env_choice(env, "MASKINV_GPU_DTYPE", "fp32", GPU_DTYPES, **err),
             cache_bytes=env_int(env, "MASKINV_CACHE_MB", 2048, 0, **err) * 2**20,
-            chunk_memory_bytes=env_int(env, "MASKINV_CHUNK_MEMORY_MB", 2048, 0, **err) * 2**20,
+            chunk_memory_bytes=env_int(env, "MASKINV_CHUNK_MEMORY_MB", 4096, 0, **err) * 2**20,
             max_image_pixels=env_int(env, "MASKINV_MAX_IMAGE_PIXELS", 50_000_000, 1, **err),
             max_steps=env_int(env, "MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS, 0, 1000, **err),
             max_size=env_int(env, "MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE, 32, 2048, **err),

@@ -12,7 +12,7 @@ def test_defaults_match_the_documented_ones():
     s = WorkerSettings.from_env({})
     assert s == WorkerSettings()
     assert (s.model, s.pretrained, s.device, s.seed, s.gpu_dtype) == ("ViT-B-16", "openai", None, 0, "fp32")
-    assert (s.cache_bytes, s.chunk_memory_bytes) == (2048 * 2**20, 2048 * 2**20)
+    assert (s.cache_bytes, s.chunk_memory_bytes) == (2048 * 2**20, 4096 * 2**20)
     assert (s.max_image_pixels, s.max_steps, s.max_size) == (50_000_000, 200, 1024)
     assert s.captioner == CaptionerSettings() and s.captioner.source is None
     assert (s.queue, s.redis_prefix, s.heartbeat_s, s.log_level) == ("maskinv", "maskinv", 5.0, "INFO")
