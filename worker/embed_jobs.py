@@ -38,7 +38,7 @@ import numpy as np
 
 from .let_cache import JOB_META_KEY, LetCache, RedisLetCache, let_key
 from .protocol import (MAX_EMBED_LABELS, EmbedRegionsJob, InversionParams, JobResult, PayloadError, ProtocolError,
-                       RegionResult, check_limits, decode_image, decode_mask, encode_mask)
+                       RegionResult, check_limits, decode_image, decode_region_masks, encode_mask, region_ids)
 from .prototypes import combined_logits, decode_vectors, encode_vectors
 
 log = logging.getLogger(__name__)
@@ -257,20 +257,12 @@ def embed_regions(job: dict[str, Any]) -> dict[str, Any]:
     ids: list[str] = []
     try:
         if isinstance(job, dict) and isinstance(job.get("regions"), list):  # ids first: a bad job fails each
-            ids = [str(r.get("id", k)) if isinstance(r, dict) else str(k) for k, r in enumerate(job["regions"])]
+            ids = region_ids(job["regions"])
         payload = EmbedRegionsJob.from_dict(job)
         regions, params, labels, dtype = list(payload.regions), payload.params, list(payload.labels), payload.dtype
         check_limits(params, rt.settings.max_steps, rt.settings.max_size)
         check_text_limits(params, labels, rt.settings)
-        masks, mask_errors = [], {}
-        for k, r in enumerate(regions):
-            try:
-                if not isinstance(r, dict):
-                    raise PayloadError("region must be an object")
-                masks.append(decode_mask(r.get("mask") or {}))
-            except PayloadError as exc:
-                mask_errors[k] = str(exc)
-                masks.append(np.zeros((1, 1), bool))
+        masks, mask_errors = decode_region_masks(regions)
         image_bytes, digest = decode_image(payload.image or {}) if regions else (b"", None)
         cache, prefix = job_let_cache(rt.let_cache)
         with rt.lock:

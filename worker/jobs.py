@@ -14,12 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from .protocol import (DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, InversionParams, JobResult, LabelRegionsJob, LabelScore,
                        PayloadError, PrepareLabelsJob, RegionResult, check_label_caps, check_limits, check_templates,
-                       decode_image, decode_mask, env_int, payload_region_ids, process_env)
+                       decode_image, decode_region_masks, env_int, payload_region_ids, process_env)
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -128,17 +127,8 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
         check_text_limits(params, labels, rt.settings)
         image_bytes, digest = decode_image(payload.image)
         regions = list(payload.regions)
-        ids, masks, region_errors = [], [], {}
-        for k, r in enumerate(regions):
-            rid = str(r.get("id", k)) if isinstance(r, dict) else str(k)
-            ids.append(rid)
-            try:
-                if not isinstance(r, dict):
-                    raise PayloadError("region must be an object")
-                masks.append(decode_mask(r.get("mask") or {}))
-            except PayloadError as exc:
-                region_errors[k] = str(exc)
-                masks.append(np.zeros((1, 1), bool))
+        ids = payload.region_ids()
+        masks, region_errors = decode_region_masks(regions)
         from .embed_jobs import job_let_cache, parse_prototypes, region_lets, score_regions
 
         prototypes = parse_prototypes(payload.prototypes, labels, int(rt.clip.embed_dim)) if labels else None

@@ -504,6 +504,21 @@ def decode_mask(enc: dict[str, Any]) -> np.ndarray:
     return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=h * w).reshape(h, w).astype(bool)
 
 
+def decode_region_masks(regions: Sequence[Any]) -> tuple[list[np.ndarray], dict[int, str]]:
+    """Masks ``[H, W]`` of a payload's regions (``{"id", "mask": EncodedMask}`` each) and the error of each that
+    cannot be decoded, by position (its mask is then a ``[1, 1]`` placeholder: one bad region fails alone)."""
+    masks, errors = [], {}
+    for k, r in enumerate(regions):
+        try:
+            if not isinstance(r, dict):
+                raise PayloadError("region must be an object")
+            masks.append(decode_mask(r.get("mask") or {}))
+        except PayloadError as exc:
+            errors[k] = str(exc)
+            masks.append(np.zeros((1, 1), bool))
+    return masks, errors
+
+
 def _mask_digest(raw: bytes, h: int, w: int) -> str:
     return sha256_hex(raw + f"{h}x{w}".encode())
 
@@ -667,6 +682,32 @@ def log_softmax_rows(z: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- job payloads
+def region_ids(regions: Sequence[Any]) -> list[str]:
+    """Each region's id as sent (its position when it has none, or when the region is not an object)."""
+    return [str(r.get("id", k)) if isinstance(r, dict) else str(k) for k, r in enumerate(regions)]
+
+
+def _job_version(data: Any) -> int:
+    """The protocol version of a job payload, after checking that it is an object."""
+    if not isinstance(data, dict):
+        raise PayloadError(f"job must be a dict, got {type(data).__name__}")
+    return check_payload_version(data)
+
+
+def _optional_prototypes(data: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A payload's optional ``prototypes`` object (checked in full by the worker that scores with it)."""
+    prototypes = data.get("prototypes")
+    if prototypes is not None and not isinstance(prototypes, dict):
+        raise PayloadError("prototypes must be an object")
+    return prototypes
+
+
+def _with_prototypes(out: dict[str, Any], prototypes: Mapping[str, Any] | None) -> dict[str, Any]:
+    if prototypes is not None:
+        out["prototypes"] = dict(prototypes)
+    return out
+
+
 @dataclass(frozen=True)
 class LabelRegionsJob:
     """Payload of a ``label_regions`` job: every region of one image, one vocabulary, one set of parameters.
@@ -704,16 +745,12 @@ class LabelRegionsJob:
     def to_dict(self) -> dict[str, Any]:
         out = {"v": self.v, "image": dict(self.image), "regions": [dict(r) for r in self.regions],
                "labels": list(self.labels), "params": self.params.to_dict()}
-        if self.prototypes is not None:
-            out["prototypes"] = dict(self.prototypes)
-        return out
+        return _with_prototypes(out, self.prototypes)
 
     @classmethod
     def from_dict(cls, data: Any) -> "LabelRegionsJob":
         """Validate a payload (version, params, labels, image, regions list); PayloadError names the field."""
-        if not isinstance(data, dict):
-            raise PayloadError(f"job must be a dict, got {type(data).__name__}")
-        v = check_payload_version(data)
+        v = _job_version(data)
         params = InversionParams.from_dict(data.get("params"))
         labels = check_labels(data.get("labels"))
         image = data.get("image") or {}
@@ -722,15 +759,13 @@ class LabelRegionsJob:
         regions = data.get("regions")
         if not isinstance(regions, list):
             raise PayloadError("regions must be a list")
-        prototypes = data.get("prototypes")
-        if prototypes is not None and not isinstance(prototypes, dict):
-            raise PayloadError("prototypes must be an object")
+        prototypes = _optional_prototypes(data)
         return cls(image=image, regions=tuple(regions), labels=tuple(labels), params=params, v=v,
                    prototypes=prototypes)
 
     def region_ids(self) -> list[str]:
         """Each region's id (its position when it has none)."""
-        return [str(r.get("id", k)) if isinstance(r, dict) else str(k) for k, r in enumerate(self.regions)]
+        return region_ids(self.regions)
 
 
 #: most labels an ``embed_regions`` job computes text prototypes for
@@ -793,9 +828,7 @@ class EmbedRegionsJob:
     @classmethod
     def from_dict(cls, data: Any) -> "EmbedRegionsJob":
         """Validate a payload (version, params, labels, dtype, image, regions list); PayloadError names the field."""
-        if not isinstance(data, dict):
-            raise PayloadError(f"job must be a dict, got {type(data).__name__}")
-        v = check_payload_version(data)
+        v = _job_version(data)
         regions = _regions_list(data)
         params = InversionParams.from_dict(data.get("params"))
         labels = data.get("labels") or []
@@ -810,7 +843,7 @@ class EmbedRegionsJob:
 
     def region_ids(self) -> list[str]:
         """Each region's id (its position when it has none)."""
-        return [str(r.get("id", k)) if isinstance(r, dict) else str(k) for k, r in enumerate(self.regions)]
+        return region_ids(self.regions)
 
 
 @dataclass(frozen=True)
@@ -844,16 +877,12 @@ class ProposeRegionsJob:
     def to_dict(self) -> dict[str, Any]:
         out = {"v": self.v, "image": dict(self.image), "labels": list(self.labels), "params": self.params.to_dict(),
                "proposals": dict(self.proposals)}
-        if self.prototypes is not None:
-            out["prototypes"] = dict(self.prototypes)
-        return out
+        return _with_prototypes(out, self.prototypes)
 
     @classmethod
     def from_dict(cls, data: Any) -> "ProposeRegionsJob":
         """Validate a payload (version, params, labels: non-empty and unique, image, proposals object)."""
-        if not isinstance(data, dict):
-            raise PayloadError(f"job must be a dict, got {type(data).__name__}")
-        v = check_payload_version(data)
+        v = _job_version(data)
         params = InversionParams.from_dict(data.get("params"))
         labels = check_labels(data.get("labels"))
         if not labels:
@@ -861,9 +890,7 @@ class ProposeRegionsJob:
         proposals = data.get("proposals")
         if proposals is not None and not isinstance(proposals, dict):
             raise PayloadError(f"proposals must be an object, got {type(proposals).__name__}")
-        prototypes = data.get("prototypes")
-        if prototypes is not None and not isinstance(prototypes, dict):
-            raise PayloadError("prototypes must be an object")
+        prototypes = _optional_prototypes(data)
         return cls(image=_image_object(data), labels=tuple(labels), params=params, proposals=dict(proposals or {}),
                    v=v, prototypes=prototypes)
 
@@ -897,9 +924,7 @@ class PrepareLabelsJob:
 
     @classmethod
     def from_dict(cls, data: Any) -> "PrepareLabelsJob":
-        if not isinstance(data, dict):
-            raise PayloadError(f"job must be a dict, got {type(data).__name__}")
-        v = check_payload_version(data)
+        v = _job_version(data)
         sets = data.get("label_sets")
         if not isinstance(sets, list) or len(sets) > MAX_PREPARE_LABEL_SETS:
             raise PayloadError(f"label_sets must be a list of at most {MAX_PREPARE_LABEL_SETS} label lists")
