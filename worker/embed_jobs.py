@@ -238,14 +238,16 @@ def score_regions(rt: Any, lets: np.ndarray, labels: Sequence[str], templates: S
     for row, idx in zip(probs, order):
         scored.append([(labels[j], float(row[j])) for j in idx[:k]])
         second = float(row[idx[1]]) if len(idx) > 1 else 0.0
-        m: dict[str, Any] = {"margin": float(row[idx[0]]) - second}
-        if prototypes is not None:
-            m["examples"] = int(prototypes["counts"][idx[0]])
-            m["examples_version"] = prototypes["version"]
-        else:
-            m["examples"] = 0
-        meta.append(m)
+        meta.append({"margin": float(row[idx[0]]) - second, **examples_meta(prototypes, int(idx[0]))})
     return scored, meta
+
+
+def examples_meta(prototypes: dict[str, Any] | None, label: int) -> dict[str, Any]:
+    """A region's ``examples`` (behind its top-1 label, index ``label`` of the job's labels) and
+    ``examples_version``; ``{"examples": 0}`` without prototypes."""
+    if prototypes is None:
+        return {"examples": 0}
+    return {"examples": int(prototypes["counts"][label]), "examples_version": prototypes["version"]}
 
 
 def embed_regions(job: dict[str, Any]) -> dict[str, Any]:

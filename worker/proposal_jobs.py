@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from .protocol import (JobResult, LabelScore, PayloadError, ProposeRegionsJob, ProtocolError,
                        RegionResult, check_limits, decode_image, encode_mask)
-from .embed_jobs import parse_prototypes, score_regions
+from .embed_jobs import examples_meta, parse_prototypes, score_regions
 from .settings import ProposalSettings
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,8 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
         return JobResult.rejected(str(exc), [], rt.model_info(), kind=KIND).to_dict()
 
     regions = []
-    example_meta = ([{"examples": int(prototypes["counts"][labels.index(p.labels[0][0])]),
-                      "examples_version": prototypes["version"]} for p in props] if prototypes is not None
-                    else [{}] * len(props))
+    example_meta = ([examples_meta(prototypes, labels.index(p.labels[0][0])) for p in props]
+                    if prototypes is not None else [{}] * len(props))  # text-only proposals say nothing
     for k, p in enumerate(props):
         regions.append(RegionResult(
             id=f"proposal-{k}", labels=tuple(LabelScore(lab, sc) for lab, sc in p.labels),
