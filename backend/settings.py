@@ -11,8 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from worker.protocol import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_MAX_TEMPLATE_CHARS,
-                             DEFAULT_MAX_VOCAB_BYTES, DEFAULT_TEMPLATES, InversionParams, PayloadError, SettingError,
+from worker.protocol import (DEFAULT_CROP_WEIGHT, DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS,
+                             DEFAULT_MAX_TEMPLATE_CHARS, DEFAULT_MAX_VOCAB_BYTES, DEFAULT_TEMPLATES, MAX_CROP_WEIGHT,
+                             InversionParams, PayloadError, SettingError,
                              check_label_caps, check_templates, env_bool, env_float, env_int, env_str)
 
 from .fetch_policy import HostEntry, parse_allow_list
@@ -46,8 +47,9 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, lo: float | None = None) -> float:
-    return env_float(env, name, default, lo, error=SettingsError)
+def _float(env: Mapping[str, str], name: str, default: float, lo: float | None = None,
+           hi: float | None = None) -> float:
+    return env_float(env, name, default, lo, hi, error=SettingsError)
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -187,6 +189,7 @@ class Settings:
                 top_k=_int(env, "MASKINV_TOP_K", 3),
                 templates=_templates(env, "MASKINV_TEMPLATES"),
                 caption=_bool(env, "MASKINV_CAPTION", True),
+                crop_weight=_float(env, "MASKINV_CROP_WEIGHT", DEFAULT_CROP_WEIGHT, 0.0, MAX_CROP_WEIGHT),
             )
             params.validate()
             max_steps = _int(env, "MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS, 0, 1000)
@@ -195,7 +198,8 @@ class Settings:
                 raise PayloadError(f"MASKINV_STEPS={params.steps} / MASKINV_SIZE={params.size} exceed "
                                    f"MASKINV_MAX_STEPS={max_steps} / MASKINV_MAX_SIZE={max_size}")
         except PayloadError as exc:
-            raise SettingsError(f"bad inversion default ({exc}); see MASKINV_STEPS/LR/ALPHA/SIZE/TOP_K") from None
+            raise SettingsError(f"bad inversion default ({exc}); "
+                                "see MASKINV_STEPS/LR/ALPHA/SIZE/TOP_K/CROP_WEIGHT") from None
         log_level = _str(env, "MASKINV_LOG_LEVEL", "INFO").upper()
         if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(f"MASKINV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")

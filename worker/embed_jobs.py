@@ -89,28 +89,86 @@ def combine_views(lets: np.ndarray) -> np.ndarray:
     return (mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12) * norms[0]).astype(np.float32)
 
 
+def mix_crop(lets: np.ndarray, crops: np.ndarray, weight: float) -> np.ndarray:
+    """Region embeddings ``[N, D]`` from LETs ``[N, D]`` and masked-crop embeddings ``[N, D]``: the direction of
+    unit(LET) + ``weight`` x unit(crop), at the LET's norm (``weight`` 0: the LETs unchanged)."""
+    lets = np.asarray(lets, np.float32)
+    if not weight:
+        return lets
+    norms = np.linalg.norm(lets, axis=1, keepdims=True)
+    crops = np.asarray(crops, np.float32)
+    mix = lets / np.maximum(norms, 1e-12) + float(weight) * crops / np.maximum(
+        np.linalg.norm(crops, axis=1, keepdims=True), 1e-12)
+    return (mix / np.maximum(np.linalg.norm(mix, axis=1, keepdims=True), 1e-12) * norms).astype(np.float32)
+
+
 def region_lets(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
                 params: InversionParams, cache: LetCache, prefix: str,
                 mask_errors: dict[int, str] | None = None) -> LetBatch:
-    """LETs ``[N, D]`` of ``masks`` on the image: cached ones from ``cache``, the others inverted (and stored).
+    """Region embeddings ``[N, D]`` of ``masks`` on the image: LETs from ``cache`` or inverted (and stored).
 
     With ``params.views == 2`` every region is also inverted on the horizontal mirror of the image (image and
     mask flipped; cached under its own key) and its embedding is :func:`combine_views` of the two LETs: the
     average over the two views halves the LET's dependence on where the inversion happened to stop (scene world,
     8 examples per class: 48.1 -> 52.0 Acc@1, ``benchmarks/few_shot.py``), at twice the inversions.
+    With ``params.crop_weight > 0`` the embedding is then :func:`mix_crop` with the region's masked-crop
+    embedding (:func:`region_crops`): the crop sees the region's outline, which the LET renders worst (scene
+    world, zero-shot: 41.2 -> 49.8 Acc@1 at weight 0.3, ``benchmarks/region_classification.py``).
     ``mask_errors``: regions already known to be bad (their error is kept, nothing is inverted for them).
     """
     views = [_view_lets(rt, image_bytes, image_sha256, masks, params, cache, prefix, mask_errors, tag)
              for tag in VIEW_TAGS[:params.views]]
     if len(views) == 1:
-        return views[0]
-    errors = [next((v.errors[i] for v in views if v.errors[i] is not None), None) for i in range(len(masks))]
-    lets = combine_views(np.stack([v.lets for v in views]))
-    lets[[i for i, e in enumerate(errors) if e is not None]] = 0.0
-    cached = np.logical_and.reduce([v.cached for v in views])
-    timings = {k: sum(v.timings.get(k, 0.0) for v in views) for k in views[0].timings}
-    return LetBatch(lets=lets, errors=errors, hits=int(sum(c and e is None for c, e in zip(cached, errors))),
-                    image_hit=all(v.image_hit for v in views), timings=timings, cached=cached)
+        batch = views[0]
+    else:
+        errors = [next((v.errors[i] for v in views if v.errors[i] is not None), None) for i in range(len(masks))]
+        lets = combine_views(np.stack([v.lets for v in views]))
+        lets[[i for i, e in enumerate(errors) if e is not None]] = 0.0
+        cached = np.logical_and.reduce([v.cached for v in views])
+        timings = {k: sum(v.timings.get(k, 0.0) for v in views) for k in views[0].timings}
+        batch = LetBatch(lets=lets, errors=errors, hits=int(sum(c and e is None for c, e in zip(cached, errors))),
+                         image_hit=all(v.image_hit for v in views), timings=timings, cached=cached)
+    if params.crop_weight:
+        t0 = time.perf_counter()
+        crops = region_crops(rt, image_bytes, image_sha256, masks, batch.errors, cache, prefix)
+        good = [i for i, e in enumerate(batch.errors) if e is None]
+        batch.lets[good] = mix_crop(batch.lets[good], crops[good], params.crop_weight)
+        batch.timings["crop_s"] = time.perf_counter() - t0
+    return batch
+
+
+def region_crops(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
+                 errors: Sequence[str | None], cache: LetCache, prefix: str) -> np.ndarray:
+    """Masked-crop embeddings ``[N, D]`` (``engine.crop_embeddings`` at the model's native size) of the masks
+    without an error, through the LET cache (key view ``"masked_crop"``); zeros elsewhere."""
+    n, dim = len(masks), int(rt.clip.embed_dim)
+    out = np.zeros((n, dim), np.float32)
+    size = int(rt.engine.native_size)
+    keys = {i: let_key(prefix, rt.clip.id, image_sha256, encode_mask(np.asarray(masks[i], bool))["sha256"],
+                       size, 0, 0.0, 0.0, "masked_crop")
+            for i in range(n) if errors[i] is None}
+    try:
+        found = dict(zip(keys, cache.get_many(list(keys.values())))) if keys else {}
+    except Exception as exc:  # noqa: BLE001 - a cache read failure only costs a forward pass
+        log.warning("LET cache read failed: %s", exc)
+        found = {}
+    todo = [i for i in keys if found.get(i) is None or found[i].shape != (dim,)]
+    for i in keys:
+        if i not in todo:
+            out[i] = found[i]
+    if todo:
+        emb, errs = rt.engine.crop_embeddings(image_bytes, [masks[i] for i in todo], "masked_crop", size)
+        emb = emb.detach().float().cpu().numpy()
+        store = {}
+        for j, i in enumerate(todo):
+            if errs[j] is None:  # a mask the inversion took but a crop cannot (none known) keeps the LET alone
+                out[i] = emb[j]
+                store[keys[i]] = emb[j]
+        try:
+            cache.put_many(store)
+        except Exception as exc:  # noqa: BLE001 - see above
+            log.warning("LET cache write failed: %s", exc)
+    return out
 
 
 def _view_lets(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],

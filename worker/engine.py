@@ -271,14 +271,43 @@ class MaskInversionEngine:
             self.stats.vit_forwards += pix.shape[0]
         return torch.cat(out) if out else torch.zeros(0, self.clip.embed_dim, device=self.clip.device)
 
+    @property
+    def native_size(self) -> int:
+        """The model's own input side (224 for ViT-B/16; the size its position embedding was trained at)."""
+        side = getattr(self.visual, "image_size", None)
+        side = side[0] if isinstance(side, (tuple, list)) else side
+        return int(side) if side else 224
+
+    @torch.no_grad()
+    def crop_embeddings(self, image: ImageLike, masks: np.ndarray | Sequence[np.ndarray], kind: str = "masked_crop",
+                        size: int | None = None) -> tuple[torch.Tensor, list[str | None]]:
+        """Embeddings ``[N, D]`` of each mask's box crop (``crop``) or of that crop with the pixels outside the
+        mask set to the dataset mean (``masked_crop``), each resized to ``size`` (default :attr:`native_size`),
+        and each mask's error (its row is then zeros). No image forward pass is made."""
+        if kind not in ("crop", "masked_crop"):
+            raise ValueError(f"crop kind must be 'crop' or 'masked_crop', got {kind!r}")
+        size = self.native_size if size is None else int(size)
+        img = open_image(image)[0]
+        fill = tuple(int(round(c * 255)) for c in self.clip.mean)
+        crops, where, errors = [], [], [None] * len(masks)
+        for i, m in enumerate(masks):
+            try:
+                crops.append(img.crop(mask_box(m, img.size)) if kind == "crop" else masked_crop(img, m, fill))
+                where.append(i)
+            except RegionError as exc:
+                errors[i] = str(exc)
+        out = torch.zeros(len(masks), self.clip.embed_dim, device=self.clip.device)
+        if crops:
+            out[where] = self.embed_images(crops, size).to(out.dtype)
+        return out, errors
+
     @torch.no_grad()
     def baseline_embeddings(self, image: ImageLike, masks: np.ndarray | Sequence[np.ndarray], kind: str = "global",
                             size: int = 448) -> torch.Tensor:
         """Region embeddings ``[N, D]`` without inversion.
 
-        ``global``: the whole image's embedding for every mask; ``crop``: the embedding of the crop of the
-        mask's box; ``masked_crop``: the same crop with pixels outside the mask set to the dataset mean.
-        Empty masks fall back to the global embedding.
+        ``global``: the whole image's embedding for every mask; ``crop`` / ``masked_crop``: see
+        :meth:`crop_embeddings` (at ``size``). Empty masks fall back to the global embedding.
         """
         if kind not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {kind!r}")
@@ -286,15 +315,7 @@ class MaskInversionEngine:
         g = state.global_embedding
         if kind == "global":
             return g[None].repeat(len(masks), 1)
-        fill = tuple(int(round(c * 255)) for c in self.clip.mean)
-        crops, where = [], []
-        for i, m in enumerate(masks):
-            try:
-                crops.append(img.crop(mask_box(m, img.size)) if kind == "crop" else masked_crop(img, m, fill))
-                where.append(i)
-            except RegionError:
-                continue
-        out = g[None].repeat(len(masks), 1)
-        if crops:
-            out[where] = self.embed_images(crops, size)
-        return out
+        emb, errors = self.crop_embeddings(img, masks, kind, size)
+        failed = [i for i, e in enumerate(errors) if e is not None]
+        emb[failed] = g.to(emb.dtype)
+        return emb

@@ -396,6 +396,11 @@ DEFAULT_MAX_SIZE = 1024
 
 #: allowed values of ``InversionParams.views``
 VIEWS = (1, 2)
+#: largest ``InversionParams.crop_weight`` (beyond it the LET barely counts)
+MAX_CROP_WEIGHT = 10.0
+#: the service's default ``crop_weight`` (``MASKINV_CROP_WEIGHT``): chosen on the scene world's val split
+#: (weights 0 .. 1.5; ``benchmarks/results/region_classification_scene_world.md``)
+DEFAULT_CROP_WEIGHT = 0.3
 
 
 @dataclass(frozen=True)
@@ -412,12 +417,17 @@ class InversionParams:
     #: views a region is embedded from: 1 = the image; 2 = also its horizontal mirror (image and mask flipped),
     #: the region's embedding then being the mean direction of the two LETs (see ``worker.embed_jobs``)
     views: int = 1
+    #: weight of the region's masked-crop embedding in its embedding (0: the LET alone); the region's embedding is
+    #: then the direction of unit(LET) + crop_weight x unit(masked crop), at the LET's norm (``worker.embed_jobs``)
+    crop_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["templates"] = list(self.templates)
         if self.views == 1:  # the default stays implicit: a worker that predates views reads the payload unchanged
             del d["views"]
+        if not self.crop_weight:  # likewise
+            del d["crop_weight"]
         return d
 
     @classmethod
@@ -439,7 +449,7 @@ class InversionParams:
         return p
 
     def validate(self) -> None:
-        for name in ("steps", "size", "top_k", "lr", "alpha", "views"):
+        for name in ("steps", "size", "top_k", "lr", "alpha", "views", "crop_weight"):
             if isinstance(getattr(self, name), bool):
                 raise PayloadError(f"params.{name} must be a number, got a boolean")
         if not isinstance(self.caption, bool):
@@ -454,6 +464,8 @@ class InversionParams:
             raise PayloadError(f"params.size must be an integer in [32, 2048], got {self.size!r}")
         if not isinstance(self.views, int) or self.views not in VIEWS:
             raise PayloadError(f"params.views must be one of {list(VIEWS)}, got {self.views!r}")
+        if not (isinstance(self.crop_weight, (int, float)) and 0 <= float(self.crop_weight) <= MAX_CROP_WEIGHT):
+            raise PayloadError(f"params.crop_weight must be in [0, {MAX_CROP_WEIGHT:g}], got {self.crop_weight!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= 100:
             raise PayloadError(f"params.top_k must be an integer in [1, 100], got {self.top_k!r}")
         if not isinstance(self.templates, tuple):

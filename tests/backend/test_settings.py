@@ -46,3 +46,18 @@ def test_parsing():
 def test_bad_values_name_the_variable(env, match):
     with pytest.raises(SettingsError, match=match):
         Settings.from_env(env)
+
+
+def test_crop_weight_default_and_bounds():
+    assert Settings.from_env({}).params.crop_weight == 0.3
+    assert Settings.from_env({"MASKINV_CROP_WEIGHT": "0"}).params.crop_weight == 0.0
+    assert "crop_weight" not in Settings.from_env({"MASKINV_CROP_WEIGHT": "0"}).params.to_dict()
+    for bad in ("-1", "11", "nan", "heavy"):
+        with pytest.raises(SettingsError, match="MASKINV_CROP_WEIGHT"):
+            Settings.from_env({"MASKINV_CROP_WEIGHT": bad})
+
+
+def test_model_version_changes_with_the_crop_weight(make_client):
+    a = make_client(MASKINV_CROP_WEIGHT="0.3").get("/versions").get_json()
+    b = make_client(MASKINV_CROP_WEIGHT="0").get("/versions").get_json()
+    assert a and b and a != b

@@ -146,3 +146,64 @@ def test_combine_views_shapes_and_scale():
     np.testing.assert_allclose(out / np.linalg.norm(out, axis=1, keepdims=True),
                                d / np.linalg.norm(d, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(combine_views(lets[:1]), lets[0], rtol=1e-6)
+
+
+def test_crop_weight_mixes_the_masked_crop_into_the_region_embedding(tiny_runtime):
+    """crop_weight w > 0: the region's embedding is the direction of unit(LET) + w unit(masked crop), at the LET's
+    norm; the crop embedding is the engine's masked crop at the model's native size, cached with the LETs."""
+    from worker import embed_jobs, jobs
+    from worker.let_cache import MemoryLetCache
+
+    rt = jobs.get_runtime()
+    img = png_bytes(80, 60, seed=7)
+    a, b = masks()
+    cache = MemoryLetCache(100, 10**7, 3600)
+    plain = embed_jobs.region_lets(rt, img, "img7", [a, b], InversionParams(size=64, steps=2), cache, "t")
+    forwards = rt.engine.stats.vit_forwards
+    mixed = embed_jobs.region_lets(rt, img, "img7", [a, b], InversionParams(size=64, steps=2, crop_weight=0.5),
+                                   cache, "t")
+    assert mixed.hits == 2 and rt.engine.stats.vit_forwards == forwards + 2  # LETs cached; two crops embedded
+    crops, errors = rt.engine.crop_embeddings(img, [a, b], "masked_crop")
+    assert errors == [None, None]
+    expect = embed_jobs.mix_crop(plain.lets, crops.numpy(), 0.5)
+    np.testing.assert_allclose(mixed.lets, expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(mixed.lets, axis=1), np.linalg.norm(plain.lets, axis=1), rtol=1e-5)
+    again = embed_jobs.region_lets(rt, img, "img7", [a, b], InversionParams(size=64, steps=2, crop_weight=0.5),
+                                   cache, "t")
+    assert rt.engine.stats.vit_forwards == forwards + 4  # the check above embedded two crops; nothing new here
+    np.testing.assert_array_equal(again.lets, mixed.lets)
+    # a bad mask keeps its error and a zero row; the good one is still mixed
+    bad = embed_jobs.region_lets(rt, img, "img7", [a, np.zeros((60, 80), bool)],
+                                 InversionParams(size=64, steps=2, crop_weight=0.5), cache, "t")
+    assert bad.errors[1] and not bad.lets[1].any()
+    np.testing.assert_allclose(bad.lets[0], mixed.lets[0], rtol=1e-6)
+
+
+def test_mix_crop_directions_and_scale():
+    from worker.embed_jobs import mix_crop
+
+    rng = np.random.default_rng(1)
+    lets, crops = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(4, 8)).astype(np.float32) * 3
+    np.testing.assert_array_equal(mix_crop(lets, crops, 0.0), lets)
+    out = mix_crop(lets, crops, 2.0)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), np.linalg.norm(lets, axis=1), rtol=1e-5)
+    u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(u(out), u(u(lets) + 2.0 * u(crops)), rtol=1e-5, atol=1e-6)
+    # a zero crop (none could be made) leaves the LET as it is
+    np.testing.assert_allclose(mix_crop(lets, np.zeros_like(crops), 1.0), lets, rtol=1e-6)
+
+
+def test_label_job_scores_the_mixed_embedding(tiny_runtime):
+    """The label job with crop_weight > 0 ranks labels by the mixed embedding and says so in its params."""
+    from worker import jobs
+
+    img = png_bytes(80, 60, seed=8)
+    a, b = masks()
+    plain = jobs.label_regions(build_job(img, [("a", a), ("b", b)], ["cat", "dog", "cow"],
+                                         InversionParams(size=64, steps=2, caption=False)))
+    mixed = jobs.label_regions(build_job(img, [("a", a), ("b", b)], ["cat", "dog", "cow"],
+                                         InversionParams(size=64, steps=2, caption=False, crop_weight=1.0)))
+    assert "crop_weight" not in plain["params"] and mixed["params"]["crop_weight"] == 1.0
+    assert mixed["cache"]["let_hits"] == 2 and mixed["timings"]["total_s"] > 0
+    p = lambda r: [s["score"] for s in r["regions"][0]["labels"]]  # noqa: E731
+    assert p(plain) != p(mixed)

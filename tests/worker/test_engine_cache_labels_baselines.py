@@ -188,3 +188,27 @@ def test_open_image_modes_and_limits(monkeypatch):
     preprocess.set_default_max_pixels(1000)
     with pytest.raises(ValueError, match="more than the limit"):
         open_image(good.getvalue())
+
+
+def test_crop_embeddings_match_the_masked_crop_baseline_and_name_bad_masks(clip):
+    import numpy as np
+
+    from worker.engine import MaskInversionEngine
+
+    engine = MaskInversionEngine(clip)
+    rng = np.random.default_rng(3)
+    from PIL import Image
+
+    img = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    good = np.zeros((48, 64), bool)
+    good[5:30, 10:40] = True
+    emb, errors = engine.crop_embeddings(img, [good, np.zeros((48, 64), bool)], "masked_crop", size=64)
+    assert errors[0] is None and "empty mask" in errors[1] and not emb[1].any()
+    base = engine.baseline_embeddings(img, [good], "masked_crop", size=64)
+    np.testing.assert_allclose(emb[0].numpy(), base[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert engine.native_size == int(clip.visual.image_size[0] if isinstance(
+        clip.visual.image_size, (tuple, list)) else clip.visual.image_size)
+    import pytest
+
+    with pytest.raises(ValueError, match="crop kind"):
+        engine.crop_embeddings(img, [good], "global")

@@ -194,3 +194,19 @@ def test_embed_and_propose_payloads_round_trip_and_name_bad_fields():
                        ({**p, "prototypes": [1]}, "prototypes")):
         with pytest.raises(ProtocolError, match=field):
             ProposeRegionsJob.from_dict(bad)
+
+
+def test_crop_weight_is_validated_and_implicit_at_zero():
+    import math
+
+    import pytest
+
+    from worker.protocol import InversionParams, PayloadError
+
+    assert "crop_weight" not in InversionParams().to_dict()
+    p = InversionParams.from_dict({"crop_weight": 0.3})
+    assert p.crop_weight == 0.3 and p.to_dict()["crop_weight"] == 0.3
+    assert InversionParams.from_dict(p.to_dict()) == p
+    for bad in (-0.1, 10.5, math.nan, True, "0.3", None):
+        with pytest.raises(PayloadError, match="params.crop_weight"):
+            InversionParams.from_dict({"crop_weight": bad})
