@@ -44,10 +44,11 @@ import numpy as np
 import torch
 
 from benchmarks.region_classification import SCENE_CHECKPOINT, SCENE_MODEL
-from worker.embed_jobs import combine_views
+from worker.embed_jobs import combine_views, mix_crop
 from worker.labels import LabelScorer
 from worker.models import ClipModel, load_clip
 from worker.payload import DEFAULT_TEMPLATES
+from worker.protocol import DEFAULT_CROP_WEIGHT
 
 RESULTS = Path(__file__).with_name("results")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -93,8 +94,26 @@ def collect(clip: ClipModel, split: str, start: int, count: int, world_seed: int
     }
 
 
-def load_sets(clip: ClipModel, pool: int, cache_dir: Path) -> dict[str, dict[str, np.ndarray]]:
-    """The pool, selection and test sets, from the ``.npz`` cache when present."""
+def collect_crops(clip: ClipModel, split: str, start: int, count: int, world_seed: int = 0) -> np.ndarray:
+    """Masked-crop embeddings ``[N, D]`` (``engine.crop_embeddings`` at the model's native size) of the regions
+    of :func:`collect`, in its order."""
+    from training.scene_world import SceneWorld
+    from worker.engine import MaskInversionEngine
+
+    world = SceneWorld(seed=world_seed, image_size=SIZE)
+    engine = MaskInversionEngine(clip)
+    out = []
+    for i in range(start, start + count):
+        sc = world.scene(i, split)
+        out.append(engine.crop_embeddings(sc.image, np.stack([o.mask for o in sc.objects]), "masked_crop")[0])
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def load_sets(clip: ClipModel, pool: int, cache_dir: Path,
+              crop_weight: float = DEFAULT_CROP_WEIGHT) -> dict[str, dict[str, np.ndarray]]:
+    """The pool, selection and test sets, from the ``.npz`` cache when present; ``lets`` and ``views2`` are the
+    product's region embeddings: mixed with the masked crop at ``crop_weight`` (``worker.embed_jobs.mix_crop``;
+    the raw LETs stay in ``lets_raw``)."""
     specs = {"pool": ("val", 300, pool), "select": ("val", 0, 300), "test": ("test", 0, 300)}
     out = {}
     for name, (split, start, count) in specs.items():
@@ -108,6 +127,16 @@ def load_sets(clip: ClipModel, pool: int, cache_dir: Path) -> dict[str, dict[str
             np.savez(path, **out[name])
             print(f"{name}: {len(out[name]['label'])} regions inverted in {time.perf_counter() - t0:.0f}s -> {path}")
         out[name]["views2"] = combine_views(np.stack([out[name]["lets"], out[name]["lets_hflip"]]))
+        if crop_weight:
+            crop_path = path.with_name(path.stem + "_crops.npz")
+            if crop_path.is_file():
+                crops = np.load(crop_path)["crops"]
+            else:
+                crops = collect_crops(clip, split, start, count)
+                np.savez(crop_path, crops=crops)
+            out[name]["lets_raw"] = out[name]["lets"]
+            out[name]["lets"] = mix_crop(out[name]["lets"], crops, crop_weight)
+            out[name]["views2"] = mix_crop(out[name]["views2"], crops, crop_weight)
         if name != "pool":  # evaluated on regions of multi-object scenes
             keep = out[name]["n_in_image"] >= 2
             out[name] = {k: v[keep] for k, v in out[name].items()}
@@ -275,6 +304,10 @@ def to_markdown(results: dict, regions: dict, draws: int, config: dict) -> str:
         "and **combined** use two-view embeddings, at twice the inversions. The same method on one view is the "
         "column *alt: combined, 1 view (previous product)*; text on two views is *alt: text, 2 views*.",
         "",
+        f"**Masked crop.** Every embedding, examples and evaluated regions, one view or two, is the product's: mixed "
+        f"with the region's masked-crop embedding at weight {config.get('crop_weight', 0):g} "
+        "(`worker.embed_jobs.mix_crop`, `MASKINV_CROP_WEIGHT`; 0 = the LETs alone).",
+        "",
         "Methods (`worker/prototypes.py`): **text** = prompt-ensembled text prototypes; **vision** = class means of "
         "the examples' embeddings alone; **combined** = text-anchored linear probe with a shared text-to-vision map "
         "(each label's weights w_c = t_c + M t_c + d_c: M [D, D] shared by all labels, d_c the label's own; "
@@ -433,13 +466,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--draws", type=int, default=5, help="random draws per k [5]")
     ap.add_argument("--cache", default="/tmp/few_shot_cache", help="folder of the LET cache [/tmp/few_shot_cache]")
     ap.add_argument("--out", default=str(RESULTS / "few_shot.md"))
+    ap.add_argument("--crop-weight", type=float, default=DEFAULT_CROP_WEIGHT,
+                    help=f"masked-crop weight of every region embedding, examples and queries [{DEFAULT_CROP_WEIGHT}]")
     a = ap.parse_args(argv)
     from training.scene_world import SceneWorld
 
     clip = load_clip(SCENE_MODEL, str(SCENE_CHECKPOINT))
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    sets = load_sets(clip, a.pool, cache)
+    sets = load_sets(clip, a.pool, cache, a.crop_weight)
     names = SceneWorld(image_size=SIZE).class_names
     scorer = LabelScorer(clip)
     texts = {
@@ -449,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     scale = float(clip.model.logit_scale.exp())
     results = {part: run(sets, texts, scale, a.draws, part) for part in ("select", "test")}
     regions = {n: int(len(s["label"])) for n, s in sets.items()}
-    md = to_markdown(results, regions, a.draws, {"model": clip.id, "pool": a.pool})
+    md = to_markdown(results, regions, a.draws, {"model": clip.id, "pool": a.pool, "crop_weight": a.crop_weight})
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
@@ -470,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "test": results["test"],
         "select": results["select"],
         "draws": a.draws,
+        "crop_weight": a.crop_weight,
         "bars": [{"bar": n, "measured": g, "threshold": t, "met": ok} for n, g, t, ok in bars(results["test"])],
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")

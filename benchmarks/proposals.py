@@ -49,6 +49,7 @@ from worker.engine import MaskInversionEngine
 from worker.labels import LabelScorer
 from worker.models import load_clip
 from worker.payload import DEFAULT_TEMPLATES
+from worker.protocol import DEFAULT_CROP_WEIGHT
 
 RESULTS = Path(__file__).with_name("results")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -128,7 +129,8 @@ def _coco_rle(mask: np.ndarray) -> dict:
 
 def run_setting(engine: MaskInversionEngine, scorer: LabelScorer, items: Sequence[Item], methods: Sequence[str],
                 labels: Sequence[str], size: int, refine: bool, steps: int, min_score: float, max_proposals: int,
-                progress: bool = False, label: bool = True) -> dict[str, MethodRun]:
+                progress: bool = False, label: bool = True,
+                crop_weight: float = DEFAULT_CROP_WEIGHT) -> dict[str, MethodRun]:
     """Every method at one (size, refinement) setting. Each image's candidates of all methods are inverted in
     one batch (a LET depends only on its own mask, so this equals inverting each method's set apart)."""
     cat_id = {name: i + 1 for i, name in enumerate(labels)}
@@ -159,8 +161,8 @@ def run_setting(engine: MaskInversionEngine, scorer: LabelScorer, items: Sequenc
             times[m] = time.perf_counter() - t
         flat = list({id(c): c for m in methods for c in per[m]}.values())  # union shares its members
         t = time.perf_counter()
-        labelled = (P.label_candidates(engine, scorer, img, flat, labels, DEFAULT_TEMPLATES, size, steps=steps, top_k=1)
-                    if label else [])
+        labelled = (P.label_candidates(engine, scorer, img, flat, labels, DEFAULT_TEMPLATES, size, steps=steps, top_k=1,
+                                       crop_weight=crop_weight) if label else [])
         t_inv = (time.perf_counter() - t) / max(1, len(flat))
         by_id = {id(c): p for c, p in zip(flat, labelled)}  # label_candidates keeps order; failures are rare
         if label and len(labelled) != len(flat):
@@ -258,7 +260,8 @@ def coco_items(annotations: str, images: str | None, limit: int | None) -> tuple
 
 def evaluate(clip, items: list[Item], labels: list[str], sizes: Sequence[int], steps: int, min_score: float,
              max_proposals: int, methods: Sequence[str] = METHODS, progress: bool = True,
-             refine_settings: Sequence[bool] = (False, True), label: bool = True) -> dict:
+             refine_settings: Sequence[bool] = (False, True), label: bool = True,
+             crop_weight: float = DEFAULT_CROP_WEIGHT) -> dict:
     engine = MaskInversionEngine(clip)
     scorer = LabelScorer(clip)
     scorer.prototypes(labels, DEFAULT_TEMPLATES)
@@ -268,7 +271,7 @@ def evaluate(clip, items: list[Item], labels: list[str], sizes: Sequence[int], s
         for refine in refine_settings:
             todo = [m for m in methods if not (refine and m in ("slic_colour", "sliding_window"))]
             runs = run_setting(engine, scorer, items, todo, labels, size, refine, steps, min_score, max_proposals,
-                               progress, label)
+                               progress, label, crop_weight)
             for method, run in runs.items():
                 nan = (float("nan"), float("nan"))
                 ap, ap50 = coco_ap(items, labels, run.detections) if label else nan
@@ -346,7 +349,8 @@ def to_markdown(report: dict, config: dict, headline: dict) -> str:
 
 
 def figure(clip, items: Sequence[Item], labels: Sequence[str], size: int, refine: bool, path: Path,
-           min_score: float, max_proposals: int, n: int = 4, tile: int = 224) -> Path:
+           min_score: float, max_proposals: int, n: int = 4, tile: int = 224,
+           crop_weight: float = DEFAULT_CROP_WEIGHT) -> Path:
     """Scenes with their kept union proposals outlined and labelled (one row per scene)."""
     from PIL import ImageDraw, ImageFont
     from scipy import ndimage
@@ -358,7 +362,7 @@ def figure(clip, items: Sequence[Item], labels: Sequence[str], size: int, refine
     tiles = []
     for item in [it for it in items if len(it.masks) >= 2][:n]:
         res = P.propose(engine, scorer, item.image, labels, DEFAULT_TEMPLATES, size=size, refine=refine,
-                        min_score=min_score, max_proposals=max_proposals)
+                        min_score=min_score, max_proposals=max_proposals, crop_weight=crop_weight)
         base = item.image.convert("RGB").resize((tile, tile), Image.NEAREST)
         canvas = Image.new("RGB", (tile * 2 + 8, tile + 90), (255, 255, 255))
         canvas.paste(base, (0, 0))
@@ -406,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="markdown path [benchmarks/results/proposals.md]")
     ap.add_argument("--figure", default=None, help="PNG of proposals on a few scenes [docs/proposals.png]")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--crop-weight", type=float, default=DEFAULT_CROP_WEIGHT,
+                    help=f"masked-crop weight of the candidates' label embeddings [{DEFAULT_CROP_WEIGHT}]")
     ap.add_argument("--refine", choices=("both", "off", "on"), default="both", help="settings to run [both]")
     ap.add_argument("--no-labels", action="store_true", help="class-agnostic recall of the candidates only (no "
                                                               "inversion, no AP)")
@@ -435,11 +441,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t0 = time.perf_counter()
     refine_settings = {"both": (False, True), "off": (False,), "on": (True,)}[a.refine]
     report = evaluate(clip, items, labels, sizes, a.steps, a.min_score, a.max_proposals, a.methods,
-                      refine_settings=refine_settings, label=not a.no_labels)
+                      refine_settings=refine_settings, label=not a.no_labels, crop_weight=a.crop_weight)
     if a.rows:
         Path(a.rows).write_text("".join(json.dumps(r) + "\n" for r in report["rows"]))
     hsize = a.headline_size or max(sizes)
     config = {"dataset": dataset, "model": clip.id, "steps": a.steps, "min_score": a.min_score,
+              "crop_weight": a.crop_weight,
               "max_proposals": a.max_proposals,
               "argv": " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "seconds": time.perf_counter() - t0}
@@ -455,7 +462,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
         print(out.read_text())
         fig = Path(a.figure) if a.figure else DOCS / "proposals.png"
-        print(figure(clip, items, labels, hsize, best["refined"], fig, a.min_score, a.max_proposals))
+        print(figure(clip, items, labels, hsize, best["refined"], fig, a.min_score, a.max_proposals,
+                     crop_weight=a.crop_weight))
     return report
 
 

@@ -6,7 +6,11 @@ category names by cosine with prompt-ensembled text prototypes (``worker.labels.
 * ``maskinversion`` — the LET of the region's mask (``engine.invert``, alpha 0),
 * ``global``        — the whole image's embedding,
 * ``crop``          — the embedding of the crop of the mask's box,
-* ``masked_crop``   — the same crop with the pixels outside the mask set to the dataset mean.
+* ``masked_crop``   — the same crop with the pixels outside the mask set to the dataset mean,
+* ``maskinversion+crop`` — the product's region embedding: the LET mixed with the masked crop (at the model's
+  native size) by ``worker.embed_jobs.mix_crop`` with weight ``--crop-weight`` (default
+  ``MASKINV_CROP_WEIGHT``'s, 0.3); ``--crop-sweep W ...`` adds one row per weight (to choose it, on ``--split
+  val``).
 
 Acc@1 and Acc@5 are reported over all regions, over regions in images with two or more regions (where one
 image embedding cannot be right for all of them) and over single-region images. A markdown table is written to
@@ -39,16 +43,18 @@ import numpy as np
 import torch
 
 from benchmarks.coco_regions import CocoRegions, ImageRegions
+from worker.embed_jobs import mix_crop
 from worker.engine import MaskInversionEngine
 from worker.labels import LabelScorer
 from worker.models import ClipModel, load_clip
 from worker.payload import DEFAULT_TEMPLATES
+from worker.protocol import DEFAULT_CROP_WEIGHT
 
 RESULTS = Path(__file__).with_name("results")
 REPO = Path(__file__).resolve().parent.parent
 SCENE_MODEL = "maskinv-scene-tiny"
 SCENE_CHECKPOINT = REPO / "assets" / "tiny_scene_clip" / f"{SCENE_MODEL}.safetensors"
-METHODS = ("maskinversion", "global", "crop", "masked_crop")
+METHODS = ("maskinversion", "global", "crop", "masked_crop", "maskinversion+crop")
 GROUPS = ("all", "multi", "single")  # all regions; images with >= 2 regions; images with one region
 
 
@@ -90,8 +96,10 @@ def _ranks(scorer: LabelScorer, emb: torch.Tensor, labels: Sequence[str], templa
 
 def evaluate(clip: ClipModel, items: Iterable[ImageRegions], labels: Sequence[str], size: int, steps: int = 10,
              lr: float = 0.1, methods: Sequence[str] = METHODS, templates: Sequence[str] = DEFAULT_TEMPLATES,
-             progress: bool = False) -> Report:
-    """Classify every region of ``items`` with each method; returns the per-method outcomes."""
+             progress: bool = False, crop_weight: float = DEFAULT_CROP_WEIGHT,
+             crop_sweep: Sequence[float] = ()) -> Report:
+    """Classify every region of ``items`` with each method; returns the per-method outcomes (``crop_sweep``:
+    extra rows ``maskinversion+crop w=<w>``, from the same LETs and crops)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {METHODS}")
@@ -100,6 +108,10 @@ def evaluate(clip: ClipModel, items: Iterable[ImageRegions], labels: Sequence[st
     scorer.prototypes(labels, templates)
     index = {name: i for i, name in enumerate(labels)}
     stats = {m: MethodStats() for m in methods}
+    sweep = [float(w) for w in crop_sweep]
+    for w in sweep:
+        stats[f"maskinversion+crop w={w:g}"] = MethodStats()
+    mixed = "maskinversion+crop" in methods or bool(sweep)
     before, after, n_images = [], [], 0
     it = items
     if progress:
@@ -111,23 +123,41 @@ def evaluate(clip: ClipModel, items: Iterable[ImageRegions], labels: Sequence[st
         truth = [index[r.category] for r in item.regions]
         n = len(item.regions)
         n_images += 1
+        lets, let_s = None, 0.0
         for m in methods:
             t0 = time.perf_counter()
-            if m == "maskinversion":
-                res = engine.invert(data, masks, size=size, steps=steps, lr=lr, alpha=0.0)
-                emb = res.lets
-                ok = [e is None for e in res.errors]
-                before += res.losses[0][ok].tolist()
-                after += res.losses[-1][ok].tolist()
+            shared = 0.0  # the LETs' time, when another row computed them
+            if m in ("maskinversion", "maskinversion+crop"):
+                shared = let_s
+                if lets is None:
+                    res = engine.invert(data, masks, size=size, steps=steps, lr=lr, alpha=0.0)
+                    lets = res.lets
+                    ok = [e is None for e in res.errors]
+                    before += res.losses[0][ok].tolist()
+                    after += res.losses[-1][ok].tolist()
+                    let_s = time.perf_counter() - t0
+                emb = lets
+                if m == "maskinversion+crop":
+                    crops = engine.crop_embeddings(data, masks, "masked_crop")[0]
+                    emb = torch.from_numpy(mix_crop(lets.numpy(), crops.numpy(), crop_weight))
             else:
                 emb = engine.baseline_embeddings(data, masks, kind=m, size=size)
             ranks = _ranks(scorer, emb, labels, templates, truth)
-            stats[m].seconds += time.perf_counter() - t0
+            stats[m].seconds += time.perf_counter() - t0 + shared
             stats[m].ranks += ranks
             stats[m].regions_in_image += [n] * n
+        if sweep:
+            if lets is None:
+                lets = engine.invert(data, masks, size=size, steps=steps, lr=lr, alpha=0.0).lets
+            crops = engine.crop_embeddings(data, masks, "masked_crop")[0].numpy()
+            for w in sweep:
+                st = stats[f"maskinversion+crop w={w:g}"]
+                st.ranks += _ranks(scorer, torch.from_numpy(mix_crop(lets.numpy(), crops, w)), labels, templates,
+                                   truth)
+                st.regions_in_image += [n] * n
     config = {"model": clip.name, "pretrained": clip.pretrained, "model_id": clip.id, "device": str(clip.device),
               "size": size, "steps": steps, "lr": lr, "alpha": 0.0, "classes": len(labels),
-              "templates": len(templates)}
+              "templates": len(templates), **({"crop_weight": crop_weight} if mixed else {})}
     return Report(stats=stats, images=n_images, dice_before=float(np.mean(before)) if before else float("nan"),
                   dice_after=float(np.mean(after)) if after else float("nan"), config=config)
 
@@ -140,7 +170,8 @@ def to_markdown(report: Report, dataset: str) -> str:
         "",
         f"Model `{c['model']}` (`{c['pretrained']}`) on {c['device']}, input {c['size']}×{c['size']}, "
         f"{c['classes']} classes, {c['templates']} prompt templates; MaskInversion {c['steps']} steps, "
-        f"lr {c['lr']}, alpha 0.",
+        f"lr {c['lr']}, alpha 0" + (f"; maskinversion+crop: masked-crop weight {c['crop_weight']:g} (crop at the "
+                                    "model's native size)." if "crop_weight" in c else "."),
         f"{report.images} images, {s0.count('all')} regions ({s0.count('multi')} in images with ≥ 2 regions, "
         f"{s0.count('single')} alone). Mean Dice loss of the LETs' maps: {report.dice_before:.3f} at step 0 "
         f"(the global embedding) → {report.dice_after:.3f} after {c['steps']} steps.",
@@ -244,6 +275,12 @@ def main(argv: Sequence[str] | None = None) -> Report:
     ap.add_argument("--steps", type=int, default=10, help="MaskInversion steps [10]")
     ap.add_argument("--lr", type=float, default=0.1, help="MaskInversion learning rate [0.1]")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--crop-weight", type=float, default=DEFAULT_CROP_WEIGHT,
+                    help=f"weight of the masked crop in maskinversion+crop [{DEFAULT_CROP_WEIGHT}]")
+    ap.add_argument("--crop-sweep", type=float, nargs="*", default=(),
+                    help="also report maskinversion+crop at each of these weights")
+    ap.add_argument("--split", default="test", choices=("test", "val"),
+                    help="scene-world split [test; val to choose settings]")
     ap.add_argument("--min-area", type=int, default=0, help="skip regions with fewer mask pixels [0]")
     ap.add_argument("--max-images", type=int, default=None, help="evaluate at most this many images")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch's default]")
@@ -265,10 +302,10 @@ def main(argv: Sequence[str] | None = None) -> Report:
         native = int(clip.visual.image_size[0])
         tmp = tempfile.TemporaryDirectory(prefix="scene_world_")
         world = SceneWorld(seed=a.world_seed, image_size=native)
-        ann = export_coco(world, tmp.name, split="test", count=a.scene_world)
+        ann = export_coco(world, tmp.name, split=a.split, count=a.scene_world)
         ds = CocoRegions(ann)
-        dataset = f"scene world (seed {a.world_seed}, test split, {a.scene_world} scenes)"
-        name = "scene_world"
+        dataset = f"scene world (seed {a.world_seed}, {a.split} split, {a.scene_world} scenes)"
+        name = "scene_world" if a.split == "test" else f"scene_world_{a.split}"
     else:
         clip = load_clip(a.model, a.pretrained)
         ds = CocoRegions(a.annotations, a.images, min_area=a.min_area)
@@ -280,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             print(explainability_figure(clip, ds.images(min_regions=2), ds.categories, size, a.figure, steps=a.steps,
                                         lr=a.lr, max_regions=a.figure_regions))
         report = evaluate(clip, ds.images(limit=a.max_images), ds.categories, size=size, steps=a.steps, lr=a.lr,
-                          methods=a.methods, progress=True)
+                          methods=a.methods, progress=True, crop_weight=a.crop_weight, crop_sweep=a.crop_sweep)
     finally:
         if tmp is not None:
             tmp.cleanup()

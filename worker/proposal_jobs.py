@@ -126,7 +126,7 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
             res = propose(rt.engine, rt.scorer, image_bytes, labels, params.templates, size=params.size,
                           sources=opts.sources, steps=params.steps, lr=params.lr, top_k=params.top_k,
                           min_score=opts.min_score, max_proposals=opts.max_proposals, refine=opts.refine,
-                          sam=sam, score_fn=score_fn)
+                          sam=sam, score_fn=score_fn, crop_weight=params.crop_weight)
             props = res.proposals
             captions: list[str] = []
             if props and params.caption:

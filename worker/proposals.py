@@ -283,20 +283,28 @@ ScoreFn = Callable[[torch.Tensor], list[list[tuple[str, float]]]]
 
 def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], labels: Sequence[str],
                      templates: Sequence[str], size: int, steps: int = 10, lr: float = 0.1,
-                     top_k: int = 3, score_fn: ScoreFn | None = None) -> list[Proposal]:
+                     top_k: int = 3, score_fn: ScoreFn | None = None, crop_weight: float = 0.0) -> list[Proposal]:
     """Invert every candidate like a drawn region and attach its top-k labels (``score_fn``, default: text
-    prototypes) and its objectness (from the inversion's final loss); failed inversions are dropped."""
+    prototypes) and its objectness (from the inversion's final loss); failed inversions are dropped.
+    ``crop_weight > 0``: the candidate's embedding is mixed with its masked crop like a drawn region's
+    (``worker.embed_jobs.mix_crop``)."""
     if not cands:
         return []
     res = engine.invert(image, np.stack([c.mask for c in cands]), size=size, steps=steps, lr=lr)
     ok = [i for i, e in enumerate(res.errors) if e is None]
     if not ok:
         return []
-    scored = (score_fn(res.lets[ok]) if score_fn is not None
-              else scorer.score(res.lets[ok], labels, templates, top_k=top_k))
+    lets = res.lets[ok]
+    if crop_weight:
+        from .embed_jobs import mix_crop
+
+        crops = engine.crop_embeddings(image, [cands[i].mask for i in ok], "masked_crop")[0]
+        lets = torch.from_numpy(mix_crop(lets.detach().float().cpu().numpy(), crops.float().cpu().numpy(),
+                                         crop_weight)).to(res.lets.device)
+    scored = score_fn(lets) if score_fn is not None else scorer.score(lets, labels, templates, top_k=top_k)
     obj = objectness(res.losses[-1, ok])
-    return [Proposal(cands[i].mask, cands[i].source, s, res.lets[i], cands[i].hint, float(o))
-            for i, s, o in zip(ok, scored, obj)]
+    return [Proposal(cands[i].mask, cands[i].source, s, lets[j], cands[i].hint, float(o))
+            for j, (i, s, o) in enumerate(zip(ok, scored, obj))]
 
 
 def select(proposals: list[Proposal], min_score: float = DEFAULT_MIN_SCORE, max_proposals: int = DEFAULT_MAX_PROPOSALS,
@@ -313,10 +321,11 @@ def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: 
             min_score: float = DEFAULT_MIN_SCORE, max_proposals: int = DEFAULT_MAX_PROPOSALS,
             refine: bool = False, n_cuts: int = maskcut.N_CUTS, nms_iou: float = NMS_IOU,
             sam: MaskSource | None = None, max_candidates: int = MAX_CANDIDATES,
-            score_fn: ScoreFn | None = None) -> ProposalResult:
+            score_fn: ScoreFn | None = None, crop_weight: float = 0.0) -> ProposalResult:
     """Propose, label, merge and threshold regions of one image (see module docstring). ``score_fn``: how a
     candidate's LET is labelled (default: the text prototypes of ``labels``; the propose job passes the project's
-    example prototypes when it has them).
+    example prototypes when it has them); ``crop_weight``: see :func:`label_candidates` (the job passes the
+    request's ``params.crop_weight``).
 
     Returns at most ``max_proposals`` proposals, best rank (probability × objectness) first, masks ``[size, size]``.
     """
@@ -336,7 +345,8 @@ def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: 
         cands = [Candidate(snap_to_superpixels(c.mask, seg), c.source, c.hint) for c in cands]
     cands = dedupe(cands)[:max_candidates]
     t2 = time.perf_counter()
-    labelled = label_candidates(engine, scorer, img, cands, labels, templates, size, steps, lr, top_k, score_fn)
+    labelled = label_candidates(engine, scorer, img, cands, labels, templates, size, steps, lr, top_k, score_fn,
+                                crop_weight)
     t3 = time.perf_counter()
     kept = select(labelled, min_score, max_proposals, nms_iou)
     return ProposalResult(kept, size, digest, per_source,

@@ -27,8 +27,9 @@ def test_queue_mode_examples_and_let_cache(redis_conn, redis_ns, tmp_path):
         key = f"{redis_ns}:examples:1"
         assert redis_conn.hlen(key) == 1 and redis_conn.ttl(key) == -1  # never expires
         lets = list(redis_conn.scan_iter(match=f"{redis_ns}:let:*"))
-        # examples are embedded from 2 views (MASKINV_EXAMPLE_VIEWS): the image and its mirror, one LET each
-        assert len(lets) == 2 * 2 and all(0 < redis_conn.ttl(k) for k in lets)
+        # examples are embedded from 2 views (MASKINV_EXAMPLE_VIEWS): the image and its mirror, one LET each, and
+        # mixed with their masked crop (MASKINV_CROP_WEIGHT), cached beside them
+        assert len(lets) == 2 * 3 and all(0 < redis_conn.ttl(k) for k in lets)
         # a second backend process (restart) sees the same examples
         again = client_for(redis_ns).get("/examples?project=1").get_json()
         assert again["labels"] == {"car": 1, "dog": 1}

@@ -220,3 +220,22 @@ def test_objectness_and_ranking():
     b = P.Proposal(m.copy(), "keyseeds", [("dog", 0.5)], torch.zeros(4), objectness=0.9)
     assert [p.label for p in P.select([a, b], min_score=0.2)] == ["dog"]  # NMS keeps the better-ranked one
     assert P.select([a, b], min_score=0.6) == []  # the threshold is on the probability: dog is below, cat lost NMS
+
+
+def test_label_candidates_mix_the_masked_crop_like_drawn_regions(tiny):
+    """crop_weight > 0: a candidate's embedding (and so its labels) is its LET mixed with its masked crop, exactly
+    as ``worker.embed_jobs.mix_crop`` does for a drawn region."""
+    from worker.embed_jobs import mix_crop
+
+    engine, scorer = tiny
+    img = _png()
+    cands = [P.Candidate(_box(64, 0, 30, 0, 30), "window"), P.Candidate(_box(64, 20, 60, 10, 50), "window")]
+    plain = P.label_candidates(engine, scorer, img, cands, LABELS, TEMPLATES, 64, steps=2)
+    mixed = P.label_candidates(engine, scorer, img, cands, LABELS, TEMPLATES, 64, steps=2, crop_weight=0.5)
+    crops = engine.crop_embeddings(img, [c.mask for c in cands], "masked_crop")[0].numpy()
+    expect = mix_crop(np.stack([p.let.numpy() for p in plain]), crops, 0.5)
+    np.testing.assert_allclose(np.stack([p.let.numpy() for p in mixed]), expect, rtol=1e-5, atol=1e-6)
+    want = scorer.score(torch.from_numpy(expect), LABELS, TEMPLATES, top_k=3)
+    for p, w in zip(mixed, want):
+        assert [lab for lab, _ in p.labels] == [lab for lab, _ in w]
+        np.testing.assert_allclose([s for _, s in p.labels], [s for _, s in w], rtol=1e-5)
