@@ -368,6 +368,15 @@ def to_markdown(results: dict, regions: dict, draws: int, config: dict) -> str:
     lines += [
         "## What limits it (measured on the selection set while choosing the method)",
         "",
+        "* **The masked crop (wave 2, session 4).** The LET renders a region's colour far more surely than its "
+        "shape; the crop of the region's box with the outside set to the dataset mean sees the outline. Mixing the "
+        "two (the direction of unit(LET) + 0.3 unit(crop); weight chosen zero-shot on val, "
+        "`benchmarks/results/region_classification_scene_world_val.md`) into every embedding, examples and "
+        "regions: text alone 41.2 → 49.8 on test, combined k = 8 52.0 → 59.1, k = 1 45.4 → 54.5, opaque k = 8 "
+        "45.8 → 54.9. Stored examples embedded before (LET alone) still count: regions mixed at 0.3 against "
+        "examples at 0 gave 56.1 at k = 8 (3 draws, 300-scene pool), at 0.3 both 59.4; the reverse (examples at "
+        "0.3, regions at 0) 45.5, so turning `MASKINV_CROP_WEIGHT` off is best followed by *Start training*. "
+        "The numbers in the bullets below are from earlier revisions, without the crop.",
         "* **Shape, not colour.** The classes are colour × shape. Text-only is wrong on 59.3 % of the selection "
         "regions, and 53.4 of those points are the right colour with the wrong shape (2.8: right shape, wrong "
         "colour); class means of all pool examples still get 45.5 % of the regions' shape wrong with the right "
