@@ -137,6 +137,31 @@ def region_lets(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[
     return batch
 
 
+def _mask_keys(rt: Any, image_sha256: str, masks: Sequence[np.ndarray], errors: Sequence[str | None],
+               prefix: str, size: int, steps: int, lr: float, alpha: float, view: str) -> dict[int, str]:
+    """LET-cache keys of the masks without an error, by position."""
+    return {i: let_key(prefix, rt.clip.id, image_sha256, encode_mask(np.asarray(masks[i], bool))["sha256"],
+                       size, steps, lr, alpha, view)
+            for i in range(len(masks)) if errors[i] is None}
+
+
+def _cached_rows(cache: LetCache, keys: dict[int, str], dim: int) -> dict[int, np.ndarray]:
+    """The ``[dim]`` vectors ``cache`` holds for ``keys``, by position (a read failure only costs recomputing)."""
+    try:
+        found = dict(zip(keys, cache.get_many(list(keys.values())))) if keys else {}
+    except Exception as exc:  # noqa: BLE001 - a cache read failure only costs an inversion or a forward pass
+        log.warning("LET cache read failed: %s", exc)
+        return {}
+    return {i: v for i, v in found.items() if v is not None and v.shape == (dim,)}
+
+
+def _store_rows(cache: LetCache, store: dict[str, np.ndarray]) -> None:
+    try:
+        cache.put_many(store)
+    except Exception as exc:  # noqa: BLE001 - see _cached_rows
+        log.warning("LET cache write failed: %s", exc)
+
+
 def region_crops(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
                  errors: Sequence[str | None], cache: LetCache, prefix: str) -> np.ndarray:
     """Masked-crop embeddings ``[N, D]`` (``engine.crop_embeddings`` at the model's native size) of the masks
@@ -144,18 +169,11 @@ def region_crops(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence
     n, dim = len(masks), int(rt.clip.embed_dim)
     out = np.zeros((n, dim), np.float32)
     size = int(rt.engine.native_size)
-    keys = {i: let_key(prefix, rt.clip.id, image_sha256, encode_mask(np.asarray(masks[i], bool))["sha256"],
-                       size, 0, 0.0, 0.0, "masked_crop")
-            for i in range(n) if errors[i] is None}
-    try:
-        found = dict(zip(keys, cache.get_many(list(keys.values())))) if keys else {}
-    except Exception as exc:  # noqa: BLE001 - a cache read failure only costs a forward pass
-        log.warning("LET cache read failed: %s", exc)
-        found = {}
-    todo = [i for i in keys if found.get(i) is None or found[i].shape != (dim,)]
-    for i in keys:
-        if i not in todo:
-            out[i] = found[i]
+    keys = _mask_keys(rt, image_sha256, masks, errors, prefix, size, 0, 0.0, 0.0, "masked_crop")
+    found = _cached_rows(cache, keys, dim)
+    for i, emb in found.items():
+        out[i] = emb
+    todo = [i for i in keys if i not in found]
     if todo:
         emb, errs = rt.engine.crop_embeddings(image_bytes, [masks[i] for i in todo], "masked_crop", size)
         emb = emb.detach().float().cpu().numpy()
@@ -164,10 +182,7 @@ def region_crops(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence
             if errs[j] is None:  # a mask the inversion took but a crop cannot (none known) keeps the LET alone
                 out[i] = emb[j]
                 store[keys[i]] = emb[j]
-        try:
-            cache.put_many(store)
-        except Exception as exc:  # noqa: BLE001 - see above
-            log.warning("LET cache write failed: %s", exc)
+        _store_rows(cache, store)
     return out
 
 
@@ -181,19 +196,11 @@ def _view_lets(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[n
     lets = np.zeros((n, dim), np.float32)
     cached = np.zeros(n, bool)
     errors: list[str | None] = [mask_errors.get(i) for i in range(n)]
-    model_id = rt.clip.id
-    keys = {i: let_key(prefix, model_id, image_sha256, encode_mask(np.asarray(masks[i], bool))["sha256"],
-                       params.size, params.steps, params.lr, params.alpha, view)
-            for i in range(n) if errors[i] is None}
-    try:
-        found = dict(zip(keys, cache.get_many(list(keys.values())))) if keys else {}
-    except Exception as exc:  # noqa: BLE001 - a cache read failure only costs an inversion
-        log.warning("LET cache read failed: %s", exc)
-        found = {}
-    for i, let in found.items():
-        if let is not None and let.shape == (dim,):
-            lets[i] = let
-            cached[i] = True
+    keys = _mask_keys(rt, image_sha256, masks, errors, prefix, params.size, params.steps, params.lr, params.alpha,
+                      view)
+    for i, let in _cached_rows(cache, keys, dim).items():
+        lets[i] = let
+        cached[i] = True
     todo = [i for i in keys if not cached[i]]
     timings = {"forward_s": 0.0, "inversion_s": 0.0}
     image_hit = False
@@ -219,10 +226,7 @@ def _view_lets(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[n
                 store[keys[i]] = out[j]
             else:
                 errors[i] = res.errors[j]
-        try:
-            cache.put_many(store)
-        except Exception as exc:  # noqa: BLE001 - see above
-            log.warning("LET cache write failed: %s", exc)
+        _store_rows(cache, store)
     return LetBatch(lets=lets, errors=errors, hits=int(cached.sum()), image_hit=image_hit, timings=timings,
                     cached=cached)
 

@@ -17,6 +17,7 @@ import torch
 
 from . import legrad, vit
 from .image_cache import ByteLRUCache
+from .grid_dice import GridDice
 from .inversion import optimise_lets
 from .models import ClipModel
 from .preprocess import (ImageLike, RegionError, image_to_tensor, mask_box, mask_to_target, masked_crop,
@@ -205,20 +206,21 @@ class MaskInversionEngine:
             if self._is_cuda:
                 torch.cuda.reset_peak_memory_stats(self.clip.device)
             try:
+                map_fn = dice_fn = None
                 if method == "decomposed":
                     workspace = legrad.Workspace()  # one sign-pattern buffer for all steps of this chunk
+                    dice = GridDice(tgt, state.grid, self.patch)  # the loss on the patch grid, no [N, S, S] map
 
-                    def map_fn(e: torch.Tensor) -> torch.Tensor:
-                        return legrad.relevance_to_map(
-                            legrad.decomposed_relevance(self.visual, state, e, workspace, basis), state.grid,
-                            self.patch)
+                    def dice_fn(e: torch.Tensor) -> torch.Tensor:
+                        return dice(legrad.decomposed_relevance(self.visual, state, e, workspace, basis))
                 else:
                     def map_fn(e: torch.Tensor) -> torch.Tensor:
                         return legrad.relevance_to_map(legrad.autograd_relevance(self.visual, pixels,
                                                                                  self.pos.get(size), e),
                                                        state.grid, self.patch)
                 with self._step_precision() if method == "decomposed" else contextlib.nullcontext():
-                    out, hist = optimise_lets(map_fn, g, tgt, steps=steps, lr=lr, alpha=alpha, final_loss=final_loss)
+                    out, hist = optimise_lets(map_fn, g, tgt, steps=steps, lr=lr, alpha=alpha, final_loss=final_loss,
+                                              dice_fn=dice_fn)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc) or len(idx) == 1:
                     raise

@@ -84,13 +84,18 @@ def test_batch_invariance(engine, image):
 
 
 def test_chunking_does_not_change_results(image):
+    """One chunk or one mask per chunk: the same LETs up to float rounding. A GEMM's rounding depends on its row
+    count, and where the map's max or min sits between two near-equal cells that rounding can pick the other cell
+    in a later step (AdamW's first steps move by lr · sign(gradient)): up to ~3e-4 on these tiny random models,
+    seen for 1 or 2 of 12 mask seeds with the full-resolution map and with the grid loss alike; otherwise ~2e-6."""
     clip = load_clip(MODELS[0], "none", "cpu")
     masks = random_masks(7, seed=3)
     big = MaskInversionEngine(clip).invert(image, masks, size=64)
     small_engine = MaskInversionEngine(clip, chunk_memory_bytes=1)
     assert small_engine.masks_per_chunk(64) == 1
     small = small_engine.invert(image, masks, size=64)
-    torch.testing.assert_close(small.lets, big.lets, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(small.lets, big.lets, atol=1e-3, rtol=1e-3)
+    assert torch.nn.functional.cosine_similarity(small.lets, big.lets).min() > 1 - 1e-6
 
 
 def test_deterministic(engine, image):
