@@ -11,7 +11,7 @@ step against the FLOP floor ``2·n·m·d + 2·n²·d`` MAC per mask-step. Record
 machine may be shared. Writes ``benchmarks/results/vs_official.md`` and ``.json``.
 
     python benchmarks/bench_vs_official.py                      # 224 and 448, N = 1, 10 (+100 where allowed)
-    python benchmarks/bench_vs_official.py --sizes 224 --masks 1 10 --official-runs 1
+    python benchmarks/bench_vs_official.py --sizes 224 --masks 1 10 --official-runs 1 --rounds 1
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--official-max-n", type=str, default="224:100,448:10",
                     help="largest N run with the official package per size (it is slow)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="rounds per size, alternating which side runs first (best of all rounds per side) [2]")
     ap.add_argument("--out", default=str(RESULTS / "vs_official.md"))
     args = ap.parse_args()
     threads = os.cpu_count() or 1
@@ -133,36 +135,31 @@ def main() -> None:
     masks_all = random_masks(max(args.masks), 480, 640, seed=args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="maskinv-vs-official-"))
     torch.save(clip.model.state_dict(), tmp / "state.pt")
-    jobs = []
-    for size in args.sizes:
-        targets = torch.from_numpy(np.stack([mask_to_target(m, size) for m in masks_all])).float()
-        inputs = tmp / f"inputs{size}.pt"
-        torch.save({"pixels": engine._pixels(img, size).cpu(), "masks": targets}, inputs)
-        ns = [n for n in args.masks if n <= max_n.get(size, max(args.masks))]
-        jobs.append({"size": size, "inputs": str(inputs), "masks": ns,
-                     "runs": {str(n): (1 if n >= 100 else args.official_runs) for n in ns}})
-    spec = {"model": args.model, "state_dict": str(tmp / "state.pt"), "threads": threads, "steps": args.steps,
-            "lr": 0.1, "jobs": jobs, "out": str(tmp / "official.json")}
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    (tmp / "runner.py").write_text(OFFICIAL_RUNNER)
-    t0 = time.perf_counter()
-    subprocess.run([str(venv_python), str(tmp / "runner.py"), str(tmp / "spec.json")], check=True)
-    print(f"official side done in {time.perf_counter() - t0:.0f}s", flush=True)
-    official = {(r["size"], r["N"]): r for r in json.loads((tmp / "official.json").read_text())["rows"]}
-
     view_n = {s: (s // clip.patch_size) ** 2 + 1 for s in args.sizes}
     from worker import vit
     view = vit.last_block(clip.visual)
     d, m, heads = view.width, view.mlp_width, view.heads
     rates = {s: gemm_rates(view_n[s], d, m, heads) for s in args.sizes}
-    rows = []
-    for size in args.sizes:
+    (tmp / "runner.py").write_text(OFFICIAL_RUNNER)
+
+    def run_official(size: int, inputs: Path, ns: list[int], tag: str) -> dict[int, dict]:
+        """One pass of the official package over ``ns`` masks at ``size`` (its own venv, a fresh process)."""
+        job = {"size": size, "inputs": str(inputs), "masks": ns,
+               "runs": {str(n): (1 if n >= 100 else args.official_runs) for n in ns}}
+        spec = {"model": args.model, "state_dict": str(tmp / "state.pt"), "threads": threads, "steps": args.steps,
+                "lr": 0.1, "jobs": [job], "out": str(tmp / f"official{tag}.json")}
+        (tmp / f"spec{tag}.json").write_text(json.dumps(spec))
+        subprocess.run([str(venv_python), str(tmp / "runner.py"), str(tmp / f"spec{tag}.json")], check=True)
+        return {r["N"]: r for r in json.loads((tmp / f"official{tag}.json").read_text())["rows"]}
+
+    def run_ours(size: int) -> dict[int, dict]:
+        """One pass of this engine: cold and warm, ``--runs`` times (2 at N >= 100), per mask count."""
         engine.invert(img, masks_all[:1], size=size, steps=1)  # warm-up: pos-embed resample, allocator
+        out = {}
         for n in args.masks:
             masks = masks_all[:n]
-            runs = 2 if n >= 100 else args.runs
             cold_t, warm_t = [], []
-            for _ in range(runs):
+            for _ in range(2 if n >= 100 else args.runs):
                 engine.cache.clear()
                 t = time.perf_counter()
                 cold = engine.invert(img, masks, size=size, steps=args.steps, final_loss=False)
@@ -171,16 +168,41 @@ def main() -> None:
                 warm = engine.invert(img, masks, size=size, steps=args.steps, final_loss=False)
                 warm_t.append(time.perf_counter() - t)
             assert warm.image_hit and not cold.image_hit
+            out[n] = {"cold": cold_t, "warm": warm_t, "lets": warm.lets}
+        return out
+
+    rows = []
+    for size in args.sizes:
+        targets = torch.from_numpy(np.stack([mask_to_target(mk, size) for mk in masks_all])).float()
+        inputs = tmp / f"inputs{size}.pt"
+        torch.save({"pixels": engine._pixels(img, size).cpu(), "masks": targets}, inputs)
+        ns = [n for n in args.masks if n <= max_n.get(size, max(args.masks))]
+        official: dict[int, list] = {n: [] for n in ns}
+        ours: dict[int, dict] = {n: {"cold": [], "warm": []} for n in args.masks}
+        official_lets: dict[int, torch.Tensor] = {}
+        t0 = time.perf_counter()
+        for r in range(args.rounds):  # the two sides alternate, so a slow minute of a shared VM hits both
+            for side in (("official", "ours") if r % 2 == 0 else ("ours", "official")):
+                if side == "official" and ns:
+                    for n, row in run_official(size, inputs, ns, f"{size}r{r}").items():
+                        official[n] += row["times"]
+                        official_lets[n] = torch.load(row["lets"])
+                elif side == "ours":
+                    for n, o in run_ours(size).items():
+                        ours[n]["cold"] += o["cold"]
+                        ours[n]["warm"] += o["warm"]
+                        ours[n]["lets"] = o["lets"]
+        print(f"size {size}: {args.rounds} rounds in {time.perf_counter() - t0:.0f}s", flush=True)
+        for n in args.masks:
+            cold_t, warm_t = ours[n]["cold"], ours[n]["warm"]
             macs = floor_macs(view_n[size], d, m) * n * args.steps
             row = {"size": size, "N": n, "K": args.steps, "cold_s": min(cold_t), "warm_s": min(warm_t),
                    "cold_runs": cold_t, "warm_runs": warm_t, "warm_gmacs_at_floor": macs / min(warm_t) / 1e9,
                    "warm_s_per_mask": min(warm_t) / n, "chunk": engine.masks_per_chunk(size)}
-            off = official.get((size, n))
-            if off is not None:
-                lets = torch.load(off["lets"])
-                row.update(official_s=min(off["times"]), official_runs=off["times"],
-                           warm_ratio=min(off["times"]) / min(warm_t), cold_ratio=min(off["times"]) / min(cold_t),
-                           min_cos=F.cosine_similarity(lets, warm.lets).min().item())
+            if official.get(n):
+                row.update(official_s=min(official[n]), official_runs=official[n],
+                           warm_ratio=min(official[n]) / min(warm_t), cold_ratio=min(official[n]) / min(cold_t),
+                           min_cos=F.cosine_similarity(official_lets[n], ours[n]["lets"]).min().item())
             rows.append(row)
             print(json.dumps(row), flush=True)
     load_end = uptime_load()
@@ -192,8 +214,10 @@ def main() -> None:
              f"K={args.steps}", "",
              f"CPU, {threads} threads, torch {torch.__version__} both sides; official = maskinversion-torch 1.1 + "
              "legrad-torch 1.1 + open_clip 2.23.0 in .venv-official; same weights, pixels and mask targets. "
-             f"Load average (1/5/15 min) at start: {load_start}; at end: {load_end}. Best of "
-             f"{args.runs} runs for ours ({2} at N=100), {args.official_runs} for the official (1 at N=100).",
+             f"Load average (1/5/15 min) at start: {load_start}; at end: {load_end}. {args.rounds} rounds per "
+             "size, alternating which side runs first (official, ours; then ours, official), so that a slow "
+             f"minute of the shared VM hits both; per round {args.runs} runs of ours (2 at N=100) and "
+             f"{args.official_runs} of the official (1 at N=100); best of all rounds per side.",
              "cold = image-state cache empty (ViT forward + K steps); warm = cached image (K steps). "
              "The official package runs the ViT on N copies of the image every step, so it has no warm case.", "",
              "| size | N | official s | ours cold s | ours warm s | warm ×  | cold × | min cos(LET) | warm s/mask "
@@ -215,7 +239,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps({"load_start": load_start, "load_end": load_end,
-                                                    "threads": threads, "gemm_gmacs": rates, "rows": rows},
+                                                    "threads": threads, "rounds": args.rounds, "gemm_gmacs": rates,
+                                                    "rows": rows},
                                                    indent=1))
     print("\n".join(lines))
 
