@@ -399,7 +399,7 @@ VIEWS = (1, 2)
 #: largest ``InversionParams.crop_weight`` (beyond it the LET barely counts)
 MAX_CROP_WEIGHT = 10.0
 #: the service's default ``crop_weight`` (``MASKINV_CROP_WEIGHT``): chosen on the scene world's val split
-#: (weights 0 .. 1.5; ``benchmarks/results/region_classification_scene_world.md``)
+#: (weights 0 .. 1.0, zero-shot; ``benchmarks/results/region_classification_scene_world_val.md``)
 DEFAULT_CROP_WEIGHT = 0.3
 
 
