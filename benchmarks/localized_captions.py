@@ -81,7 +81,8 @@ def caption_scenes(world: SceneWorld, scenes: Sequence[int], engine: MaskInversi
             embeddings["global"] = res.global_embedding[None]
         embeddings["masked crop"] = engine.baseline_embeddings(sc.image, masks, "masked_crop", size)
         if 0.0 in alphas:  # the product's region embedding (MASKINV_CROP_WEIGHT), what its captions are made from
-            crops = engine.crop_embeddings(sc.image, masks, "masked_crop")[0]
+            crops = (embeddings["masked crop"] if size == engine.native_size  # the same crops (every mask inverted)
+                     else engine.crop_embeddings(sc.image, masks, "masked_crop")[0])
             embeddings[PRODUCT] = torch.from_numpy(
                 mix_crop(embeddings["LET α=0"].numpy(), crops.numpy(), DEFAULT_CROP_WEIGHT))
         caps: dict[str, list[str]] = {}

@@ -123,7 +123,7 @@ def evaluate(clip: ClipModel, items: Iterable[ImageRegions], labels: Sequence[st
         truth = [index[r.category] for r in item.regions]
         n = len(item.regions)
         n_images += 1
-        lets, let_s = None, 0.0
+        lets, let_s, crops = None, 0.0, None  # shared by the rows of this image that need them
         for m in methods:
             t0 = time.perf_counter()
             shared = 0.0  # the LETs' time, when another row computed them
@@ -138,8 +138,8 @@ def evaluate(clip: ClipModel, items: Iterable[ImageRegions], labels: Sequence[st
                     let_s = time.perf_counter() - t0
                 emb = lets
                 if m == "maskinversion+crop":
-                    crops = engine.crop_embeddings(data, masks, "masked_crop")[0]
-                    emb = torch.from_numpy(mix_crop(lets.numpy(), crops.numpy(), crop_weight))
+                    crops = engine.crop_embeddings(data, masks, "masked_crop")[0].numpy()
+                    emb = torch.from_numpy(mix_crop(lets.numpy(), crops, crop_weight))
             else:
                 emb = engine.baseline_embeddings(data, masks, kind=m, size=size)
             ranks = _ranks(scorer, emb, labels, templates, truth)
@@ -149,7 +149,8 @@ def evaluate(clip: ClipModel, items: Iterable[ImageRegions], labels: Sequence[st
         if sweep:
             if lets is None:
                 lets = engine.invert(data, masks, size=size, steps=steps, lr=lr, alpha=0.0).lets
-            crops = engine.crop_embeddings(data, masks, "masked_crop")[0].numpy()
+            if crops is None:
+                crops = engine.crop_embeddings(data, masks, "masked_crop")[0].numpy()
             for w in sweep:
                 st = stats[f"maskinversion+crop w={w:g}"]
                 st.ranks += _ranks(scorer, torch.from_numpy(mix_crop(lets.numpy(), crops, w)), labels, templates,

@@ -720,6 +720,20 @@ def _with_prototypes(out: dict[str, Any], prototypes: Mapping[str, Any] | None) 
     return out
 
 
+def _regions_list(data: Mapping[str, Any]) -> tuple[Any, ...]:
+    regions = data.get("regions") if data.get("regions") is not None else []
+    if not isinstance(regions, list):
+        raise PayloadError("regions must be a list")
+    return tuple(regions)
+
+
+def _image_object(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    image = data.get("image") if data.get("image") is not None else {}
+    if not isinstance(image, dict):
+        raise PayloadError(f"image must be an object, got {type(image).__name__}")
+    return image
+
+
 @dataclass(frozen=True)
 class LabelRegionsJob:
     """Payload of a ``label_regions`` job: every region of one image, one vocabulary, one set of parameters.
@@ -765,9 +779,7 @@ class LabelRegionsJob:
         v = _job_version(data)
         params = InversionParams.from_dict(data.get("params"))
         labels = check_labels(data.get("labels"))
-        image = data.get("image") or {}
-        if not isinstance(image, dict):
-            raise PayloadError(f"image must be an object, got {type(image).__name__}")
+        image = _image_object(data)
         regions = data.get("regions")
         if not isinstance(regions, list):
             raise PayloadError("regions must be a list")
@@ -784,20 +796,6 @@ class LabelRegionsJob:
 MAX_EMBED_LABELS = 1000
 #: vector encodings an ``embed_regions`` job may ask for (:func:`encode_vectors`)
 EMBED_DTYPES = ("float16", "float32")
-
-
-def _regions_list(data: Mapping[str, Any]) -> tuple[Any, ...]:
-    regions = data.get("regions") if data.get("regions") is not None else []
-    if not isinstance(regions, list):
-        raise PayloadError("regions must be a list")
-    return tuple(regions)
-
-
-def _image_object(data: Mapping[str, Any]) -> Mapping[str, Any]:
-    image = data.get("image") if data.get("image") is not None else {}
-    if not isinstance(image, dict):
-        raise PayloadError(f"image must be an object, got {type(image).__name__}")
-    return image
 
 
 @dataclass(frozen=True)
