@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from . import legrad, vit
+from . import cpu_gemm as cpu_gemm_backends, legrad, vit
 from .image_cache import ByteLRUCache
 from .grid_dice import GridDice
 from .inversion import optimise_lets
@@ -61,14 +61,18 @@ class MaskInversionEngine:
 
     def __init__(self, clip: ClipModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  chunk_memory_bytes: int = DEFAULT_CHUNK_MEMORY_BYTES, gpu_dtype: str = "fp32",
-                 use_basis: bool = True):
+                 use_basis: bool = True, cpu_gemm: str = "onednn"):
         """``cache_bytes``: bound of the image-state cache; ``chunk_memory_bytes``: working-memory budget of one
         chunk of masks (on CUDA also capped by free GPU memory); ``gpu_dtype``: precision of the decomposed step
         on CUDA — "fp32" (TF32 matmuls), "bf16" or "fp16" (autocast); the CPU always runs fp32. ``use_basis``:
         for requests with many mask-steps, build the map's linear basis once (:func:`legrad.relevance_basis`;
-        6× fewer MACs per mask-step on ViT-B/16) when it pays and fits 2/3 of the chunk budget."""
+        6× fewer MACs per mask-step on ViT-B/16) when it pays and fits 2/3 of the chunk budget. ``cpu_gemm``:
+        the step's MLP-side GEMMs on the CPU through oneDNN with packed weights ("onednn") or torch's BLAS
+        ("blas"); see :mod:`worker.cpu_gemm`."""
         if gpu_dtype not in GPU_DTYPES:
             raise ValueError(f"gpu_dtype must be one of {sorted(GPU_DTYPES)}, got {gpu_dtype!r}")
+        if cpu_gemm not in cpu_gemm_backends.BACKENDS:
+            raise ValueError(f"cpu_gemm must be one of {list(cpu_gemm_backends.BACKENDS)}, got {cpu_gemm!r}")
         for name, value in (("cache_bytes", cache_bytes), ("chunk_memory_bytes", chunk_memory_bytes)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -81,6 +85,7 @@ class MaskInversionEngine:
         self.chunk_memory_bytes = chunk_memory_bytes
         self.gpu_dtype = gpu_dtype
         self.use_basis = use_basis
+        self.cpu_gemm = cpu_gemm
         self.stats = EngineStats()
         view = vit.last_block(self.visual)
         self._heads, self._width, self._mlp = view.heads, view.width, view.mlp_width
@@ -193,7 +198,7 @@ class MaskInversionEngine:
         if method == "decomposed" and self._basis_fits(state) \
                 and legrad.basis_pays(state, len(ok) * (steps + int(final_loss))):
             t_b = time.perf_counter()
-            basis = legrad.relevance_basis(self.visual, state)
+            basis = legrad.relevance_basis(self.visual, state, self.cpu_gemm)
             self._sync()
             t_basis = time.perf_counter() - t_b
             chunk = max(1, (self._chunk_budget() - legrad.basis_bytes(state)) // self.mask_bytes(size))
@@ -212,7 +217,8 @@ class MaskInversionEngine:
                     dice = GridDice(tgt, state.grid, self.patch)  # the loss on the patch grid, no [N, S, S] map
 
                     def dice_fn(e: torch.Tensor) -> torch.Tensor:
-                        return dice(legrad.decomposed_relevance(self.visual, state, e, workspace, basis))
+                        return dice(legrad.decomposed_relevance(self.visual, state, e, workspace, basis,
+                                                                self.cpu_gemm))
                 else:
                     def map_fn(e: torch.Tensor) -> torch.Tensor:
                         return legrad.relevance_to_map(legrad.autograd_relevance(self.visual, pixels,
@@ -255,7 +261,8 @@ class MaskInversionEngine:
         """LeGrad maps ``[N, S, S]`` of ``embeddings`` ``[N, D]`` on ``image`` (decomposed path)."""
         state, *_ = self.image_state(image, size)
         emb = embeddings.to(state.global_embedding)
-        maps = [legrad.relevance_to_map(legrad.decomposed_relevance(self.visual, state, emb[idx]), state.grid,
+        maps = [legrad.relevance_to_map(legrad.decomposed_relevance(self.visual, state, emb[idx],
+                                                                     gemm=self.cpu_gemm), state.grid,
                                         self.patch)
                 for idx in self._chunks(range(emb.shape[0]), self.masks_per_chunk(size))]
         return torch.cat(maps) if maps else torch.zeros(0, size, size)

@@ -45,11 +45,11 @@ _runtime_lock = threading.Lock()
 
 
 def build_engine(clip: Any, settings: WorkerSettings) -> Any:
-    """The engine for ``clip`` with the settings' cache and chunk budgets and GPU dtype."""
+    """The engine for ``clip`` with the settings' cache and chunk budgets, GPU dtype and CPU GEMM backend."""
     from .engine import MaskInversionEngine
 
     return MaskInversionEngine(clip, cache_bytes=settings.cache_bytes, chunk_memory_bytes=settings.chunk_memory_bytes,
-                               gpu_dtype=settings.gpu_dtype)
+                               gpu_dtype=settings.gpu_dtype, cpu_gemm=settings.cpu_gemm)
 
 
 def build_runtime(settings: WorkerSettings) -> Runtime:

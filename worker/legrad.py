@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import vit
+from .cpu_gemm import PackedMatrix
 
 
 @dataclass
@@ -108,6 +109,11 @@ class BlockConstants:
     fc_out: torch.Tensor  # [m, d] W_fc·diag(γ₂ ls₁)·W_out − (W_fc γ₂)(ls₁ W_out)ᵀ / d  (ln_2's mean term folded in)
     ls1: torch.Tensor  # [d]
     ls2: torch.Tensor  # [d]
+    fc_out_onednn: PackedMatrix  # fc_out for the step's two GEMMs through oneDNN (packed on first CPU use)
+
+    def gemm(self, backend: str) -> PackedMatrix:
+        """``fc_out`` for the step's GEMMs under ``backend`` ("onednn": the packed one, "blas": plain matmuls)."""
+        return self.fc_out_onednn if backend == "onednn" else PackedMatrix(self.fc_out, backend)
 
 
 _constants: "weakref.WeakKeyDictionary[torch.nn.Module, BlockConstants]" = weakref.WeakKeyDictionary()
@@ -122,7 +128,7 @@ def block_constants(visual: torch.nn.Module) -> BlockConstants:
         w_fc, w_out = view.c_fc.weight, view.out_proj.weight
         gamma2, ls1 = view.ln2_gamma(), view.ls1_gamma()
         fc_out = (w_fc * (gamma2 * ls1)) @ w_out - torch.outer(w_fc @ gamma2, ls1 @ w_out) / view.width
-        consts = BlockConstants(fc_out=fc_out, ls1=ls1, ls2=view.ls2_gamma())
+        consts = BlockConstants(fc_out=fc_out, ls1=ls1, ls2=view.ls2_gamma(), fc_out_onednn=PackedMatrix(fc_out))
         _constants[visual] = consts
     return consts
 
@@ -259,18 +265,21 @@ def _step_dtype(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     return dtype, acc
 
 
-def _mlp_cotangents(w: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: ImageState, fc_out: torch.Tensor,
+def _mlp_cotangents(w: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: ImageState, fc_out: PackedMatrix,
                     dtype: torch.dtype, t: torch.Tensor) -> torch.Tensor:
     """Per-token cotangents ``G = (act_r ⊙ w) W − c ⊗ xhat_out + b`` ``[k, n, d]`` for k rows of ``w`` ``[k, m]``,
     ``b`` ``[k, d]``, ``c`` ``[k, n]`` (``t``: a ``[>=k, n, m]`` buffer); one GEMM ``[k·n, m] × [m, d]``."""
     (n, m), d, k = state.act_r.shape, fc_out.shape[1], w.shape[0]
     tk = torch.mul(state.act_r.to(dtype)[None], w[:, None, :].to(dtype), out=t[:k])
-    g = (tk.view(k * n, m) @ fc_out.to(dtype)).view(k, n, d)
+    g = fc_out.mm(tk.view(k * n, m)).view(k, n, d)
     return g.addcmul_(c[:, :, None].to(dtype), state.xhat_out.to(dtype)[None], value=-1).add_(b[:, None, :].to(dtype))
 
 
 class _Relevance(torch.autograd.Function):
     """:func:`relevance_from_cotangents` with an explicit backward: ``(w [N, m], b [N, d]) -> rel [N, n-1]``.
+
+    ``fc_out``: :attr:`BlockConstants.fc_out` ``[m, d]`` as a tensor (plain matmuls) or a
+    :class:`~worker.cpu_gemm.PackedMatrix` (:meth:`BlockConstants.gemm`: oneDNN on the CPU).
 
     Per micro-batch of k masks, forward: ``t = act_r ⊙ w`` ``[k, n, m]``, one GEMM ``[k·n, m] × [m, d]``, the
     rank-one ln_2 term, and one batched product ``[k, H, n, dh] × [H, dh, n-1]`` that is clamped, summed and
@@ -281,9 +290,11 @@ class _Relevance(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, w: torch.Tensor, b: torch.Tensor, state: ImageState, fc_out: torch.Tensor, heads: int,
-                keep_mask: bool, workspace: Workspace | None = None) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, b: torch.Tensor, state: ImageState, fc_out: torch.Tensor | PackedMatrix,
+                heads: int, keep_mask: bool, workspace: Workspace | None = None) -> torch.Tensor:
         (n, m), in_dtype = state.act_r.shape, w.dtype
+        if not isinstance(fc_out, PackedMatrix):
+            fc_out = PackedMatrix(fc_out, "blas")
         dtype, acc = _step_dtype(w)
         w, b = w.to(acc), b.to(acc)
         w_u, b_u, inverse = _unique_rows(w, b)
@@ -303,7 +314,7 @@ class _Relevance(torch.autograd.Function):
         state, fc_out = ctx.state, ctx.fc_out
         n_masks, (n, m), d = grad_rel.shape[0], state.act_r.shape, fc_out.shape[1]
         dtype = ctx.saved_tensors[0].dtype
-        act_r, w_fc_t = state.act_r.to(dtype), fc_out.T.to(dtype)
+        act_r = state.act_r.to(dtype)
         grad_b = torch.empty(n_masks, d, dtype=grad_rel.dtype, device=grad_rel.device)
         grad_w = torch.empty(n_masks, m, dtype=grad_rel.dtype, device=grad_rel.device)
         grad_c = torch.empty(n_masks, n, dtype=grad_rel.dtype, device=grad_rel.device)
@@ -312,7 +323,7 @@ class _Relevance(torch.autograd.Function):
             k = gg.shape[0]
             grad_b[sl] = gg.sum(1)
             grad_c[sl] = -(gg * state.xhat_out).sum(-1)
-            tt = (gg.reshape(k * n, d) @ w_fc_t).view(k, n, m)
+            tt = fc_out.mm(gg.reshape(k * n, d).to(dtype), transpose=True).view(k, n, m)
             grad_w[sl] = tt.mul_(act_r).sum(1)
 
         _attention_backward(ctx, grad_rel, ctx.shared, pull)
@@ -377,13 +388,14 @@ def _cotangent_inputs(visual: torch.nn.Module, state: ImageState, u: torch.Tenso
 
 
 @torch.no_grad()
-def relevance_basis(visual: torch.nn.Module, state: ImageState) -> torch.Tensor:
+def relevance_basis(visual: torch.nn.Module, state: ImageState, gemm: str = "onednn") -> torch.Tensor:
     """``basis [D, n, d]``: the per-token cotangents ``G(e_j)`` of the unit vectors (D·n·m·d MAC; 1.2 GB at 448
-    px for ViT-B/16). Worth it when a request has many mask-steps (see :func:`basis_pays`)."""
+    px for ViT-B/16). Worth it when a request has many mask-steps (see :func:`basis_pays`). ``gemm``: the
+    backend of its GEMMs (:meth:`BlockConstants.gemm`)."""
     dim = state.z_unit.shape[0]
     eye = torch.eye(dim, dtype=state.act_r.dtype, device=state.act_r.device)
     w, b = _cotangent_inputs(visual, state, eye)
-    fc_out = block_constants(visual).fc_out
+    fc_out = block_constants(visual).gemm(gemm)
     (n, m), d = state.act_r.shape, fc_out.shape[1]
     c = w @ state.act_xhat_r.T  # [D, n]
     basis = torch.empty(dim, n, d, dtype=state.act_r.dtype, device=state.act_r.device)
@@ -409,13 +421,15 @@ def basis_pays(state: ImageState, mask_steps: int, margin: float = 1.5) -> bool:
 
 
 def decomposed_relevance(visual: torch.nn.Module, state: ImageState, emb: torch.Tensor,
-                         workspace: Workspace | None = None, basis: torch.Tensor | None = None) -> torch.Tensor:
+                         workspace: Workspace | None = None, basis: torch.Tensor | None = None,
+                         gemm: str = "onednn") -> torch.Tensor:
     """Patch relevance ``[N, n-1]`` (clamped ∂s/∂A averaged over heads and rows) for embeddings ``emb`` ``[N, D]``.
 
     Differentiable w.r.t. ``emb`` (first-order, explicit backward); cost per embedding is independent of depth.
     ``workspace``: a :class:`Workspace` reused across the steps of one optimisation (saves re-allocating the
     kept sign pattern each step); ``basis``: :func:`relevance_basis` of ``state`` (the same map, fewer MACs per
-    mask-step once built).
+    mask-step once built); ``gemm``: "onednn" (the MLP-side GEMMs through oneDNN on the CPU, see
+    :mod:`worker.cpu_gemm`) or "blas" (plain matmuls).
     """
     u = F.normalize(emb, dim=-1)
     keep_mask = torch.is_grad_enabled() and emb.requires_grad
@@ -423,7 +437,7 @@ def decomposed_relevance(visual: torch.nn.Module, state: ImageState, emb: torch.
     if basis is not None:
         return _RelevanceFromBasis.apply(u, basis, state, heads, keep_mask, workspace)
     w, b = _cotangent_inputs(visual, state, u)
-    return _Relevance.apply(w, b, state, block_constants(visual).fc_out, heads, keep_mask, workspace)
+    return _Relevance.apply(w, b, state, block_constants(visual).gemm(gemm), heads, keep_mask, workspace)
 
 
 def relevance_to_map(rel: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
