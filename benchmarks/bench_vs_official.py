@@ -77,10 +77,15 @@ def uptime_load() -> str:
 
 def gemm_rates(n: int, d: int, m: int, heads: int, repeat: int = 5) -> dict[str, float]:
     """Measured fp32 GMAC/s of the step's large products at n tokens (best of ``repeat``)."""
+    from worker.cpu_gemm import PackedMatrix
+
     dh = d // heads
+    packed = PackedMatrix(torch.randn(m, d))  # the step's oneDNN path (MASKINV_CPU_GEMM=onednn)
     shapes = {
         "mlp [n,m]x[m,d]": (lambda a=torch.randn(n, m), b=torch.randn(m, d): a @ b, n * m * d),
         "mlp bwd [n,d]x[d,m]": (lambda a=torch.randn(n, d), b=torch.randn(d, m): a @ b, n * m * d),
+        "mlp oneDNN": (lambda a=torch.randn(n, m): packed.mm(a), n * m * d),
+        "mlp bwd oneDNN": (lambda a=torch.randn(n, d): packed.mm(a, transpose=True), n * m * d),
         "attn [H,n,dh]x[H,dh,n-1]": (lambda a=torch.randn(heads, n, dh), b=torch.randn(heads, dh, n - 1):
                                      torch.bmm(a, b), heads * n * (n - 1) * dh),
         "attn bwd [H,n,n-1]x[H,n-1,dh]": (lambda a=torch.randn(heads, n, n - 1), b=torch.randn(heads, n - 1, dh):
@@ -228,7 +233,8 @@ def main() -> None:
                      f"{r['warm_s']:.2f} | {fmt(r.get('warm_ratio'), '.1f', '×')} | "
                      f"{fmt(r.get('cold_ratio'), '.1f', '×')} | "
                      f"{fmt(r.get('min_cos'), '.6f')} | {r['warm_s_per_mask']:.3f} | {r['warm_gmacs_at_floor']:.1f} |")
-    lines += ["", "Measured fp32 GEMM rate on the step's shapes (GMAC/s, best of 5, same run):", "",
+    lines += ["", "Measured fp32 GEMM rate on the step's shapes (GMAC/s, best of 5, same run; torch's BLAS, and "
+              "oneDNN with the matrix packed as the step runs them since MASKINV_CPU_GEMM=onednn):", "",
               "| size | n | " + " | ".join(rates[args.sizes[0]]) + " |",
               "|---:|---:|" + "---:|" * len(rates[args.sizes[0]])]
     for s in args.sizes:
