@@ -1,9 +1,10 @@
 """Products with one constant matrix, ``x @ W`` and ``x @ Wᵀ``, through oneDNN on the CPU.
 
 The decomposed step's two large GEMMs multiply by the same constant ``[m, d]`` matrix (the last block's folded
-MLP weights, :class:`worker.legrad.BlockConstants`). For those shapes PyTorch's BLAS (MKL's sgemm) reaches only
-~75–80 % of what oneDNN does with the matrix packed once into its blocked layout on this project's CPUs (AMD EPYC,
-Zen 4; ``benchmarks/results/cpu_gemm.md``); the two agree to fp32 rounding. ``backend="blas"`` (or a torch built
+MLP weights, :class:`worker.legrad.BlockConstants`). For those shapes PyTorch's BLAS (MKL's sgemm) reached
+40–92 % of what oneDNN does with the matrix packed once into its blocked layout on this project's CPUs (AMD EPYC,
+Zen 4; it varies with the VM's phase: ``benchmarks/results/cpu_gemm.md``, ``vs_official.md``); the two agree to
+fp32 rounding. ``backend="blas"`` (or a torch built
 without oneDNN, or any non-fp32 or non-CPU input) keeps the plain ``torch.matmul``.
 """
 
