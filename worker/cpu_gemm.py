@@ -4,8 +4,9 @@ The decomposed step's two large GEMMs multiply by the same constant ``[m, d]`` m
 MLP weights, :class:`worker.legrad.BlockConstants`). For those shapes PyTorch's BLAS (MKL's sgemm) reached
 40–92 % of what oneDNN does with the matrix packed once into its blocked layout on this project's CPUs (AMD EPYC,
 Zen 4; it varies with the VM's phase: ``benchmarks/results/cpu_gemm.md``, ``vs_official.md``); the two agree to
-fp32 rounding. ``backend="blas"`` (or a torch built
-without oneDNN, or any non-fp32 or non-CPU input) keeps the plain ``torch.matmul``.
+fp32 rounding. ``backend="blas"`` (or a torch built without oneDNN, or any non-fp32 or non-CPU input) keeps the
+plain ``torch.matmul``. The packed copies cost one extra ``[m, d]`` matrix per orientation (9.4 MB each for
+ViT-B/16).
 """
 
 from __future__ import annotations
