@@ -17,7 +17,8 @@ Methods (all labelled by the same MaskInversion, K steps at the given input size
 * ``slic_colour``    — a CLIP-free colour segmentation (SLIC superpixels merged by mean colour on a region
   adjacency graph), to show what this world rewards;
 * ``gt_masks``       — an oracle, not a method: the ground-truth masks themselves, labelled and ranked like
-  proposals. Its AP is what perfect masks reach with this labeller: the ceiling of every row's AP.
+  proposals. Its AP is what perfect masks reach with this labeller (a mask set scores above it only by luck of
+  the labels).
 
 Each method runs at the patch level (masks on the patch grid) and refined (snapped to SLIC superpixels,
 ``--refine``); both are reported.

@@ -1,4 +1,4 @@
-"""benchmarks.proposals: the ground-truth-mask oracle row (the AP ceiling of the labeller) on two scenes."""
+"""benchmarks.proposals: the ground-truth-mask oracle row (the AP ceiling of the labeller) on three scenes."""
 
 from __future__ import annotations
 
