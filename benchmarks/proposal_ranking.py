@@ -5,10 +5,17 @@ diagnosis in benchmarks/results/proposals.md says that flat probabilities rank b
 candidates as high as objects. This script inverts the default sources' candidates once per scene, keeps per
 candidate the label probabilities and terms that could say "object or not" — the inversion's final Dice loss
 (how well the LET's LeGrad map explains the mask), the Dice loss of the global embedding's map (step 0), the
-LET's cosine to the global embedding — and reports AP / AP50 (COCOeval, segm) of the kept proposals for
-several ranking scores, so the score is chosen on val scenes before anything runs on test.
+LET's cosine to the global embedding, and a *stability*: the share of the key-affinity seed regions seeded inside
+the candidate (every patch a seed, ``worker.maskcut.SEED_TAUS``) that reproduce it at IoU >= 0.5 — and reports AP /
+AP50 (COCOeval, segm) of the kept proposals for several ranking scores, so the score is chosen on val scenes
+before anything runs on test. Labels are the product's: the LET mixed with the masked crop (``--crop-weight``).
+
+Bounds (rows marked *oracle*, which use the ground truth): ranking by whether a candidate covers an object, and
+the ground-truth masks themselves labelled and ranked like proposals (what perfect masks reach with this labeller).
 
     python -m benchmarks.proposal_ranking --scenes 40 --size 224
+    python -m benchmarks.proposal_ranking --scenes 80 --size 224 --refine          # the product's refined union
+    python -m benchmarks.proposal_ranking --scenes 100 --size 224 --refine --split test   # check a choice
 """
 
 from __future__ import annotations
@@ -21,12 +28,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from scipy import ndimage
+
 from benchmarks.proposals import SCENE_CHECKPOINT, SCENE_MODEL, Item, coco_ap, to_frame, _coco_rle
+from worker import maskcut
 from worker import proposals as P
+from worker.embed_jobs import mix_crop
 from worker.engine import MaskInversionEngine
 from worker.labels import LabelScorer
 from worker.models import load_clip
 from worker.payload import DEFAULT_TEMPLATES
+from worker.protocol import DEFAULT_CROP_WEIGHT
 
 
 @dataclass
@@ -40,6 +52,9 @@ class Scored:
     cos_global: np.ndarray
     area: np.ndarray
     source: list[str]
+    stability: np.ndarray | None = None  # [N] (see the module docstring); None: not computed
+    covers: np.ndarray | None = None  # [N] bool: covers some ground-truth object at IoU >= 0.5 (oracle rows)
+    right: np.ndarray | None = None  # [N] bool: ... and its best label is that object's (oracle rows)
 
 
 def val_items(count: int, start: int = 0, split: str = "val") -> tuple[list[Item], list[str]]:
@@ -58,18 +73,58 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(a.float(), dim=-1) @ torch.nn.functional.normalize(b.float(), dim=-1)
 
 
+def stability(engine, image, masks: np.ndarray, size: int) -> np.ndarray:
+    """Per candidate ``[N, S, S]``: the share of key-affinity seed regions seeded inside it (every patch a seed,
+    each of ``maskcut.SEED_TAUS``) whose region has IoU >= 0.5 with it, on the patch grid (0 if no seed inside)."""
+    keys, g = P.image_keys(engine, image, size)
+    k = torch.nn.functional.normalize(keys.detach().double(), dim=-1)
+    cos = (k @ k.T).cpu().numpy()
+    regions, seeds = [], []
+    for tau in maskcut.SEED_TAUS:
+        for i in range(g * g):
+            lab, _ = ndimage.label((cos[i] > tau).reshape(g, g))
+            regions.append((lab == lab.reshape(-1)[i]).reshape(-1))
+            seeds.append(i)
+    reg = np.stack(regions).astype(np.float32)
+    cell = size // g
+    grid = masks[:, :g * cell, :g * cell].reshape(len(masks), g, cell, g, cell).mean(axis=(2, 4)) >= 0.5
+    grid = grid.reshape(len(masks), -1).astype(np.float32)
+    inter = grid @ reg.T
+    iou = inter / np.maximum(grid.sum(1)[:, None] + reg.sum(1)[None] - inter, 1)
+    inside = grid[:, seeds] > 0
+    return np.array([(iou[c][inside[c]] >= 0.5).mean() if inside[c].any() else 0.0 for c in range(len(masks))])
+
+
 def score_candidates(engine, scorer, item: Item, labels: Sequence[str], size: int, steps: int,
-                     sources: Sequence[str]) -> Scored:
-    cands = P.gather_candidates(engine, scorer, item.image, labels, DEFAULT_TEMPLATES, size, sources)
-    cands = P.dedupe(cands)[:P.MAX_CANDIDATES]
+                     sources: Sequence[str], refine: bool = False, crop_weight: float = DEFAULT_CROP_WEIGHT,
+                     ground_truth: bool = False) -> Scored:
+    """The default sources' candidates (refined like the product with ``refine``), or the ground-truth masks
+    (``ground_truth``), inverted and labelled like proposals."""
+    if ground_truth:
+        cands = [P.Candidate(m, "gt") for m in to_frame(item.masks, (size, size))]
+    else:
+        cands = P.gather_candidates(engine, scorer, item.image, labels, DEFAULT_TEMPLATES, size, sources)
+        if refine:
+            seg = P.superpixels(item.image, size)
+            cands = [P.Candidate(P.snap_to_superpixels(c.mask, seg), c.source, c.hint) for c in cands]
+        cands = P.dedupe(cands)[:P.MAX_CANDIDATES]
     res = engine.invert(item.image, np.stack([c.mask for c in cands]), size=size, steps=steps)
     ok = [i for i, e in enumerate(res.errors) if e is None]
-    lets = res.lets[ok]
-    probs = scorer.probabilities(lets, labels, DEFAULT_TEMPLATES).cpu().numpy()
     masks = np.stack([cands[i].mask for i in ok])
-    return Scored(to_frame(masks, item.masks.shape[1:]), probs, res.losses[-1, ok].cpu().numpy(),
-                  res.losses[0, ok].cpu().numpy(), _cos(lets, res.global_embedding).cpu().numpy(),
-                  masks.mean(axis=(1, 2)), [cands[i].source for i in ok])
+    lets = res.lets[ok]
+    if crop_weight:  # the product's label embedding (worker.proposals.label_candidates)
+        crops = engine.crop_embeddings(item.image, list(masks), "masked_crop")[0]
+        lets = torch.from_numpy(mix_crop(lets.float().numpy(), crops.float().numpy(), crop_weight))
+    probs = scorer.probabilities(lets, labels, DEFAULT_TEMPLATES).cpu().numpy()
+    frame = to_frame(masks, item.masks.shape[1:])
+    iou = P.mask_iou(frame, item.masks)
+    gt_label = np.array([labels.index(c) for c in item.categories])
+    best = probs.argmax(axis=1)
+    return Scored(frame, probs, res.losses[-1, ok].cpu().numpy(), res.losses[0, ok].cpu().numpy(),
+                  _cos(res.lets[ok], res.global_embedding).cpu().numpy(), masks.mean(axis=(1, 2)),
+                  [cands[i].source for i in ok], stability(engine, item.image, masks, size),
+                  iou.max(axis=1) >= 0.5, np.array([((iou[i] >= 0.5) & (gt_label == best[i])).any()
+                                                     for i in range(len(ok))]))
 
 
 #: ranking scores tried: name -> f(Scored) -> [N]
@@ -87,6 +142,12 @@ SCORES: dict[str, Callable[[Scored], np.ndarray]] = {
     "p x (1 - cos to global)": lambda s: _p(s) * (1 - s.cos_global),
     "p x (1 - final loss) x (1 - cos)": lambda s: _p(s) * (1 - s.loss_final) * (1 - s.cos_global),
     "p margin (top1 - top2)": lambda s: np.diff(np.sort(s.probs, axis=1)[:, -2:], axis=1)[:, 0],
+    "p x (stability + 0.05)^2": lambda s: _p(s) * (s.stability + 0.05) ** 2,
+    "p x (1 - final loss) x (stability + 0.05)": lambda s: _p(s) * (1 - s.loss_final) * (s.stability + 0.05),
+    "p x (1 - final loss)^2 x (stability + 0.05)^2":
+        lambda s: _p(s) * (1 - s.loss_final) ** 2 * (s.stability + 0.05) ** 2,
+    "*oracle*: p x [covers an object at IoU >= 0.5]": lambda s: _p(s) * (s.covers + 1e-3 * (1 - s.loss_final) ** 2),
+    "*oracle*: [covers an object with its label]": lambda s: _p(s) * (s.right + 1e-3 * (1 - s.loss_final) ** 2),
 }
 
 
@@ -118,6 +179,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--min-score", type=float, default=P.DEFAULT_MIN_SCORE)
     ap.add_argument("--max-proposals", type=int, default=P.DEFAULT_MAX_PROPOSALS)
     ap.add_argument("--sources", nargs="+", default=["maskcut", "keyseeds", "text"])
+    ap.add_argument("--refine", action="store_true", help="snap candidates to SLIC superpixels (the product's "
+                                                          "refined setting)")
+    ap.add_argument("--crop-weight", type=float, default=DEFAULT_CROP_WEIGHT,
+                    help=f"masked-crop weight of the label embeddings [{DEFAULT_CROP_WEIGHT}]")
     ap.add_argument("--save", default=None, help="pickle the scored candidates here")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -125,7 +190,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine, scorer = MaskInversionEngine(clip), LabelScorer(clip)
     items, labels = val_items(a.scenes, a.start, a.split)
     t0 = time.perf_counter()
-    scored = [score_candidates(engine, scorer, it, labels, a.size, a.steps, a.sources) for it in items]
+    scored = [score_candidates(engine, scorer, it, labels, a.size, a.steps, a.sources, a.refine, a.crop_weight)
+              for it in items]
+    truth = [score_candidates(engine, scorer, it, labels, a.size, a.steps, a.sources, crop_weight=a.crop_weight,
+                              ground_truth=True) for it in items]
     print(f"{len(items)} {a.split} scenes, {sum(len(s.probs) for s in scored)} candidates, "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     if a.save:
@@ -133,14 +201,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         with open(a.save, "wb") as f:
             pickle.dump({"scored": scored, "items": items, "labels": labels}, f)
-    report(scored, items, labels, a.min_score, a.max_proposals)
+    report(scored, items, labels, a.min_score, a.max_proposals, truth)
 
 
-def report(scored, items, labels, min_score: float, max_proposals: int) -> None:
+def report(scored, items, labels, min_score: float, max_proposals: int, truth=None) -> None:
     print("| ranking score | AP | AP50 |\n|---|---:|---:|")
     for name, fn in SCORES.items():
         ap_, ap50 = coco_ap(items, labels, detections(scored, items, labels, fn, min_score, max_proposals))
         print(f"| {name} | {ap_:.1f} | {ap50:.1f} |", flush=True)
+    if truth is not None:
+        fn = SCORES["p x (1 - final loss)^2"]
+        ap_, ap50 = coco_ap(items, labels, detections(truth, items, labels, fn, min_score, max_proposals))
+        print(f"| *oracle*: the ground-truth masks, labelled and ranked like proposals | {ap_:.1f} | {ap50:.1f} |")
 
 
 if __name__ == "__main__":

@@ -25,3 +25,21 @@ def test_objectness_ranking_puts_the_explained_object_first():
     assert max(by_p, key=lambda d: d["score"])["score"] == 0.9  # the partial candidate, confidently wrong
     assert max(by_obj, key=lambda d: d["score"])["score"] == 0.5 * 0.9 ** 2  # the object the LET explains
     assert coco_ap([item], ["a", "b"], by_obj)[1] >= coco_ap([item], ["a", "b"], by_p)[1]
+
+
+def test_stability_is_high_for_a_seed_region_and_zero_without_a_seed_inside():
+    from benchmarks.proposal_ranking import stability
+    from benchmarks.proposals import SCENE_CHECKPOINT, SCENE_MODEL, scene_items
+    from worker import maskcut
+    from worker import proposals as P
+    from worker.engine import MaskInversionEngine
+    from worker.models import load_clip
+
+    engine = MaskInversionEngine(load_clip(SCENE_MODEL, str(SCENE_CHECKPOINT)))
+    item = scene_items(1)[0][0]
+    keys, grid = P.image_keys(engine, item.image, 112)
+    region, seeds = maskcut.affinity_seeds(keys, (grid, grid))[0]  # the region most seeds agree on
+    speck = np.zeros((112, 112), bool)
+    speck[0, 0] = True  # covers no patch by half
+    st = stability(engine, item.image, np.stack([P.upsample_grid(region, 112), speck]), 112)
+    assert st.shape == (2,) and 0 < st[0] <= 1 and st[1] == 0
