@@ -28,8 +28,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from scipy import ndimage
-
 from benchmarks.proposals import SCENE_CHECKPOINT, SCENE_MODEL, Item, coco_ap, to_frame, _coco_rle
 from worker import maskcut
 from worker import proposals as P
@@ -77,15 +75,9 @@ def stability(engine, image, masks: np.ndarray, size: int) -> np.ndarray:
     """Per candidate ``[N, S, S]``: the share of key-affinity seed regions seeded inside it (every patch a seed,
     each of ``maskcut.SEED_TAUS``) whose region has IoU >= 0.5 with it, on the patch grid (0 if no seed inside)."""
     keys, g = P.image_keys(engine, image, size)
-    k = torch.nn.functional.normalize(keys.detach().double(), dim=-1)
-    cos = (k @ k.T).cpu().numpy()
-    regions, seeds = [], []
-    for tau in maskcut.SEED_TAUS:
-        for i in range(g * g):
-            lab, _ = ndimage.label((cos[i] > tau).reshape(g, g))
-            regions.append((lab == lab.reshape(-1)[i]).reshape(-1))
-            seeds.append(i)
-    reg = np.stack(regions).astype(np.float32)
+    found = maskcut.seed_regions(keys, (g, g), maskcut.SEED_TAUS, range(g * g))
+    seeds = [i for i, _ in found]
+    reg = np.stack([r.reshape(-1) for _, r in found]).astype(np.float32)
     cell = size // g
     grid = masks[:, :g * cell, :g * cell].reshape(len(masks), g, cell, g, cell).mean(axis=(2, 4)) >= 0.5
     grid = grid.reshape(len(masks), -1).astype(np.float32)

@@ -34,7 +34,13 @@ def bilinear_matrix(grid: int, patch: int, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """``U`` ``[g·p, g]`` with ``up(E) = U E Uᵀ`` (:func:`bilinear_weights`), and the index ``[≤2g]`` of its rows
     that hold every cell's extreme samples (first and last row of each source interval)."""
-    i0, i1, lam1 = bilinear_weights(grid, patch)
+    return _matrix_of(*bilinear_weights(grid, patch), grid, dtype, device)
+
+
+def _matrix_of(i0: torch.Tensor, i1: torch.Tensor, lam1: torch.Tensor, grid: int, dtype: torch.dtype,
+               device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bilinear_matrix` from :func:`bilinear_weights`' output."""
+    patch = len(i0) // grid
     rows = torch.arange(grid * patch)
     u = torch.zeros(grid * patch, grid, dtype=torch.float64)
     u.index_put_((rows, i0), 1.0 - lam1, accumulate=True)
@@ -57,13 +63,13 @@ class GridDice:
         n, h, w = targets.shape
         if h != grid * patch or w != grid * patch:
             raise ValueError(f"targets must be [N, {grid * patch}, {grid * patch}], got {list(targets.shape)}")
-        u, extremes = bilinear_matrix(grid, patch, targets.dtype, targets.device)
+        i0, i1, lam1 = bilinear_weights(grid, patch)
+        u, extremes = _matrix_of(i0, i1, lam1, grid, targets.dtype, targets.device)
         self.grid, self.smooth = grid, float(smooth)
         # Uᵀ M U [N, g, g], one mask at a time: a mask's loss never depends on the other masks of its batch
         self.down = torch.stack([u.T @ m @ u for m in targets]) if n else targets.new_zeros(0, grid, grid)
         self.mask_sum = targets.sum(dim=(1, 2))  # [N]
         self.col = u.sum(dim=0)  # [g]: Uᵀ 1
-        i0, i1, lam1 = bilinear_weights(grid, patch)
         # the extreme samples' two source indices and weights (interpolated by gathers: elementwise per mask)
         self.i0, self.i1 = i0[extremes.cpu()].to(targets.device), i1[extremes.cpu()].to(targets.device)
         self.w1 = lam1[extremes.cpu()].to(dtype=targets.dtype, device=targets.device)

@@ -17,6 +17,7 @@ The keys come from the last block: ``k = ln_1(x) @ W_k + b_k`` for the tokens ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -164,21 +165,31 @@ def affinity_seeds(keys: torch.Tensor, grid: tuple[int, int], taus: tuple[float,
     a stable segment).
     """
     gh, gw = grid
-    if keys.shape[0] != gh * gw:
-        raise ValueError(f"{keys.shape[0]} keys do not fit a {gh} x {gw} grid")
-    k = F.normalize(keys.detach().double(), dim=-1)
-    cos = (k @ k.T).cpu().numpy()
     sy = max(1, -(-gh // max_seeds_side))
     sx = max(1, -(-gw // max_seeds_side))
     seeds = [y * gw + x for y in range(sy // 2, gh, sy) for x in range(sx // 2, gw, sx)]
     found: dict[bytes, list] = {}
+    for _, comp in seed_regions(keys, grid, taus, seeds):
+        key = np.packbits(comp).tobytes()
+        if key in found:
+            found[key][1] += 1
+        else:
+            found[key] = [comp, 1]
+    return sorted(((m, c) for m, c in found.values()), key=lambda mc: -mc[1])
+
+
+def seed_regions(keys: torch.Tensor, grid: tuple[int, int], taus: Sequence[float],
+                 seeds: Sequence[int]) -> list[tuple[int, np.ndarray]]:
+    """``(seed, region [gh, gw] bool)`` for each ``tau`` (outer) and seed patch index (inner): the connected
+    component holding the seed of the patches whose keys have cosine > ``tau`` with the seed's key."""
+    gh, gw = grid
+    if keys.shape[0] != gh * gw:
+        raise ValueError(f"{keys.shape[0]} keys do not fit a {gh} x {gw} grid")
+    k = F.normalize(keys.detach().double(), dim=-1)
+    cos = (k @ k.T).cpu().numpy()
+    out = []
     for tau in taus:
         for i in seeds:
             lab, _ = ndimage.label((cos[i] > tau).reshape(gh, gw))
-            comp = lab == lab.reshape(-1)[i]
-            key = np.packbits(comp).tobytes()
-            if key in found:
-                found[key][1] += 1
-            else:
-                found[key] = [comp, 1]
-    return sorted(((m, c) for m, c in found.values()), key=lambda mc: -mc[1])
+            out.append((i, lab == lab.reshape(-1)[i]))
+    return out
