@@ -31,7 +31,6 @@ import torch
 from benchmarks.proposals import SCENE_CHECKPOINT, SCENE_MODEL, Item, coco_ap, to_frame, _coco_rle
 from worker import maskcut
 from worker import proposals as P
-from worker.embed_jobs import mix_crop
 from worker.engine import MaskInversionEngine
 from worker.labels import LabelScorer
 from worker.models import load_clip
@@ -103,10 +102,7 @@ def score_candidates(engine, scorer, item: Item, labels: Sequence[str], size: in
     res = engine.invert(item.image, np.stack([c.mask for c in cands]), size=size, steps=steps)
     ok = [i for i, e in enumerate(res.errors) if e is None]
     masks = np.stack([cands[i].mask for i in ok])
-    lets = res.lets[ok]
-    if crop_weight:  # the product's label embedding (worker.proposals.label_candidates)
-        crops = engine.crop_embeddings(item.image, list(masks), "masked_crop")[0]
-        lets = torch.from_numpy(mix_crop(lets.float().numpy(), crops.float().numpy(), crop_weight))
+    lets = P.mixed_with_crops(engine, item.image, masks, res.lets[ok], crop_weight)  # the product's labels
     probs = scorer.probabilities(lets, labels, DEFAULT_TEMPLATES).cpu().numpy()
     frame = to_frame(masks, item.masks.shape[1:])
     iou = P.mask_iou(frame, item.masks)

@@ -281,6 +281,19 @@ def objectness(final_loss: torch.Tensor | np.ndarray, power: float = OBJECTNESS_
 ScoreFn = Callable[[torch.Tensor], list[list[tuple[str, float]]]]
 
 
+def mixed_with_crops(engine, image: ImageLike, masks: Sequence[np.ndarray], lets: torch.Tensor,
+                     crop_weight: float) -> torch.Tensor:
+    """LETs ``[N, D]`` of ``masks`` mixed with their masked crops like a drawn region's embedding
+    (``worker.embed_jobs.mix_crop``; ``crop_weight`` 0: the LETs unchanged)."""
+    if not crop_weight:
+        return lets
+    from .embed_jobs import mix_crop
+
+    crops = engine.crop_embeddings(image, list(masks), "masked_crop")[0]
+    return torch.from_numpy(mix_crop(lets.detach().float().cpu().numpy(), crops.float().cpu().numpy(),
+                                     crop_weight)).to(lets.device)
+
+
 def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], labels: Sequence[str],
                      templates: Sequence[str], size: int, steps: int = 10, lr: float = 0.1,
                      top_k: int = 3, score_fn: ScoreFn | None = None, crop_weight: float = 0.0) -> list[Proposal]:
@@ -294,13 +307,7 @@ def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], l
     ok = [i for i, e in enumerate(res.errors) if e is None]
     if not ok:
         return []
-    lets = res.lets[ok]
-    if crop_weight:
-        from .embed_jobs import mix_crop
-
-        crops = engine.crop_embeddings(image, [cands[i].mask for i in ok], "masked_crop")[0]
-        lets = torch.from_numpy(mix_crop(lets.detach().float().cpu().numpy(), crops.float().cpu().numpy(),
-                                         crop_weight)).to(res.lets.device)
+    lets = mixed_with_crops(engine, image, [cands[i].mask for i in ok], res.lets[ok], crop_weight)
     scored = score_fn(lets) if score_fn is not None else scorer.score(lets, labels, templates, top_k=top_k)
     obj = objectness(res.losses[-1, ok])
     return [Proposal(cands[i].mask, cands[i].source, s, lets[j], cands[i].hint, float(o))
