@@ -293,11 +293,14 @@ def test_retrieve_predictions_beyond_the_batch_timeout_finishes_in_the_backgroun
     ans = ls.retrieve_predictions(pid)
     assert ans.get("processed_items") == len(ids), ans
     ready = sum(1 for t in ids if ls.predictions(t))
-    assert ready < len(ids), "every task fit in the 1 s batch timeout: the test needs slower jobs"
 
+    # The run keeps writing while this test looks, so `ready` (counted first) holds the tasks answered within
+    # the batch timeout plus those the run wrote before the count; the run's `done` (read after) bounds the latter.
     runs = requests.get(f"{slow_backend.url}/runs", timeout=30).json()["runs"]
     run = next(r for r in runs if r["kind"] == "retrieve" and r["project"] == str(pid))
-    assert run["total"] == len(ids) - ready and run["state"] in ("running", "done"), run
+    assert run["total"] > 0, "every task fit in the 1 s batch timeout: the test needs slower jobs"
+    answered = len(ids) - run["total"]
+    assert answered <= ready <= answered + run["done"] and run["state"] in ("running", "done"), (ready, run)
     assert run["queued"] + run["running"] + run["done"] + run["skipped"] + run["failed"] == run["total"], run
 
     # the curator repeats the action meanwhile: the tasks the run holds are not labelled twice
