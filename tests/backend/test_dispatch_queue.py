@@ -108,7 +108,7 @@ def test_batch_failed_task_leaves_the_others_intact(shared):
 def test_job_over_its_time_limit_fails_clearly_and_the_worker_goes_on(shared):
     ns, _ = shared
     client = client_for(ns, MASKINV_JOB_TIMEOUT=1)
-    resp = client.post("/predict", json=body([image_task(1, 301)], {"result": [rect("slow")]}, steps=1000))
+    resp = client.post("/predict", json=body([image_task(1, 301)], {"result": [rect("slow")]}, steps=1000, size=448))
     assert resp.status_code == 502, resp.get_json()
     assert "failed" in resp.get_json()["error"] and "timeout" in resp.get_json()["error"].lower()
     ok = client_for(ns).post("/predict", json=body([image_task(1, 302)], {"result": [rect("fast")]}))

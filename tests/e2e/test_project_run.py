@@ -234,8 +234,8 @@ def test_killed_run_is_finished_by_a_rerun_with_one_prediction_per_task(ls, ls_s
     pid = built["project"]["id"]
     ids = list(built["regions"])
     before = snapshot_annotations(ls, ids)
-    # slower inversions, so that the kill lands mid-run
-    env = dict(queue_env, MASKINV_STEPS="40")
+    # slower inversions (40 steps at 448 px: 785 tokens), so that the kill lands mid-run
+    env = dict(queue_env, MASKINV_STEPS="40", MASKINV_SIZE="448")
     full_env = {**os.environ, **env, "MASKINV_RUN_STATE_DIR": str(tmp_path / "state")}
     proc = subprocess.Popen(annotate_argv(ls_server, ls_token, pid, tmp_path / "killed.json", "--no-progress"),
                             env=full_env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -273,7 +273,8 @@ def test_killed_run_is_finished_by_a_rerun_with_one_prediction_per_task(ls, ls_s
 @pytest.fixture(scope="module")
 def slow_backend(ls_server, ls_token, queue_env, tmp_path_factory):
     """The backend in queue mode (the module's worker) with a 1 s MASKINV_BATCH_TIMEOUT and a Label Studio token."""
-    env = dict(queue_env, MASKINV_BATCH_TIMEOUT="1", MASKINV_STEPS="30", LABEL_STUDIO_URL=ls_server.url,
+    env = dict(queue_env, MASKINV_BATCH_TIMEOUT="1", MASKINV_STEPS="30", MASKINV_SIZE="224",
+               LABEL_STUDIO_URL=ls_server.url,
                LABEL_STUDIO_API_KEY=ls_token)
     server = BackendServer(tmp_path_factory.mktemp("run-backend") / "backend.log", env=env).start()
     yield server
