@@ -1,12 +1,18 @@
-"""Benchmark: the step's MLP-side GEMMs through torch's BLAS or oneDNN with a packed matrix (MASKINV_CPU_GEMM).
+"""Benchmark: the step's GEMMs through torch's BLAS or oneDNN (MASKINV_CPU_GEMM).
 
-Two parts, both alternating the two backends within one process (the VM's speed drifts by up to 2× over
-minutes, so only side-by-side ratios mean anything):
+Three parts, each alternating its sides within one process (the VM's speed drifts by up to 2× over minutes, so
+only side-by-side ratios mean anything):
 
-* the two products of the decomposed step, ``[k·n, m] × [m, d]`` and ``[k·n, d] × [d, m]`` (k masks of one
-  micro-batch), at each size's token count: GMAC/s, best of ``--repeat``;
-* the warm inversion (cached image, K steps, N masks) of ViT-B/16 with random weights under each backend: best of
-  ``--rounds`` runs per side, and the LETs' minimum cosine between the two.
+* the two MLP-side products of the decomposed step, ``[k·n, m] × [m, d]`` and ``[k·n, d] × [d, m]`` (k masks of
+  one micro-batch), at each size's token count, BLAS vs oneDNN with the matrix packed: GMAC/s, best of
+  ``--repeat``;
+* the attention products of one mask, ``[H, n, dh] × [H, dh, n-1]`` (forward) and ``[H, n, n-1] × [H, n-1, dh]``
+  (backward), as torch's batched matmul (BLAS) vs one oneDNN linear per head: GMAC/s;
+* the warm inversion (cached image, K steps, N masks) of ViT-B/16 with random weights in three engines: ``blas``
+  (every product through torch's matmul), ``onednn_mlp`` (the MLP-side GEMMs through oneDNN, the attention
+  products batched through BLAS: the engine before per-head oneDNN) and ``onednn`` (both, the default; the
+  attention products per head only from :data:`worker.cpu_gemm.ONEDNN_MIN_COLUMNS` patch columns on): best of
+  ``--rounds`` runs per engine, and the LETs' minimum cosine to ``blas``.
 
 Writes ``benchmarks/results/cpu_gemm.md`` and ``.json``.
 
@@ -28,13 +34,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks.bench_inversion import random_masks
-from worker import legrad, vit
+from worker import cpu_gemm, legrad, vit
 from worker.cpu_gemm import PackedMatrix, onednn_available
 from worker.engine import MaskInversionEngine
 from worker.models import load_clip
 
 RESULTS = Path(__file__).with_name("results")
 BACKENDS = ("onednn", "blas")
+#: the inversion's engines: (MASKINV_CPU_GEMM, the attention products' column threshold; None = the default)
+ENGINES = {"blas": ("blas", None), "onednn_mlp": ("onednn", 10**9), "onednn": ("onednn", None)}
 
 
 def _best(fn, repeat: int) -> float:
@@ -62,6 +70,26 @@ def gemm_rows(n: int, d: int, m: int, rows: int, repeat: int) -> dict[str, float
     return {k: rows * m * d / t / 1e9 for k, t in times.items()}
 
 
+def attention_rows(n: int, heads: int, dh: int, repeat: int) -> dict[str, float]:
+    """GMAC/s of one mask's attention products, batched BLAS matmul vs one oneDNN linear per head (alternating)."""
+    g = torch.Generator().manual_seed(1)
+    x, vt = torch.randn(n, heads, dh, generator=g), torch.randn(heads, dh, n - 1, generator=g)
+    v_rows = vt.transpose(-1, -2).contiguous()
+    pattern = (torch.rand(heads, n, n - 1, generator=g) > 0.5).float()
+    col = torch.rand(n - 1, generator=g)
+    sides = {
+        "fwd blas": lambda: torch.matmul(x.transpose(0, 1), vt),
+        "fwd onednn": lambda: [cpu_gemm.linear(x[:, h, :], v_rows[h]) for h in range(heads)],
+        "bwd blas": lambda: torch.matmul(pattern, v_rows * col[None, :, None]),
+        "bwd onednn": lambda: [cpu_gemm.linear(pattern[h], vt[h] * col) for h in range(heads)],
+    }
+    times: dict[str, float] = {}
+    for r in range(repeat):
+        for key in (sides if r % 2 == 0 else list(sides)[::-1]):
+            times[key] = min(times.get(key, float("inf")), _best(sides[key], 1))
+    return {k: heads * n * (n - 1) * dh / t / 1e9 for k, t in times.items()}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-16")
@@ -79,6 +107,16 @@ def main(argv=None) -> dict:
     view = vit.last_block(clip.visual)
     d, m, heads = view.width, view.mlp_width, view.heads
     engines = {b: MaskInversionEngine(clip, cpu_gemm=b) for b in BACKENDS}
+    default_columns = cpu_gemm.ONEDNN_MIN_COLUMNS
+
+    def invert(name: str, size: int):
+        backend, columns = ENGINES[name]
+        cpu_gemm.ONEDNN_MIN_COLUMNS = default_columns if columns is None else columns
+        try:
+            return engines[backend].invert(img, masks, size=size, steps=a.steps, final_loss=False)
+        finally:
+            cpu_gemm.ONEDNN_MIN_COLUMNS = default_columns
+
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
     masks = random_masks(a.masks, 480, 640, seed=0)
@@ -87,36 +125,49 @@ def main(argv=None) -> dict:
         n = (size // clip.patch_size) ** 2 + 1
         k = min(a.masks, legrad.micro_batch(n, heads, 4))
         rates = gemm_rows(n, d, m, k * n, a.repeat)
-        for e in engines.values():  # image state, pos-embed resample, packing
-            e.invert(img, masks, size=size, steps=a.steps, final_loss=False)
-        t: dict[str, list[float]] = {b: [] for b in BACKENDS}
+        attn = attention_rows(n, heads, d // heads, a.repeat)
+        for name in ENGINES:  # image state, pos-embed resample, packing
+            invert(name, size)
+        t: dict[str, list[float]] = {name: [] for name in ENGINES}
         lets = {}
         for r in range(a.rounds):
-            for b in (BACKENDS if r % 2 == 0 else BACKENDS[::-1]):
+            for name in (list(ENGINES) if r % 2 == 0 else list(ENGINES)[::-1]):
                 t0 = time.perf_counter()
-                res = engines[b].invert(img, masks, size=size, steps=a.steps, final_loss=False)
-                t[b].append(time.perf_counter() - t0)
-                lets[b] = res.lets
-        row = {"size": size, "n": n, "rows": k * n, "gemm_gmacs": rates,
-               "warm_s": {b: min(v) for b, v in t.items()}, "warm_runs": t,
-               "speedup": min(t["blas"]) / min(t["onednn"]),
-               "min_cos": F.cosine_similarity(lets["onednn"], lets["blas"]).min().item()}
+                res = invert(name, size)
+                t[name].append(time.perf_counter() - t0)
+                lets[name] = res.lets
+        best = {name: min(v) for name, v in t.items()}
+        row = {"size": size, "n": n, "rows": k * n, "gemm_gmacs": rates, "attention_gmacs": attn,
+               "heads_onednn": n - 1 >= default_columns, "warm_s": best, "warm_runs": t,
+               "speedup": best["blas"] / best["onednn"], "speedup_heads": best["onednn_mlp"] / best["onednn"],
+               "min_cos": min(F.cosine_similarity(lets[name], lets["blas"]).min().item()
+                              for name in ("onednn", "onednn_mlp"))}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    lines = [f"# The step's GEMMs: torch's BLAS vs oneDNN with a packed matrix — {a.model}, random weights", "",
+    lines = [f"# The step's GEMMs: torch's BLAS vs oneDNN — {a.model}, random weights", "",
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-             f"{torch.__version__}; both backends alternate within one process. Products: the step's "
-             f"`[k·n, m] × [m, d]` (fwd) and `[k·n, d] × [d, m]` (bwd) for one micro-batch of k masks, GMAC/s, best "
-             f"of {a.repeat}. Inversion: warm (cached image), N = {a.masks}, K = {a.steps}, best of {a.rounds} "
-             "per backend.", "",
-             "| size | rows k·n | fwd BLAS | fwd oneDNN | bwd BLAS | bwd oneDNN | warm s BLAS | warm s oneDNN | "
-             "speed-up | min cos(LET) |",
+             f"{torch.__version__}; the sides alternate within one process. MLP products: the step's "
+             f"`[k·n, m] × [m, d]` (fwd) and `[k·n, d] × [d, m]` (bwd) for one micro-batch of k masks, BLAS vs "
+             f"oneDNN with the matrix packed; attention products of one mask, batched BLAS matmul vs one oneDNN "
+             f"linear per head; GMAC/s, best of {a.repeat}. Inversion: warm (cached image), N = {a.masks}, "
+             f"K = {a.steps}, best of {a.rounds} per engine: `blas` (all BLAS), `onednn_mlp` (MLP products through "
+             "oneDNN, attention batched BLAS), `onednn` (both; the default, attention per head from "
+             f"{default_columns} patch columns on).", "",
+             "| size | rows k·n | MLP fwd BLAS | MLP fwd oneDNN | MLP bwd BLAS | MLP bwd oneDNN | attn fwd BLAS | "
+             "attn fwd oneDNN | attn bwd BLAS | attn bwd oneDNN |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        g = r["gemm_gmacs"]
+        g, h = r["gemm_gmacs"], r["attention_gmacs"]
         lines.append(f"| {r['size']} | {r['rows']} | {g['fwd blas']:.0f} | {g['fwd onednn']:.0f} | {g['bwd blas']:.0f} "
-                     f"| {g['bwd onednn']:.0f} | {r['warm_s']['blas']:.3f} | {r['warm_s']['onednn']:.3f} | "
-                     f"{r['speedup']:.2f}× | {r['min_cos']:.7f} |")
+                     f"| {g['bwd onednn']:.0f} | {h['fwd blas']:.0f} | {h['fwd onednn']:.0f} | {h['bwd blas']:.0f} | "
+                     f"{h['bwd onednn']:.0f} |")
+    lines += ["", "| size | attention per head | warm s blas | warm s onednn_mlp | warm s onednn | onednn vs blas | "
+              "onednn vs onednn_mlp | min cos(LET) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        w = r["warm_s"]
+        lines.append(f"| {r['size']} | {'yes' if r['heads_onednn'] else 'no'} | {w['blas']:.3f} | "
+                     f"{w['onednn_mlp']:.3f} | {w['onednn']:.3f} | {r['speedup']:.2f}× | {r['speedup_heads']:.2f}× | "
+                     f"{r['min_cos']:.7f} |")
     lines += ["", "Generated by `python -m benchmarks.bench_cpu_gemm`.", ""]
     out = Path(a.out)
     out.write_text("\n".join(lines))

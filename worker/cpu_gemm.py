@@ -1,4 +1,5 @@
-"""Products with one constant matrix, ``x @ W`` and ``x @ Wᵀ``, through oneDNN on the CPU.
+"""The decomposed step's GEMMs through oneDNN on the CPU: products with one constant matrix (``x @ W``, ``x @ Wᵀ``)
+and the per-head attention products (:func:`linear`).
 
 The decomposed step's two large GEMMs multiply by the same constant ``[m, d]`` matrix (the last block's folded
 MLP weights, :class:`worker.legrad.BlockConstants`). For those shapes PyTorch's BLAS (MKL's sgemm) reached
@@ -7,6 +8,12 @@ Zen 4; it varies with the VM's phase: ``benchmarks/results/cpu_gemm.md``, ``vs_o
 fp32 rounding. ``backend="blas"`` (or a torch built without oneDNN, or any non-fp32 or non-CPU input) keeps the
 plain ``torch.matmul``. The packed copies cost one extra ``[m, d]`` matrix per orientation (9.4 MB each for
 ViT-B/16).
+
+The attention side's products, ``[n, dh] × [dh, n-1]`` per head forward and ``[n, n-1] × [n-1, dh]`` per head
+and mask backward, ran at 87–93 GMAC/s as torch's batched matmul (BLAS) on this project's CPU (AMD EPYC with
+AVX-512, session 6) and at 160–220 as one oneDNN linear per head; below about 320 patch columns the per-call
+cost of the 12-plus calls outweighs that (:data:`ONEDNN_MIN_COLUMNS`, measured crossover; ``legrad`` keeps
+torch's batched matmul there).
 """
 
 from __future__ import annotations
@@ -14,6 +21,10 @@ from __future__ import annotations
 import torch
 
 BACKENDS = ("onednn", "blas")
+#: the attention products go through oneDNN per head only from this many patch columns (n - 1) on: at 224 px
+#: (196 columns) one batched BLAS matmul was faster, from 324 columns (S = 288, patch 16) on the per-head
+#: oneDNN calls were (per mask-step at 448 px: 6.7 -> 3.6 ms forward, 5.6 -> 2.6 ms backward)
+ONEDNN_MIN_COLUMNS = 320
 
 
 def onednn_available() -> bool:
@@ -56,3 +67,16 @@ class PackedMatrix:
         if packed is None:  # oneDNN's linear computes x @ weightᵀ with weight [out, in]
             packed = self._packed[transpose] = torch.ops.mkldnn._reorder_linear_weight(w.T.contiguous(), None)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+
+
+def heads_use_onednn(backend: str, x: torch.Tensor, columns: int) -> bool:
+    """Whether the attention products of a step on tensors like ``x`` with ``columns`` patch columns go
+    through :func:`linear` per head (``backend`` "onednn", fp32 on the CPU, at least :data:`ONEDNN_MIN_COLUMNS`)."""
+    return (backend == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32
+            and columns >= ONEDNN_MIN_COLUMNS and onednn_available())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weightᵀ`` ``[r, o]`` through oneDNN's linear for fp32 CPU ``x`` ``[r, i]`` and ``weight`` ``[o, i]``
+    (the weight unpacked: these weights change with every image or mask)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), None, "none", [], "")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import vit
+from . import cpu_gemm
 from .cpu_gemm import PackedMatrix
 
 
@@ -208,12 +209,16 @@ def micro_batch(n_tokens: int, heads: int, element_bytes: int) -> int:
 
 
 def _attention_forward(ctx, g_of, n_u: int, state: ImageState, heads: int, dtype: torch.dtype, acc: torch.dtype,
-                       keep_mask: bool, workspace: Workspace | None, device: torch.device) -> torch.Tensor:
+                       keep_mask: bool, workspace: Workspace | None, device: torch.device,
+                       onednn: bool = False) -> torch.Tensor:
     """Relevance ``[n_u, n-1]`` from the per-token cotangents ``g_of(slice) -> [k, n, d]`` of each micro-batch:
-    ``Σ_{h,q} relu(G_h Vᵀ_h)``, the products clamped, summed and kept as 0/1 sign patterns while in cache."""
+    ``Σ_{h,q} relu(G_h Vᵀ_h)``, the products clamped, summed and kept as 0/1 sign patterns while in cache.
+    ``onednn``: one oneDNN product ``[k·n, dh] × [dh, n-1]`` per head (:func:`worker.cpu_gemm.linear`) instead
+    of torch's batched matmul over heads (:func:`worker.cpu_gemm.heads_use_onednn` decides)."""
     n, d = state.xhat_out.shape
     dh = d // heads
     vt = state.values_t.to(dtype)
+    v_rows = vt.transpose(-1, -2).contiguous() if onednn else None  # [H, n-1, dh]: oneDNN's weight layout
     step = min(n_u, micro_batch(n, heads, torch.finfo(dtype).bits // 8))
     shape = (n_u if keep_mask else step, heads, n, n - 1)
     if keep_mask and workspace is not None:
@@ -226,13 +231,23 @@ def _attention_forward(ctx, g_of, n_u: int, state: ImageState, heads: int, dtype
         sl = slice(s0, s0 + k)
         g = g_of(sl)
         p = prod[sl] if keep_mask else prod[:k]
+        if onednn:
+            gk = g.view(k, n, heads, dh)
+            total = torch.zeros(k, n - 1, dtype=acc, device=device)
+            for h in range(heads):
+                ph = cpu_gemm.linear(gk[:, :, h, :].reshape(k * n, dh), v_rows[h]).view(k, n, n - 1)
+                total += ph.clamp_(min=0).sum(dim=1, dtype=acc)
+                if keep_mask:
+                    torch.sign(ph, out=p[:, h])  # 0/1 (ph >= 0 after the clamp)
+            rel[sl] = total
+            continue
         torch.matmul(g.view(k, n, heads, dh).transpose(1, 2), vt, out=p)
         rel[sl] = p.clamp_(min=0).sum(dim=(1, 2), dtype=acc)
         if keep_mask:
             p.sign_()  # 0/1 (p >= 0 after the clamp)
     if keep_mask:
         ctx.save_for_backward(prod)
-        ctx.state, ctx.heads, ctx.step = state, heads, step
+        ctx.state, ctx.heads, ctx.step, ctx.onednn = state, heads, step, onednn
         ctx.workspace, ctx.generation = workspace, generation
     return rel / (heads * n)
 
@@ -248,7 +263,17 @@ def _attention_backward(ctx, grad_rel: torch.Tensor, shared: bool, pull) -> None
     for s0 in range(0, n_masks, step):
         k = min(step, n_masks - s0)
         sl = slice(s0, s0 + k)
-        if shared:  # one pattern for all masks: one product with k masks' columns side by side
+        if ctx.onednn:  # per head (and mask) one oneDNN product with the weight (c ⊙ V)ᵀ = Vᵀ diag(c) [., n-1]
+            vt = state.values_t.to(dtype)  # [H, dh, n-1]
+            gh = torch.empty(k, n, heads, dh, dtype=dtype, device=grad_rel.device)
+            for h in range(heads):
+                if shared:  # one pattern: the k masks' weights stacked, [k·dh, n-1]
+                    out = cpu_gemm.linear(mask[0, h], (vt[h][None] * col[sl, None, :]).reshape(k * dh, n - 1))
+                    gh[:, :, h, :] = out.view(n, k, dh).transpose(0, 1)
+                else:
+                    for j in range(k):
+                        gh[j, :, h, :] = cpu_gemm.linear(mask[s0 + j, h], vt[h] * col[s0 + j])
+        elif shared:  # one pattern for all masks: one product with k masks' columns side by side
             rhs = (v[:, :, None, :] * col[sl].T[None, :, :, None]).reshape(heads, n - 1, k * dh)
             gh = (mask[0] @ rhs).view(heads, n, k, dh).permute(2, 1, 0, 3)  # [k, n, H, dh]
         else:
@@ -302,8 +327,9 @@ class _Relevance(torch.autograd.Function):
         c = _per_mask_mv(state.act_xhat_r.to(acc), w_u)  # [N, n]
         t = torch.empty(min(n_u, micro_batch(n, heads, torch.finfo(dtype).bits // 8)), n, m, dtype=dtype,
                         device=w.device)
+        onednn = cpu_gemm.heads_use_onednn(fc_out.backend, t, n - 1)
         rel = _attention_forward(ctx, lambda sl: _mlp_cotangents(w_u[sl], b_u[sl], c[sl], state, fc_out, dtype, t),
-                                 n_u, state, heads, dtype, acc, keep_mask, workspace, w.device)
+                                 n_u, state, heads, dtype, acc, keep_mask, workspace, w.device, onednn)
         if keep_mask:
             ctx.fc_out, ctx.in_dtype, ctx.shared = fc_out, in_dtype, inverse is not None
         return rel if inverse is None else rel[inverse]
@@ -342,7 +368,7 @@ class _RelevanceFromBasis(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, u: torch.Tensor, basis: torch.Tensor, state: ImageState, heads: int, keep_mask: bool,
-                workspace: Workspace | None = None) -> torch.Tensor:
+                workspace: Workspace | None = None, gemm: str = "onednn") -> torch.Tensor:
         dim, n, d = basis.shape
         dtype, acc = _step_dtype(u)
         in_dtype, u = u.dtype, u.to(acc)
@@ -350,7 +376,7 @@ class _RelevanceFromBasis(torch.autograd.Function):
         # one GEMM for all rows: the basis is read once per call (row by row it would be read per micro-batch)
         g_all = (u_u.to(dtype) @ basis.view(dim, n * d).to(dtype)).view(-1, n, d)
         rel = _attention_forward(ctx, lambda sl: g_all[sl], u_u.shape[0], state, heads, dtype, acc, keep_mask,
-                                 workspace, u.device)
+                                 workspace, u.device, cpu_gemm.heads_use_onednn(gemm, g_all, n - 1))
         if keep_mask:
             ctx.basis, ctx.in_dtype, ctx.shared = basis, in_dtype, inverse is not None
         return rel if inverse is None else rel[inverse]
@@ -367,7 +393,7 @@ class _RelevanceFromBasis(torch.autograd.Function):
 
         _attention_backward(ctx, grad_rel, ctx.shared, pull)
         grad_u = grad_g.view(-1, n * d) @ ctx.basis.view(dim, n * d).to(dtype).T  # one GEMM, the basis read once
-        return grad_u.to(ctx.in_dtype), None, None, None, None, None
+        return grad_u.to(ctx.in_dtype), None, None, None, None, None, None
 
 
 def _cotangent_inputs(visual: torch.nn.Module, state: ImageState, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,7 +461,7 @@ def decomposed_relevance(visual: torch.nn.Module, state: ImageState, emb: torch.
     keep_mask = torch.is_grad_enabled() and emb.requires_grad
     heads = vit.last_block(visual).heads
     if basis is not None:
-        return _RelevanceFromBasis.apply(u, basis, state, heads, keep_mask, workspace)
+        return _RelevanceFromBasis.apply(u, basis, state, heads, keep_mask, workspace, gemm)
     w, b = _cotangent_inputs(visual, state, u)
     return _Relevance.apply(w, b, state, block_constants(visual).gemm(gemm), heads, keep_mask, workspace)
 

@@ -86,3 +86,73 @@ def test_inversion_gives_the_same_lets_under_either_backend():
     res = {b: MaskInversionEngine(clip, cpu_gemm=b).invert(image, masks, size=48, steps=5) for b in ("onednn", "blas")}
     assert F.cosine_similarity(res["onednn"].lets, res["blas"].lets).min() > 1 - 1e-5
     torch.testing.assert_close(res["onednn"].losses, res["blas"].losses, rtol=1e-3, atol=1e-3)
+
+
+def _random_state(g: torch.Generator, heads: int, dh: int, grid: int, m: int) -> legrad.ImageState:
+    n, d = grid * grid + 1, heads * dh
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    return legrad.ImageState(global_embedding=r(4), z_unit=F.normalize(r(4), dim=0), z_norm=r(()).abs() + 1,
+                             post_xhat=r(d), post_rstd=r(()).abs() + 1, act_r=r(n, m), act_xhat_r=r(n, m),
+                             xhat_out=r(n, d), values_t=r(heads, dh, n - 1), grid=grid, size=grid * 4)
+
+
+def test_head_products_use_onednn_only_from_the_crossover_on():
+    x = torch.ones(2, 2)
+    if cpu_gemm.onednn_available():
+        assert cpu_gemm.heads_use_onednn("onednn", x, cpu_gemm.ONEDNN_MIN_COLUMNS)
+    assert not cpu_gemm.heads_use_onednn("onednn", x, cpu_gemm.ONEDNN_MIN_COLUMNS - 1)
+    assert not cpu_gemm.heads_use_onednn("blas", x, 10_000)
+    assert not cpu_gemm.heads_use_onednn("onednn", x.double(), 10_000)
+
+
+@needs_onednn
+@pytest.mark.parametrize("identical_rows", [False, True])
+@pytest.mark.parametrize("micro_batch_bytes", [legrad.MICRO_BATCH_BYTES, 1])
+def test_per_head_onednn_products_equal_the_batched_matmul(monkeypatch, identical_rows, micro_batch_bytes):
+    """Above the crossover (19 x 19 patches: 361 columns) the attention products go through one oneDNN linear
+    per head (and per mask backward); map and gradient equal the batched-matmul path, for distinct masks and for
+    the first step's identical rows (one shared sign pattern), in one micro-batch and in micro-batches of one."""
+    monkeypatch.setattr(legrad, "MICRO_BATCH_BYTES", micro_batch_bytes)
+    calls = []
+    real_linear = cpu_gemm.linear
+    monkeypatch.setattr(cpu_gemm, "linear", lambda x, w: calls.append(x.shape) or real_linear(x, w))
+    g = torch.Generator().manual_seed(5)
+    heads, dh, grid, m, masks = 2, 8, 19, 24, 3
+    state = _random_state(g, heads, dh, grid, m)
+    fc_out = torch.randn(m, heads * dh, generator=g)
+    w, b = torch.randn(masks, m, generator=g), torch.randn(masks, heads * dh, generator=g)
+    if identical_rows:
+        w, b = w[:1].expand(masks, -1).clone(), b[:1].expand(masks, -1).clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    cot = torch.rand(masks, grid * grid, generator=g)  # a different cotangent per mask
+    outs, grads = [], []
+    for backend in ("blas", "onednn"):
+        calls.clear()
+        out = legrad._Relevance.apply(w, b, state, PackedMatrix(fc_out, backend), heads, True, legrad.Workspace())
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, (w, b), cot))
+        assert bool(calls) == (backend == "onednn")
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for g1, g0 in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5)
+
+
+@needs_onednn
+def test_basis_path_uses_the_per_head_products_and_agrees():
+    g = torch.Generator().manual_seed(6)
+    heads, dh, grid, m, dim = 2, 8, 19, 24, 6
+    n, d = grid * grid + 1, heads * dh
+    state = _random_state(g, heads, dh, grid, m)
+    basis = torch.randn(dim, n, d, generator=g)
+    u = F.normalize(torch.randn(3, dim, generator=g), dim=-1).requires_grad_(True)
+    outs, grads = [], []
+    for backend in ("blas", "onednn"):
+        out = legrad._RelevanceFromBasis.apply(u, basis, state, heads, True, None, backend)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, u, torch.ones_like(out))[0])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
