@@ -21,19 +21,27 @@ on; never with the hostname and token /setup sends), a batch ``/predict``
    Studio as it finishes, with the model version Label Studio knows, so a repeated *Retrieve predictions*
    skips those tasks. Tasks a live run holds are answered with an error naming that run (never labelled
    twice). ``GET /runs`` shows the progress.
+
+A run survives its backend (queue mode: the records live in Redis): while it runs, it keeps a
+:class:`~backend.runs.ResumeRecord` (label config, ``params.maskinv``, model version, task ids). A backend that
+starts finds the records of runs that stopped beating (their process died: a restart, a crash, an OOM kill),
+takes each one (one process per record) and starts a new run on its tasks; tasks the dead run had written are
+skipped as predicted. It is not resumed when the model version would now differ (the old record says why), when
+LABEL_STUDIO_URL points elsewhere, or after the record's TTL (MASKINV_JOB_TIMEOUT + 1 h).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from .label_config import ProjectConfig
-from .ls_api import LabelStudioAPI
+from .ls_api import LabelStudioAPI, LabelStudioAPIError
 from .predict import predict_tasks
 from .project_run import ProjectRun
-from .runs import MemoryRunStore, RedisRunStore, RunStore, claim_key, new_run_id
+from .runs import ALIVE_TTL_S, MemoryRunStore, RedisRunStore, ResumeRecord, RunStore, claim_key, new_run_id
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,10 @@ class RunManager:
         workers = getattr(settings, "run_workers", 0) or _default_workers(self.service)
         run = ProjectRun(self.service, cfg, api, self.store, model_version=version, kind="retrieve",
                          project=project, overrides=overrides, workers=workers, run_id=run_id)
+        if taken:
+            self.store.keep_for_resume(run_id, ResumeRecord(
+                label_studio_url=api.url, project=None if project is None else str(project), label_config=cfg.xml,
+                overrides=overrides, model_version=version, task_ids=tuple(t.get("id") for t in taken)))
         thread = threading.Thread(target=self._run, args=(run, taken), name=f"maskinv-{run_id}", daemon=True)
         with self._lock:
             self.threads = {k: v for k, v in self.threads.items() if v.is_alive()}
@@ -106,8 +118,85 @@ class RunManager:
         except Exception:  # noqa: BLE001 - reported in the log and by GET /runs (state stays as saved)
             log.exception("background run %s failed", run.run_id)
             return
+        finally:  # the run ended in this process: nothing for another backend to resume
+            try:
+                self.store.forget_resume(run.run_id)
+            except Exception:  # noqa: BLE001 - Redis trouble: the record expires by itself
+                log.warning("background run %s: could not drop its resume record", run.run_id)
         log.info("background run %s finished in %.1fs: %d labelled, %d skipped, %d failed", run.run_id,
                  s.seconds, s.labelled, s.skipped, s.failed)
+
+    # -- resuming the runs of a backend that died ------------------------------------------------------------
+    def resume_interrupted(self) -> list[str]:
+        """Start a new run for every run whose process died while it ran (see the module docstring); returns the
+        new runs' ids. Never raises: what cannot be resumed is logged and written into the old run's record."""
+        started = []
+        try:
+            dead = self.store.resumable()
+        except Exception as exc:  # noqa: BLE001 - Redis trouble at start: nothing resumed this time
+            log.warning("could not look for interrupted runs to resume: %s", exc)
+            return started
+        for old_id in dead:
+            try:
+                record = self.store.take_resume(old_id)
+                if record is not None:
+                    new_id = self._resume(old_id, record)
+                    if new_id:
+                        started.append(new_id)
+            except Exception as exc:  # noqa: BLE001 - one bad record must not stop the others
+                log.warning("background run %s could not be resumed: %s", old_id, exc)
+                self._note(old_id, f"not resumed: {exc}")
+        return started
+
+    def _resume(self, old_id: str, record: ResumeRecord) -> str | None:
+        api = self.api()
+        if api is None or api.url != record.label_studio_url:
+            self._note(old_id, "not resumed: background runs are off or LABEL_STUDIO_URL changed")
+            return None
+        cfg = self.service.config(record.label_config)
+        params, labels = self.service.params(record.overrides)
+        version = self.service.model_version(cfg, params, labels)
+        if version != record.model_version:
+            self._note(old_id, f"not resumed: the model version is now {version} (was {record.model_version})")
+            return None
+        tasks, missing = [], 0
+        for tid in record.task_ids:  # one by one: a task deleted meanwhile is left out, not the whole run
+            try:
+                tasks.extend(api.get_tasks([tid]))
+            except LabelStudioAPIError:
+                missing += 1
+        run, taken, busy = self.start(cfg, tasks, record.overrides, version, record.project, api)
+        self._note(old_id, f"interrupted (its process stopped); resumed by run {run.run_id}"
+                   + (f" ({missing} task(s) no longer readable)" if missing else ""))
+        log.info("background run %s resumes interrupted run %s: %d task(s) (%d held by live runs, %d unreadable)",
+                 run.run_id, old_id, len(taken), len(busy), missing)
+        return run.run_id
+
+    def _note(self, run_id: str, message: str) -> None:
+        """Mark a dead run's record ``interrupted`` with ``message`` (kept for GET /runs)."""
+        for status in self.store.load_all():
+            if status.id == run_id:
+                if status.state == "running":
+                    status.state = "interrupted"
+                status.message = message
+                self.store.save(status)
+                return
+
+
+def resume_in_background(service: Service, delay_s: float = ALIVE_TTL_S + 1) -> threading.Thread | None:
+    """At backend start in queue mode with background runs possible: resume the interrupted runs after
+    ``delay_s`` (a run of the process this one replaces counts as alive until its last heartbeat expires)."""
+    if service.settings.embedded or runs_for(service).api() is None:
+        return None
+
+    def later() -> None:
+        time.sleep(delay_s)
+        resumed = runs_for(service).resume_interrupted()
+        if resumed:
+            log.info("resumed %d interrupted background run(s): %s", len(resumed), ", ".join(resumed))
+    thread = threading.Thread(target=later, name="maskinv-resume-runs", daemon=True)
+    thread.start()
+    return thread
 
 
 def _default_workers(service: Service) -> int:

@@ -12,9 +12,13 @@ the same runs), process memory in embedded mode. Keys (``{prefix}`` = MASKINV_RE
     {prefix}:run-alive:{run id}     string  set with a TTL of ALIVE_TTL_S, renewed by the run's heartbeat
     {prefix}:claim:{digest}         string  run id that is labelling one task for one model version
     {prefix}:written:{digest}       string  run id that wrote that prediction (TTL WRITTEN_TTL_S)
+    {prefix}:run-resume:{run id}    string  what a background run needs to be resumed (ResumeRecord JSON), kept
+                                            while it runs (TTL: the claims'); taken by one process at most
 
 A claim whose run is no longer alive (killed, crashed) can be taken over at once, so a killed run never blocks
 a re-run; a live run's claim is respected (the task is deferred and retried when the claim is released).
+A background run whose process died leaves its resume record behind: the next backend that starts resumes it
+(backend.background.resume_interrupted).
 """
 
 from __future__ import annotations
@@ -131,10 +135,51 @@ class RunStore:
     def written_by(self, key: str) -> str | None:
         raise NotImplementedError
 
+    def keep_for_resume(self, run_id: str, record: "ResumeRecord") -> None:
+        """Keep what is needed to resume ``run_id`` should its process die (until :meth:`forget_resume`)."""
+        raise NotImplementedError
+
+    def forget_resume(self, run_id: str) -> None:
+        raise NotImplementedError
+
+    def resumable(self) -> list[str]:
+        """Runs with a resume record that are no longer alive (their process died mid-run)."""
+        raise NotImplementedError
+
+    def take_resume(self, run_id: str) -> "ResumeRecord | None":
+        """Remove and return ``run_id``'s resume record; None when another process took it first (or none is
+        left). At most one caller gets a record."""
+        raise NotImplementedError
+
     def runs(self) -> list[dict[str, Any]]:
         """Every kept run, newest first, as ``GET /runs`` shows it."""
         items = sorted(self.load_all(), key=lambda s: s.started_at, reverse=True)
         return [s.public(self.alive(s.id)) for s in items]
+
+
+@dataclass(frozen=True)
+class ResumeRecord:
+    """What a background run of *Retrieve predictions* needs to be started again after its process died: the
+    request's label config and ``params.maskinv``, the model version it writes, the Label Studio it writes to and
+    the ids of its tasks (tasks already predicted with that version are skipped when it resumes)."""
+
+    label_studio_url: str
+    project: str | None
+    label_config: str
+    overrides: Any
+    model_version: str
+    task_ids: tuple[Any, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "task_ids": list(self.task_ids)})
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "ResumeRecord":
+        data = json.loads(raw)
+        if not isinstance(data, dict) or not isinstance(data.get("task_ids"), list):
+            raise ValueError("a resume record needs 'task_ids'")
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in known}, "task_ids": tuple(data["task_ids"])})
 
 
 def claim_key(label_studio_url: str | None, task_id: Any, model_version: str) -> str:
@@ -150,6 +195,7 @@ class MemoryRunStore(RunStore):
         self._alive: dict[str, float] = {}
         self._claims: dict[str, str] = {}
         self._written: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._resume: dict[str, ResumeRecord] = {}
         self._lock = threading.Lock()
 
     def save(self, status: RunStatus) -> None:
@@ -204,6 +250,23 @@ class MemoryRunStore(RunStore):
         with self._lock:
             hit = self._written.get(key)
             return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+
+    def keep_for_resume(self, run_id: str, record: ResumeRecord) -> None:
+        with self._lock:
+            self._resume[run_id] = record
+
+    def forget_resume(self, run_id: str) -> None:
+        with self._lock:
+            self._resume.pop(run_id, None)
+
+    def resumable(self) -> list[str]:
+        with self._lock:
+            now = time.monotonic()
+            return [r for r in self._resume if self._alive.get(r, 0.0) <= now]
+
+    def take_resume(self, run_id: str) -> ResumeRecord | None:
+        with self._lock:
+            return self._resume.pop(run_id, None)
 
 
 #: atomically take a claim that is free, ours, or held by a run that is no longer alive
@@ -295,6 +358,33 @@ class RedisRunStore(RunStore):
     def written_by(self, key: str) -> str | None:
         cur = self.connection.get(f"{self.prefix}:written:{key}")
         return None if cur is None else (cur.decode() if isinstance(cur, bytes) else str(cur))
+
+    def _resume_key(self, run_id: str) -> str:
+        return f"{self.prefix}:run-resume:{run_id}"
+
+    def keep_for_resume(self, run_id: str, record: ResumeRecord) -> None:
+        self.connection.set(self._resume_key(run_id), record.to_json(), ex=self.claim_ttl_s)
+
+    def forget_resume(self, run_id: str) -> None:
+        self.connection.delete(self._resume_key(run_id))
+
+    def resumable(self) -> list[str]:
+        head = f"{self.prefix}:run-resume:"
+        out = []
+        for key in self.connection.scan_iter(match=f"{head}*", count=200):
+            run_id = (key.decode() if isinstance(key, bytes) else str(key))[len(head):]
+            if not self.alive(run_id):
+                out.append(run_id)
+        return out
+
+    def take_resume(self, run_id: str) -> ResumeRecord | None:
+        raw = self.connection.getdel(self._resume_key(run_id))  # atomic: one process gets it
+        if raw is None:
+            return None
+        try:
+            return ResumeRecord.from_json(raw)
+        except (ValueError, TypeError):
+            return None  # not ours to resume
 
 
 class Heartbeat:

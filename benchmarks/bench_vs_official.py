@@ -77,10 +77,12 @@ def uptime_load() -> str:
 
 def gemm_rates(n: int, d: int, m: int, heads: int, repeat: int = 5) -> dict[str, float]:
     """Measured fp32 GMAC/s of the step's large products at n tokens (best of ``repeat``)."""
-    from worker.cpu_gemm import PackedMatrix
+    from worker.cpu_gemm import PackedMatrix, linear
 
     dh = d // heads
     packed = PackedMatrix(torch.randn(m, d))  # the step's oneDNN path (MASKINV_CPU_GEMM=onednn)
+    x_heads, v_rows, v_cols = torch.randn(n, heads, dh), torch.randn(heads, n - 1, dh), torch.randn(heads, dh, n - 1)
+    pattern, col = torch.randn(heads, n, n - 1), torch.rand(n - 1)
     shapes = {
         "mlp [n,m]x[m,d]": (lambda a=torch.randn(n, m), b=torch.randn(m, d): a @ b, n * m * d),
         "mlp bwd [n,d]x[d,m]": (lambda a=torch.randn(n, d), b=torch.randn(d, m): a @ b, n * m * d),
@@ -90,6 +92,11 @@ def gemm_rates(n: int, d: int, m: int, heads: int, repeat: int = 5) -> dict[str,
                                      torch.bmm(a, b), heads * n * (n - 1) * dh),
         "attn bwd [H,n,n-1]x[H,n-1,dh]": (lambda a=torch.randn(heads, n, n - 1), b=torch.randn(heads, n - 1, dh):
                                           torch.bmm(a, b), heads * n * (n - 1) * dh),
+        # what the step runs from worker.cpu_gemm.ONEDNN_MIN_COLUMNS patch columns on: one linear per head
+        "attn oneDNN per head": (lambda: [linear(x_heads[:, h], v_rows[h]) for h in range(heads)],
+                                 heads * n * (n - 1) * dh),
+        "attn bwd oneDNN per head": (lambda: [linear(pattern[h], v_cols[h] * col) for h in range(heads)],
+                                     heads * n * (n - 1) * dh),
     }
     out = {}
     for name, (fn, macs) in shapes.items():
@@ -234,7 +241,9 @@ def main() -> None:
                      f"{fmt(r.get('cold_ratio'), '.1f', '×')} | "
                      f"{fmt(r.get('min_cos'), '.6f')} | {r['warm_s_per_mask']:.3f} | {r['warm_gmacs_at_floor']:.1f} |")
     lines += ["", "Measured fp32 GEMM rate on the step's shapes (GMAC/s, best of 5, same run; torch's BLAS, and "
-              "oneDNN with the matrix packed as the step runs them since MASKINV_CPU_GEMM=onednn):", "",
+              "oneDNN as the step runs them with MASKINV_CPU_GEMM=onednn: the MLP matrix packed, the attention "
+              "products one linear per head, which the step uses from 320 patch columns on, i.e. at 448 and not "
+              "at 224):", "",
               "| size | n | " + " | ".join(rates[args.sizes[0]]) + " |",
               "|---:|---:|" + "---:|" * len(rates[args.sizes[0]])]
     for s in args.sizes:

@@ -13,7 +13,7 @@ import pytest
 from backend import background, project_run
 from backend.annotate_cli import FailureState, format_summary, parse_task_ids
 from backend.project_run import ProjectRun, classify
-from backend.runs import MemoryRunStore, RedisRunStore, RunStatus, claim_key
+from backend.runs import MemoryRunStore, RedisRunStore, ResumeRecord, RunStatus, claim_key
 from backend.settings import Settings
 from backend_support import FAST, config, rect
 
@@ -46,6 +46,17 @@ class FakeAPI:
             if self.keep_results:
                 self.results[task_id] = result
         return self.writes
+
+    def get_tasks(self, task_ids):
+        """Tasks of ``self.tasks`` as Label Studio lists them (with the predictions written so far)."""
+        from backend.ls_api import LabelStudioAPIError
+
+        for tid in task_ids:
+            if tid not in getattr(self, "tasks", {}):
+                raise LabelStudioAPIError(f"Label Studio GET task {tid} failed (HTTP 404): not found")
+            with self.lock:
+                preds = [{"model_version": v, "result": []} for v in self.preds.get(tid, [])]
+            yield {**self.tasks[tid], "predictions": preds}
 
 
 def task(tid: int, n_regions: int = 1, predictions: list | None = None) -> dict:
@@ -238,6 +249,18 @@ def test_run_store_claims_and_records(kind, request):
     store.beat("run-1")
     assert store.runs()[0]["state"] == "running" and store.runs()[0]["done"] == 2
 
+    record = ResumeRecord(label_studio_url="http://ls.test", project="3", label_config="<View/>",
+                          overrides={"steps": 3}, model_version=VERSION, task_ids=(4, 5))
+    store.keep_for_resume("run-1", record)
+    assert store.resumable() == []  # alive: nothing to resume
+    store.end("run-1")
+    assert store.resumable() == ["run-1"]
+    assert store.take_resume("run-1") == record  # the same record, back from storage
+    assert store.take_resume("run-1") is None and store.resumable() == []  # taken once only
+    store.keep_for_resume("run-2", record)
+    store.forget_resume("run-2")
+    assert store.resumable() == []
+
 
 def test_retrieve_predictions_answers_what_is_ready_and_finishes_the_rest(monkeypatch, stub_predict):
     """A batch /predict with a Label Studio token: timed-out tasks and tasks beyond MASKINV_MAX_TASKS go to a
@@ -364,3 +387,85 @@ def test_stopped_run_loses_only_what_it_had_not_started(service, cfg, stub_predi
     relisted = [dict(t, predictions=[{"model_version": v} for v in api.preds.get(t["id"], [])]) for t in tasks]
     rest = make_run(service, cfg, api, workers=2).run(relisted, total=20)
     assert rest.labelled == 20 - s.labelled and all(v == [VERSION] for v in api.preds.values()) and len(api.preds) == 20
+
+
+def _dead_run(store, api, cfg, version=VERSION, task_ids=(1, 2, 3)) -> str:
+    """A background run whose process died mid-run: its record says running, it no longer beats, it holds the
+    claim of task 2 and had written task 1."""
+    run_id = "retrieve-20260101T000000-deadbeef"
+    store.save(RunStatus(id=run_id, kind="retrieve", project="7", model_version=version, total=len(task_ids),
+                         done=1, running=1, queued=len(task_ids) - 2))
+    assert store.claim(run_id, claim_key(api.url, 2, version)) is None
+    api.create_prediction(1, [], None, version)
+    store.keep_for_resume(run_id, ResumeRecord(label_studio_url=api.url, project="7", label_config=cfg.xml,
+                                               overrides=None, model_version=version, task_ids=tuple(task_ids)))
+    return run_id
+
+
+@pytest.fixture
+def resuming(monkeypatch):
+    """A backend with a Label Studio token (background runs on) and its run manager, talking to a FakeAPI."""
+    from backend.service import Service
+
+    settings = Settings.from_env({**FAST, "MASKINV_MODEL_VERSION": VERSION,
+                                  "LABEL_STUDIO_URL": "http://ls.test", "LABEL_STUDIO_API_KEY": "tok"})
+    service = Service(settings)
+    api = FakeAPI()
+    api.tasks = {i: task(i) for i in (1, 2, 3)}
+    mgr = background.runs_for(service)
+    monkeypatch.setattr(mgr, "api", lambda: api)
+    return service, service.config(config("rectangle")), mgr, api
+
+
+def _wait(mgr, run_id):
+    deadline = time.monotonic() + 10
+    while mgr.threads[run_id].is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mgr.threads[run_id].is_alive()
+
+
+def test_a_run_whose_process_died_is_resumed_once_and_skips_what_it_wrote(resuming, stub_predict):
+    service, cfg, mgr, api = resuming
+    old = _dead_run(mgr.store, api, cfg, task_ids=(1, 2, 3, 99))  # task 99 was deleted meanwhile
+    (new,) = mgr.resume_interrupted()
+    _wait(mgr, new)
+    assert api.preds == {1: [VERSION], 2: [VERSION], 3: [VERSION]}  # one prediction each, 2 despite the dead claim
+    assert sorted(stub_predict["calls"]) == [2, 3]
+    runs = {r["id"]: r for r in mgr.runs()}
+    assert runs[old]["state"] == "interrupted" and f"resumed by run {new}" in runs[old]["message"]
+    assert "1 task(s) no longer readable" in runs[old]["message"]
+    assert runs[new]["state"] == "done" and runs[new]["total"] == 3
+    assert runs[new]["done"] == 2 and runs[new]["skipped"] == 1 and runs[new]["project"] == "7"
+    # nothing left to resume: not the old run (taken), not the new one (it finished in this process)
+    assert mgr.store.resumable() == [] and mgr.resume_interrupted() == []
+
+
+def test_a_run_is_not_resumed_under_another_model_version(resuming, stub_predict):
+    service, cfg, mgr, api = resuming
+    old = _dead_run(mgr.store, api, cfg, version="maskinversion-older")
+    assert mgr.resume_interrupted() == []
+    (run,) = [r for r in mgr.runs() if r["id"] == old]
+    assert run["state"] == "interrupted" and "model version is now" in run["message"]
+    assert stub_predict["calls"] == [] and mgr.store.resumable() == []
+
+
+def test_a_live_run_keeps_its_resume_record_until_it_finishes(resuming, stub_predict):
+    service, cfg, mgr, api = resuming
+    release = threading.Event()
+    stub_predict["answer"] = lambda t: (release.wait(5), answer_for(t))[1]
+    run, taken, busy = mgr.start(cfg, [task(2), task(3)], None, VERSION, "7", api)
+    assert len(taken) == 2 and busy == []
+    assert mgr.store.resumable() == []  # alive: not for another backend to take
+    mgr.store.end(run.run_id)  # as if its heartbeat had stopped: its record is there to be resumed
+    assert mgr.store.resumable() == [run.run_id]
+    release.set()
+    _wait(mgr, run.run_id)
+    assert mgr.store.resumable() == [] and mgr.store.take_resume(run.run_id) is None
+
+
+def test_resume_starts_only_in_queue_mode_with_a_token(stub_predict):
+    from backend.service import Service
+
+    embedded = Service(Settings.from_env({**FAST, "LABEL_STUDIO_URL": "http://ls.test",
+                                          "LABEL_STUDIO_API_KEY": "tok"}))
+    assert background.resume_in_background(embedded, delay_s=0) is None
