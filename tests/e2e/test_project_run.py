@@ -331,3 +331,56 @@ def test_retrieve_predictions_beyond_the_batch_timeout_finishes_in_the_backgroun
     ls.retrieve_predictions(pid)
     assert all(len(ls.predictions(t)) == 1 for t in ids)
     assert snapshot_annotations(ls, ids) == before
+
+
+def test_background_run_of_a_killed_backend_is_resumed_by_the_next_one(ls, ls_server, ls_token, queue_env,
+                                                                        tmp_path):
+    """Retrieve predictions hands tasks to a background run; the backend is SIGKILLed mid-run; a new backend
+    (same Redis, same Label Studio) resumes the run: every task ends with exactly one prediction, annotations
+    untouched, and the dead run's record names the run that resumed it."""
+    import requests
+
+    built = build_project(ls, n_annotated=14, n_empty=0, broken=False, from_prediction=False)
+    pid = built["project"]["id"]
+    ids = list(built["regions"])
+    before = snapshot_annotations(ls, ids)
+    env = dict(queue_env, MASKINV_BATCH_TIMEOUT="1", MASKINV_STEPS="40", MASKINV_SIZE="448",
+               LABEL_STUDIO_URL=ls_server.url, LABEL_STUDIO_API_KEY=ls_token)
+    first = BackendServer(tmp_path / "first.log", env=env).start()
+    try:
+        assert ls.connect_ml_backend(pid, first.url, interactive=False)["state"] == "CO"
+        ls.retrieve_predictions(pid)
+        runs = requests.get(f"{first.url}/runs", timeout=30).json()["runs"]
+        (run,) = [r for r in runs if r["kind"] == "retrieve" and r["project"] == str(pid)]
+        deadline = time.monotonic() + 300
+        while sum(1 for t in ids if ls.predictions(t)) < len(ids) - run["total"] + 1:  # one written by the run
+            assert time.monotonic() < deadline, "the background run wrote nothing"
+            time.sleep(0.3)
+        os.killpg(first.process.proc.pid, signal.SIGKILL)
+        first.process.proc.wait(timeout=30)
+    finally:
+        first.stop()
+    assert sum(1 for t in ids if ls.predictions(t)) < len(ids), "the run finished before the kill"
+
+    second = BackendServer(tmp_path / "second.log", env=env).start()
+    try:
+        deadline = time.monotonic() + 300
+        while sum(1 for t in ids if ls.predictions(t)) < len(ids):
+            assert time.monotonic() < deadline, second.process.log_tail()
+            time.sleep(1.0)
+        runs = {r["id"]: r for r in requests.get(f"{second.url}/runs", timeout=30).json()["runs"]}
+        old = runs[run["id"]]
+        assert old["state"] == "interrupted" and "resumed by run" in old["message"], old
+        new_id = old["message"].split("resumed by run ")[1].split()[0]
+        deadline = time.monotonic() + 60
+        while runs[new_id]["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            runs = {r["id"]: r for r in requests.get(f"{second.url}/runs", timeout=30).json()["runs"]}
+        assert runs[new_id]["state"] == "done" and runs[new_id]["failed"] == 0, runs[new_id]
+    finally:
+        second.stop()
+    for tid, region_ids in built["regions"].items():
+        preds = ls.predictions(tid)
+        assert len(preds) == 1, (tid, preds)
+        check_prediction(preds[0], region_ids)
+    assert snapshot_annotations(ls, ids) == before
