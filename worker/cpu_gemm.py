@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 
 BACKENDS = ("onednn", "blas")
-#: the attention products go through oneDNN per head only from this many patch columns (n - 1) on: at 224 px
-#: (196 columns) one batched BLAS matmul was faster, from 324 columns (S = 288, patch 16) on the per-head
-#: oneDNN calls were (per mask-step at 448 px: 6.7 -> 3.6 ms forward, 5.6 -> 2.6 ms backward)
+#: the attention products go through oneDNN per head only from this many patch columns (n - 1) on: at 196 and
+#: 256 columns (S = 224, 256 at patch 16) one batched BLAS matmul was faster; at 324 (S = 288) the per-head calls
+#: were even forward and faster backward, from 441 (S = 336) on faster both ways (per mask-step at 448 px:
+#: 6.7 -> 3.6 ms forward, 5.6 -> 2.6 ms backward)
 ONEDNN_MIN_COLUMNS = 320
 
 
