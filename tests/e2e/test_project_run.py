@@ -80,14 +80,16 @@ BOXES = [(5.0, 10.0, 40.0, 60.0), (55.0, 25.0, 35.0, 50.0), (30.0, 5.0, 30.0, 30
 
 
 def build_project(ls: LabelStudioClient, n_annotated: int, n_empty: int, broken: bool,
-                  from_prediction: bool) -> dict:
+                  from_prediction: bool, seed: int = 100) -> dict:
     """A project whose tasks are: annotated (1-3 regions, kinds rotating), without regions, optionally one with
-    a broken image (annotated) and one whose regions come from an imported prediction.
+    a broken image (annotated) and one whose regions come from an imported prediction. Images come from scene
+    seeds ``seed``, ``seed + 1``, ...: another ``seed`` gives images whose regions no earlier test left in the
+    result cache.
 
     Returns ``{"project", "regions": {task id: [region ids]}, "empty": [ids], "broken": id | None}``.
     """
     project = ls.create_project(f"run {uuid.uuid4().hex[:6]}", all_kinds_config())
-    images = [(f"scene{k}.png", scene_png(W, H, seed=100 + k)) for k in range(n_annotated + n_empty)]
+    images = [(f"scene{k}.png", scene_png(W, H, seed=seed + k)) for k in range(n_annotated + n_empty)]
     if broken:
         images.append(("broken.png", b"\x89PNG\r\n\x1a\n this is not an image"))
     if from_prediction:
@@ -340,7 +342,9 @@ def test_background_run_of_a_killed_backend_is_resumed_by_the_next_one(ls, ls_se
     untouched, and the dead run's record names the run that resumed it."""
     import requests
 
-    built = build_project(ls, n_annotated=14, n_empty=0, broken=False, from_prediction=False)
+    # images of its own: the killed-run test above labels seeds 100.. with these settings, and the result cache
+    # would answer them within the batch timeout
+    built = build_project(ls, n_annotated=14, n_empty=0, broken=False, from_prediction=False, seed=500)
     pid = built["project"]["id"]
     ids = list(built["regions"])
     before = snapshot_annotations(ls, ids)
@@ -351,7 +355,8 @@ def test_background_run_of_a_killed_backend_is_resumed_by_the_next_one(ls, ls_se
         assert ls.connect_ml_backend(pid, first.url, interactive=False)["state"] == "CO"
         ls.retrieve_predictions(pid)
         runs = requests.get(f"{first.url}/runs", timeout=30).json()["runs"]
-        (run,) = [r for r in runs if r["kind"] == "retrieve" and r["project"] == str(pid)]
+        (run,) = [r for r in runs if r["kind"] == "retrieve" and r["project"] == str(pid)] or [None]
+        assert run is not None, f"every task was answered within the batch timeout: {runs}"
         deadline = time.monotonic() + 300
         while sum(1 for t in ids if ls.predictions(t)) < len(ids) - run["total"] + 1:  # one written by the run
             assert time.monotonic() < deadline, "the background run wrote nothing"
