@@ -8,6 +8,9 @@ only side-by-side ratios mean anything):
   ``--repeat``;
 * the attention products of one mask, ``[H, n, dh] × [H, dh, n-1]`` (forward) and ``[H, n, n-1] × [H, n-1, dh]``
   (backward), as torch's batched matmul (BLAS) vs one oneDNN linear per head: GMAC/s;
+* the trunk's forward pass (every block but the last: what each new image, masked crop and proposal-key pass
+  costs), the blocks' own forward (BLAS) vs their linear layers through oneDNN with packed weights
+  (:mod:`worker.trunk`), one image: seconds, best of ``--repeat``, and the largest relative difference;
 * the warm inversion (cached image, K steps, N masks) of ViT-B/16 with random weights in three engines: ``blas``
   (every product through torch's matmul), ``onednn_mlp`` (the MLP-side GEMMs through oneDNN, the attention
   products batched through BLAS: the engine before per-head oneDNN) and ``onednn`` (both, the default; the
@@ -90,6 +93,25 @@ def attention_rows(n: int, heads: int, dh: int, repeat: int) -> dict[str, float]
     return {k: heads * n * (n - 1) * dh / t / 1e9 for k, t in times.items()}
 
 
+def trunk_rows(visual, size: int, repeat: int) -> dict[str, float]:
+    """Seconds of one image's trunk forward under each backend (alternating, best of ``repeat``), and the largest
+    difference between the two outputs relative to their largest magnitude."""
+    pos = vit.PosEmbedCache(visual).get(size)
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(size))
+    times: dict[str, float] = {}
+    outs = {}
+    with torch.no_grad():
+        for b in BACKENDS:
+            outs[b] = vit.trunk_forward(visual, pixels, pos, b)  # packs the weights, warms the allocator
+        for r in range(repeat):
+            for b in (BACKENDS if r % 2 == 0 else BACKENDS[::-1]):
+                times[b] = min(times.get(b, float("inf")), _best(lambda: vit.trunk_forward(visual, pixels, pos, b),
+                                                                 1))
+    rel = float((outs["onednn"] - outs["blas"]).abs().max() / outs["blas"].abs().max())
+    return {"blas_s": times["blas"], "onednn_s": times["onednn"], "speedup": times["blas"] / times["onednn"],
+            "max_rel_diff": rel}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="ViT-B-16")
@@ -126,6 +148,7 @@ def main(argv=None) -> dict:
         k = min(a.masks, legrad.micro_batch(n, heads, 4))
         rates = gemm_rows(n, d, m, k * n, a.repeat)
         attn = attention_rows(n, heads, d // heads, a.repeat)
+        trunk_t = trunk_rows(clip.visual, size, a.repeat)
         for name in ENGINES:  # image state, pos-embed resample, packing
             invert(name, size)
         t: dict[str, list[float]] = {name: [] for name in ENGINES}
@@ -137,7 +160,7 @@ def main(argv=None) -> dict:
                 t[name].append(time.perf_counter() - t0)
                 lets[name] = res.lets
         best = {name: min(v) for name, v in t.items()}
-        row = {"size": size, "n": n, "rows": k * n, "gemm_gmacs": rates, "attention_gmacs": attn,
+        row = {"size": size, "n": n, "rows": k * n, "gemm_gmacs": rates, "attention_gmacs": attn, "trunk": trunk_t,
                "heads_onednn": n - 1 >= default_columns, "warm_s": best, "warm_runs": t,
                "speedup": best["blas"] / best["onednn"], "speedup_heads": best["onednn_mlp"] / best["onednn"],
                "min_cos": min(F.cosine_similarity(lets[name], lets["blas"]).min().item()
@@ -161,6 +184,13 @@ def main(argv=None) -> dict:
         lines.append(f"| {r['size']} | {r['rows']} | {g['fwd blas']:.0f} | {g['fwd onednn']:.0f} | {g['bwd blas']:.0f} "
                      f"| {g['bwd onednn']:.0f} | {h['fwd blas']:.0f} | {h['fwd onednn']:.0f} | {h['bwd blas']:.0f} | "
                      f"{h['bwd onednn']:.0f} |")
+    lines += ["", "Trunk forward (every block but the last, one image; the blocks' own forward vs packed oneDNN "
+              "linear layers, `worker/trunk.py`):", "", "| size | BLAS s | oneDNN s | speed-up | max rel. diff |",
+              "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        t = r["trunk"]
+        lines.append(f"| {r['size']} | {t['blas_s']:.3f} | {t['onednn_s']:.3f} | {t['speedup']:.2f}× | "
+                     f"{t['max_rel_diff']:.1e} |")
     lines += ["", "| size | attention per head | warm s blas | warm s onednn_mlp | warm s onednn | onednn vs blas | "
               "onednn vs onednn_mlp | min cos(LET) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -128,7 +128,7 @@ class MaskInversionEngine:
         if state is not None:
             log.debug("image cache hit %s@%d", digest[:12], size)
             return state, True, digest, img
-        state = legrad.build_image_state(self.visual, self._pixels(img, size), self.pos.get(size))
+        state = legrad.build_image_state(self.visual, self._pixels(img, size), self.pos.get(size), self.cpu_gemm)
         self.stats.vit_forwards += 1
         self.cache.put(key, state)
         return state, False, digest, img
@@ -275,7 +275,7 @@ class MaskInversionEngine:
         out = []
         for i in range(0, len(images), batch):
             pix = torch.cat([self._pixels(open_image(im)[0], size) for im in images[i:i + batch]])
-            tokens = vit.tokens_forward(self.visual, pix, self.pos.get(size))
+            tokens = vit.tokens_forward(self.visual, pix, self.pos.get(size), self.cpu_gemm)
             out.append(vit.global_embedding(self.visual, tokens))
             self.stats.vit_forwards += pix.shape[0]
         return torch.cat(out) if out else torch.zeros(0, self.clip.embed_dim, device=self.clip.device)

@@ -75,10 +75,12 @@ def ln_backward(grad_out: torch.Tensor, weight: torch.Tensor | None, xhat: torch
 
 
 @torch.no_grad()
-def build_image_state(visual: torch.nn.Module, pixels: torch.Tensor, pos: torch.Tensor) -> ImageState:
-    """Run the ViT once on ``pixels`` ``[1, 3, S, S]`` and freeze what the decomposed maps need."""
+def build_image_state(visual: torch.nn.Module, pixels: torch.Tensor, pos: torch.Tensor,
+                      gemm: str = "onednn") -> ImageState:
+    """Run the ViT once on ``pixels`` ``[1, 3, S, S]`` and freeze what the decomposed maps need (``gemm``: the
+    trunk's GEMMs, see :func:`worker.vit.trunk_forward`)."""
     view = vit.last_block(visual)
-    x = vit.trunk_forward(visual, pixels, pos)
+    x = vit.trunk_forward(visual, pixels, pos, gemm)
     attn, values = view.attention(x)
     act = view.after_attention(x, attn, values)
     tokens = act.out

@@ -178,7 +178,7 @@ def image_keys(engine, image: ImageLike, size: int) -> tuple[torch.Tensor, int]:
     img, _ = open_image(image)
     clip = engine.clip
     pixels = image_to_tensor(img, size, clip.mean, clip.std, clip.device)
-    x = vit.trunk_forward(engine.visual, pixels, engine.pos.get(size))
+    x = vit.trunk_forward(engine.visual, pixels, engine.pos.get(size), engine.cpu_gemm)
     keys = maskcut.last_block_keys(engine.visual, x)[0]
     return keys, vit.grid_side(x.shape[1])
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import trunk
+
 
 def resample_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
     """Resample an absolute position embedding ``[1 + gh*gw, C]`` (class token first) to a new grid.
@@ -234,22 +236,23 @@ def last_block(visual: nn.Module) -> LastBlock:
     return view
 
 
-def trunk_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Tokens entering the last block, ``[B, n, width]`` (n = 1 + grid²), from pixels ``[B, 3, S, S]``."""
+def trunk_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor, gemm: str = "onednn") -> torch.Tensor:
+    """Tokens entering the last block, ``[B, n, width]`` (n = 1 + grid²), from pixels ``[B, 3, S, S]``. ``gemm``
+    ("onednn" | "blas", MASKINV_CPU_GEMM): under "onednn", without gradients, fp32 on the CPU, the blocks' linear
+    layers go through oneDNN with packed weights (:mod:`worker.trunk`)."""
     x = visual.conv1(pixels.to(visual.conv1.weight.dtype))
     x = x.flatten(2).transpose(1, 2)
     cls_tok = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls_tok, x], dim=1) + pos.to(x.dtype)
     x = visual.ln_pre(x)
-    for block in visual.transformer.resblocks[:-1]:
-        x = block(x)
-    return x
+    return trunk.run_blocks(visual.transformer.resblocks[:-1], x, gemm)
 
 
-def tokens_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The last block's output tokens ``[B, n, width]`` for pixels ``[B, 3, S, S]``."""
+def tokens_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor, gemm: str = "onednn") -> torch.Tensor:
+    """The last block's output tokens ``[B, n, width]`` for pixels ``[B, 3, S, S]`` (``gemm``: see
+    :func:`trunk_forward`)."""
     view = last_block(visual)
-    x = trunk_forward(visual, pixels, pos)
+    x = trunk_forward(visual, pixels, pos, gemm)
     attn, values = view.attention(x)
     return view.after_attention(x, attn, values).out
 

@@ -1,0 +1,126 @@
+"""The ViT trunk's blocks with their four linear layers through oneDNN on the CPU (weights packed once per model).
+
+``worker.vit.trunk_forward`` runs every block but the last on each new image (the image-state cache's miss path,
+the masked crops and the proposal keys). open_clip's blocks call ``F.linear`` / ``nn.MultiheadAttention``,
+whose fp32 CPU GEMMs go through torch's BLAS (MKL's sgemm); on this project's AMD EPYC that ran the blocks' shapes
+at 87–108 GMAC/s against 235–250 for oneDNN with the weight packed (``benchmarks/results/cpu_gemm.md``). A block
+here is the same computation, written out: ``x + ls_1(out_proj(attention(in_proj(ln_1(x)))))`` then
+``x + ls_2(c_proj(act(c_fc(ln_2(x)))))``, the attention by ``F.scaled_dot_product_attention``; equal to the
+block's own forward to fp32 rounding (tests). The model is never changed: packed copies live beside it, in a
+weak-keyed cache (one extra copy of each block's weights: 4·(4d² + 2·d·m) bytes per block, 28 MB per ViT-B/16
+block, 0.3 GB for the trunk).
+
+Blocks of another shape (qk-norm, scaled-cosine attention, a norm after attention or inside the MLP, separate
+q/k/v projections, attention masks), non-fp32 inputs, other devices and ``MASKINV_CPU_GEMM=blas`` run the block's
+own forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cpu_gemm import onednn_available
+
+
+@dataclass
+class PackedBlock:
+    """One block's linear layers packed for oneDNN (``[out, in]`` weights in its blocked layout) and its parts."""
+
+    heads: int
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    out_bias: torch.Tensor | None
+    fc: torch.Tensor
+    fc_bias: torch.Tensor | None
+    proj: torch.Tensor
+    proj_bias: torch.Tensor | None
+
+
+_packed: "weakref.WeakKeyDictionary[nn.Module, PackedBlock | None]" = weakref.WeakKeyDictionary()
+
+
+def _identity(module: nn.Module | None) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def supported(block: nn.Module) -> bool:
+    """Whether ``block`` is an open_clip ResidualAttentionBlock this module can run (see the module docstring)."""
+    attn = getattr(block, "attn", None)
+    mlp = getattr(block, "mlp", None)
+    if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or not attn.batch_first:
+        return False
+    if mlp is None or [n for n, m in mlp.named_children() if not isinstance(m, nn.Identity)] != \
+            ["c_fc", "gelu", "c_proj"]:
+        return False
+    if not all(isinstance(getattr(block, n, None), nn.LayerNorm) for n in ("ln_1", "ln_2")):
+        return False
+    if not _identity(getattr(block, "ln_attn", None)) or getattr(attn, "bias_k", None) is not None:
+        return False
+    return all(isinstance(getattr(mlp, n), nn.Linear) for n in ("c_fc", "c_proj")) and \
+        isinstance(attn.out_proj, nn.Linear)
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().contiguous()
+
+
+def packed_block(block: nn.Module) -> PackedBlock | None:
+    """The :class:`PackedBlock` of ``block`` (built on first use), None when it is not :func:`supported`."""
+    if block in _packed:
+        return _packed[block]
+    pb = None
+    if supported(block):
+        attn, mlp = block.attn, block.mlp
+        with torch.no_grad():
+            pb = PackedBlock(heads=int(attn.num_heads), qkv=_pack(attn.in_proj_weight),
+                             qkv_bias=_bias(attn.in_proj_bias), out=_pack(attn.out_proj.weight),
+                             out_bias=_bias(attn.out_proj.bias), fc=_pack(mlp.c_fc.weight),
+                             fc_bias=_bias(mlp.c_fc.bias), proj=_pack(mlp.c_proj.weight),
+                             proj_bias=_bias(mlp.c_proj.bias))
+    _packed[block] = pb
+    return pb
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ Wᵀ + b`` for ``x`` ``[..., in]`` with a packed ``W``; ``[..., out]``."""
+    lead = x.shape[:-1]
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, "none", [], "")
+    return out.view(*lead, out.shape[-1])
+
+
+def block_forward(block: nn.Module, pb: PackedBlock, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` for tokens ``x`` ``[B, n, d]`` with the packed linear layers of ``pb``."""
+    b, n, d = x.shape
+    dh = d // pb.heads
+    qkv = _linear(block.ln_1(x), pb.qkv, pb.qkv_bias).view(b, n, 3, pb.heads, dh).permute(2, 0, 3, 1, 4)
+    a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, H, n, dh]
+    a = _linear(a.transpose(1, 2).reshape(b, n, d), pb.out, pb.out_bias)
+    x = x + block.ls_1(a)
+    h = block.mlp.gelu(_linear(block.ln_2(x), pb.fc, pb.fc_bias))
+    return x + block.ls_2(_linear(h, pb.proj, pb.proj_bias))
+
+
+def uses_onednn(backend: str, x: torch.Tensor) -> bool:
+    """Whether blocks run here for inputs like ``x`` under ``MASKINV_CPU_GEMM=backend``."""
+    return backend == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available() \
+        and not torch.is_grad_enabled()
+
+
+def run_blocks(blocks, x: torch.Tensor, backend: str = "onednn") -> torch.Tensor:
+    """Run ``blocks`` on ``x`` ``[B, n, d]`` in order: each supported one through oneDNN (see
+    :func:`uses_onednn`), the others through their own forward."""
+    fast = uses_onednn(backend, x)
+    for block in blocks:
+        pb = packed_block(block) if fast else None
+        x = block_forward(block, pb, x) if pb is not None else block(x)
+    return x
