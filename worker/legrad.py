@@ -225,14 +225,16 @@ def _attention_forward(ctx, g_of, n_u: int, state: ImageState, heads: int, dtype
     shape = (n_u if keep_mask else step, heads, n, n - 1)
     if keep_mask and workspace is not None:
         prod, generation = workspace.take(shape, dtype, device)
-    else:
+    elif keep_mask or not onednn:  # the per-head path needs no buffer when no pattern is kept
         prod, generation = torch.empty(shape, dtype=dtype, device=device), -1
+    else:
+        prod, generation = None, -1
     rel = torch.empty(n_u, n - 1, dtype=acc, device=device)
     for s0 in range(0, n_u, step):
         k = min(step, n_u - s0)
         sl = slice(s0, s0 + k)
         g = g_of(sl)
-        p = prod[sl] if keep_mask else prod[:k]
+        p = None if prod is None else (prod[sl] if keep_mask else prod[:k])
         if onednn:
             gk = g.view(k, n, heads, dh)
             total = torch.zeros(k, n - 1, dtype=acc, device=device)
@@ -456,8 +458,9 @@ def decomposed_relevance(visual: torch.nn.Module, state: ImageState, emb: torch.
     Differentiable w.r.t. ``emb`` (first-order, explicit backward); cost per embedding is independent of depth.
     ``workspace``: a :class:`Workspace` reused across the steps of one optimisation (saves re-allocating the
     kept sign pattern each step); ``basis``: :func:`relevance_basis` of ``state`` (the same map, fewer MACs per
-    mask-step once built); ``gemm``: "onednn" (the MLP-side GEMMs through oneDNN on the CPU, see
-    :mod:`worker.cpu_gemm`) or "blas" (plain matmuls).
+    mask-step once built); ``gemm``: "onednn" (the MLP-side GEMMs, and from
+    :data:`worker.cpu_gemm.ONEDNN_MIN_COLUMNS` patch columns on the attention products per head, through oneDNN
+    on the CPU, see :mod:`worker.cpu_gemm`) or "blas" (plain matmuls).
     """
     u = F.normalize(emb, dim=-1)
     keep_mask = torch.is_grad_enabled() and emb.requires_grad

@@ -139,6 +139,11 @@ def test_per_head_onednn_products_equal_the_batched_matmul(monkeypatch, identica
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
     for g1, g0 in zip(grads[1], grads[0]):
         torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # no pattern kept (maps without an optimisation): the same values
+        plain = [legrad._Relevance.apply(w, b, state, PackedMatrix(fc_out, backend), heads, False)
+                 for backend in ("blas", "onednn")]
+    torch.testing.assert_close(plain[1], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain[1], outs[1], rtol=1e-5, atol=1e-6)
 
 
 @needs_onednn
