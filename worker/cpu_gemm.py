@@ -28,6 +28,11 @@ BACKENDS = ("onednn", "blas")
 ONEDNN_MIN_COLUMNS = 320
 
 
+def onednn_applies(backend: str, x: torch.Tensor) -> bool:
+    """Whether products of fp32 CPU tensors like ``x`` go through oneDNN under ``backend`` (MASKINV_CPU_GEMM)."""
+    return backend == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available()
+
+
 def onednn_available() -> bool:
     """Whether this torch has oneDNN and the packed-linear operators used here."""
     ops = torch.ops.mkldnn
@@ -56,8 +61,7 @@ class PackedMatrix:
         return self.matrix.shape
 
     def uses_onednn(self, x: torch.Tensor) -> bool:
-        return (self.backend == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.matrix.dtype == torch.float32 and self.matrix.device.type == "cpu" and onednn_available())
+        return onednn_applies(self.backend, x) and onednn_applies(self.backend, self.matrix)
 
     def mm(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``x @ W`` ``[r, c]`` (``transpose``: ``x @ Wᵀ`` ``[r, k]``) for a 2-D ``x``."""
@@ -67,17 +71,19 @@ class PackedMatrix:
         packed = self._packed.get(transpose)
         if packed is None:  # oneDNN's linear computes x @ weightᵀ with weight [out, in]
             packed = self._packed[transpose] = torch.ops.mkldnn._reorder_linear_weight(w.T.contiguous(), None)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+        return linear(x, packed)
 
 
 def heads_use_onednn(backend: str, x: torch.Tensor, columns: int) -> bool:
     """Whether the attention products of a step on tensors like ``x`` with ``columns`` patch columns go
     through :func:`linear` per head (``backend`` "onednn", fp32 on the CPU, at least :data:`ONEDNN_MIN_COLUMNS`)."""
-    return (backend == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32
-            and columns >= ONEDNN_MIN_COLUMNS and onednn_available())
+    return columns >= ONEDNN_MIN_COLUMNS and onednn_applies(backend, x)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weightᵀ`` ``[r, o]`` through oneDNN's linear for fp32 CPU ``x`` ``[r, i]`` and ``weight`` ``[o, i]``
-    (the weight unpacked: these weights change with every image or mask)."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), None, "none", [], "")
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weightᵀ + bias`` ``[..., o]`` through oneDNN's linear for fp32 CPU ``x`` ``[..., i]`` and ``weight``
+    ``[o, i]``, plain or packed once by ``torch.ops.mkldnn._reorder_linear_weight`` (constant weights)."""
+    lead = x.shape[:-1]
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), bias,
+                                             "none", [], "")
+    return out.view(*lead, out.shape[-1])

@@ -264,11 +264,11 @@ def _attention_backward(ctx, grad_rel: torch.Tensor, shared: bool, pull) -> None
     dh, dtype = d // heads, mask.dtype
     v = state.values_t.transpose(-1, -2).to(dtype)  # [H, n-1, dh]
     col = (grad_rel / (heads * n)).to(dtype)  # [N, n-1]: the cotangent of every column, put on V
+    vt = state.values_t.to(dtype) if ctx.onednn else None  # [H, dh, n-1]
     for s0 in range(0, n_masks, step):
         k = min(step, n_masks - s0)
         sl = slice(s0, s0 + k)
         if ctx.onednn:  # per head (and mask) one oneDNN product with the weight (c ⊙ V)ᵀ = Vᵀ diag(c) [., n-1]
-            vt = state.values_t.to(dtype)  # [H, dh, n-1]
             gh = torch.empty(k, n, heads, dh, dtype=dtype, device=grad_rel.device)
             for h in range(heads):
                 if shared:  # one pattern: the k masks' weights stacked, [k·dh, n-1]

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cpu_gemm import onednn_available
+from . import cpu_gemm, vit
 
 
 @dataclass
@@ -45,25 +45,15 @@ class PackedBlock:
 _packed: "weakref.WeakKeyDictionary[nn.Module, PackedBlock | None]" = weakref.WeakKeyDictionary()
 
 
-def _identity(module: nn.Module | None) -> bool:
-    return module is None or isinstance(module, nn.Identity)
-
-
 def supported(block: nn.Module) -> bool:
-    """Whether ``block`` is an open_clip ResidualAttentionBlock this module can run (see the module docstring)."""
-    attn = getattr(block, "attn", None)
-    mlp = getattr(block, "mlp", None)
-    if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim or not attn.batch_first:
+    """Whether ``block`` is an open_clip ResidualAttentionBlock this module can run (see the module docstring):
+    the shape the engine supports (:func:`worker.vit.block_problem`) with ``nn.MultiheadAttention`` (no added
+    key/value biases) and ``nn.Linear`` layers."""
+    if vit.block_problem(block, "the block") is not None:
         return False
-    if mlp is None or [n for n, m in mlp.named_children() if not isinstance(m, nn.Identity)] != \
-            ["c_fc", "gelu", "c_proj"]:
-        return False
-    if not all(isinstance(getattr(block, n, None), nn.LayerNorm) for n in ("ln_1", "ln_2")):
-        return False
-    if not _identity(getattr(block, "ln_attn", None)) or getattr(attn, "bias_k", None) is not None:
-        return False
-    return all(isinstance(getattr(mlp, n), nn.Linear) for n in ("c_fc", "c_proj")) and \
-        isinstance(attn.out_proj, nn.Linear)
+    attn, mlp = block.attn, block.mlp
+    return isinstance(attn, nn.MultiheadAttention) and attn.bias_k is None and \
+        all(isinstance(m, nn.Linear) for m in (attn.out_proj, mlp.c_fc, mlp.c_proj))
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -91,29 +81,21 @@ def packed_block(block: nn.Module) -> PackedBlock | None:
     return pb
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ Wᵀ + b`` for ``x`` ``[..., in]`` with a packed ``W``; ``[..., out]``."""
-    lead = x.shape[:-1]
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, "none", [], "")
-    return out.view(*lead, out.shape[-1])
-
-
 def block_forward(block: nn.Module, pb: PackedBlock, x: torch.Tensor) -> torch.Tensor:
     """``block(x)`` for tokens ``x`` ``[B, n, d]`` with the packed linear layers of ``pb``."""
     b, n, d = x.shape
     dh = d // pb.heads
-    qkv = _linear(block.ln_1(x), pb.qkv, pb.qkv_bias).view(b, n, 3, pb.heads, dh).permute(2, 0, 3, 1, 4)
+    qkv = cpu_gemm.linear(block.ln_1(x), pb.qkv, pb.qkv_bias).view(b, n, 3, pb.heads, dh).permute(2, 0, 3, 1, 4)
     a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, H, n, dh]
-    a = _linear(a.transpose(1, 2).reshape(b, n, d), pb.out, pb.out_bias)
+    a = cpu_gemm.linear(a.transpose(1, 2).reshape(b, n, d), pb.out, pb.out_bias)
     x = x + block.ls_1(a)
-    h = block.mlp.gelu(_linear(block.ln_2(x), pb.fc, pb.fc_bias))
-    return x + block.ls_2(_linear(h, pb.proj, pb.proj_bias))
+    h = block.mlp.gelu(cpu_gemm.linear(block.ln_2(x), pb.fc, pb.fc_bias))
+    return x + block.ls_2(cpu_gemm.linear(h, pb.proj, pb.proj_bias))
 
 
 def uses_onednn(backend: str, x: torch.Tensor) -> bool:
     """Whether blocks run here for inputs like ``x`` under ``MASKINV_CPU_GEMM=backend``."""
-    return backend == "onednn" and x.device.type == "cpu" and x.dtype == torch.float32 and onednn_available() \
-        and not torch.is_grad_enabled()
+    return cpu_gemm.onednn_applies(backend, x) and not torch.is_grad_enabled()
 
 
 def run_blocks(blocks, x: torch.Tensor, backend: str = "onednn") -> torch.Tensor:

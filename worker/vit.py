@@ -1,7 +1,9 @@
 """The one adapter over open_clip's ViT: the trunk, and a :class:`LastBlock` view of the last block.
 
 Every other module of the worker reads the model through this one (``last_block``, ``trunk_forward``,
-``tokens_forward``, ``global_embedding`` ...); none reaches into open_clip's modules itself.
+``tokens_forward``, ``global_embedding`` ...); none reaches into open_clip's modules itself, except
+:mod:`worker.trunk`, which runs the trunk's blocks for ``trunk_forward`` and checks them with
+:func:`block_problem`.
 
 Two shapes of last block are supported, both with a fused qkv projection:
 
@@ -91,6 +93,39 @@ def _out_projection(attn: nn.Module) -> nn.Linear | None:
     return None
 
 
+def block_problem(block: nn.Module, which: str = "the last block") -> str | None:
+    """Why ``block`` is not a ResidualAttentionBlock of the supported shape (fused qkv, plain attention, LayerNorms,
+    MLP c_fc -> activation -> c_proj), or None when it is. ``which`` names it in the message."""
+    attn = getattr(block, "attn", None)
+    if attn is None:
+        return f"{which} ({type(block).__name__}) has no attention module"
+    if _fused_qkv(attn) is None:
+        return (f"{which}'s attention ({type(attn).__name__}) has no fused qkv projection "
+                "(separate q/k/v projections are not supported)")
+    if _out_projection(attn) is None:
+        return f"{which}'s attention ({type(attn).__name__}) has no output projection"
+    if not getattr(attn, "batch_first", True):
+        return f"{which}'s attention must be batch-first"
+    if not isinstance(getattr(attn, "num_heads", None), int):
+        return f"{which}'s attention ({type(attn).__name__}) does not say its head count"
+    for name in ("ln_q", "ln_k", "ln_inner"):
+        if not _is_identity(getattr(attn, name, None)):
+            return f"attention with {name} (qk-norm / inner norm) is not supported"
+    for name in ("logit_scale", "head_scale"):
+        if getattr(attn, name, None) is not None:
+            return f"attention with {name} (scaled-cosine attention / head scales) is not supported"
+    if not _is_identity(getattr(block, "ln_attn", None)):
+        return "blocks with a norm after attention (ln_attn) are not supported"
+    mlp = getattr(block, "mlp", None)
+    names = [n for n, m in mlp.named_children() if not isinstance(m, nn.Identity)] if mlp is not None else []
+    if names != ["c_fc", "gelu", "c_proj"]:
+        return f"{which}'s MLP must be c_fc, activation, c_proj; got {names}"
+    for name in ("ln_1", "ln_2"):
+        if not isinstance(getattr(block, name, None), nn.LayerNorm):
+            return f"{which}'s {name} must be a LayerNorm"
+    return None
+
+
 def check_supported(visual: nn.Module) -> None:
     """Raise a clear ``NotImplementedError`` for open_clip vision towers the engine cannot decompose."""
     if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
@@ -100,34 +135,9 @@ def check_supported(visual: nn.Module) -> None:
         raise NotImplementedError("vision towers with attentional pooling are not supported")
     if not getattr(visual.transformer, "batch_first", True):
         raise NotImplementedError("the engine expects batch_first transformers (open_clip >= 2.24)")
-    block = visual.transformer.resblocks[-1]
-    attn = getattr(block, "attn", None)
-    if attn is None:
-        raise NotImplementedError(f"the last vision block ({type(block).__name__}) has no attention module")
-    if _fused_qkv(attn) is None:
-        raise NotImplementedError(f"the last block's attention ({type(attn).__name__}) has no fused qkv projection "
-                                  "(separate q/k/v projections are not supported)")
-    if _out_projection(attn) is None:
-        raise NotImplementedError(f"the last block's attention ({type(attn).__name__}) has no output projection")
-    if not getattr(attn, "batch_first", True):
-        raise NotImplementedError("the last block's attention must be batch-first")
-    if not isinstance(getattr(attn, "num_heads", None), int):
-        raise NotImplementedError(f"the last block's attention ({type(attn).__name__}) does not say its head count")
-    for name in ("ln_q", "ln_k", "ln_inner"):
-        if not _is_identity(getattr(attn, name, None)):
-            raise NotImplementedError(f"attention with {name} (qk-norm / inner norm) is not supported")
-    for name in ("logit_scale", "head_scale"):
-        if getattr(attn, name, None) is not None:
-            raise NotImplementedError(f"attention with {name} (scaled-cosine attention / head scales) is not supported")
-    if not _is_identity(getattr(block, "ln_attn", None)):
-        raise NotImplementedError("blocks with a norm after attention (ln_attn) are not supported")
-    mlp = getattr(block, "mlp", None)
-    names = [n for n, m in mlp.named_children() if not isinstance(m, nn.Identity)] if mlp is not None else []
-    if names != ["c_fc", "gelu", "c_proj"]:
-        raise NotImplementedError(f"the last block's MLP must be c_fc, activation, c_proj; got {names}")
-    for name in ("ln_1", "ln_2"):
-        if not isinstance(getattr(block, name, None), nn.LayerNorm):
-            raise NotImplementedError(f"the last block's {name} must be a LayerNorm")
+    problem = block_problem(visual.transformer.resblocks[-1])
+    if problem is not None:
+        raise NotImplementedError(problem)
     if not isinstance(getattr(visual, "ln_post", None), nn.LayerNorm):
         raise NotImplementedError("the vision tower's ln_post must be a LayerNorm")
 
