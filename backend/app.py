@@ -295,10 +295,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         app.config["MASKINV_INSTALLED"] = True
     if settings.embedded and settings.warmup and hasattr(service.dispatcher, "warm_up"):
         service.dispatcher.warm_up()
-    if not settings.embedded:  # background runs whose backend died are resumed (backend.background)
-        from .background import resume_in_background
+    from .background import resume_in_background
 
-        resume_in_background(service)
+    resume_in_background(service)  # queue mode: background runs whose backend died are resumed
     log.info("MaskInversion backend ready: %s mode%s", service.dispatcher.mode,
              f", queue {settings.queue!r} on {settings.redis_url_redacted}" if not settings.embedded else "")
     return app
