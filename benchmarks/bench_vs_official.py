@@ -229,7 +229,9 @@ def main() -> None:
              f"Load average (1/5/15 min) at start: {load_start}; at end: {load_end}. {args.rounds} rounds per "
              "size, alternating which side runs first (official, ours; then ours, official), so that a slow "
              f"minute of the shared VM hits both; per round {args.runs} runs of ours (2 at N=100) and "
-             f"{args.official_runs} of the official (1 at N=100); best of all rounds per side.",
+             f"{args.official_runs} of the official (1 at N=100); best of all rounds per side. Our engine's CPU "
+             f"GEMMs: {engine.cpu_gemm} (MASKINV_CPU_GEMM=auto on a CPU with "
+             f"{torch.backends.cpu.get_cpu_capability()}).",
              "cold = image-state cache empty (ViT forward + K steps); warm = cached image (K steps). "
              "The official package runs the ViT on N copies of the image every step, so it has no warm case.", "",
              "| size | N | official s | ours cold s | ours warm s | warm ×  | cold × | min cos(LET) | warm s/mask "

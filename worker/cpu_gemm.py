@@ -21,11 +21,31 @@ from __future__ import annotations
 import torch
 
 BACKENDS = ("onednn", "blas")
+#: what MASKINV_CPU_GEMM accepts: a backend, or ``auto`` (:func:`resolve`)
+CHOICES = ("auto", *BACKENDS)
+#: CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) on which ``auto`` picks oneDNN. Measured with
+#: ``benchmarks/bench_cpu_gemm.py``: on an AVX-512 EPYC the warm inversion ran 1.83-1.96x faster through oneDNN
+#: and the trunk 1.93-2.21x; on an AVX2 EPYC (session 7) oneDNN's fp32 products ran no faster than MKL's (MLP
+#: 64-71 vs 67-78 GMAC/s) and its per-head attention products slower (38-42 vs 51-63), so the warm inversion took
+#: 0.94-0.95x and the trunk 0.98-1.15x of BLAS while the packed trunk costs 0.3 GB more.
+ONEDNN_CAPABILITIES = ("AVX512",)
 #: the attention products go through oneDNN per head only from this many patch columns (n - 1) on: at 196 and
 #: 256 columns (S = 224, 256 at patch 16) one batched BLAS matmul was faster; at 324 (S = 288) the per-head calls
 #: were even forward and faster backward, from 441 (S = 336) on faster both ways (per mask-step at 448 px:
 #: 6.7 -> 3.6 ms forward, 5.6 -> 2.6 ms backward)
 ONEDNN_MIN_COLUMNS = 320
+
+
+def resolve(choice: str, capability: str | None = None) -> str:
+    """The backend that ``choice`` (one of :data:`CHOICES`) means on this machine: ``auto`` is ``onednn`` where the
+    CPU's vector capability (``capability``, default torch's reading) is in :data:`ONEDNN_CAPABILITIES` and this
+    torch has the operators (:func:`onednn_available`), ``blas`` elsewhere; a backend names itself."""
+    if choice not in CHOICES:
+        raise ValueError(f"cpu_gemm must be one of {list(CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    return "onednn" if capability in ONEDNN_CAPABILITIES and onednn_available() else "blas"
 
 
 def onednn_applies(backend: str, x: torch.Tensor) -> bool:

@@ -61,18 +61,18 @@ class MaskInversionEngine:
 
     def __init__(self, clip: ClipModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  chunk_memory_bytes: int = DEFAULT_CHUNK_MEMORY_BYTES, gpu_dtype: str = "fp32",
-                 use_basis: bool = True, cpu_gemm: str = "onednn"):
+                 use_basis: bool = True, cpu_gemm: str = "auto"):
         """``cache_bytes``: bound of the image-state cache; ``chunk_memory_bytes``: working-memory budget of one
         chunk of masks (on CUDA also capped by free GPU memory); ``gpu_dtype``: precision of the decomposed step
         on CUDA — "fp32" (TF32 matmuls), "bf16" or "fp16" (autocast); the CPU always runs fp32. ``use_basis``:
         for requests with many mask-steps, build the map's linear basis once (:func:`legrad.relevance_basis`;
         6× fewer MACs per mask-step on ViT-B/16) when it pays and fits 2/3 of the chunk budget. ``cpu_gemm``:
-        the step's MLP-side GEMMs on the CPU through oneDNN with packed weights ("onednn") or torch's BLAS
-        ("blas"); see :mod:`worker.cpu_gemm`."""
+        the large CPU GEMMs through oneDNN with packed weights ("onednn"), torch's BLAS ("blas"), or whichever
+        is faster on this CPU ("auto", :func:`worker.cpu_gemm.resolve`); :attr:`cpu_gemm` holds the backend
+        chosen. See :mod:`worker.cpu_gemm`."""
         if gpu_dtype not in GPU_DTYPES:
             raise ValueError(f"gpu_dtype must be one of {sorted(GPU_DTYPES)}, got {gpu_dtype!r}")
-        if cpu_gemm not in cpu_gemm_backends.BACKENDS:
-            raise ValueError(f"cpu_gemm must be one of {list(cpu_gemm_backends.BACKENDS)}, got {cpu_gemm!r}")
+        cpu_gemm = cpu_gemm_backends.resolve(cpu_gemm)
         for name, value in (("cache_bytes", cache_bytes), ("chunk_memory_bytes", chunk_memory_bytes)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")

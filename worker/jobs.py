@@ -70,7 +70,14 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
     let_cache = MemoryLetCache(settings.let_cache_entries, settings.let_cache_bytes, settings.let_ttl_s)
     rt = Runtime(clip=clip, engine=build_engine(clip, settings), scorer=scorer, captioner=captioner,
                  lock=threading.Lock(), settings=settings, let_cache=let_cache)
-    log.info("runtime ready in %.1fs: model %s, %s captions", time.perf_counter() - t0, clip.id, captioner.mode)
+    gemm = ""
+    if str(clip.device).startswith("cpu"):
+        import torch
+
+        gemm = (f", CPU GEMMs through {rt.engine.cpu_gemm} (MASKINV_CPU_GEMM={settings.cpu_gemm}, CPU "
+                f"{torch.backends.cpu.get_cpu_capability()})")
+    log.info("runtime ready in %.1fs: model %s, %s captions%s", time.perf_counter() - t0, clip.id, captioner.mode,
+             gemm)
     return rt
 
 

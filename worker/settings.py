@@ -12,7 +12,8 @@ Variables (defaults in brackets; README's configuration tables and docker-compos
     MASKINV_DEVICE                  "cuda", "cpu", "cuda:1", ... [cuda when available, else cpu]
     MASKINV_SEED                    seed of random init, so that every process builds the same weights [0]
     MASKINV_GPU_DTYPE               dtype of the inversion step on CUDA: fp32, bf16 or fp16 [fp32]
-    MASKINV_CPU_GEMM                the step's large GEMMs on the CPU: onednn (packed weights) or blas [onednn]
+    MASKINV_CPU_GEMM                the large GEMMs on the CPU: auto, onednn (packed weights) or blas [auto: onednn
+                                    on AVX-512 CPUs, blas elsewhere]
     MASKINV_CACHE_MB                bound of the engine's image-state cache in MiB [2048]
     MASKINV_CHUNK_MEMORY_MB         working-memory budget of one chunk of masks in MiB [4096]
     MASKINV_MAX_IMAGE_PIXELS        largest image accepted, checked from the header before decoding [50000000]
@@ -57,7 +58,7 @@ DEFAULT_PROTOTYPE_CACHE_ENTRIES = 256
 DEFAULT_PROTOTYPE_CACHE_MB = 64
 
 GPU_DTYPES = ("fp32", "bf16", "fp16")
-CPU_GEMMS = ("onednn", "blas")  # worker.cpu_gemm.BACKENDS (kept torch-free here)
+CPU_GEMMS = ("auto", "onednn", "blas")  # worker.cpu_gemm.CHOICES (kept torch-free here)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -133,7 +134,7 @@ class WorkerSettings:
     device: str | None = None  # None: cuda when available, else cpu
     seed: int = 0
     gpu_dtype: str = "fp32"
-    cpu_gemm: str = "onednn"
+    cpu_gemm: str = "auto"
     # engine and preprocessing
     cache_bytes: int = 2048 * 2**20
     chunk_memory_bytes: int = 4096 * 2**20
@@ -178,7 +179,7 @@ class WorkerSettings:
             device=env_str(env, "MASKINV_DEVICE", "") or None,
             seed=env_int(env, "MASKINV_SEED", 0, 0, **err),
             gpu_dtype=env_choice(env, "MASKINV_GPU_DTYPE", "fp32", GPU_DTYPES, **err),
-            cpu_gemm=env_choice(env, "MASKINV_CPU_GEMM", "onednn", CPU_GEMMS, **err),
+            cpu_gemm=env_choice(env, "MASKINV_CPU_GEMM", "auto", CPU_GEMMS, **err),
             cache_bytes=env_int(env, "MASKINV_CACHE_MB", 2048, 0, **err) * 2**20,
             chunk_memory_bytes=env_int(env, "MASKINV_CHUNK_MEMORY_MB", 4096, 0, **err) * 2**20,
             max_image_pixels=env_int(env, "MASKINV_MAX_IMAGE_PIXELS", 50_000_000, 1, **err),

@@ -161,3 +161,25 @@ def test_basis_path_uses_the_per_head_products_and_agrees():
         grads.append(torch.autograd.grad(out, u, torch.ones_like(out))[0])
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_picks_onednn_only_on_avx512_cpus(monkeypatch):
+    assert cpu_gemm.resolve("blas") == "blas" and cpu_gemm.resolve("onednn") == "onednn"
+    assert cpu_gemm.resolve("auto", "AVX2") == "blas" and cpu_gemm.resolve("auto", "NO AVX") == "blas"
+    assert cpu_gemm.resolve("auto", "AVX512") == ("onednn" if cpu_gemm.onednn_available() else "blas")
+    monkeypatch.setattr(cpu_gemm, "onednn_available", lambda: False)
+    assert cpu_gemm.resolve("auto", "AVX512") == "blas"  # a torch without the operators
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(cpu_gemm, "onednn_available", lambda: True)
+    assert cpu_gemm.resolve("auto") == "onednn"  # torch's reading of this CPU by default
+    with pytest.raises(ValueError, match="cpu_gemm must be one of"):
+        cpu_gemm.resolve("mkl")
+
+
+def test_the_engine_keeps_the_backend_that_auto_resolved_to(monkeypatch):
+    clip = load_clip("maskinv-test-tiny", "none", "cpu", seed=0)
+    for capability, expected in (("AVX2", "blas"), ("AVX512", "onednn" if cpu_gemm.onednn_available() else "blas")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert MaskInversionEngine(clip).cpu_gemm == expected
+    with pytest.raises(ValueError, match="cpu_gemm must be one of"):
+        MaskInversionEngine(clip, cpu_gemm="fast")

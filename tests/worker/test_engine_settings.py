@@ -56,7 +56,10 @@ def test_runtime_settings_from_env(clip):
     eng = build_engine(clip, s)
     assert (eng.cache.stats.max_bytes, eng.chunk_memory_bytes, eng.gpu_dtype) == (3 * 2**20, 5 * 2**20, "bf16")
     assert WorkerSettings.from_env({}).gpu_dtype == "fp32"
-    assert WorkerSettings.from_env({}).cpu_gemm == eng.cpu_gemm == "onednn"
+    from worker import cpu_gemm
+
+    assert WorkerSettings.from_env({}).cpu_gemm == "auto" and eng.cpu_gemm == cpu_gemm.resolve("auto")
+    assert build_engine(clip, WorkerSettings.from_env({"MASKINV_CPU_GEMM": "onednn"})).cpu_gemm == "onednn"
     assert build_engine(clip, WorkerSettings.from_env({"MASKINV_CPU_GEMM": "blas"})).cpu_gemm == "blas"
     with pytest.raises(WorkerSettingsError, match="MASKINV_GPU_DTYPE"):
         WorkerSettings.from_env({"MASKINV_GPU_DTYPE": "fp8"})

@@ -43,7 +43,7 @@ def test_parsing():
     ({"MASKINV_WORKER_HEARTBEAT": "often"}, "MASKINV_WORKER_HEARTBEAT must be a number, got 'often'"),
     ({"MASKINV_WORKER_HEARTBEAT": "0"}, "MASKINV_WORKER_HEARTBEAT must be > 0"),
     ({"MASKINV_GPU_DTYPE": "fp8"}, "MASKINV_GPU_DTYPE must be one of fp32, bf16, fp16"),
-    ({"MASKINV_CPU_GEMM": "mkl"}, "MASKINV_CPU_GEMM must be one of onednn, blas"),
+    ({"MASKINV_CPU_GEMM": "mkl"}, "MASKINV_CPU_GEMM must be one of auto, onednn, blas"),
     ({"MASKINV_CACHE_MB": "-5"}, "MASKINV_CACHE_MB must be >= 0"),
     ({"MASKINV_CHUNK_MEMORY_MB": "big"}, "MASKINV_CHUNK_MEMORY_MB must be an integer"),
     ({"MASKINV_MAX_IMAGE_PIXELS": "0"}, "MASKINV_MAX_IMAGE_PIXELS must be >= 1"),
