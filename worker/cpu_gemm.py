@@ -9,6 +9,9 @@ fp32 rounding. ``backend="blas"`` (or a torch built without oneDNN, or any non-f
 plain ``torch.matmul``. The packed copies cost one extra ``[m, d]`` matrix per orientation (9.4 MB each for
 ViT-B/16).
 
+None of this pays without AVX-512: on an AVX2 EPYC (session 7) oneDNN's fp32 products ran at MKL's rate and its
+per-head attention products slower, so ``auto`` (the default, :func:`resolve`) keeps BLAS on such CPUs.
+
 The attention side's products, ``[n, dh] × [dh, n-1]`` per head forward and ``[n, n-1] × [n-1, dh]`` per head
 and mask backward, ran at 87–93 GMAC/s as torch's batched matmul (BLAS) on this project's CPU (AMD EPYC with
 AVX-512, session 6) and at 160–220 as one oneDNN linear per head; below about 320 patch columns the per-call
