@@ -2,8 +2,9 @@
 
 ``worker.vit.trunk_forward`` runs every block but the last on each new image (the image-state cache's miss path,
 the masked crops and the proposal keys). open_clip's blocks call ``F.linear`` / ``nn.MultiheadAttention``,
-whose fp32 CPU GEMMs go through torch's BLAS (MKL's sgemm); on this project's AMD EPYC that ran the blocks' shapes
-at 87–108 GMAC/s against 235–250 for oneDNN with the weight packed (``benchmarks/results/cpu_gemm.md``). A block
+whose fp32 CPU GEMMs go through torch's BLAS (MKL's sgemm); on session 6's AVX-512 EPYC that ran the blocks' shapes
+at 87–108 GMAC/s against 235–250 for oneDNN with the weight packed (``benchmarks/results/cpu_gemm.md``); on an AVX2
+CPU the two are even, and ``MASKINV_CPU_GEMM=auto`` (the default) keeps the blocks' own forward there. A block
 here is the same computation, written out: ``x + ls_1(out_proj(attention(in_proj(ln_1(x)))))`` then
 ``x + ls_2(c_proj(act(c_fc(ln_2(x)))))``, the attention by ``F.scaled_dot_product_attention``; equal to the
 block's own forward to fp32 rounding (tests). The model is never changed: packed copies live beside it, in a
