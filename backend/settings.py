@@ -74,6 +74,15 @@ def _root(env: Mapping[str, str], name: str) -> str | None:
     return path
 
 
+def _secret(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", raw):
+        raise SettingsError(f"{name} must be 16 to 128 letters, digits, '-' or '_' (it becomes a URL path segment)")
+    return raw
+
+
 def _labels(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     raw = env.get(name, "")
     labels = tuple(dict.fromkeys(s.strip() for s in raw.split(",") if s.strip()))
@@ -162,6 +171,14 @@ class Settings:
     # Proposals (batch mode): "auto" = tasks without any region get proposed regions; "off" = never
     proposals: str = "auto"
     max_proposals: int = 20
+    # Budgets of what a request or an event can start (docs/security.md, "Limits")
+    url_secret: str | None = None  # secret path prefix every route must carry (MASKINV_URL_SECRET)
+    max_run_tasks: int = 10000  # tasks one background run may take
+    max_runs: int = 4  # background runs at once in this backend process
+    max_run_records: int = 200  # run records kept (oldest finished ones dropped first)
+    max_projects: int = 1000  # projects the example store keeps examples for
+    proposal_max_size: int = 448  # proposals are computed at most at this inversion size
+    orphan_grace_s: float = 30.0  # a queued job no worker holds is re-enqueued after this many seconds
 
     @property
     def redis_url_redacted(self) -> str | None:
@@ -272,4 +289,11 @@ class Settings:
             max_examples=_int(env, "MASKINV_MAX_EXAMPLES", 20000, 1),
             proposals=_choice(env, "MASKINV_PROPOSALS", "auto", ("auto", "off")),
             max_proposals=_int(env, "MASKINV_MAX_PROPOSALS", 20, 1, 1000),
+            url_secret=_secret(env, "MASKINV_URL_SECRET"),
+            max_run_tasks=_int(env, "MASKINV_MAX_RUN_TASKS", 10000, 1),
+            max_runs=_int(env, "MASKINV_MAX_RUNS", 4, 1, 256),
+            max_run_records=_int(env, "MASKINV_MAX_RUN_RECORDS", 200, 1, 100000),
+            max_projects=_int(env, "MASKINV_MAX_PROJECTS", 1000, 1),
+            proposal_max_size=_int(env, "MASKINV_PROPOSAL_MAX_SIZE", 448, 32, 2048),
+            orphan_grace_s=_float(env, "MASKINV_ORPHAN_GRACE", 30.0, 1.0),
         )
