@@ -13,5 +13,16 @@ fi
 if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-.venv/bin/pip install -q -e '.[worker,backend]'
+# install the project only when it is missing (a start must not reinstall it: minutes, and the network)
+installed() {  # the project and its worker + backend extras, found without importing them (no torch import)
+  .venv/bin/python - <<'PY' 2>/dev/null
+import importlib.metadata as md, importlib.util as iu, sys
+md.distribution("maskinversion-labelstudio")
+mods = ("open_clip", "transformers", "skimage", "label_studio_ml", "label_studio_sdk", "gunicorn", "cv2", "rq")
+sys.exit(any(iu.find_spec(m) is None for m in mods))
+PY
+}
+if [ ! -x .venv/bin/maskinv-backend ] || ! installed; then
+  .venv/bin/pip install -q -e '.[worker,backend]'
+fi
 exec .venv/bin/maskinv-backend "$@"
