@@ -33,8 +33,9 @@ import numpy as np
 
 from worker.protocol import (JOB_META_KEY, LET_META_KEY, STORE_CALLBACK, InversionParams, JobResult, LabelRegionsJob,
                              MemoryResultCache, PrepareLabelsJob, ProtocolError, RedisResultCache, RegionResult,
-                             RegistryReader, ResultCache, allowed_functions, encode_mask, entries_from_result,
-                             job_function, job_serializer, params_digest, region_from_cache, region_key, sha256_hex)
+                             RegistryReader, ResultCache, allowed_functions, answer_digest, encode_mask,
+                             entries_from_result, job_function, job_serializer, region_from_cache, result_keys,
+                             sha256_hex)
 
 from .settings import Settings
 
@@ -173,13 +174,12 @@ class Dispatcher:
             enc = encode_mask(np.asarray(m, dtype=bool))
             shas.append(enc["sha256"])
             encoded.setdefault(enc["sha256"], enc)
-        pdigest = params_digest(req.params.to_dict(), req.labels)
-        if req.prototypes:  # results scored with examples are cached under the example set's version
-            pdigest = sha256_hex(f"{pdigest}\nexamples:{req.prototypes.get('version')}".encode())
+        # the job's identity: everything its answer depends on (the examples' content included) but the model
+        pdigest = answer_digest(req.params.to_dict(), req.labels, req.prototypes)
         p = _Prepared(req, shas, encoded, pdigest)
         if model and model.get("id") and encoded:
-            keys = {sha: region_key(self.settings.redis_prefix, model["id"], req.image_sha256, sha, pdigest)
-                    for sha in encoded}
+            keys = result_keys(self.settings.redis_prefix, model, req.image_sha256, encoded, req.params.to_dict(),
+                               req.labels, req.prototypes)
             try:
                 values = self.cache.get_many(list(keys.values()))
             except Exception as exc:  # noqa: BLE001 - a cache read failure only costs recomputation

@@ -969,10 +969,40 @@ def params_digest(params: Mapping[str, Any], labels: Iterable[str]) -> str:
     return sha256_hex(blob.encode())
 
 
-def region_key(prefix: str, model_id: str, image_sha256: str, mask_sha256: str, pdigest: str) -> str:
-    """Redis key of one region's result: ``{prefix}:result:{sha256(model | image | mask | params)}``."""
-    h = sha256_hex(f"{model_id}\n{image_sha256}\n{mask_sha256}\n{pdigest}".encode())
+def prototypes_digest(prototypes: Mapping[str, Any] | None) -> str:
+    """SHA-256 of a payload's example prototypes (their whole content: version, labels, vectors); "" without."""
+    if not prototypes:
+        return ""
+    return sha256_hex(json.dumps(prototypes, sort_keys=True, separators=(",", ":")).encode())
+
+
+def answer_digest(params: Mapping[str, Any], labels: Iterable[str], prototypes: Mapping[str, Any] | None = None,
+                  captions: str | None = None) -> str:
+    """Digest of what a region's answer depends on besides model, image and mask: the inversion parameters
+    (templates, views and crop weight included), the label set, the example prototypes' content and the
+    worker's caption mode."""
+    blob = json.dumps({"params": params_digest(params, labels), "examples": prototypes_digest(prototypes),
+                       "captions": captions}, sort_keys=True)
+    return sha256_hex(blob.encode())
+
+
+def region_key(prefix: str, model_id: str, image_sha256: str, mask_sha256: str, digest: str) -> str:
+    """Redis key of one region's result: ``{prefix}:result:{sha256(model | image | mask | answer_digest)}``."""
+    h = sha256_hex(f"{model_id}\n{image_sha256}\n{mask_sha256}\n{digest}".encode())
     return RedisKeys(prefix=prefix).result(h)
+
+
+def result_keys(prefix: str, model: Mapping[str, Any], image_sha256: str, mask_sha256s: Iterable[str],
+                params: Mapping[str, Any], labels: Iterable[str],
+                prototypes: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The result-cache key of each mask digest: the one key function of the cache, used by the worker that
+    writes (:func:`entries_from_result`) and the backend that reads (``backend.dispatch``).
+
+    A key covers the model id, the image and mask digests and :func:`answer_digest` (parameters, labels,
+    example prototypes, the model's caption mode), so an answer scored with one project's examples is never
+    served to another project, nor to a request without examples."""
+    digest = answer_digest(params, labels, prototypes, model.get("captions"))
+    return {sha: region_key(prefix, str(model.get("id")), image_sha256, sha, digest) for sha in mask_sha256s}
 
 
 def cache_value(region: RegionResult | Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -998,20 +1028,22 @@ def region_from_cache(region_id: str, value: Mapping[str, Any]) -> RegionResult:
 def entries_from_result(prefix: str, job: Mapping[str, Any], result: Mapping[str, Any] | JobResult) -> dict[str, dict]:
     """Cache entries ``{key: value}`` for every successful region of a finished ``label_regions`` job.
 
-    ``job`` is the payload (:class:`LabelRegionsJob` format); its regions' mask digests give the keys.
+    ``job`` is the payload (:class:`LabelRegionsJob` format): its regions' mask digests, parameters, labels and
+    example prototypes give the keys (:func:`result_keys`).
     """
     res = result if isinstance(result, JobResult) else JobResult.from_dict(result)
     model_id, image_sha = res.model.get("id"), res.image_sha256
     if not model_id or not image_sha or res.error:
         return {}
-    pdigest = params_digest(job.get("params") or {}, job.get("labels") or [])
     mask_sha = {str(r.get("id")): (r.get("mask") or {}).get("sha256") for r in job.get("regions") or []}
+    keys = result_keys(prefix, res.model, image_sha, {s for s in mask_sha.values() if s}, job.get("params") or {},
+                       job.get("labels") or [], job.get("prototypes"))
     out = {}
     for region in res.regions:
         sha = mask_sha.get(region.id)
         value = cache_value(region, res.model)
         if sha and value is not None:
-            out[region_key(prefix, model_id, image_sha, sha, pdigest)] = value
+            out[keys[sha]] = value
     return out
 
 

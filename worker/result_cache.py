@@ -1,10 +1,12 @@
 """Per-region result cache: the worker-side RQ callback that stores a finished job's results (torch-free).
 
-Design: the result of one region depends only on (model id, image bytes, mask bits, inversion params +
-label set). The cache key is the SHA-256 of those four, so the same region on the same image hits whatever
-URL the image came from and whichever task or request it belongs to::
+Design: the result of one region depends only on (model id, image bytes, mask bits, inversion params + label
+set + the project's example prototypes + the worker's caption mode). The cache key is the SHA-256 of those, made by
+one function (:func:`worker.protocol.result_keys`) on both sides, so the same region on the same image hits
+whatever URL the image came from and whichever task or request it belongs to, and an answer scored with one
+project's examples is never served to another project::
 
-    {prefix}:result:{sha256(model_id | image_sha256 | mask_sha256 | params_digest)}  ->  JSON, with a TTL
+    {prefix}:result:{sha256(model_id | image_sha256 | mask_sha256 | answer_digest)}  ->  JSON, with a TTL
 
     value = {"labels": [{"label": str, "score": float}, ...], "caption": str | None,
              "caption_mode": str | None, "model": {"name", "pretrained", "id"}}
@@ -24,11 +26,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .protocol import (JOB_META_KEY, MemoryResultCache, RedisResultCache, ResultCache, cache_value,
-                       entries_from_result, params_digest, region_key)
+from .protocol import (JOB_META_KEY, MemoryResultCache, RedisResultCache, ResultCache, answer_digest, cache_value,
+                       entries_from_result, params_digest, region_key, result_keys)
 
-__all__ = ["JOB_META_KEY", "MemoryResultCache", "RedisResultCache", "ResultCache", "cache_value",
-           "entries_from_result", "params_digest", "region_key", "store_job_result"]
+__all__ = ["JOB_META_KEY", "MemoryResultCache", "RedisResultCache", "ResultCache", "answer_digest", "cache_value",
+           "entries_from_result", "params_digest", "region_key", "result_keys", "store_job_result"]
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from worker.payload import InversionParams, build_job
-from worker.result_cache import (JOB_META_KEY, MemoryResultCache, RedisResultCache, cache_value,
-                                 entries_from_result, params_digest, region_key, store_job_result)
+from worker.result_cache import (JOB_META_KEY, MemoryResultCache, RedisResultCache, answer_digest, cache_value,
+                                 entries_from_result, params_digest, region_key, result_keys, store_job_result)
 
 MODEL = {"name": "m", "pretrained": "none", "id": "m/none", "device": "cpu"}
 LABELS = [{"label": "cat", "score": 0.6}, {"label": "dog", "score": 0.4}]
@@ -24,6 +24,16 @@ def test_params_digest_normalises_defaults_and_depends_on_labels():
             region_key("p", "m", "img2", "mask", "d"), region_key("p", "m", "img", "mask2", "d"),
             region_key("p", "m", "img", "mask", "d2")}
     assert len(keys) == 5 and all(k.startswith("p:result:") for k in keys)
+
+
+def test_answer_digest_covers_examples_and_caption_mode():
+    a = {"version": "v", "labels": ["cat"], "bias": [0.0]}
+    digests = {answer_digest({}, ["cat"]), answer_digest({}, ["cat"], a),
+               answer_digest({}, ["cat"], {**a, "bias": [0.5]}),  # same version, other content
+               answer_digest({}, ["cat"], captions="clipcap"), answer_digest({"views": 2}, ["cat"], a)}
+    assert len(digests) == 5
+    assert answer_digest({}, ["cat"], {}) == answer_digest({}, ["cat"], None)  # no examples either way
+    assert answer_digest({}, ["cat"], dict(reversed(list(a.items())))) == answer_digest({}, ["cat"], a)
 
 
 def test_only_successful_regions_are_cached():
@@ -48,9 +58,13 @@ def _job_and_result():
 def test_entries_from_result():
     job, result = _job_and_result()
     entries = entries_from_result("p", job, result)
-    pd = params_digest(job["params"], job["labels"])
-    key = region_key("p", "m/none", job["image"]["sha256"], job["regions"][0]["mask"]["sha256"], pd)
+    sha = job["regions"][0]["mask"]["sha256"]
+    key = result_keys("p", MODEL, job["image"]["sha256"], [sha], job["params"], job["labels"])[sha]
     assert list(entries) == [key] and entries[key]["labels"] == LABELS
+    examples = {"version": "v1", "labels": ["cat"], "bias": [0.0]}
+    (scored,) = entries_from_result("p", {**job, "prototypes": examples}, result)
+    assert scored == result_keys("p", MODEL, job["image"]["sha256"], [sha], job["params"], job["labels"],
+                                 examples)[sha] != key
     assert entries_from_result("p", job, {**result, "error": "rejected"}) == {}
     assert entries_from_result("p", job, {**result, "model": {}}) == {}
 
