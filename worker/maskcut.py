@@ -11,7 +11,7 @@ Pure functions on a patch-key tensor ``[n, d]`` (one row per patch of a ``g x g`
   and cut again.
 
 The keys come from the last block: ``k = ln_1(x) @ W_k + b_k`` for the tokens ``x`` entering it
-(:func:`last_block_keys`), all heads concatenated, class token dropped.
+(:func:`worker.vit.last_block_keys`), all heads concatenated, class token dropped.
 """
 
 from __future__ import annotations
@@ -137,18 +137,6 @@ def maskcut(keys: torch.Tensor, grid: tuple[int, int], n_cuts: int = N_CUTS, tau
         found |= kept
         feats[torch.from_numpy(found.reshape(-1))] = 0.0
     return cuts
-
-
-@torch.no_grad()
-def last_block_keys(visual: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Patch keys ``[B, g², d]`` (heads concatenated, class token dropped) of the last block for the tokens
-    ``[B, 1 + g², d]`` entering it (``worker.vit.trunk_forward``'s output)."""
-    block = visual.transformer.resblocks[-1]
-    mha = block.attn
-    d = tokens.shape[-1]
-    w_k = mha.in_proj_weight[d:2 * d]
-    b_k = mha.in_proj_bias[d:2 * d] if mha.in_proj_bias is not None else None
-    return F.linear(block.ln_1(tokens), w_k, b_k)[:, 1:]
 
 
 #: cosine thresholds of :func:`affinity_seeds`

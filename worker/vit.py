@@ -1,9 +1,9 @@
 """The one adapter over open_clip's ViT: the trunk, and a :class:`LastBlock` view of the last block.
 
 Every other module of the worker reads the model through this one (``last_block``, ``trunk_forward``,
-``tokens_forward``, ``global_embedding`` ...); none reaches into open_clip's modules itself, except
-:mod:`worker.trunk`, which runs the trunk's blocks for ``trunk_forward`` and checks them with
-:func:`block_problem`.
+``tokens_forward``, ``global_embedding``, ``last_block_keys`` ...); none reaches into open_clip's modules itself:
+:mod:`worker.trunk` runs the trunk's blocks from the :class:`~worker.trunk.BlockParts` that
+:func:`onednn_parts` reads here.
 
 Two shapes of last block are supported, both with a fused qkv projection:
 
@@ -25,23 +25,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm.layers import resample_abs_pos_embed
+
 from . import trunk
 
 
 def resample_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
-    """Resample an absolute position embedding ``[1 + gh*gw, C]`` (class token first) to a new grid.
-
-    Bicubic with antialiasing in float32, the class token kept as is (the same rule as timm's
-    ``resample_abs_pos_embed``).
-    """
+    """Resample an absolute position embedding ``[1 + gh*gw, C]`` (class token first) to a new grid: timm's
+    ``resample_abs_pos_embed``, bicubic with antialiasing in float32, the class token kept as is."""
     if tuple(old_grid) == tuple(new_grid):
         return pos
-    cls_tok, grid = pos[:1], pos[1:]
-    c = grid.shape[-1]
-    grid = grid.reshape(1, old_grid[0], old_grid[1], c).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True, align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], c).to(pos.dtype)
-    return torch.cat([cls_tok, grid], dim=0)
+    out = resample_abs_pos_embed(pos[None].float(), list(new_grid), list(old_grid), num_prefix_tokens=1,
+                                 interpolation="bicubic", antialias=True)
+    return out[0].to(pos.dtype)
 
 
 class PosEmbedCache:
@@ -124,6 +120,21 @@ def block_problem(block: nn.Module, which: str = "the last block") -> str | None
         if not isinstance(getattr(block, name, None), nn.LayerNorm):
             return f"{which}'s {name} must be a LayerNorm"
     return None
+
+
+def onednn_parts(block: nn.Module) -> trunk.BlockParts | None:
+    """The pieces :mod:`worker.trunk` needs to run ``block`` through oneDNN, or None when it cannot: the shape the
+    engine supports (:func:`block_problem`) with ``nn.MultiheadAttention`` (no added key/value biases) and
+    ``nn.Linear`` layers."""
+    if block_problem(block, "the block") is not None:
+        return None
+    attn, mlp = block.attn, block.mlp
+    if not (isinstance(attn, nn.MultiheadAttention) and attn.bias_k is None
+            and all(isinstance(m, nn.Linear) for m in (attn.out_proj, mlp.c_fc, mlp.c_proj))):
+        return None
+    return trunk.BlockParts(heads=int(attn.num_heads), qkv_weight=attn.in_proj_weight, qkv_bias=attn.in_proj_bias,
+                            out=attn.out_proj, fc=mlp.c_fc, act=mlp.gelu, proj=mlp.c_proj, ln_1=block.ln_1,
+                            ln_2=block.ln_2, ls_1=block.ls_1, ls_2=block.ls_2)
 
 
 def check_supported(visual: nn.Module) -> None:
@@ -255,7 +266,7 @@ def trunk_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor, ge
     cls_tok = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
     x = torch.cat([cls_tok, x], dim=1) + pos.to(x.dtype)
     x = visual.ln_pre(x)
-    return trunk.run_blocks(visual.transformer.resblocks[:-1], x, gemm)
+    return trunk.run_blocks(visual.transformer.resblocks[:-1], x, gemm, parts_of=onednn_parts)
 
 
 def tokens_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor, gemm: str = "onednn") -> torch.Tensor:
@@ -272,6 +283,16 @@ def global_embedding(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     pool = getattr(visual, "_pool", None) or getattr(visual, "_global_pool")
     pooled, _ = pool(tokens)
     return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+@torch.no_grad()
+def last_block_keys(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Patch keys ``[B, g², d]`` (heads concatenated, class token dropped) of the last block for the tokens
+    ``[B, 1 + g², d]`` entering it (:func:`trunk_forward`'s output)."""
+    view = last_block(visual)
+    d = view.width
+    bias = view.qkv_bias[d:2 * d] if view.qkv_bias is not None else None
+    return F.linear(view.ln_1(tokens), view.qkv_weight[d:2 * d], bias)[:, 1:]
 
 
 def grid_side(n_tokens: int) -> int:

@@ -97,7 +97,7 @@ def test_last_block_keys_match_the_attention_keys():
     pix = torch.randn(2, 3, 112, 112)
     pos = vit.PosEmbedCache(visual).get(112)
     x = vit.trunk_forward(visual, pix, pos)
-    keys = maskcut.last_block_keys(visual, x)
+    keys = vit.last_block_keys(visual, x)
     block = visual.transformer.resblocks[-1]
     d = x.shape[-1]
     qkv = torch.nn.functional.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)

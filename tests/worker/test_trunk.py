@@ -40,7 +40,7 @@ def test_packed_blocks_equal_the_blocks_own_forward(model):
     with torch.no_grad():
         fast = vit.trunk_forward(visual, pixels, pos)
     torch.testing.assert_close(fast, _own_forward(visual, pixels, pos), rtol=1e-4, atol=1e-5)
-    assert all(trunk.packed_block(b) is not None for b in visual.transformer.resblocks[:-1])
+    assert all(trunk.packed_block(b, vit.onednn_parts) is not None for b in visual.transformer.resblocks[:-1])
     after = visual.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model is not changed
 
@@ -49,17 +49,17 @@ def test_packed_blocks_equal_the_blocks_own_forward(model):
 def test_packing_happens_once_per_block_and_only_where_it_applies(monkeypatch):
     clip = load_clip("maskinv-test-tiny", "none", "cpu")
     blocks = list(clip.visual.transformer.resblocks[:-1])
-    first = [trunk.packed_block(b) for b in blocks]
-    assert [trunk.packed_block(b) for b in blocks] == first and all(p is not None for p in first)
+    first = [trunk.packed_block(b, vit.onednn_parts) for b in blocks]
+    assert [trunk.packed_block(b, vit.onednn_parts) for b in blocks] == first and all(p is not None for p in first)
     x = torch.randn(1, 5, blocks[0].ln_1.normalized_shape[0])
     with torch.no_grad():
         assert trunk.uses_onednn("onednn", x)
         assert not trunk.uses_onednn("blas", x) and not trunk.uses_onednn("onednn", x.double())
     assert not trunk.uses_onednn("onednn", x)  # gradients wanted: the block's own forward
     odd = _Odd()  # no MultiheadAttention: not supported, run as it is
-    assert not trunk.supported(odd) and trunk.packed_block(odd) is None
+    assert vit.onednn_parts(odd) is None and trunk.packed_block(odd, vit.onednn_parts) is None
     calls = []
-    monkeypatch.setattr(trunk, "block_forward", lambda *a: calls.append(1) or a[2])
+    monkeypatch.setattr(trunk, "block_forward", lambda *a: calls.append(1) or a[1])
     with torch.no_grad():
-        trunk.run_blocks([odd], x)
+        trunk.run_blocks([odd], x, "onednn", vit.onednn_parts)
     assert calls == []  # an unsupported block never reaches the packed path
