@@ -52,6 +52,17 @@ class DispatchError(RuntimeError):
     """Jobs cannot be run at all (e.g. Redis unreachable); maps to HTTP 503."""
 
 
+class QueueUnavailable(DispatchError, ConnectionError):
+    """Queue mode: Redis (the queue) cannot be reached, e.g. while it restarts. A ``ConnectionError`` (callers that
+    can wait, such as project runs, catch that and retry later) and a :class:`DispatchError` (HTTP 503). Where a
+    failure travels as a per-region / per-task entry instead, it is marked :data:`QUEUE_UNAVAILABLE`."""
+
+
+#: LabelOutcome.kind of a job that Redis' absence left unknown (Redis lost while waiting); in a task's answer the
+#: error entry's ``code`` (its ``kind`` stays ``failed``: backend.predict)
+QUEUE_UNAVAILABLE = "queue_unavailable"
+
+
 @dataclass
 class LabelRequest:
     """All regions of one image that share a label set. ``masks``: one bool ``[H, W]`` per region."""
@@ -75,7 +86,7 @@ class LabelOutcome:
     regions: list[dict[str, Any]]  # {"labels": [...], "caption", "caption_mode", "error", "cached": bool}
     model: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
-    kind: str | None = None  # None, or why the job failed: "timeout" | "no_worker" | "failed" | "rejected"
+    kind: str | None = None  # None, or why: "timeout" | "no_worker" | "failed" | "rejected" | "queue_unavailable"
     info: dict[str, Any] = field(default_factory=dict)  # job id/status, worker cache counters, timings
 
 
@@ -383,13 +394,17 @@ class QueueDispatcher(Dispatcher):
         self.queue = Queue(settings.queue, connection=conn, serializer=self.serializer)
         self.registry = RegistryReader(conn, settings.queue, prefix=settings.redis_prefix)
 
+    def _unavailable(self, exc: Exception) -> QueueUnavailable:
+        """The error for a Redis that does not answer (``exc``: redis-py's)."""
+        return QueueUnavailable(f"Redis at {self.settings.redis_url_redacted} is not reachable: {exc}")
+
     def model_info(self, wait_s: float = 0.0) -> dict[str, Any] | None:
         from redis.exceptions import RedisError
 
         try:
             models = self.registry.live_models()
         except RedisError as exc:
-            raise DispatchError(f"Redis at {self.settings.redis_url_redacted} is not reachable: {exc}") from None
+            raise self._unavailable(exc) from None
         ids = {m.get("id") for m in models.values()}
         return next(iter(models.values())) if len(ids) == 1 else None
 
@@ -463,7 +478,7 @@ class QueueDispatcher(Dispatcher):
                 time.sleep(poll)
                 poll = min(poll * 1.5, 0.25)
         except RedisError as exc:
-            raise DispatchError(f"Redis at {self.settings.redis_url_redacted} is not reachable: {exc}") from None
+            raise self._unavailable(exc) from None
 
     def _submit(self, p: _Prepared):
         """Enqueue, or attach to the live job with the same id; replace a failed or orphaned one."""
@@ -509,7 +524,7 @@ class QueueDispatcher(Dispatcher):
             live = self.registry.live_workers()
             jobs = [self._submit(p) for p in items]
         except RedisError as exc:
-            raise DispatchError(f"Redis at {self.settings.redis_url_redacted} is not reachable: {exc}") from None
+            raise self._unavailable(exc) from None
         if not live:
             msg = (f"no MaskInversion worker is serving queue {self.settings.queue!r} (start one with "
                    "`python -m worker`); the job stays queued and its results will be cached when a worker "
@@ -566,7 +581,7 @@ class QueueDispatcher(Dispatcher):
                    f"(waited {timeout_s:g}s); "
                    "a repeated request will enqueue the job again")
             log.error(msg)
-            return _RunResult(None, msg, {"job_id": job.id, "status": "unknown"}, "failed")
+            return _RunResult(None, msg, {"job_id": job.id, "status": "unknown"}, QUEUE_UNAVAILABLE)
         try:
             status, worker = self._peek(job)
         except RedisError:

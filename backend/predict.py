@@ -16,7 +16,9 @@ parallel on several workers. Per task the answer is
 
 Interactive requests whose regions all fail raise :class:`PredictError` with an HTTP status (413 over a limit,
 422 bad region or refused/unusable image, 502 image host or worker failure, 503 no worker / no Redis, 504
-timeout).
+timeout). Redis that cannot be reached when the jobs are sent raises ``backend.dispatch.QueueUnavailable`` (a
+``ConnectionError``; the app answers 503); Redis lost while waiting gives the task's error entries
+``"kind": "failed", "code": "queue_unavailable"`` (interactive: 503).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dispatch import DispatchError, LabelRequest
+from .dispatch import QUEUE_UNAVAILABLE, DispatchError, LabelRequest, QueueUnavailable
 from .images import ImageError, image_size
 from .label_config import ProjectConfig
 from .predictions import region_results, task_prediction
@@ -40,9 +42,9 @@ log = logging.getLogger(__name__)
 
 #: HTTP status for an interactive request that produced no labelled region, by the worst failure kind
 #: ("image": the image host failed; "source": the task names an image that is refused or unusable)
-STATUS = {"timeout": 504, "no_worker": 503, "failed": 502, "image": 502, "limit": 413, "source": 422,
-          "rejected": 422, "region": 422}
-SEVERITY = ("timeout", "no_worker", "failed", "image", "limit", "source", "rejected", "region")
+STATUS = {"timeout": 504, "queue_unavailable": 503, "no_worker": 503, "failed": 502, "image": 502, "limit": 413,
+          "source": 422, "rejected": 422, "region": 422}
+SEVERITY = ("timeout", "queue_unavailable", "no_worker", "failed", "image", "limit", "source", "rejected", "region")
 #: images of one request fetched at the same time
 FETCH_THREADS = 4
 
@@ -56,6 +58,11 @@ class _TaskPlan:
     n_regions: int = 0
 
     def error(self, region: str | None, message: str, kind: str) -> None:
+        """Record one error entry ``{"region", "error", "kind"}``; Redis lost while waiting is kind ``failed`` (what
+        older readers retry) with ``"code": "queue_unavailable"``."""
+        if kind == QUEUE_UNAVAILABLE:
+            self.errors.append({"region": region, "error": message, "kind": "failed", "code": QUEUE_UNAVAILABLE})
+            return
         self.errors.append({"region": region, "error": message, "kind": kind})
 
 
@@ -170,6 +177,8 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
     try:
         outcomes = (service.dispatcher.label(requests, max(0.0, deadline - time.monotonic()))
                     if requests else [])
+    except QueueUnavailable:  # a ConnectionError: HTTP 503 in the app; a project run waits for Redis and retries
+        raise
     except DispatchError as exc:
         log.error("dispatch failed: %s", exc)
         raise PredictError(503, str(exc)) from None
@@ -211,7 +220,7 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
              "interactive" if interactive else "batch", time.perf_counter() - t0)
 
     if interactive and "result" not in answers[0] and plans[0].errors:
-        kinds = {e["kind"] for e in plans[0].errors}
+        kinds = {e.get("code") or e["kind"] for e in plans[0].errors}
         worst = next(k for k in SEVERITY if k in kinds)
         raise PredictError(STATUS[worst], _summary(plans[0].errors), plans[0].errors)
     return answers
