@@ -4,13 +4,23 @@ label-studio-ml 1.0.9 keeps one model per process, created by ``/setup`` — whi
 one of several web workers — and answers errors with a 500 and a Python traceback. So ``/predict`` and
 ``/setup`` are replaced by views that build the model from the request's own label config and answer every
 error with JSON and a meaningful status (400 bad request, 401 auth, 422 bad regions, 502/503/504 worker,
-image or queue trouble); ``/webhook`` and ``/train`` acknowledge and ignore training events (MaskInversion
-optimises per region at prediction time). Optional HTTP basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS), as
-Label Studio's ML backend settings support; GET /health stays open for container health checks.
+image or queue trouble); ``/webhook`` and ``/train`` learn from annotations (backend.learning).
+
+Authentication, as Label Studio 1.23 can carry it:
+
+* ``MASKINV_URL_SECRET``: every route is served only under ``/<secret>/`` (Label Studio's model URL is
+  ``http://backend:9090/<secret>``: it appends ``/predict``, ``/setup``, ... to it, and the webhook it registers
+  for the backend is ``<model URL>/webhook``); bare routes answer 404, except ``GET /health`` and ``GET /``
+  (up/ready only, for container health checks). Compared in constant time.
+* HTTP basic auth (BASIC_AUTH_USER/BASIC_AUTH_PASS, the ML backend's *Basic Auth* settings): Label Studio sends
+  it on every call of its ML API (``/health``, ``/setup``, ``/predict``, ``/versions``, ``/train`` and
+  Start training's ``/webhook``), but not on the annotation webhooks (a webhook has no credentials): under a valid
+  secret prefix ``/webhook`` needs no basic auth, without a secret it answers 401 (and the log says why).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -29,6 +39,10 @@ from .torchless import import_label_studio_ml
 log = logging.getLogger(__name__)
 
 OPEN_ENDPOINTS = {"health"}
+#: routes the bare path (no secret prefix) still serves when MASKINV_URL_SECRET is set (GET/HEAD only)
+BARE_PATHS = {"/health", "/"}
+#: WSGI environ key: the request came in under the valid secret prefix
+SECRET_OK = "maskinv.url_secret_ok"
 
 
 def _error(status: int, message: str, details: list[Any] | None = None):
@@ -147,7 +161,8 @@ def health_view():
     info = _service().health()
     down = info.get("mode") == "queue" and info.get("redis") != "ok"
     status = 503 if down else 200
-    if _service().settings.basic_auth_user and not _authorized():
+    settings = _service().settings
+    if (settings.basic_auth_user and not _authorized()) or (settings.url_secret and not request.environ.get(SECRET_OK)):
         return jsonify({"status": "DOWN" if down else "UP", "ready": bool(info.get("ready"))}), status
     body = {"status": "DOWN" if down else "UP", "model_class": "MaskInversionModel", **info}
     return jsonify(body), status
@@ -185,12 +200,16 @@ def _learning_call(fn):
     from .images import ImageError
     from .learning import LearningError
 
+    from .examples import ExampleBudgetError
+
     try:
         outcome = fn()
     except LearningError as exc:
-        raise PredictError(422, str(exc)) from None
+        raise PredictError(exc.status, str(exc)) from None
     except ImageError as exc:
         raise PredictError(502 if exc.upstream else 422, f"annotation image: {exc}") from None
+    except ExampleBudgetError as exc:
+        raise PredictError(507, str(exc)) from None
     except ExampleStoreError as exc:
         raise PredictError(503, str(exc)) from None
     return jsonify(outcome.to_dict()), 200
@@ -247,6 +266,11 @@ def _check_auth():
         return None
     if _authorized():
         return None
+    if request.endpoint == "webhook":
+        if request.environ.get(SECRET_OK):
+            return None  # Label Studio's webhooks carry no credentials: the secret prefix authenticates them
+        log.warning("POST /webhook without basic auth refused: Label Studio's annotation webhooks carry no "
+                    "credentials; set MASKINV_URL_SECRET and use http://<backend>/<secret> as the model URL")
     resp, status = _error(401, "authentication required (HTTP basic auth, see BASIC_AUTH_USER/BASIC_AUTH_PASS)")
     resp.headers["WWW-Authenticate"] = 'Basic realm="maskinversion"'
     return resp, status
@@ -254,6 +278,37 @@ def _check_auth():
 
 def _http_error(exc: HTTPException):
     return _error(exc.code or 500, exc.description or exc.name)
+
+
+def _secret_matches(segment: str, secret: str) -> bool:
+    """Constant-time comparison of a path segment with the secret (digests: the length is not leaked either)."""
+    return hmac.compare_digest(hashlib.sha256(segment.encode("utf-8", "surrogateescape")).digest(),
+                               hashlib.sha256(secret.encode()).digest())
+
+
+class SecretPrefix:
+    """WSGI middleware for MASKINV_URL_SECRET (read per request from the app's service): ``/<secret>/<route>`` is
+    served as ``/<route>`` (marked ``SECRET_OK``), ``GET /health`` and ``GET /`` as they are (up/ready only), any
+    other path is 404 before the app sees it (the answer does not repeat the path)."""
+
+    def __init__(self, app: Flask, inner: Any):
+        self.app, self.inner = app, inner
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        secret = self.app.config["MASKINV_SERVICE"].settings.url_secret
+        if not secret:
+            return self.inner(environ, start_response)
+        path = environ.get("PATH_INFO") or "/"
+        _, segment, rest = (path + "/").split("/", 2) if path.startswith("/") else ("", "", "")
+        if _secret_matches(segment, secret):
+            environ = {**environ, SECRET_OK: True, "SCRIPT_NAME": environ.get("SCRIPT_NAME", "") + "/" + segment,
+                       "PATH_INFO": "/" + rest[:-1] if rest else "/"}
+            return self.inner(environ, start_response)
+        if path in BARE_PATHS and environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+            return self.inner(environ, start_response)
+        body = json.dumps({"status": 404, "error": "not found"}).encode()
+        start_response("404 NOT FOUND", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
 
 
 def _drop_body_logging(app: Flask, api: Any) -> None:
@@ -270,6 +325,18 @@ def configure_logging(level: str) -> None:
     if not root.handlers:
         logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     root.setLevel(level)
+
+
+def _warn_about_auth(settings: Settings) -> None:
+    """Say at start what the configured authentication means for learning from annotations."""
+    if settings.url_secret:
+        log.info("routes served under the MASKINV_URL_SECRET prefix only (bare /health and / answer up/ready)")
+    elif settings.basic_auth_user and settings.learn:
+        log.warning("basic auth without MASKINV_URL_SECRET: Label Studio's annotation webhooks carry no credentials "
+                    "and get 401, so annotations are not learnt from; set MASKINV_URL_SECRET")
+    elif settings.learn:
+        log.warning("no MASKINV_URL_SECRET and no basic auth: anyone who reaches this backend can write or delete "
+                    "any project's examples (/webhook) and make it read projects from Label Studio (/train)")
 
 
 def create_app(settings: Settings | None = None, service: Service | None = None) -> Flask:
@@ -292,7 +359,9 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         app.add_url_rule("/examples", "examples", _guarded(examples_view), methods=["GET"])
         app.before_request(_check_auth)
         app.register_error_handler(HTTPException, _http_error)
+        app.wsgi_app = SecretPrefix(app, app.wsgi_app)
         app.config["MASKINV_INSTALLED"] = True
+    _warn_about_auth(settings)
     if settings.embedded and settings.warmup and hasattr(service.dispatcher, "warm_up"):
         service.dispatcher.warm_up()
     from .background import resume_in_background

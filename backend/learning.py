@@ -23,26 +23,35 @@ a live run, ``tests/e2e/test_active_learning.py``):
 For every labelled region of a submitted annotation, its LET (``embed_regions`` job) is recorded as an example of
 each of its labels. Cancelled (skipped) annotations and unlabelled regions give no examples; predictions are
 never read.
+
+An event obeys the limits of a /predict request: at most MASKINV_MAX_TASKS annotations, MASKINV_MAX_REGIONS
+regions per annotation, MASKINV_MAX_MASK_MPIX rasterised mask pixels in all; a region's labels must be labels
+of its control (the label config, or MASKINV_LABELS), at most MAX_REGION_LABELS of them. An annotation over a
+limit is skipped whole (its stored examples stay as they were); a region with a bad label gives no example. The
+event's answer lists what was skipped and why (``skipped``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from worker.protocol import EmbedRegionsJob, InversionParams, decode_vectors, encode_vectors, sha256_hex
+from worker.protocol import (EmbedRegionsJob, InversionParams, PayloadError, check_label_caps, decode_vectors,
+                             encode_vectors, sha256_hex)
 
 from .examples import Example, ExampleStore, ExampleStoreError, make_example_store
 from .label_config import LabelConfigError, ProjectConfig
 from .prototype_fit import FIT_VERSION, fit_prototypes, vision_prototypes
-from .regions import RegionError, collect_regions, region_mask
+from .regions import Region, RegionError, collect_regions, region_mask
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +62,34 @@ TRAIN_EVENTS = ("START_TRAINING",)
 LABEL_KEYS = ("brushlabels", "polygonlabels", "rectanglelabels", "ellipselabels", "keypointlabels", "labels")
 #: seconds an embed job (one annotation's regions) may take
 EMBED_TIMEOUT_S = 300.0
-#: prototype sets and text prototypes kept in memory
+#: prototype sets and text prototypes kept in memory (each cache: at most this many entries and CACHE_BYTES)
 CACHE_ENTRIES = 64
+CACHE_BYTES = 64 << 20
+#: labels one region may carry (each label of a region is one example)
+MAX_REGION_LABELS = 20
+#: skipped regions/annotations listed in an event's answer (the rest are counted in ``skipped_more``)
+SKIPPED_LISTED = 100
 
 
 class LearningError(ValueError):
-    """A webhook or training request that cannot be used; the message says why (HTTP 400/422)."""
+    """A webhook or training request that cannot be used; the message says why, ``status`` the HTTP status (400
+    bad request, 404 project unknown to Label Studio, 422 unusable content, 502 Label Studio failed)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
 
 
 def project_id(value: Any) -> str:
-    """Label Studio project id as a string: from ``{"id": 3}``, ``3`` or ``"3.1700000000"`` (ML API's uid)."""
+    """Label Studio project id as a string: from ``{"id": 3}``, ``3`` or ``"3.1700000000"`` (ML API's uid).
+    ASCII digits only (``"²"`` and ``"１２"`` are digits to Python, not project ids), at most 18 (an int64)."""
     if isinstance(value, dict):
         value = value.get("id")
     if isinstance(value, bool) or value is None:
-        raise LearningError("no project id in the request")
+        raise LearningError("no project id in the request", 400)
     text = str(value).split(".", 1)[0].strip()
-    if not text.isdigit() or len(text) > 20:
-        raise LearningError(f"bad project id {str(value)[:50]!r}")
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise LearningError(f"bad project id {str(value)[:50]!r}: a Label Studio project id is a number", 400)
     return text
 
 
@@ -102,13 +122,77 @@ def model_key(model: dict[str, Any] | None, params: InversionParams) -> str:
 class EventOutcome:
     action: str | None
     project: str | None
-    status: str  # "stored" | "deleted" | "rebuilt" | "ignored" | "unchanged"
+    status: str  # "stored" | "deleted" | "rebuilt" | "ignored" | "unchanged" | "skipped"
     annotations: int = 0
     examples: int = 0
     reason: str = ""
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # {"annotation", "region", "error", "kind"}
+    skipped_more: int = 0  # skipped beyond the SKIPPED_LISTED listed
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v not in ("", None)}
+        return {k: v for k, v in self.__dict__.items() if v not in ("", None, [])
+                and not (k == "skipped_more" and v == 0)}
+
+
+@dataclass
+class Allowance:
+    """What one event (or one annotation of a rebuild) may still use, and what it left out.
+
+    ``mask_pixels``: rasterised mask pixels left (MASKINV_MAX_MASK_MPIX, as for one /predict request).
+    """
+
+    mask_pixels: int
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    skipped_more: int = 0
+
+    def skip(self, annotation: Any, region: str | None, error: str, kind: str) -> None:
+        """Record (and log) what was left out: ``kind`` "limit" (a request limit), "label" or "region"."""
+        log.info("annotation %s region %s not used: %s", annotation, region, error)
+        if len(self.skipped) < SKIPPED_LISTED:
+            self.skipped.append({"annotation": str(annotation), "region": region, "error": error, "kind": kind})
+        else:
+            self.skipped_more += 1
+
+
+class AnnotationSkipped(Exception):
+    """An annotation over a limit: left out whole, its stored examples kept (recorded in the Allowance)."""
+
+
+class _Cache:
+    """Thread-safe LRU of at most CACHE_ENTRIES entries and CACHE_BYTES bytes (``sizeof`` per value)."""
+
+    def __init__(self, sizeof: Callable[[Any], int]):
+        self._items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._sizeof, self.entries, self.max_bytes, self.bytes = sizeof, CACHE_ENTRIES, CACHE_BYTES, 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[bool, Any]:
+        """``(hit, value)``."""
+        with self._lock:
+            if key not in self._items:
+                return False, None
+            self._items.move_to_end(key)
+            return True, self._items[key][0]
+
+    def put(self, key: tuple, value: Any) -> None:
+        size = int(self._sizeof(value)) + len(repr(key))
+        with self._lock:
+            old = self._items.pop(key, None)
+            self.bytes -= old[1] if old else 0
+            if size > self.max_bytes:
+                return
+            self._items[key] = (value, size)
+            self.bytes += size
+            while len(self._items) > self.entries or self.bytes > self.max_bytes:
+                self.bytes -= self._items.popitem(last=False)[1][1]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _doc_bytes(doc: dict | None) -> int:
+    """Bytes of a prototypes document (its base64 vectors dominate)."""
+    return len(json.dumps(doc)) if doc else 0
 
 
 class Learner:
@@ -118,8 +202,8 @@ class Learner:
         self.service = service
         self.settings = service.settings
         self._store = store
-        self._text: OrderedDict[tuple, tuple[np.ndarray, float]] = OrderedDict()
-        self._protos: OrderedDict[tuple, dict | None] = OrderedDict()
+        self._text = _Cache(lambda v: v[0].nbytes)  # (model id, labels, templates) -> ([L, D], logit scale)
+        self._protos = _Cache(_doc_bytes)  # see prototypes()
         self._lock = threading.Lock()
 
     @property
@@ -169,45 +253,90 @@ class Learner:
             return EventOutcome(action, project, "deleted" if removed else "unchanged", annotations=removed)
         cfg = self._config((data.get("project") or {}).get("label_config") if isinstance(data.get("project"), dict)
                            else None)
-        anns = data.get("annotation")
-        tasks = data.get("task")
+        return self._store_annotations(action, project, cfg, data.get("annotation"), data.get("task"))
+
+    def _store_annotations(self, action: str, project: str, cfg: ProjectConfig, anns: Any, tasks: Any
+                           ) -> EventOutcome:
+        """The examples of an event's annotations, within the limits of one /predict request (module docstring)."""
         anns = anns if isinstance(anns, list) else [anns]
+        anns = [a for a in anns if isinstance(a, dict) and a.get("id") is not None]
         tasks = tasks if isinstance(tasks, list) else [tasks]
         by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
+        allowance = Allowance(self.settings.max_mask_pixels)
         changed, n_examples = 0, 0
-        for ann in anns:
-            if not isinstance(ann, dict) or ann.get("id") is None:
+        for i, ann in enumerate(anns):
+            if i >= self.settings.max_tasks:
+                allowance.skip(ann["id"], None, f"the event has {len(anns)} annotations, more than MASKINV_MAX_TASKS="
+                               f"{self.settings.max_tasks}; Start training reads them all from Label Studio", "limit")
                 continue
             task = by_id.get(ann.get("task")) or (tasks[0] if len(tasks) == 1 and isinstance(tasks[0], dict) else None)
-            examples = self.annotation_examples(cfg, ann, task)
+            try:
+                examples = self.annotation_examples(cfg, ann, task, allowance)
+            except AnnotationSkipped:
+                continue
             changed += self.store.replace_annotation(project, str(ann["id"]), examples)
             n_examples += len(examples)
-        log.info("project %s: %s -> %d example(s), %d annotation(s) changed", project, action, n_examples, changed)
-        return EventOutcome(action, project, "stored" if changed else "unchanged", annotations=changed,
-                            examples=n_examples)
+        log.info("project %s: %s -> %d example(s), %d annotation(s) changed, %d skipped", project, action, n_examples,
+                 changed, len(allowance.skipped) + allowance.skipped_more)
+        status = "stored" if changed else "skipped" if allowance.skipped else "unchanged"
+        return EventOutcome(action, project, status, annotations=changed, examples=n_examples,
+                            skipped=allowance.skipped, skipped_more=allowance.skipped_more)
 
     def _config(self, xml: Any) -> ProjectConfig:
         if not isinstance(xml, str) or not xml.strip():
-            raise LearningError("the event has no project.label_config")
+            raise LearningError("the event has no project.label_config", 400)
         try:
             return self.service.config(xml)
         except LabelConfigError as exc:
-            raise LearningError(f"label config: {exc}") from None
+            raise LearningError(f"label config: {exc}", 400) from None
+
+    def region_examples_labels(self, items: list[Any], region: Region) -> tuple[list[str], str | None]:
+        """The labels of ``region`` that become examples, and why any were refused: at most MAX_REGION_LABELS, each
+        within the label caps (MASKINV_MAX_LABEL_CHARS) and a label of its control (config or MASKINV_LABELS)."""
+        labels = region_labels(items, region.id, region.item)
+        if len(labels) > MAX_REGION_LABELS:
+            return [], f"the region has {len(labels)} labels, more than {MAX_REGION_LABELS}"
+        try:
+            check_label_caps(labels, self.settings.max_label_chars, self.settings.max_vocab_bytes, "label")
+        except PayloadError as exc:
+            return [], str(exc)
+        vocab = set(region.control.labels) | set(self.settings.extra_labels)
+        unknown = [lab for lab in labels if lab not in vocab]
+        if not unknown:
+            return labels, None
+        return ([lab for lab in labels if lab in vocab],
+                f"{', '.join(repr(u[:40]) for u in unknown[:5])} not a label of control {region.control.name!r} "
+                "(its <Label> values, or MASKINV_LABELS): not an example")
 
     # ------------------------------------------------------------------ annotations -> examples
-    def annotation_examples(self, cfg: ProjectConfig, ann: dict[str, Any], task: dict[str, Any] | None
-                            ) -> list[Example]:
-        """Examples of one annotation: every labelled region's LET, once per label. None for a cancelled one."""
+    def annotation_examples(self, cfg: ProjectConfig, ann: dict[str, Any], task: dict[str, Any] | None,
+                            allowance: Allowance | None = None) -> list[Example]:
+        """Examples of one annotation: every labelled region's LET, once per label; none for a cancelled one.
+
+        Within ``allowance`` (default: one /predict request's); what is left out is recorded there. Raises
+        AnnotationSkipped when the annotation is over a limit (MASKINV_MAX_REGIONS, MASKINV_MAX_MASK_MPIX).
+        """
+        allowance = allowance or Allowance(self.settings.max_mask_pixels)
         items = ann.get("result")
         if ann.get("was_cancelled") or not isinstance(items, list) or not items:
             return []
         if not isinstance(task, dict):
             raise LearningError(f"annotation {ann.get('id')}: the event has no task (needed for the image)")
         regions, problems = collect_regions(items, cfg)
+        if len(regions) + len(problems) > self.settings.max_regions:
+            allowance.skip(ann.get("id"), None, f"the annotation has {len(regions) + len(problems)} regions, more "
+                           f"than MASKINV_MAX_REGIONS={self.settings.max_regions}; its stored examples are kept",
+                           "limit")
+            raise AnnotationSkipped()
         for p in problems:
-            log.info("annotation %s region %s not used: %s", ann.get("id"), p.id, p.error)
-        labelled = [(r, region_labels(items, r.id, r.item)) for r in regions]
-        labelled = [(r, labs) for r, labs in labelled if labs]
+            allowance.skip(ann.get("id"), p.id, p.error, "region")
+        labelled = []
+        for r in regions:
+            labs, refused = self.region_examples_labels(items, r)
+            if refused:
+                allowance.skip(ann.get("id"), r.id, refused, "label")
+            if labs:
+                labelled.append((r, labs))
         if not labelled:
             return []
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
@@ -226,11 +355,17 @@ class Learner:
             size = image_size(blob)
             masks, used = [], []
             for r, labs in regs:
+                if allowance.mask_pixels <= 0:
+                    allowance.skip(ann.get("id"), r.id, "the event's masks exceed MASKINV_MAX_MASK_MPIX="
+                                   f"{self.settings.max_mask_pixels >> 20}; the annotation's stored examples are "
+                                   "kept (Start training rebuilds it)", "limit")
+                    raise AnnotationSkipped()
                 try:
                     masks.append(region_mask(r, size, self.settings.mask_max_side, self.settings.max_image_pixels))
                     used.append((r, labs))
+                    allowance.mask_pixels -= masks[-1].size
                 except RegionError as exc:
-                    log.info("annotation %s region %s not used: %s", ann.get("id"), r.id, exc)
+                    allowance.skip(ann.get("id"), r.id, str(exc), "region")
             if not masks:
                 continue
             payload = EmbedRegionsJob.build(blob, [(r.id, np.asarray(m, bool)) for (r, _), m in zip(used, masks)],
@@ -242,7 +377,7 @@ class Learner:
             for (r, labs), reg in zip(used, result.get("regions") or []):
                 let_doc = (reg.get("meta") or {}).get("let")
                 if reg.get("error") or not let_doc:
-                    log.info("annotation %s region %s not used: %s", ann.get("id"), r.id, reg.get("error"))
+                    allowance.skip(ann.get("id"), r.id, str(reg.get("error") or "no embedding")[:300], "region")
                     continue
                 let = decode_vectors(let_doc)[0]
                 out += [Example(r.id, lab, key, let) for lab in labs]
@@ -250,26 +385,37 @@ class Learner:
 
     # ------------------------------------------------------------------ rebuild from Label Studio
     def rebuild(self, project: str, client: Any = None) -> EventOutcome:
-        """Re-derive a project's examples from all its annotations in Label Studio (the source of truth)."""
+        """Re-derive a project's examples from all its annotations in Label Studio (the source of truth). Each
+        annotation has the allowance of one /predict request; one over a limit keeps its stored examples."""
+        project = project_id(project)
         client = client or self._client()
-        proj = client.projects.get(id=int(project))
-        cfg = self._config(getattr(proj, "label_config", None))
-        seen: set[str] = set()
-        n_ann = n_ex = 0
-        for t in annotated_tasks(client, int(project)):
-            for ann in t.get("annotations") or []:
-                if not isinstance(ann, dict) or ann.get("id") is None:
-                    continue
-                seen.add(str(ann["id"]))
-                examples = self.annotation_examples(cfg, ann, t)
-                self.store.replace_annotation(project, str(ann["id"]), examples)
-                n_ann += bool(examples)
-                n_ex += len(examples)
+        with label_studio_errors(project):
+            proj = client.projects.get(id=int(project))
+            cfg = self._config(getattr(proj, "label_config", None))
+            seen: set[str] = set()
+            n_ann = n_ex = 0
+            outcome = EventOutcome("START_TRAINING", project, "rebuilt")
+            for t in annotated_tasks(client, int(project)):
+                for ann in t.get("annotations") or []:
+                    if not isinstance(ann, dict) or ann.get("id") is None:
+                        continue
+                    seen.add(str(ann["id"]))
+                    allowance = Allowance(self.settings.max_mask_pixels, outcome.skipped, outcome.skipped_more)
+                    try:
+                        examples = self.annotation_examples(cfg, ann, t, allowance)
+                    except AnnotationSkipped:
+                        continue
+                    finally:
+                        outcome.skipped_more = allowance.skipped_more
+                    self.store.replace_annotation(project, str(ann["id"]), examples)
+                    n_ann += bool(examples)
+                    n_ex += len(examples)
         for stale in self.store.annotation_ids(project) - seen:
             self.store.delete_annotation(project, stale)
         log.info("project %s: examples rebuilt from Label Studio: %d annotation(s), %d example(s)", project, n_ann,
                  n_ex)
-        return EventOutcome("START_TRAINING", project, "rebuilt", annotations=n_ann, examples=n_ex)
+        outcome.annotations, outcome.examples = n_ann, n_ex
+        return outcome
 
     def _client(self) -> Any:
         url = self.settings.label_studio_url or self.service.setup_fallbacks()[0]
@@ -286,10 +432,9 @@ class Learner:
                         ) -> tuple[np.ndarray, float]:
         """Normalised text prototypes ``[L, D]`` and the logit scale, from the worker (cached)."""
         key = (model_id, labels, tuple(params.templates))
-        with self._lock:
-            hit = self._text.get(key)
-        if hit is not None:
-            return hit
+        hit, value = self._text.get(key)
+        if hit:
+            return value
         result = self.service.dispatcher.run_embed(
             EmbedRegionsJob.build(None, [], params, labels, dtype="float32").to_dict(),
             EMBED_TIMEOUT_S)
@@ -297,15 +442,8 @@ class Learner:
         if result.get("error") or "text" not in meta:
             raise LearningError(f"text prototypes: {result.get('error') or 'missing in the worker result'}")
         value = (decode_vectors(meta["text"]), float(meta["logit_scale"]))
-        self._remember(self._text, key, value)
+        self._text.put(key, value)
         return value
-
-    def _remember(self, cache: OrderedDict, key: tuple, value: Any) -> None:
-        with self._lock:
-            cache[key] = value
-            cache.move_to_end(key)
-            while len(cache) > CACHE_ENTRIES:
-                cache.popitem(last=False)
 
     def version_suffix(self, project: Any, params: InversionParams) -> str:
         """``-ex<digest>`` naming the project's example set for the model and ``params`` ("" without examples, or
@@ -327,7 +465,12 @@ class Learner:
 
     def prototypes(self, project: str | None, labels: Iterable[str], params: InversionParams) -> dict | None:
         """The compact prototypes (worker.embed_jobs format) of a project's examples for ``labels``; None
-        without examples for any of them (text only)."""
+        without examples for any of them (text only).
+
+        Cached (CACHE_ENTRIES / CACHE_BYTES) by everything the answer depends on: the project and its example
+        version, the model key (model id and inversion parameters), the labels, the templates (text prototypes)
+        and FIT_VERSION. A cached answer costs one read of the version (Redis: one GET), no example is read.
+        """
         if project is None or not self.settings.learn or not self.has_store():
             return None
         labels = tuple(labels)
@@ -337,12 +480,14 @@ class Learner:
             return None
         model = self._model_info()
         mkey = model_key(model, params)
-        key = (project, version, mkey, labels, tuple(params.templates))
-        with self._lock:
-            if key in self._protos:
-                return self._protos[key]
+        key = (project, version, mkey, labels, tuple(params.templates), FIT_VERSION)
+        hit, doc = self._protos.get(key)
+        if hit:
+            return doc
+        version, stored = self.store.snapshot(project, mkey)  # the examples of exactly one version
+        key = (project, version, mkey, labels, tuple(params.templates), FIT_VERSION)
         index = {lab: i for i, lab in enumerate(labels)}
-        examples = [e for e in self.store.examples(project, mkey) if e.label in index]
+        examples = [e for e in stored if e.label in index]
         doc = None
         if examples:
             text, scale = self.text_prototypes(labels, params, (model or {}).get("id") or "?")
@@ -355,8 +500,29 @@ class Learner:
                    "labels": [lab for lab, h in zip(labels, has) if h],
                    "weights": encode_vectors(w[has], "float32"), "bias": [float(v) for v in b[has]],
                    "means": encode_vectors(means[has], "float32"), "counts": [int(c) for c in counts[has]]}
-        self._remember(self._protos, key, doc)
+        self._protos.put(key, doc)
         return doc
+
+
+@contextlib.contextmanager
+def label_studio_errors(project: str) -> Iterator[None]:
+    """Label Studio API failures as LearningError: 404 for an unknown project, 502 otherwise. The message names
+    the HTTP status only: never Label Studio's response headers or body, nor a URL with its query string."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        yield
+    except ApiError as exc:
+        code = getattr(exc, "status_code", None)
+        if code == 404:
+            raise LearningError(f"project {project} not found in Label Studio (HTTP 404)", 404) from None
+        hint = ": check LABEL_STUDIO_API_KEY" if code in (401, 403) else ""
+        raise LearningError(f"Label Studio answered HTTP {code} while reading project {project}{hint}", 502) from None
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] == "httpx":  # transport errors (their text holds the URL)
+            raise LearningError(f"Label Studio could not be read for project {project}: "
+                                f"{exc.__class__.__name__}", 502) from None
+        raise
 
 
 def annotated_tasks(client: Any, project: int, page_size: int = 100) -> Iterable[dict[str, Any]]:

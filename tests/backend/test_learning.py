@@ -73,7 +73,7 @@ def test_projects_are_isolated_and_other_events_ignored(learn_client):
     other = learn_client.post("/webhook", json={"action": "TASKS_CREATED", "project": PROJECT, "tasks": [{"id": 1}]})
     assert other.status_code == 200 and other.get_json()["status"] == "ignored"
     bad = learn_client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": "x/../1"}})
-    assert bad.status_code == 422 and "project id" in bad.get_json()["error"]
+    assert bad.status_code == 400 and "project id" in bad.get_json()["error"]
 
 
 def test_prediction_uses_examples_with_new_version_and_meta(learn_client):
