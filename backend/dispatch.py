@@ -25,6 +25,7 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -290,6 +291,15 @@ class EmbeddedDispatcher(Dispatcher):
             return {"mode": self.mode, "model": self._model, "model_error": self._model_error,
                     "ready": self._model is not None}
 
+    def _time_limit(self) -> AbstractContextManager[None]:
+        """MASKINV_JOB_TIMEOUT for the job about to run in this (the job) thread. A thread cannot be stopped from
+        outside: worker code checks the limit between its steps (``worker.proposals.check_time``: a proposal job
+        before each candidate source, MaskCut round, de-duplication, inversion, crop mixing, scoring and captions)
+        and stops with ``worker.proposals.JobTimeout``; code without checks (label jobs) runs to its end."""
+        from worker.proposals import time_limit
+
+        return time_limit(self.settings.job_timeout_s, "MASKINV_JOB_TIMEOUT")
+
     def _job(self, payload: dict, function: str = JOB_FUNCTION) -> dict:
         from worker import jobs
 
@@ -302,8 +312,10 @@ class EmbeddedDispatcher(Dispatcher):
                 raise DispatchError(f"refusing to run job function {function!r}: not in worker.protocol.JOB_KINDS")
 
             module, name = function.rsplit(".", 1)
-            return getattr(importlib.import_module(module), name)(payload)
-        result = jobs.label_regions(payload)
+            with self._time_limit():
+                return getattr(importlib.import_module(module), name)(payload)
+        with self._time_limit():
+            result = jobs.label_regions(payload)
         entries = entries_from_result(self.settings.redis_prefix, payload, result)
         self.cache.put_many(entries)
         return result
@@ -370,6 +382,10 @@ class EmbeddedDispatcher(Dispatcher):
                 out.append(_RunResult(None, msg, {"status": "running"}, "timeout"))
                 continue
             except Exception as exc:  # noqa: BLE001 - reported per job
+                if getattr(exc, "time_limit_s", None) is not None:  # worker.proposals.JobTimeout: stopped in time
+                    log.warning("embedded job for image %s: %s", p.request.image_sha256[:12], exc)
+                    out.append(_RunResult(None, f"job {exc}", {"status": "stopped"}, "failed"))
+                    continue
                 log.exception("embedded job for image %s failed", p.request.image_sha256[:12])
                 out.append(_RunResult(None, f"worker error: {exc.__class__.__name__}: {exc}", {"status": "failed"},
                                       "failed"))

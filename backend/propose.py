@@ -20,10 +20,14 @@ type — BrushLabels (RLE), PolygonLabels (contour, percent points) or Rectangle
 :mod:`backend.region_output`. Each proposal is a result item with its label, ``score``, ``meta.text``
 ("proposed by MaskInversion (maskcut) · top-3 ...") and ``meta.proposed = true``, plus a caption in the per-region
 TextArea if the config has one. At most ``MASKINV_MAX_PROPOSALS`` proposals per image (the worker caps too).
+
+Cost: proposals run at ``min(params.size, MASKINV_PROPOSAL_MAX_SIZE)`` (:func:`proposal_params`; the worker caps
+again at ``worker.proposals.MAX_PROPOSAL_SIZE``), and a proposal job stops at MASKINV_JOB_TIMEOUT in both modes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -158,6 +162,12 @@ def proposal_items(control: RegionControl, cfg: ProjectConfig, res: dict[str, An
     return out
 
 
+def proposal_params(params: InversionParams, max_size: int) -> InversionParams:
+    """``params`` with ``size`` at most ``max_size`` (MASKINV_PROPOSAL_MAX_SIZE): a proposal's cost grows with the
+    size to the 2nd-4th power, and the request's size is meant for the regions it draws."""
+    return params if params.size <= max_size else dataclasses.replace(params, size=max_size)
+
+
 def proposal_prototypes(service: Service, project: str | None, vocab: tuple[str, ...], params: InversionParams
                         ) -> dict | None:
     """The project's example prototypes for a proposal job's labels (None: text only). Proposals keep one view
@@ -184,6 +194,7 @@ def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, 
 
     pid = example_project(service, project, tasks)
     suffix = ""
+    params = proposal_params(params, service.settings.proposal_max_size)
 
     control = target_control(cfg)
     answers: list[Any] = [None] * len(tasks)

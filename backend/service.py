@@ -20,7 +20,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 #: request-level overrides accepted in ``params.maskinv`` of /predict (besides ``labels``)
-OVERRIDABLE = ("steps", "lr", "alpha", "size", "top_k", "templates", "caption")
+OVERRIDABLE = ("steps", "lr", "alpha", "size", "top_k", "templates", "caption", "crop_weight")
 #: seconds /setup and /predict wait for the embedded model to finish loading before answering a version
 MODEL_WAIT_S = 2.5
 
@@ -158,7 +158,7 @@ class Service:
         for key in ("steps", "size", "top_k"):
             if isinstance(overrides.get(key), bool):
                 raise PredictError(400, f"params.maskinv.{key} must be an integer, got {overrides[key]!r}")
-        for key in ("lr", "alpha"):
+        for key in ("lr", "alpha", "crop_weight"):
             if isinstance(overrides.get(key), bool):
                 raise PredictError(400, f"params.maskinv.{key} must be a number, got {overrides[key]!r}")
         if "caption" in overrides and not isinstance(overrides["caption"], bool):

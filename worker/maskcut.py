@@ -17,7 +17,7 @@ The keys come from the last block: ``k = ln_1(x) @ W_k + b_k`` for the tokens ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -109,11 +109,12 @@ def components(mask: np.ndarray, min_size: int = 1) -> list[np.ndarray]:
 
 
 def maskcut(keys: torch.Tensor, grid: tuple[int, int], n_cuts: int = N_CUTS, tau: float = TAU, eps: float = EPS,
-            corner_limit: int = CORNER_LIMIT) -> list[Cut]:
+            corner_limit: int = CORNER_LIMIT, check: Callable[[], None] | None = None) -> list[Cut]:
     """Up to ``n_cuts`` object masks on a ``grid`` from patch keys ``[gh*gw, d]`` (see module docstring).
 
     Each round keeps the connected component of the foreground that holds the seed; found patches are
-    masked out of the next rounds. Stops early when no patch is left or a round finds nothing.
+    masked out of the next rounds. Stops early when no patch is left or a round finds nothing. ``check`` is
+    called before each round (e.g. a job's time limit, which stops the cut by raising).
     """
     gh, gw = grid
     if keys.shape[0] != gh * gw:
@@ -126,6 +127,8 @@ def maskcut(keys: torch.Tensor, grid: tuple[int, int], n_cuts: int = N_CUTS, tau
     for _ in range(n_cuts):
         if found.all():
             break
+        if check is not None:
+            check()
         vec = ncut_vector(key_affinity(feats, tau, eps))
         fg, seed = bipartition(vec, grid, corner_limit, allowed=~found)
         if not fg.any():

@@ -11,6 +11,13 @@ proposal, best first, id ``"proposal-<k>"``, with ``meta = {"proposed": True, "s
 bits, worker.payload.encode_mask, [S, S] over the whole image>, "area": share of the image, "objectness": (1 -
 final Dice loss)², "score": best-label probability × objectness (the ranking; worker.proposals)}``.
 
+Bounds (``worker.proposals``): the job runs at ``proposals.proposal_size(params.size)``, at most
+``MAX_PROPOSAL_SIZE`` (448) whatever the payload asks (a queue job can be forged), and reports that size in its
+``params``; candidates are capped before de-duplication (``MAX_RAW_CANDIDATES``) and before inversion
+(``MAX_CANDIDATES``). Within a ``proposals.time_limit`` (the embedded dispatcher's MASKINV_JOB_TIMEOUT) the job
+stops at the first check between its steps past the limit with ``proposals.JobTimeout``; a queue worker's job is
+stopped by RQ at MASKINV_JOB_TIMEOUT.
+
 Worker settings (read once, at the first job; see README):
     MASKINV_MAX_PROPOSALS       proposals returned per image at most [20]; a job may ask for fewer
     MASKINV_PROPOSAL_MIN_SCORE  default best-label probability a proposal needs [0.2]
@@ -23,6 +30,7 @@ Worker settings (read once, at the first job; see README):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -103,7 +111,7 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
     """Propose, label and caption regions of one image (payload: module docstring); returns
     ``JobResult.to_dict()``. A malformed job yields a result with a top-level ``error`` and no regions."""
     from .jobs import check_text_limits, get_runtime
-    from .proposals import propose
+    from .proposals import check_time, propose, proposal_size
 
     rt = get_runtime()
     t0 = time.perf_counter()
@@ -113,6 +121,7 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
         params, labels = payload.params, list(payload.labels)
         check_limits(params, rt.settings.max_steps, rt.settings.max_size)
         check_text_limits(params, labels, rt.settings)
+        params = dataclasses.replace(params, size=proposal_size(params.size, int(rt.clip.patch_size)))
         opts = ProposalOptions.from_dict(payload.proposals, settings)
         image_bytes, digest = decode_image(payload.image)
         prototypes = parse_prototypes(payload.prototypes, labels, int(rt.clip.embed_dim))
@@ -132,6 +141,7 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
             if props and params.caption:
                 import torch
 
+                check_time(f"captioning {len(props)} proposals")
                 lets = torch.stack([p.let for p in props])
                 captions = rt.captioner.caption(lets, [p.label for p in props])
     except (PayloadError, ProtocolError, ValueError) as exc:

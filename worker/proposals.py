@@ -20,15 +20,24 @@ benchmarks/results/proposals.md), de-duplicated by mask-IoU NMS in that order, a
 probability is below ``score_threshold``; at most ``max_proposals`` survive. With ``refine`` the masks are
 snapped to SLIC superpixels of the image before inversion (:func:`snap_to_superpixels`).
 
+What bounds one image's cost: the ``propose_regions`` job runs at most at :data:`MAX_PROPOSAL_SIZE`
+(:func:`proposal_size`, whatever the job asks), at most :data:`MAX_RAW_CANDIDATES` candidates reach
+de-duplication (:func:`cap_candidates`, the sources taken in turn) and at most :data:`MAX_CANDIDATES` are inverted;
+within :func:`time_limit` (embedded mode: MASKINV_JOB_TIMEOUT) the pipeline checks the deadline between its steps
+(before each source, each MaskCut round, de-duplication, the inversion, the crop mixing and the scoring) and stops
+with :class:`JobTimeout` at the first check past it.
+
 The engine and the scorer are arguments (a ``worker.engine.MaskInversionEngine`` and a
-``worker.labels.LabelScorer``); nothing here holds state.
+``worker.labels.LabelScorer``); nothing here holds state but the calling thread's time limit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +52,13 @@ DEFAULT_MIN_SCORE = 0.2
 DEFAULT_MAX_PROPOSALS = 20
 #: candidates inverted per image at most (after de-duplication), whatever the sources produce
 MAX_CANDIDATES = 64
+#: candidates that reach de-duplication at most (its pairwise IoU holds [N, S²] floats per side: 205 MB at 256 x
+#: 448²), taken from the sources in turn (:func:`cap_candidates`)
+MAX_RAW_CANDIDATES = 256
+#: largest model input S a proposal job runs at, whatever its ``params.size`` (the backend already sends at most
+#: MASKINV_PROPOSAL_MAX_SIZE, default the same): the candidates' grid and their inversion grow with S² to S⁴
+#: (one regionless task at 1024 took 136 s on the tiny scene CLIP)
+MAX_PROPOSAL_SIZE = 448
 NMS_IOU = 0.5
 DEDUPE_IOU = 0.9
 
@@ -95,6 +111,66 @@ class ProposalResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------------------------------------- bounds
+class JobTimeout(RuntimeError):
+    """A job ran past its time limit and stopped at the check between two of its steps."""
+
+    def __init__(self, message: str, time_limit_s: float):
+        super().__init__(message)
+        self.time_limit_s = time_limit_s
+
+
+#: the clock of :func:`time_limit` (seconds; a module attribute so that tests can drive it)
+clock: Callable[[], float] = time.monotonic
+_limit = threading.local()
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, name: str | None = None) -> Iterator[None]:
+    """Within the block, in this thread, :func:`check_time` raises :class:`JobTimeout` once ``seconds`` have passed
+    (None: no limit); ``name``: the setting that sets it, for the error. A thread cannot be stopped from outside:
+    the job stops at its next check."""
+    previous = getattr(_limit, "value", None)
+    _limit.value = None if seconds is None else (clock() + float(seconds), float(seconds), name)
+    try:
+        yield
+    finally:
+        _limit.value = previous
+
+
+def check_time(step: str) -> None:
+    """Raise :class:`JobTimeout` when this thread's :func:`time_limit` has passed (no-op without one); ``step``
+    names what would have come next."""
+    limit = getattr(_limit, "value", None)
+    if limit is not None and clock() >= limit[0]:
+        what = f"{limit[2]}={limit[1]:g}s" if limit[2] else f"of {limit[1]:g}s"
+        raise JobTimeout(f"stopped before {step}: over its time limit {what}", limit[1])
+
+
+def proposal_size(size: int, patch: int, cap: int = MAX_PROPOSAL_SIZE) -> int:
+    """The model input side proposals run at: ``size``, or when larger than ``cap`` the largest multiple of the
+    model's ``patch`` within it (at least one patch)."""
+    if size <= cap:
+        return size
+    return max(patch, cap - cap % patch)
+
+
+def cap_candidates(cands: list[Candidate], limit: int = MAX_RAW_CANDIDATES) -> list[Candidate]:
+    """At most ``limit`` candidates, taken from the sources in turn (each source's own order kept), returned in
+    their original order; all of them when there are no more than ``limit``."""
+    if len(cands) <= limit:
+        return cands
+    queues: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        queues.setdefault(c.source, []).append(i)
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < limit:
+        chosen += [q[depth] for q in queues.values() if depth < len(q)][:limit - len(chosen)]
+        depth += 1
+    return [cands[i] for i in sorted(chosen)]
+
+
 # ---------------------------------------------------------------------------------------------- geometry
 def upsample_grid(mask: np.ndarray, size: int) -> np.ndarray:
     """Patch-grid mask ``[g, g]`` -> pixel mask ``[size, size]`` (each patch a block; size % g == 0)."""
@@ -108,7 +184,7 @@ def upsample_grid(mask: np.ndarray, size: int) -> np.ndarray:
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU ``[N, M]`` of bool masks ``a`` ``[N, H, W]`` and ``b`` ``[M, H, W]``."""
     fa = a.reshape(len(a), -1).astype(np.float32)
-    fb = b.reshape(len(b), -1).astype(np.float32)
+    fb = fa if b is a else b.reshape(len(b), -1).astype(np.float32)  # one copy when a mask set meets itself
     inter = fa @ fb.T
     union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
@@ -132,7 +208,8 @@ def dedupe(cands: list[Candidate], iou: float = DEDUPE_IOU) -> list[Candidate]:
     cands = [c for c in cands if c.mask.any()]
     if not cands:
         return []
-    ious = mask_iou(np.stack([c.mask for c in cands]), np.stack([c.mask for c in cands]))
+    masks = np.stack([c.mask for c in cands])
+    ious = mask_iou(masks, masks)
     keep: list[int] = []
     for i in range(len(cands)):
         if all(ious[i, j] <= iou for j in keep):
@@ -179,7 +256,7 @@ def image_keys(engine, image: ImageLike, size: int) -> tuple[torch.Tensor, int]:
     clip = engine.clip
     pixels = image_to_tensor(img, size, clip.mean, clip.std, clip.device)
     x = vit.trunk_forward(engine.visual, pixels, engine.pos.get(size), engine.cpu_gemm)
-    keys = maskcut.last_block_keys(engine.visual, x)[0]
+    keys = vit.last_block_keys(engine.visual, x)[0]
     return keys, vit.grid_side(x.shape[1])
 
 
@@ -187,7 +264,8 @@ def maskcut_candidates(keys: torch.Tensor, grid: int, size: int, n_cuts: int = m
                        tau: float = maskcut.TAU) -> list[Candidate]:
     """Every connected component of each MaskCut round's foreground (the kept one first), as ``[S, S]`` masks."""
     out = []
-    for cut in maskcut.maskcut(keys, (grid, grid), n_cuts=n_cuts, tau=tau):
+    for cut in maskcut.maskcut(keys, (grid, grid), n_cuts=n_cuts, tau=tau,
+                               check=lambda: check_time("a MaskCut round")):
         comps = [cut.mask] + [c for c in cut.components if not np.array_equal(c, cut.mask)]
         out += [Candidate(upsample_grid(c, size), "maskcut") for c in comps]
     return out
@@ -247,20 +325,24 @@ def gather_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], t
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         raise ValueError(f"unknown proposal source(s) {unknown}; known: {list(SOURCES)}")
+    if "sam" in sources and sam is None:
+        raise ValueError("proposal source 'sam' needs a SAM checkpoint (MASKINV_SAM_CHECKPOINT)")
     out: list[Candidate] = []
     if "maskcut" in sources or "keyseeds" in sources:
+        check_time("the image's keys")
         keys, grid = image_keys(engine, image, size)
         if "maskcut" in sources:
             out += maskcut_candidates(keys, grid, size, n_cuts=n_cuts)
         if "keyseeds" in sources:
+            check_time("the key-seed candidates")
             out += keyseed_candidates(keys, grid, size)
     if "text" in sources:
+        check_time("the text candidates")
         out += text_candidates(engine, scorer, image, labels, templates, size)
     if "window" in sources:
         out += window_candidates(size)
     if "sam" in sources:
-        if sam is None:
-            raise ValueError("proposal source 'sam' needs a SAM checkpoint (MASKINV_SAM_CHECKPOINT)")
+        check_time("the SAM candidates")
         out += [Candidate(np.asarray(m, bool), "sam") for m in sam(open_image(image)[0], size)]
     return out
 
@@ -303,11 +385,14 @@ def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], l
     (``worker.embed_jobs.mix_crop``)."""
     if not cands:
         return []
+    check_time(f"inverting {len(cands)} candidates")
     res = engine.invert(image, np.stack([c.mask for c in cands]), size=size, steps=steps, lr=lr)
     ok = [i for i, e in enumerate(res.errors) if e is None]
     if not ok:
         return []
+    check_time("the candidates' masked crops")
     lets = mixed_with_crops(engine, image, [cands[i].mask for i in ok], res.lets[ok], crop_weight)
+    check_time("scoring the candidates")
     scored = score_fn(lets) if score_fn is not None else scorer.score(lets, labels, templates, top_k=top_k)
     obj = objectness(res.losses[-1, ok])
     return [Proposal(cands[i].mask, cands[i].source, s, lets[j], cands[i].hint, float(o))
@@ -347,9 +432,12 @@ def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: 
     for c in cands:
         per_source[c.source] = per_source.get(c.source, 0) + 1
     t1 = time.perf_counter()
+    cands = cap_candidates(cands)
     if refine and cands:
+        check_time("the superpixel refinement")
         seg = superpixels(img, size)
         cands = [Candidate(snap_to_superpixels(c.mask, seg), c.source, c.hint) for c in cands]
+    check_time(f"de-duplicating {len(cands)} candidates")
     cands = dedupe(cands)[:max_candidates]
     t2 = time.perf_counter()
     labelled = label_candidates(engine, scorer, img, cands, labels, templates, size, steps, lr, top_k, score_fn,
