@@ -1,4 +1,4 @@
-"""Few-shot region classification: text prototypes vs vision prototypes from annotated examples (issue 14).
+"""Few-shot region classification: text prototypes vs vision prototypes from annotated examples.
 
 Scene world with the committed tiny scene CLIP. Every region's LET is the MaskInversion of its ground-truth mask
 (size 112, 10 steps, lr 0.1, alpha 0, as in ``benchmarks.region_classification``), on the image and on its
@@ -258,7 +258,7 @@ def run(sets: dict, texts: dict[str, np.ndarray], scale: float, draws: int, eval
 
 # ---------------------------------------------------------------------- report
 def bars(test: dict) -> list[tuple[str, float, float, bool]]:
-    """(bar, measured, threshold, met) for the issue's bars, on the test results."""
+    """(bar, measured, threshold, met) for each bar the method must meet, on the test results."""
 
     def a(naming: str, k: int, m: str) -> float:
         return test[naming][str(k)]["methods"][m]["acc1"]
@@ -368,7 +368,7 @@ def to_markdown(results: dict, regions: dict, draws: int, config: dict) -> str:
     lines += [
         "## What limits it (measured on the selection set while choosing the method)",
         "",
-        "* **The masked crop (wave 2, session 4).** The LET renders a region's colour far more surely than its "
+        "* **The masked crop.** The LET renders a region's colour far more surely than its "
         "shape; the crop of the region's box with the outside set to the dataset mean sees the outline. Mixing the "
         "two (the direction of unit(LET) + 0.3 unit(crop); weight chosen zero-shot on val, "
         "`benchmarks/results/region_classification_scene_world_val.md`) into every embedding, examples and "

@@ -1,4 +1,4 @@
-"""Worker memory under a stream of new label sets: bounded text caches (issue 12, case 8) vs unbounded ones.
+"""Worker memory under a stream of new label sets: bounded text caches vs unbounded ones.
 
 Each "request" scores one region against ``--labels`` labels never seen before (one template), as a client
 sending a fresh vocabulary every time would. ``bounded`` uses the worker's defaults
@@ -92,7 +92,7 @@ def main() -> None:
     lines = [f"# Worker memory under new label sets (tiny model, {a.requests} requests x {a.labels} new labels)",
              "", f"`python benchmarks/label_cache_memory.py --requests {a.requests} --labels {a.labels}` "
              f"(bounded: {a.max_entries} label sets / {a.max_mb} MiB of prototypes, tokenizer memo 50,000 words / "
-             "4 Mi characters; unbounded: every bound out of reach, as before issue 12). RSS of the process, MiB.",
+             "4 Mi characters; unbounded: every bound out of reach). RSS of the process, MiB.",
              "", "| mode | request | RSS | prototype entries | prototype bytes | tokenizer words | tokenizer chars |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for res in results:

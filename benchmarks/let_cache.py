@@ -1,4 +1,4 @@
-"""A changed label set on 100 cached regions: re-scoring cached LETs vs today's full re-inversion (issue 14).
+"""A changed label set on 100 cached regions: re-scoring cached LETs vs a full re-inversion.
 
 100 regions (scene-world test images of up to 4 objects) go through ``worker.jobs.label_regions`` once with one
 label set (this fills the worker's image-state cache and the LET cache). Then the label set changes (a new

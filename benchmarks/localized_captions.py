@@ -5,7 +5,7 @@ The paper's protocol: every object of a test scene is captioned by a ClipCap cap
 captioning setting: 0 and 5 by default), (b) the global image embedding (one caption per image) and, for
 reference, (c) the embedding of the object's masked crop. A caption is *correct* when the CLIP text encoder
 matches it best to that object's ground-truth phrase ("a red circle") among the phrases of all objects in the
-image. The bar (issue #5): on scenes with >= 2 objects the LET caption is correct at least 20 points more often
+image. The bar: on scenes with >= 2 objects the LET caption is correct at least 20 points more often
 than the global caption.
 
 Run from the repository root (a few minutes on 2 CPU cores)::

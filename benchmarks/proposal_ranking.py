@@ -1,4 +1,4 @@
-"""Which score ranks proposals best for auto-tagging AP? A study on the scene world's **val** split (issue 16).
+"""Which score ranks proposals best for auto-tagging AP? A study on the scene world's **val** split.
 
 The product's proposals are ranked (NMS order, detection score) by their best label's probability; the
 diagnosis in benchmarks/results/proposals.md says that flat probabilities rank background and partial

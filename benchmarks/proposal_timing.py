@@ -1,4 +1,4 @@
-"""Wall-clock of the ``propose_regions`` job per image (issue 16: "report the job time per image on the CPU").
+"""Wall-clock of the ``propose_regions`` job per image on the CPU.
 
 Runs the real job (``worker.proposal_jobs.propose_regions``: candidates, inversion of every candidate, NMS,
 threshold, cap, captions) in this process on a few scene-world val scenes with the worker's default proposal

@@ -1,4 +1,4 @@
-"""Proposals nobody drew (issue 16): class-agnostic recall and auto-tagging AP, COCO-style (pycocotools COCOeval).
+"""Proposals nobody drew: class-agnostic recall and auto-tagging AP, COCO-style (pycocotools COCOeval).
 
 For every image, each method proposes masks; recall counts the ground-truth objects that some proposal
 covers with mask IoU >= 0.5 / 0.75 (class-agnostic). Auto-tagging turns each kept proposal into a detection
@@ -301,7 +301,7 @@ AP_KEYS = ("union", "sliding_window", "slic_colour", "maskcut", "keyseeds", "tex
 
 
 def summary_json(report: dict, size: int, refined: bool) -> dict:
-    """The issue's schema, for one (size, refinement) setting (percent)."""
+    """The summary schema, for one (size, refinement) setting (percent)."""
     def row(method: str, ref: bool | None = None) -> dict:
         ref = refined if ref is None else ref
         if method in SINGLE_SETTING:  # the baselines and the oracle have one setting each
