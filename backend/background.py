@@ -18,16 +18,26 @@ on; never with the hostname and token /setup sends), a batch ``/predict``
    Studio stores nothing for them);
 3. starts a background run (backend.project_run) on those tasks: their jobs keep running (queue mode: the same
    deterministic job ids; embedded mode: the same in-process jobs), and each prediction is written into Label
-   Studio as it finishes, with the model version Label Studio knows, so a repeated *Retrieve predictions*
-   skips those tasks. Tasks a live run holds are answered with an error naming that run (never labelled
-   twice). ``GET /runs`` shows the progress.
+   Studio as it finishes, with the model version /setup answers for the project (examples' ``-ex...`` suffix
+   included), so a repeated *Retrieve predictions* skips those tasks. Tasks a live run holds are answered with
+   an error naming that run (never labelled twice). ``GET /runs`` shows the progress.
+
+What a run writes is Label Studio's, not the request's: the run belongs to the request's project (its
+``project`` field, ``"<id>.<timestamp>"``), labels each task as Label Studio has it (re-read through the API;
+a task of another project is reported, never written) with the project's label config as Label Studio has it
+(read when the run starts) and the environment's inversion parameters. A request without a usable ``project``,
+or with ``params.maskinv`` overrides, gets no background run: its late tasks are answered with an error that
+says why. Budgets: a run takes at most MASKINV_MAX_RUN_TASKS tasks (the rest are answered with an error saying
+how many were left out), and at most MASKINV_MAX_RUNS runs run at once in one backend (a further request's late
+tasks are answered as deferred).
 
 A run survives its backend (queue mode: the records live in Redis): while it runs, it keeps a
-:class:`~backend.runs.ResumeRecord` (label config, ``params.maskinv``, model version, task ids). A backend that
+:class:`~backend.runs.ResumeRecord` (Label Studio URL, project id, model version, task ids). A backend that
 starts finds the records of runs that stopped beating (their process died: a restart, a crash, an OOM kill),
 takes each one (one process per record) and starts a new run on its tasks; tasks the dead run had written are
-skipped as predicted. It is not resumed when the model version would now differ (the old record says why), when
-LABEL_STUDIO_URL points elsewhere, or after the record's TTL (MASKINV_JOB_TIMEOUT + 1 h).
+skipped as predicted; the new run re-reads the project's label config and every task. It is not resumed when
+the model version would now differ (the old record says why), when LABEL_STUDIO_URL points elsewhere, or after
+the record's TTL (MASKINV_JOB_TIMEOUT + 1 h).
 """
 
 from __future__ import annotations
@@ -37,17 +47,22 @@ import threading
 import time
 from typing import Any
 
-from .label_config import ProjectConfig
+from .label_config import LabelConfigError, ProjectConfig
 from .ls_api import LabelStudioAPI, LabelStudioAPIError
 from .predict import predict_tasks
-from .project_run import ProjectRun
+from .project_run import ProjectRun, run_version
+from .propose import split_override
 from .runs import ALIVE_TTL_S, MemoryRunStore, RedisRunStore, ResumeRecord, RunStore, claim_key, new_run_id
-from .service import Service
+from .service import PredictError, Service
 
 log = logging.getLogger(__name__)
 
 #: marks the answer of a task that continues in a background run (Label Studio stores nothing for it)
 DEADLINE_MARK = "before the request deadline"
+
+
+class RunRefused(Exception):
+    """No background run could be started; the message says why (it is answered for each of its tasks)."""
 
 
 class RunManager:
@@ -57,13 +72,14 @@ class RunManager:
         self.service = service
         settings = service.settings
         if settings.embedded:
-            self.store: RunStore = MemoryRunStore()
+            self.store: RunStore = MemoryRunStore(settings.max_run_records)
         else:
             self.store = RedisRunStore(service.dispatcher.connection, settings.redis_prefix,
-                                       settings.job_timeout_s + 3600)
+                                       settings.job_timeout_s + 3600, settings.max_run_records)
         self._apis: dict[tuple[str, str], LabelStudioAPI] = {}
         self._lock = threading.Lock()
         self.threads: dict[str, threading.Thread] = {}
+        self._starting = 0  # runs between the MASKINV_MAX_RUNS check and their thread's start
 
     def api(self) -> LabelStudioAPI | None:
         """Label Studio's API when background runs are on and a URL and token are known, else None."""
@@ -84,34 +100,67 @@ class RunManager:
     def runs(self) -> list[dict[str, Any]]:
         return self.store.runs()
 
-    def start(self, cfg: ProjectConfig, tasks: list[dict], overrides: Any, version: str, project: Any,
-              api: LabelStudioAPI) -> tuple[ProjectRun, list[dict], list[tuple[dict, str]]]:
-        """Claim ``tasks`` for a new run and start it in a daemon thread.
+    def start(self, project: str, task_ids: list[Any], api: LabelStudioAPI, expect_version: str | None = None
+              ) -> tuple[ProjectRun, list[Any], list[tuple[Any, str]]]:
+        """Claim tasks ``task_ids`` of ``project`` for a new run and start it in a daemon thread; the project's
+        label config is read from Label Studio now, each task by the run. Raises RunRefused (MASKINV_MAX_RUNS
+        runs alive, the config unreadable or unusable, the version not ``expect_version``).
 
-        Returns the run, the tasks it took, and ``(task, holder)`` for tasks another live run holds.
+        Returns the run, the task ids it took, and ``(task id, holder)`` for tasks another live run holds.
         """
-        settings = self.service.settings
-        run_id = new_run_id("retrieve")
-        self.store.beat(run_id)  # alive before its claims exist
-        taken, busy = [], []
-        for t in tasks:
-            holder = self.store.claim(run_id, claim_key(api.url, t.get("id"), version))
-            (busy.append((t, holder)) if holder else taken.append(t))
-        workers = getattr(settings, "run_workers", 0) or _default_workers(self.service)
-        run = ProjectRun(self.service, cfg, api, self.store, model_version=version, kind="retrieve",
-                         project=project, overrides=overrides, workers=workers, run_id=run_id)
-        if taken:
-            self.store.keep_for_resume(run_id, ResumeRecord(
-                label_studio_url=api.url, project=None if project is None else str(project), label_config=cfg.xml,
-                overrides=overrides, model_version=version, task_ids=tuple(t.get("id") for t in taken)))
-        thread = threading.Thread(target=self._run, args=(run, taken), name=f"maskinv-{run_id}", daemon=True)
         with self._lock:
             self.threads = {k: v for k, v in self.threads.items() if v.is_alive()}
+            if len(self.threads) + self._starting >= self.service.settings.max_runs:
+                raise RunRefused(f"{len(self.threads) + self._starting} background run(s) are running in this "
+                                 f"backend, the most MASKINV_MAX_RUNS={self.service.settings.max_runs} allows; "
+                                 "deferred: ask again for its predictions when one has finished (GET /runs)")
+            self._starting += 1
+        try:
+            return self._start(project, task_ids, api, expect_version)
+        finally:
+            with self._lock:
+                self._starting -= 1
+
+    def _start(self, project: str, task_ids: list[Any], api: LabelStudioAPI, expect_version: str | None
+               ) -> tuple[ProjectRun, list[Any], list[tuple[Any, str]]]:
+        cfg = self._project_config(project, api)
+        version = run_version(self.service, cfg, project)
+        if expect_version is not None and version != expect_version:
+            raise RunRefused(f"the model version is now {version} (was {expect_version})")
+        settings = self.service.settings
+        workers = getattr(settings, "run_workers", 0) or _default_workers(self.service)
+        run_id = new_run_id("retrieve")
+        try:
+            run = ProjectRun(self.service, cfg, api, self.store, model_version=version, kind="retrieve",
+                             project=project, workers=workers, run_id=run_id)
+        except PredictError as exc:
+            raise RunRefused(f"project {project}: {exc.message}") from None
+        self.store.beat(run_id)  # alive before its claims exist
+        taken, busy = [], []
+        for tid in task_ids:
+            holder = self.store.claim(run_id, claim_key(api.url, tid, version))
+            (busy.append((tid, holder)) if holder else taken.append(tid))
+        if taken:
+            self.store.keep_for_resume(run_id, ResumeRecord(label_studio_url=api.url, project=project,
+                                                            model_version=version, task_ids=tuple(taken)))
+        thread = threading.Thread(target=self._run, args=(run, taken), name=f"maskinv-{run_id}", daemon=True)
+        with self._lock:
             self.threads[run_id] = thread
         thread.start()
         return run, taken, busy
 
-    def _run(self, run: ProjectRun, tasks: list[dict]) -> None:
+    def _project_config(self, project: str, api: LabelStudioAPI) -> ProjectConfig:
+        """The project's label config as Label Studio has it; RunRefused when it cannot be read or used."""
+        try:
+            xml = api.label_config(int(project))
+        except LabelStudioAPIError as exc:
+            raise RunRefused(f"project {project}'s label config could not be read: {exc}") from None
+        try:
+            return self.service.config(xml)
+        except LabelConfigError as exc:
+            raise RunRefused(f"project {project}'s label config: {exc}") from None
+
+    def _run(self, run: ProjectRun, tasks: list[Any]) -> None:
         log.info("background run %s: %d task(s), model version %s", run.run_id, len(tasks), run.version)
         try:
             s = run.run(tasks, total=len(tasks))
@@ -153,23 +202,18 @@ class RunManager:
         if api is None or api.url != record.label_studio_url:
             self._note(old_id, "not resumed: background runs are off or LABEL_STUDIO_URL changed")
             return None
-        cfg = self.service.config(record.label_config)
-        params, labels = self.service.params(record.overrides)
-        version = self.service.model_version(cfg, params, labels)
-        if version != record.model_version:
-            self._note(old_id, f"not resumed: the model version is now {version} (was {record.model_version})")
+        project = _project_id(record.project)
+        if project is None:
+            self._note(old_id, "not resumed: its record names no Label Studio project")
             return None
-        tasks, missing = [], 0
-        for tid in record.task_ids:  # one by one: a task deleted meanwhile is left out, not the whole run
-            try:
-                tasks.extend(api.get_tasks([tid]))
-            except LabelStudioAPIError:
-                missing += 1
-        run, taken, busy = self.start(cfg, tasks, record.overrides, version, record.project, api)
-        self._note(old_id, f"interrupted (its process stopped); resumed by run {run.run_id}"
-                   + (f" ({missing} task(s) no longer readable)" if missing else ""))
-        log.info("background run %s resumes interrupted run %s: %d task(s) (%d held by live runs, %d unreadable)",
-                 run.run_id, old_id, len(taken), len(busy), missing)
+        try:
+            run, taken, busy = self.start(project, list(record.task_ids), api, expect_version=record.model_version)
+        except RunRefused as exc:
+            self._note(old_id, f"not resumed: {exc}")
+            return None
+        self._note(old_id, f"interrupted (its process stopped); resumed by run {run.run_id}")
+        log.info("background run %s resumes interrupted run %s: %d task(s) (%d held by live runs)",
+                 run.run_id, old_id, len(taken), len(busy))
         return run.run_id
 
     def _note(self, run_id: str, message: str) -> None:
@@ -231,10 +275,14 @@ def _continues(answer: Any) -> bool:
 
 
 def _project_id(project: Any) -> str | None:
-    """Label Studio sends ``"<project id>.<created timestamp>"``."""
-    if project is None:
+    """The project id of Label Studio's ``"<project id>.<created timestamp>"`` (or a plain id); None when the
+    value names no project."""
+    from .learning import LearningError, project_id
+
+    try:
+        return project_id(project) if isinstance(project, (str, int)) and not isinstance(project, bool) else None
+    except LearningError:
         return None
-    return str(project).split(".", 1)[0][:50]
 
 
 def predict_batch(service: Service, cfg: ProjectConfig, tasks: Any, overrides: Any = None,
@@ -245,8 +293,10 @@ def predict_batch(service: Service, cfg: ProjectConfig, tasks: Any, overrides: A
     api = mgr.api()
     if api is None or not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
         return predict_tasks(service, cfg, tasks, overrides=overrides, project=project)
-    params, labels = service.params(overrides)
-    version = service.model_version(cfg, params, labels)
+    params, labels = service.params(split_override(overrides)[0])
+    pid = _project_id(project)
+    suffix = service.learner.version_suffix(pid, params) if pid is not None and service.settings.learn else ""
+    version = service.model_version(cfg, params, labels) + suffix
     answers: list[Any] = [None] * len(tasks)
     now, later = [], []
     for i, t in enumerate(tasks):
@@ -271,17 +321,49 @@ def predict_batch(service: Service, cfg: ProjectConfig, tasks: Any, overrides: A
                 answers[i] = a
     if later:
         later.sort()
-        run, taken, busy = mgr.start(cfg, [tasks[i] for i in later], overrides, version, _project_id(project), api)
-        busy_ids = {id(t): h for t, h in busy}
-        for i in later:
-            holder = busy_ids.get(id(tasks[i]))
-            answers[i] = _busy(holder) if holder else {
-                "error": f"not finished within MASKINV_BATCH_TIMEOUT={service.settings.batch_timeout_s:g}s: "
-                         f"background run {run.run_id} labels it and writes the prediction into Label Studio "
-                         "(GET /runs shows progress)",
-                "maskinv": {"run": run.run_id}}
-        log.info("predict: %d of %d task(s) continue in background run %s", len(taken), len(tasks), run.run_id)
+        for i, answer in _continue(mgr, api, [(i, tasks[i].get("id")) for i in later], pid, overrides).items():
+            answers[i] = answer
     return answers
+
+
+def _continue(mgr: RunManager, api: LabelStudioAPI, late: list[tuple[int, Any]], project: str | None,
+              overrides: Any) -> dict[int, dict[str, Any]]:
+    """The answers of the ``(index, task id)`` pairs that missed the request: taken by a new background run,
+    held by a live one, left out (MASKINV_MAX_RUN_TASKS), or not continued (the error says why)."""
+    settings = mgr.service.settings
+    why = ("not labelled before the request deadline (MASKINV_BATCH_TIMEOUT="
+           f"{settings.batch_timeout_s:g}s) or beyond MASKINV_MAX_TASKS={settings.max_tasks}")
+    if project is None:
+        return _refused(late, f"{why}, and no background run: the request's 'project' names no Label Studio "
+                              "project (Label Studio sends \"<project id>.<timestamp>\"), so the tasks' project "
+                              "cannot be checked; ask for fewer tasks at once")
+    if overrides:
+        return _refused(late, f"{why}, and no background run: a background run labels with the project's "
+                              "settings as Label Studio has them, not with the request's params.maskinv; ask for "
+                              "fewer tasks at once")
+    cap = settings.max_run_tasks
+    left = late[cap:]
+    out = _refused(left, f"left out: a background run takes at most MASKINV_MAX_RUN_TASKS={cap} tasks; "
+                         f"{len(left)} task(s) of this request were not labelled (ask again for their "
+                         "predictions when the run has finished)")
+    try:
+        run, taken, busy = mgr.start(project, [tid for _, tid in late[:cap]], api)
+    except RunRefused as exc:
+        out.update(_refused(late[:cap], f"{why}, and no background run: {exc}"))
+        return out
+    holders = dict(busy)
+    for i, tid in late[:cap]:
+        out[i] = _busy(holders[tid]) if tid in holders else {
+            "error": f"not finished within MASKINV_BATCH_TIMEOUT={settings.batch_timeout_s:g}s: background run "
+                     f"{run.run_id} labels it and writes the prediction into Label Studio (GET /runs shows "
+                     "progress)", "maskinv": {"run": run.run_id}}
+    log.info("predict: %d task(s) continue in background run %s (%d held by live runs, %d left out)",
+             len(taken), run.run_id, len(busy), len(left))
+    return out
+
+
+def _refused(late: list[tuple[int, Any]], message: str) -> dict[int, dict[str, Any]]:
+    return {i: {"error": message, "maskinv": {"run": None}} for i, _ in late}
 
 
 def _busy(holder: str) -> dict[str, Any]:

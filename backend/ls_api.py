@@ -10,12 +10,19 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Iterator
 
+from .runs import redact_urls
+
 #: tasks per listing page (each page holds its tasks' annotations and predictions)
 PAGE_SIZE = 100
 
 
 class LabelStudioAPIError(RuntimeError):
-    """A Label Studio API call failed; the message names the call."""
+    """A Label Studio API call failed; the message names the call, ``status`` is the HTTP status (None: no
+    answer)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def _plain(obj: Any) -> Any:
@@ -42,9 +49,9 @@ class LabelStudioAPI:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - the SDK raises ApiError, httpx errors, pydantic errors
             status = getattr(exc, "status_code", None)
-            body = str(getattr(exc, "body", "") or exc)[:300]
+            body = redact_urls(str(getattr(exc, "body", "") or exc))[:300]
             raise LabelStudioAPIError(f"Label Studio {what} failed{f' (HTTP {status})' if status else ''}: "
-                                      f"{body}") from None
+                                      f"{body}", status if isinstance(status, int) else None) from None
 
     def label_config(self, project: int) -> str:
         proj = self._call(f"GET project {project}", self.client.projects.get, id=project)
@@ -73,9 +80,13 @@ class LabelStudioAPI:
                                           f"{str(exc)[:300]}") from None
             yield _plain(task)
 
+    def get_task(self, task_id: int) -> dict[str, Any]:
+        """One task as Label Studio has it (data, project, annotations, predictions)."""
+        return _plain(self._call(f"GET task {task_id}", self.client.tasks.get, id=task_id))
+
     def get_tasks(self, task_ids: Iterable[int]) -> Iterator[dict[str, Any]]:
         for tid in task_ids:
-            yield _plain(self._call(f"GET task {tid}", self.client.tasks.get, id=tid))
+            yield self.get_task(tid)
 
     def prediction_versions(self, task_id: int) -> list[str]:
         """The model versions of the task's predictions (fresh from the API)."""

@@ -3,8 +3,15 @@
 Used by ``maskinv-annotate`` (backend.annotate_cli: the tasks of a project or view) and by the backend itself
 for the rest of a *Retrieve predictions* request that would overrun MASKINV_BATCH_TIMEOUT (backend.background).
 
+A run started with a ``project`` writes only into that project's tasks as Label Studio has them: tasks given by
+id are re-read through the API (``maskinv-annotate --tasks``, background runs, resumed runs), and a task whose
+``project`` is another one is reported and never written. Its label config is the project's, read from Label
+Studio by the caller, and its model version the one ``/setup`` answers for the project (:func:`run_version`).
+
 Per task, in order:
 
+0. (a task id) re-read from Label Studio; a task of another project fails (kind ``project``), a deleted one is
+   skipped;
 1. skipped when it already holds a prediction of the current model version (so a re-run writes nothing and a
    killed run finishes only the rest), or when it failed before for a reason a retry cannot fix (unless
    ``retry_failed``). A task without regions (batch mode: latest annotation, else latest prediction) gets
@@ -24,13 +31,18 @@ twice the number of queue workers, every worker has a job running and the next o
 already fetched.
 
 A task whose regions failed for a transient reason (timeout, no worker, worker crash, image host error) is not
-written: it is reported and labelled by the next run. A task whose regions failed for a permanent reason (bad
-geometry, unusable image) is reported; when some of its regions were labelled, its prediction holds those.
+written: it is reported and labelled by the next run. A queue outage (Redis unreachable: the dispatcher's
+QueueUnavailable or redis' ConnectionError/TimeoutError, a 503 from batch mode, an error entry
+``queue_unavailable``) defers the task instead: it is retried with back-off (OUTAGE_FIRST_DELAY_S doubling to
+OUTAGE_MAX_DELAY_S) and fails as ``queue_unavailable`` only once the outage has lasted OUTAGE_GIVE_UP_S.
+A task whose regions failed for a permanent reason (bad geometry, unusable image) is reported; when some of its
+regions were labelled, its prediction holds those.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -43,13 +55,18 @@ from .ls_api import LabelStudioAPI, LabelStudioAPIError
 from .predict import predict_tasks, task_regions
 from .propose import decide, split_override, untouched
 from .regions import collect_regions
-from .runs import ALIVE_TTL_S, Heartbeat, RunStatus, RunStore, claim_key, new_run_id
+from .runs import ALIVE_TTL_S, Heartbeat, RunStatus, RunStore, claim_key, new_run_id, redact_urls
 from .service import PredictError, Service
 
 log = logging.getLogger(__name__)
 
 #: failure kinds a later run may fix by itself (see backend.predict.STATUS for all kinds)
-TRANSIENT_KINDS = frozenset({"timeout", "no_worker", "failed", "image", "api"})
+TRANSIENT_KINDS = frozenset({"timeout", "no_worker", "failed", "image", "api", "queue_unavailable"})
+#: a queue outage: seconds before the first retry of a task (doubling per retry up to OUTAGE_MAX_DELAY_S)
+OUTAGE_FIRST_DELAY_S = 0.5
+OUTAGE_MAX_DELAY_S = 10.0
+#: a queue outage that lasts this long (seconds, run-wide) fails the tasks it holds up instead of deferring them
+OUTAGE_GIVE_UP_S = 300.0
 #: tasks held by another live run that this run waits for at its end (more are counted as skipped)
 MAX_DEFERRED = 10_000
 #: distinct failure reasons kept for the summary
@@ -138,6 +155,31 @@ def existing_versions(task: dict[str, Any]) -> set[str]:
     return out
 
 
+def run_version(service: Service, cfg: ProjectConfig, project: Any) -> str:
+    """The model version ``/setup`` and ``/predict`` answer for ``project`` with its label config ``cfg``: the
+    service's version of the environment's parameters plus the project's example-set suffix (``-ex...``)."""
+    params = service.settings.params
+    suffix = service.learner.version_suffix(project, params) if service.settings.learn else ""
+    return service.model_version(cfg, params, None) + suffix
+
+
+def outage_errors() -> tuple[type[BaseException], ...]:
+    """What a queue outage raises: Python's ConnectionError / TimeoutError (the queue dispatcher's
+    QueueUnavailable is a ConnectionError) and redis' ConnectionError / TimeoutError."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError
+
+
+def queue_outage(exc: BaseException) -> bool:
+    """Is ``exc`` a queue outage (Redis unreachable) rather than a problem of the task? Batch mode turns the
+    dispatcher's DispatchError into a 503 PredictError."""
+    if isinstance(exc, PredictError):
+        return exc.status == 503
+    return isinstance(exc, outage_errors())
+
+
 def count_regions(task: dict[str, Any], cfg: ProjectConfig) -> int:
     """Regions batch mode would label on ``task`` (its latest annotation, else latest prediction)."""
     items, _ = task_regions(task)
@@ -148,6 +190,9 @@ def count_regions(task: dict[str, Any], cfg: ProjectConfig) -> int:
 class ProjectRun:
     """One run over a stream of tasks (see the module docstring).
 
+    ``tasks`` given to :meth:`run` are task JSON (as Label Studio lists them) or task ids (re-read through
+    ``api.get_task``). ``project``: when given, only tasks whose ``project`` is this one are written (the others
+    fail with kind ``project``), and batch mode scores with the project's examples.
     ``on_task(outcome)`` is called for every finished task (from worker threads, one at a time).
     ``failed_before``: task ids that failed permanently in an earlier run (skipped unless ``retry_failed``).
     ``proposals``: True / False forces region proposals for tasks without regions on / off; None (default)
@@ -181,6 +226,9 @@ class ProjectRun:
         self.retry_failed = retry_failed
         self.failed_before = {str(t) for t in failed_before}
         self.on_task = on_task
+        #: the only project whose tasks this run writes (None: not checked, for callers that list tasks themselves)
+        self.project_id = None if project is None else str(project)
+        self._outage_since: float | None = None  # monotonic time the current queue outage began
         self.status = RunStatus(id=run_id or new_run_id(kind), kind=kind,
                                 project=None if project is None else str(project),
                                 model_version=model_version)
@@ -220,7 +268,7 @@ class ProjectRun:
                     with self._lock:
                         self.status.total = max(self.status.total, seen)
                         self.status.queued = self.status.total - self._settled()
-                quick = self._precheck(task)
+                quick = self._precheck(task) if isinstance(task, dict) else None
                 if quick is not None:
                     self._finish(quick)
                     continue
@@ -261,14 +309,18 @@ class ProjectRun:
             self.status.running += 1
             self.status.queued = max(0, self.status.total - self._settled())
 
-    def _work(self, task: dict[str, Any]) -> None:
+    def _work(self, item: dict[str, Any] | Any) -> None:
+        """One task (JSON, or an id to re-read) from start to outcome, in a pool thread."""
+        task: Any = item
         try:
-            outcome = self._label(task)
+            task = item if isinstance(item, dict) else self._reread(item)
+            outcome = task if isinstance(task, TaskOutcome) else (
+                self._precheck(task) if not isinstance(item, dict) else None) or self._label_deferring(task)
         except LabelStudioAPIError as exc:
-            outcome = TaskOutcome(task.get("id"), "failed", str(exc), "api")
+            outcome = TaskOutcome(_tid(item), "failed", str(exc), "api")
         except Exception as exc:  # noqa: BLE001 - one task's trouble never ends the run
-            log.exception("task %s failed", task.get("id"))
-            outcome = TaskOutcome(task.get("id"), "failed", f"{exc.__class__.__name__}: {exc}", "failed")
+            log.exception("task %s failed", _tid(item))
+            outcome = TaskOutcome(_tid(item), "failed", f"{exc.__class__.__name__}: {exc}", "failed")
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -283,9 +335,22 @@ class ProjectRun:
         self._finish(outcome)
 
     # -- one task ------------------------------------------------------------------------------------------
+    def _reread(self, task_id: Any) -> dict[str, Any] | TaskOutcome:
+        """Task ``task_id`` as Label Studio has it now, or the outcome when it cannot be read."""
+        try:
+            return self.api.get_task(task_id)
+        except LabelStudioAPIError as exc:
+            if exc.status == 404:
+                return TaskOutcome(task_id, "skipped", "no longer in Label Studio (deleted)", "gone")
+            raise
+
     def _precheck(self, task: dict[str, Any]) -> TaskOutcome | None:
-        """A decision that needs no work: already predicted, failed before, no regions (None: label it)."""
+        """A decision that needs no work: another project's, already predicted, failed before, no regions
+        (None: label it)."""
         tid = task.get("id")
+        if self.project_id is not None and str(task.get("project")) != self.project_id:
+            return TaskOutcome(tid, "failed", f"task {tid} belongs to project {task.get('project')}, not to project "
+                                              f"{self.project_id}: not written", "project")
         if self.version in existing_versions(task):
             return TaskOutcome(tid, "skipped", "already has a prediction of this model version", "predicted")
         if not self.retry_failed and str(tid) in self.failed_before:
@@ -312,6 +377,38 @@ class ProjectRun:
             return TaskOutcome(tid, "skipped", "dry run: regions would be proposed", "dry_run", regionless=True)
         return None
 
+    def _label_deferring(self, task: dict[str, Any], recheck: bool = False) -> TaskOutcome:
+        """:meth:`_label`, retried with back-off while the queue is unavailable (bounded by OUTAGE_GIVE_UP_S)."""
+        attempt = 0
+        while True:
+            try:
+                outcome = self._label(task, recheck)
+            except outage_errors() as exc:
+                outcome = TaskOutcome(task.get("id"), "failed", f"the queue is unavailable: {exc}",
+                                      "queue_unavailable")
+            if outcome.kind != "queue_unavailable":
+                with self._lock:
+                    self._outage_since = None
+                return outcome
+            if not self._wait_out_outage(attempt, outcome.reason or ""):
+                outcome.reason = f"{outcome.reason} (for {OUTAGE_GIVE_UP_S:g}s; not written, retry later)"
+                return outcome
+            attempt += 1
+
+    def _wait_out_outage(self, attempt: int, reason: str) -> bool:
+        """Sleep before retry ``attempt + 1``; False when the outage has lasted OUTAGE_GIVE_UP_S or the run stops."""
+        now = time.monotonic()
+        with self._lock:
+            self._outage_since = self._outage_since if self._outage_since is not None else now
+            lasted = now - self._outage_since
+            self.status.message = f"queue unavailable for {lasted:.0f}s, tasks deferred: {redact_urls(reason)[:300]}"
+        if lasted >= OUTAGE_GIVE_UP_S:
+            return False
+        if attempt == 0:
+            log.warning("run %s: queue unavailable (%s); deferring its tasks", self.run_id, reason[:300])
+        delay = min(OUTAGE_MAX_DELAY_S, OUTAGE_FIRST_DELAY_S * 2 ** attempt, OUTAGE_GIVE_UP_S - lasted)
+        return not self._stop.wait(max(0.0, delay))
+
     def _label(self, task: dict[str, Any], recheck: bool = False) -> TaskOutcome:
         tid = task.get("id")
         key = claim_key(self.api.url, tid, self.version)
@@ -323,9 +420,10 @@ class ProjectRun:
                 return TaskOutcome(tid, "skipped", "already has a prediction of this model version", "predicted")
             try:
                 answer = predict_tasks(self.service, self.cfg, [task], overrides=self.overrides,
-                                       timeout_s=self.timeout_s)[0]
+                                       timeout_s=self.timeout_s, project=self.project_id)[0]
             except PredictError as exc:
-                return TaskOutcome(tid, "failed", exc.message, "limit" if exc.status == 413 else "failed")
+                kind = "queue_unavailable" if queue_outage(exc) else "limit" if exc.status == 413 else "failed"
+                return TaskOutcome(tid, "failed", exc.message, kind)
             outcome = classify(tid, answer)
             if outcome.status == "skipped" and self.proposing and task_regions(task)[1] == "none":
                 return TaskOutcome(tid, "skipped", "no region proposed above the score threshold "
@@ -347,7 +445,10 @@ class ProjectRun:
                 log.warning("run %s: could not mark task %s written: %s", self.run_id, tid, exc)
             return outcome
         finally:
-            self.store.release(self.run_id, key)
+            try:
+                self.store.release(self.run_id, key)
+            except outage_errors() as exc:  # the claim expires with its run's liveness
+                log.warning("run %s: could not release the claim of task %s: %s", self.run_id, tid, exc)
 
     def _has_version(self, tid: Any) -> bool:
         return self.version in self.api.prediction_versions(tid)
@@ -361,13 +462,16 @@ class ProjectRun:
         while todo and not self._stop.is_set():
             left = []
             for task in todo:
-                holder = self.store.holder(claim_key(self.api.url, task.get("id"), self.version))
+                try:
+                    holder = self.store.holder(claim_key(self.api.url, task.get("id"), self.version))
+                except outage_errors():
+                    holder = "(unknown: the queue is unavailable)"
                 if holder is not None and time.monotonic() < deadline:
                     left.append(task)
                     continue
                 self._start_one()
                 try:
-                    outcome = self._label(task, recheck=True) if holder is None else TaskOutcome(
+                    outcome = self._label_deferring(task, recheck=True) if holder is None else TaskOutcome(
                         task.get("id"), "skipped", f"still being labelled by run {holder}", "other_run")
                 except LabelStudioAPIError as exc:
                     outcome = TaskOutcome(task.get("id"), "failed", str(exc), "api")
@@ -387,6 +491,8 @@ class ProjectRun:
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def _finish(self, o: TaskOutcome) -> None:
+        if o.reason:
+            o.reason = redact_urls(o.reason)
         with self._lock:
             self.summary.add(o)
             s = self.status
@@ -427,7 +533,7 @@ def classify(task_id: Any, answer: Any) -> TaskOutcome:
         return TaskOutcome(task_id, "skipped", "no regions to label", "no_regions")
     diag = answer.get("maskinv") if isinstance(answer, dict) else None
     errors = (diag or {}).get("errors") or []
-    kinds = {e.get("kind") for e in errors if isinstance(e, dict)}
+    kinds = {"queue_unavailable" if _outage_entry(e) else e.get("kind") for e in errors if isinstance(e, dict)}
     transient = sorted(k for k in kinds if k in TRANSIENT_KINDS)
     reason = _reason(errors) if errors else None
     if isinstance(answer, dict) and "result" in answer:
@@ -440,6 +546,20 @@ def classify(task_id: Any, answer: Any) -> TaskOutcome:
     message = str(answer.get("error") if isinstance(answer, dict) else answer)
     kind = transient[0] if transient else (sorted(kinds - {None})[0] if kinds - {None} else "failed")
     return TaskOutcome(task_id, "failed", message, kind)
+
+
+#: how the queue dispatcher words a Redis outage in a job's error ("Redis at <url> is not reachable: ...")
+_REDIS_UNREACHABLE = re.compile(r"\bRedis at \S+ is not reachable\b")
+
+
+def _outage_entry(error: dict[str, Any]) -> bool:
+    """Is this error entry of batch mode's answer a queue outage?"""
+    return "queue_unavailable" in (error.get("kind"), error.get("code")) or bool(
+        _REDIS_UNREACHABLE.search(str(error.get("error") or "")))
+
+
+def _tid(item: Any) -> Any:
+    return item.get("id") if isinstance(item, dict) else item
 
 
 def _reason(errors: list[dict[str, Any]]) -> str:

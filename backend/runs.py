@@ -8,12 +8,20 @@ would overrun MASKINV_BATCH_TIMEOUT (backend.background).
 Storage: Redis in queue mode (so every web worker process, and a ``maskinv-annotate`` on another machine, sees
 the same runs), process memory in embedded mode. Keys (``{prefix}`` = MASKINV_REDIS_PREFIX)::
 
-    {prefix}:runs                   hash    run id -> RunStatus JSON (the newest MAX_RUNS are kept)
+    {prefix}:runs                   hash    run id -> RunStatus JSON (at most MASKINV_MAX_RUN_RECORDS, oldest
+                                            finished dropped first; a record expires RECORD_TTL_S after its last
+                                            update, the hash RECORD_TTL_S after the last save)
     {prefix}:run-alive:{run id}     string  set with a TTL of ALIVE_TTL_S, renewed by the run's heartbeat
     {prefix}:claim:{digest}         string  run id that is labelling one task for one model version
     {prefix}:written:{digest}       string  run id that wrote that prediction (TTL WRITTEN_TTL_S)
-    {prefix}:run-resume:{run id}    string  what a background run needs to be resumed (ResumeRecord JSON), kept
-                                            while it runs (TTL: the claims'); taken by one process at most
+    {prefix}:run-resume:{run id}    string  what a background run needs to be resumed (ResumeRecord JSON: Label
+                                            Studio URL, project id, model version, task ids; nothing the request
+                                            sent beyond them), kept while it runs (TTL: the claims'); taken by
+                                            one process at most
+
+Records are saved by this process first in memory: while Redis is unreachable the newest record of each run
+stays there (``GET /runs`` shows it) and is written again once Redis answers. What a record echoes (failure
+reasons, messages) carries no URL query string, fragment or userinfo (:func:`redact_urls`: signed URLs, tokens).
 
 A claim whose run is no longer alive (killed, crashed) can be taken over at once, so a killed run never blocks
 a re-run; a live run's claim is respected (the task is deferred and retried when the claim is released).
@@ -24,12 +32,15 @@ A background run whose process died leaves its resume record behind: the next ba
 from __future__ import annotations
 
 import json
+import logging
+import re
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from worker.protocol import sha256_hex
 
@@ -37,8 +48,10 @@ from worker.protocol import sha256_hex
 ALIVE_TTL_S = 15
 #: seconds between two heartbeats of a run
 HEARTBEAT_S = 5.0
-#: run records kept (oldest dropped first)
+#: run records kept by default (MASKINV_MAX_RUN_RECORDS; oldest finished dropped first)
 MAX_RUNS = 200
+#: seconds a run record is kept after its last update (finished runs; a live run updates it every HEARTBEAT_S)
+RECORD_TTL_S = 7 * 24 * 3600
 #: seconds a written task is remembered (see RunStore.mark_written)
 WRITTEN_TTL_S = 3600
 #: written tasks remembered in memory (embedded mode)
@@ -47,6 +60,30 @@ MAX_WRITTEN = 100_000
 MAX_FAILURES_KEPT = 50
 
 STATES = ("running", "done", "failed", "interrupted")
+
+log = logging.getLogger(__name__)
+
+#: an absolute URL (scheme://...) or a server path with a query (/data/upload/1/x.png?token=...)
+_URL = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s'"<>]+|(?<![\w/:])/[^\s'"<>?#]*[?#][^\s'"<>]*""")
+
+
+def _strip_url(url: str) -> str:
+    """``url`` without userinfo, query and fragment (trailing punctuation of the sentence kept)."""
+    tail = ""
+    while url and url[-1] in ".,;)]":
+        url, tail = url[:-1], url[-1] + tail
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+        return urlunsplit((parts.scheme, netloc, parts.path, "", "")) + tail
+    except ValueError:  # unparseable (a bad port, brackets): keep only what precedes any query or userinfo
+        return re.split(r"[?#@]", url, maxsplit=1)[0] + tail
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every URL in it stripped of userinfo, query string and fragment (signed URLs, tokens)."""
+    return _URL.sub(lambda m: _strip_url(m.group(0)), text)
 
 
 def new_run_id(kind: str) -> str:
@@ -77,7 +114,17 @@ class RunStatus:
     message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record as stored and shown: failure reasons and the message with URLs redacted."""
+        out = asdict(self)
+        out["failures"] = [{**f, "reason": redact_urls(str(f.get("reason") or ""))} if isinstance(f, dict) else f
+                           for f in out["failures"]]
+        if out["message"]:
+            out["message"] = redact_urls(str(out["message"]))
+        return out
+
+    def last_change(self) -> float:
+        """When the record last changed (epoch seconds)."""
+        return float(self.finished_at or self.updated_at or self.started_at or 0.0)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunStatus":
@@ -154,19 +201,38 @@ class RunStore:
     def runs(self) -> list[dict[str, Any]]:
         """Every kept run, newest first, as ``GET /runs`` shows it."""
         items = sorted(self.load_all(), key=lambda s: s.started_at, reverse=True)
-        return [s.public(self.alive(s.id)) for s in items]
+        return [s.public(self._alive_or_running(s)) for s in items]
+
+    def _alive_or_running(self, status: RunStatus) -> bool:
+        try:
+            return self.alive(status.id)
+        except Exception:  # noqa: BLE001 - the store is unreachable: show the state the record says
+            return status.state == "running"
+
+
+def records_to_drop(records: Iterable[RunStatus], max_records: int, now: float | None = None) -> list[str]:
+    """Ids of the records to drop: those unchanged for RECORD_TTL_S, then beyond ``max_records`` the oldest
+    finished first (by last change), then the oldest started."""
+    now = time.time() if now is None else now
+    keep, drop = [], []
+    for s in records:
+        (drop if s.last_change() < now - RECORD_TTL_S else keep).append(s)
+    over = len(keep) - max_records
+    if over > 0:
+        keep.sort(key=lambda s: (s.state == "running", s.last_change() if s.state != "running" else s.started_at))
+        drop.extend(keep[:over])
+    return [s.id for s in drop]
 
 
 @dataclass(frozen=True)
 class ResumeRecord:
     """What a background run of *Retrieve predictions* needs to be started again after its process died: the
-    request's label config and ``params.maskinv``, the model version it writes, the Label Studio it writes to and
-    the ids of its tasks (tasks already predicted with that version are skipped when it resumes)."""
+    Label Studio it writes to, the project, the model version it writes and the ids of its tasks. Nothing else
+    of the request travels: the resumed run re-reads the project's label config and each task from Label Studio
+    (tasks of other projects are not written; tasks already predicted with that version are skipped)."""
 
     label_studio_url: str
     project: str | None
-    label_config: str
-    overrides: Any
     model_version: str
     task_ids: tuple[Any, ...]
 
@@ -190,7 +256,8 @@ def claim_key(label_studio_url: str | None, task_id: Any, model_version: str) ->
 class MemoryRunStore(RunStore):
     """Runs of this process (embedded mode)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_records: int = MAX_RUNS) -> None:
+        self.max_records = int(max_records)
         self._runs: dict[str, dict[str, Any]] = {}
         self._alive: dict[str, float] = {}
         self._claims: dict[str, str] = {}
@@ -201,12 +268,15 @@ class MemoryRunStore(RunStore):
     def save(self, status: RunStatus) -> None:
         with self._lock:
             self._runs[status.id] = status.to_dict()
-            while len(self._runs) > MAX_RUNS:
-                oldest = min(self._runs, key=lambda k: self._runs[k]["started_at"])
-                del self._runs[oldest]
+            self._trim()
+
+    def _trim(self) -> None:
+        for run_id in records_to_drop((RunStatus.from_dict(d) for d in self._runs.values()), self.max_records):
+            del self._runs[run_id]
 
     def load_all(self) -> list[RunStatus]:
         with self._lock:
+            self._trim()
             return [RunStatus.from_dict(d) for d in self._runs.values()]
 
     def beat(self, run_id: str) -> None:
@@ -287,11 +357,17 @@ return 0
 class RedisRunStore(RunStore):
     """Runs shared through Redis (queue mode; also used by ``maskinv-annotate`` when REDIS_URL is set)."""
 
-    def __init__(self, connection: Any, prefix: str = "maskinv", claim_ttl_s: int = 24 * 3600):
+    def __init__(self, connection: Any, prefix: str = "maskinv", claim_ttl_s: int = 24 * 3600,
+                 max_records: int = MAX_RUNS):
         self.connection = connection
         self.prefix = prefix
         self.claim_ttl_s = int(claim_ttl_s)
+        self.max_records = int(max_records)
         self.runs_key = f"{prefix}:runs"
+        #: records not yet written (Redis unreachable): run id -> newest record, written again by flush()
+        self._pending: OrderedDict[str, RunStatus] = OrderedDict()
+        self._pending_lock = threading.Lock()
+        self._seen: set[str] = set()  # run ids written by this store (a new one trims the hash)
         self._claim = connection.register_script(_CLAIM_LUA)
         self._release = connection.register_script(_RELEASE_LUA)
 
@@ -302,33 +378,78 @@ class RedisRunStore(RunStore):
         return f"{self.prefix}:claim:{key}"
 
     def save(self, status: RunStatus) -> None:
-        self.connection.hset(self.runs_key, status.id, json.dumps(status.to_dict()))
+        """Write ``status`` (and any record an outage held back); while Redis is unreachable it is kept in
+        memory and written by the next save, heartbeat or listing that reaches Redis."""
+        with self._pending_lock:
+            self._pending[status.id] = RunStatus.from_dict(status.to_dict())
+            self._pending.move_to_end(status.id)
+            while len(self._pending) > self.max_records:
+                self._pending.popitem(last=False)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write the records held back; False when Redis is still unreachable (they stay held)."""
+        with self._pending_lock:
+            todo = list(self._pending.values())
+        if not todo:
+            return True
+        try:
+            pipe = self.connection.pipeline(transaction=False)
+            pipe.hset(self.runs_key, mapping={st.id: json.dumps(st.to_dict()) for st in todo})
+            pipe.expire(self.runs_key, RECORD_TTL_S)
+            pipe.execute()
+        except redis_errors() as exc:
+            log.warning("run records: Redis is unreachable (%s); %d record(s) kept in memory until it is back",
+                        exc, len(todo))
+            return False
+        with self._pending_lock:
+            for st in todo:
+                if self._pending.get(st.id) is st:  # not replaced by a newer record meanwhile
+                    del self._pending[st.id]
+        fresh = {st.id for st in todo} - self._seen
+        self._seen |= fresh
+        if fresh or any(st.state != "running" for st in todo):  # a new or a finished record: trim
+            if len(self._seen) > 4 * self.max_records:
+                self._seen = {st.id for st in todo}
+            self.trim()
+        return True
 
     def trim(self) -> None:
-        """Keep the newest MAX_RUNS records."""
+        """Drop expired records and, beyond ``max_records``, the oldest finished ones first."""
         raw = self.connection.hgetall(self.runs_key)
-        if len(raw) <= MAX_RUNS:
-            return
-        started = []
+        parsed, junk = [], []
         for k, v in raw.items():
             try:
-                started.append((float(json.loads(v).get("started_at") or 0), k))
-            except (ValueError, AttributeError):
-                started.append((0.0, k))
-        started.sort()
-        self.connection.hdel(self.runs_key, *[k for _, k in started[: len(raw) - MAX_RUNS]])
+                parsed.append(RunStatus.from_dict(json.loads(v)))
+            except (ValueError, TypeError):
+                junk.append(k)  # a record written by something else: not ours to keep
+        drop = junk + records_to_drop(parsed, self.max_records)
+        if drop:
+            self.connection.hdel(self.runs_key, *drop)
 
     def load_all(self) -> list[RunStatus]:
-        out = []
-        for raw in self.connection.hvals(self.runs_key):
+        """The kept records (held-back ones included); only those held in memory while Redis is unreachable."""
+        self.flush()
+        with self._pending_lock:
+            held = {k: v for k, v in self._pending.items()}
+        try:
+            raws = self.connection.hvals(self.runs_key)
+        except redis_errors():
+            return list(held.values())
+        out: dict[str, RunStatus] = {}
+        for raw in raws:
             try:
-                out.append(RunStatus.from_dict(json.loads(raw)))
+                st = RunStatus.from_dict(json.loads(raw))
             except (ValueError, TypeError):
                 continue  # a record written by something else: not ours to show
-        return out
+            out[st.id] = st
+        out.update(held)
+        expired = set(records_to_drop(out.values(), len(out) + 1))
+        return [st for k, st in out.items() if k not in expired]
 
     def beat(self, run_id: str) -> None:
         self.connection.set(self._alive_key(run_id), "1", ex=ALIVE_TTL_S)
+        self.flush()
 
     def alive(self, run_id: str) -> bool:
         return bool(self.connection.exists(self._alive_key(run_id)))
@@ -387,6 +508,14 @@ class RedisRunStore(RunStore):
             return None  # not ours to resume
 
 
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """What a Redis outage raises: redis' connection and timeout errors (RedisError) and Python's own
+    ConnectionError / TimeoutError (the queue dispatcher's QueueUnavailable is a ConnectionError)."""
+    from redis.exceptions import RedisError
+
+    return RedisError, ConnectionError, TimeoutError
+
+
 class Heartbeat:
     """Renews a run's liveness every HEARTBEAT_S seconds in a daemon thread (and saves its status)."""
 
@@ -398,7 +527,10 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._loop, name=f"maskinv-run-{run_id[-8:]}", daemon=True)
 
     def start(self) -> "Heartbeat":
-        self.store.beat(self.run_id)
+        try:
+            self.store.beat(self.run_id)
+        except Exception as exc:  # noqa: BLE001 - a store outage: the loop beats again every HEARTBEAT_S
+            log.warning("run %s: first heartbeat failed: %s", self.run_id, exc)
         self._thread.start()
         return self
 

@@ -47,22 +47,29 @@ class FakeAPI:
                 self.results[task_id] = result
         return self.writes
 
-    def get_tasks(self, task_ids):
-        """Tasks of ``self.tasks`` as Label Studio lists them (with the predictions written so far)."""
+    def get_task(self, tid):
+        """Task ``tid`` of ``self.tasks`` as Label Studio has it (with the predictions written so far)."""
         from backend.ls_api import LabelStudioAPIError
 
+        if tid not in getattr(self, "tasks", {}):
+            raise LabelStudioAPIError(f"Label Studio GET task {tid} failed (HTTP 404): not found", status=404)
+        with self.lock:
+            preds = [{"model_version": v, "result": []} for v in self.preds.get(tid, [])]
+        return {**self.tasks[tid], "predictions": preds}
+
+    def get_tasks(self, task_ids):
         for tid in task_ids:
-            if tid not in getattr(self, "tasks", {}):
-                raise LabelStudioAPIError(f"Label Studio GET task {tid} failed (HTTP 404): not found")
-            with self.lock:
-                preds = [{"model_version": v, "result": []} for v in self.preds.get(tid, [])]
-            yield {**self.tasks[tid], "predictions": preds}
+            yield self.get_task(tid)
+
+    def label_config(self, project):
+        return config("rectangle")
 
 
 def task(tid: int, n_regions: int = 1, predictions: list | None = None) -> dict:
     ann = {"id": tid * 10, "result": [rect(f"r{tid}-{k}") for k in range(n_regions)], "was_cancelled": False,
            "updated_at": "2024-01-01T00:00:00Z"}
-    return {"id": tid, "data": {"image": f"/data/upload/1/{tid}.png"}, "annotations": [ann] if n_regions else [],
+    return {"id": tid, "project": 1, "data": {"image": f"/data/upload/1/{tid}.png"},
+            "annotations": [ann] if n_regions else [],
             "predictions": predictions or []}
 
 
@@ -249,8 +256,7 @@ def test_run_store_claims_and_records(kind, request):
     store.beat("run-1")
     assert store.runs()[0]["state"] == "running" and store.runs()[0]["done"] == 2
 
-    record = ResumeRecord(label_studio_url="http://ls.test", project="3", label_config="<View/>",
-                          overrides={"steps": 3}, model_version=VERSION, task_ids=(4, 5))
+    record = ResumeRecord(label_studio_url="http://ls.test", project="3", model_version=VERSION, task_ids=(4, 5))
     store.keep_for_resume("run-1", record)
     assert store.resumable() == []  # alive: nothing to resume
     store.end("run-1")
@@ -272,6 +278,7 @@ def test_retrieve_predictions_answers_what_is_ready_and_finishes_the_rest(monkey
     service = Service(settings)
     cfg = service.config(config("rectangle"))
     api = FakeAPI()
+    api.tasks = {i: task(i) for i in range(1, 7)}
     mgr = background.runs_for(service)
     monkeypatch.setattr(mgr, "api", lambda: api)
     release = threading.Event()
@@ -286,13 +293,13 @@ def test_retrieve_predictions_answers_what_is_ready_and_finishes_the_rest(monkey
         return answer_for(t)
     stub_predict["answer"] = answers
     tasks = [task(i) for i in range(1, 7)]
-    out = background.predict_batch(service, cfg, tasks)
+    out = background.predict_batch(service, cfg, tasks, None, "1.1700000000")
     assert [("result" in a) for a in out] == [True, False, False, True, False, False]
     run_id = out[1]["maskinv"]["run"]
     assert all(out[i]["maskinv"]["run"] == run_id for i in (1, 2, 4, 5))
 
     # the curator repeats the action while the run works: its tasks are answered with the run, not labelled
-    again = background.predict_batch(service, cfg, [tasks[1], tasks[4]])
+    again = background.predict_batch(service, cfg, [tasks[1], tasks[4]], None, "1.1700000000")
     assert all("error" in a and a["maskinv"]["run"] == run_id for a in again)
     release.set()
     deadline = time.monotonic() + 10
@@ -302,7 +309,7 @@ def test_retrieve_predictions_answers_what_is_ready_and_finishes_the_rest(monkey
     (run,) = [r for r in mgr.runs() if r["id"] == run_id]
     assert run["state"] == "done" and run["total"] == 4 and run["done"] == 4 and run["kind"] == "retrieve"
     # written tasks are remembered: a request that races the write gets no second prediction
-    late = background.predict_batch(service, cfg, [tasks[1]])
+    late = background.predict_batch(service, cfg, [tasks[1]], None, "1.1700000000")
     assert "error" in late[0] and "already wrote" in late[0]["error"]
 
 
@@ -393,12 +400,12 @@ def _dead_run(store, api, cfg, version=VERSION, task_ids=(1, 2, 3)) -> str:
     """A background run whose process died mid-run: its record says running, it no longer beats, it holds the
     claim of task 2 and had written task 1."""
     run_id = "retrieve-20260101T000000-deadbeef"
-    store.save(RunStatus(id=run_id, kind="retrieve", project="7", model_version=version, total=len(task_ids),
+    store.save(RunStatus(id=run_id, kind="retrieve", project="1", model_version=version, total=len(task_ids),
                          done=1, running=1, queued=len(task_ids) - 2))
     assert store.claim(run_id, claim_key(api.url, 2, version)) is None
     api.create_prediction(1, [], None, version)
-    store.keep_for_resume(run_id, ResumeRecord(label_studio_url=api.url, project="7", label_config=cfg.xml,
-                                               overrides=None, model_version=version, task_ids=tuple(task_ids)))
+    store.keep_for_resume(run_id, ResumeRecord(label_studio_url=api.url, project="1", model_version=version,
+                                               task_ids=tuple(task_ids)))
     return run_id
 
 
@@ -433,9 +440,8 @@ def test_a_run_whose_process_died_is_resumed_once_and_skips_what_it_wrote(resumi
     assert sorted(stub_predict["calls"]) == [2, 3]
     runs = {r["id"]: r for r in mgr.runs()}
     assert runs[old]["state"] == "interrupted" and f"resumed by run {new}" in runs[old]["message"]
-    assert "1 task(s) no longer readable" in runs[old]["message"]
-    assert runs[new]["state"] == "done" and runs[new]["total"] == 3
-    assert runs[new]["done"] == 2 and runs[new]["skipped"] == 1 and runs[new]["project"] == "7"
+    assert runs[new]["state"] == "done" and runs[new]["total"] == 4  # 1 written before, 99 deleted: skipped
+    assert runs[new]["done"] == 2 and runs[new]["skipped"] == 2 and runs[new]["project"] == "1"
     # nothing left to resume: not the old run (taken), not the new one (it finished in this process)
     assert mgr.store.resumable() == [] and mgr.resume_interrupted() == []
 
@@ -453,7 +459,7 @@ def test_a_live_run_keeps_its_resume_record_until_it_finishes(resuming, stub_pre
     service, cfg, mgr, api = resuming
     release = threading.Event()
     stub_predict["answer"] = lambda t: (release.wait(5), answer_for(t))[1]
-    run, taken, busy = mgr.start(cfg, [task(2), task(3)], None, VERSION, "7", api)
+    run, taken, busy = mgr.start("1", [2, 3], api)
     assert len(taken) == 2 and busy == []
     assert mgr.store.resumable() == []  # alive: not for another backend to take
     mgr.store.end(run.run_id)  # as if its heartbeat had stopped: its record is there to be resumed
