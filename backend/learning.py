@@ -86,8 +86,8 @@ def project_id(value: Any) -> str:
     if isinstance(value, dict):
         value = value.get("id")
     if isinstance(value, bool) or value is None:
-        raise LearningError("no project id in the request", 400)
-    text = str(value).split(".", 1)[0].strip()
+        raise LearningError("no project id in the request")
+    text = str(value).split(".", 1)[0].strip() if isinstance(value, (int, str)) else ""
     if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise LearningError(f"bad project id {str(value)[:50]!r}: a Label Studio project id is a number", 400)
     return text

@@ -60,13 +60,19 @@ def clean(resp) -> str:
     return resp.get_json()["error"]
 
 
-@pytest.mark.parametrize("project", ["²", "１２", "3/../4", "", None, True, "9" * 40])
+@pytest.mark.parametrize("project", ["²", "１２", "3/../4", "", "9" * 40, 1.5e300])
 def test_a_bad_project_id_is_400(ls_client, project):
     for route, body in (("/webhook", {"action": "START_TRAINING", "project": {"id": project}}),
                         ("/train", {"project": project, "annotations": []})):
         resp = ls_client.post(route, json=body)
         assert resp.status_code == 400, (route, resp.get_json())
         assert "project" in clean(resp)
+
+
+@pytest.mark.parametrize("project", [None, True])
+def test_no_project_id_is_422(ls_client, project):
+    resp = ls_client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": project}})
+    assert resp.status_code == 422 and "no project id" in clean(resp)
 
 
 def test_a_project_unknown_to_label_studio_is_404(ls_client):

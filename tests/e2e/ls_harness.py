@@ -357,10 +357,13 @@ class LabelStudioClient:
 
     # -- ML backend -----------------------------------------------------------------------------------------
     def connect_ml_backend(self, project_id: int, url: str, title: str = "MaskInversion",
-                           interactive: bool = True) -> dict:
-        """POST /api/ml/: Label Studio checks the backend's /health and calls its /setup before saving it."""
-        return self.request("POST", "/api/ml/", json={"url": url, "project": project_id, "title": title,
-                                                      "is_interactive": interactive})
+                           interactive: bool = True, basic_auth: tuple[str, str] | None = None) -> dict:
+        """POST /api/ml/: Label Studio checks the backend's /health and calls its /setup before saving it.
+        ``basic_auth``: the model's *Basic Auth* settings (user, password), sent on every ML API call."""
+        body: dict[str, Any] = {"url": url, "project": project_id, "title": title, "is_interactive": interactive}
+        if basic_auth is not None:
+            body.update(auth_method="BASIC_AUTH", basic_auth_user=basic_auth[0], basic_auth_pass=basic_auth[1])
+        return self.request("POST", "/api/ml/", json=body)
 
     def interactive_annotating(self, ml_backend_id: int, task_id: int, regions: list[dict]) -> dict:
         """What the labelling UI sends when a region is drawn with auto-annotation on: ``{task, context: {result}}``.

@@ -8,6 +8,10 @@ training* (``POST /api/ml/{id}/train``) from Label Studio's annotations.
 
 Two labels only (``car`` = the red box, ``dog`` = the blue disc), so that every label has examples and the tiny
 random-init model's arbitrary text prototypes cannot decide: the examples must.
+
+The backend runs authenticated as a deployment should: MASKINV_URL_SECRET (the model URL is
+``<backend>/<secret>``, so the webhook Label Studio registers is ``<backend>/<secret>/webhook``) and basic auth
+(the model's *Basic Auth* settings, which Label Studio sends on its ML API calls but not on webhooks).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ CONFIG = """<View>
 #: as tests/e2e/conftest.py's BACKEND_ENV: the tiny random-init model on CPU at 112 px
 BACKEND_ENV = {"MASKINV_MODEL": "maskinv-test-tiny", "MASKINV_PRETRAINED": "none", "MASKINV_DEVICE": "cpu",
                "MASKINV_LOG_LEVEL": "INFO", "MASKINV_SIZE": "112"}
+#: the backend's URL secret and basic-auth credentials in this test
+SECRET = "e2e-learning-secret-0123456789"
+AUTH = ("label-studio", "e2e-basic-pass")
 W, H = 160, 120
 BOX = {"x": 10.0, "y": 20.0, "width": 35.0, "height": 50.0}  # the red box of scene_png
 DISC = {"x": 55.0, "y": 30.0, "width": 35.0, "height": 55.0}  # the blue disc
@@ -45,7 +52,7 @@ def region(rid: str, geom: dict, labels: list[str]) -> dict:
 
 
 def examples(backend: BackendServer, project: int) -> dict:
-    resp = requests.get(f"{backend.url}/examples", params={"project": project}, timeout=30)
+    resp = requests.get(f"{backend.url}/{SECRET}/examples", params={"project": project}, auth=AUTH, timeout=30)
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -74,7 +81,8 @@ def labels_of(prediction: dict) -> dict[str, str]:
 def learning_backend(ls_server, ls_token, tmp_path):
     data_dir = tmp_path / "examples"
     env = dict(BACKEND_ENV, LABEL_STUDIO_URL=ls_server.url, LABEL_STUDIO_API_KEY=ls_token,
-               MASKINV_DATA_DIR=str(data_dir), MASKINV_CAPTION="false")
+               MASKINV_DATA_DIR=str(data_dir), MASKINV_CAPTION="false", MASKINV_URL_SECRET=SECRET,
+               BASIC_AUTH_USER=AUTH[0], BASIC_AUTH_PASS=AUTH[1])
     server = BackendServer(tmp_path / "backend.log", env=env)
     try:
         server.start()
@@ -90,13 +98,17 @@ def test_annotations_become_examples_and_suggestions_use_them(ls: LabelStudioCli
     project = ls.create_project("active labelling", CONFIG)
     pid = project["id"]
     tasks = ls.upload_images(pid, [(f"scene{i}.png", scene_png(W, H, seed=i)) for i in range(7)])
-    ml = ls.connect_ml_backend(pid, backend.url)
+    # the bare routes are closed: only <backend>/<secret>/... is served (bare /health says up/ready only)
+    assert requests.post(f"{backend.url}/webhook", json={"action": "START_TRAINING"}, auth=AUTH,
+                         timeout=30).status_code == 404
+    ml = ls.connect_ml_backend(pid, f"{backend.url}/{SECRET}", basic_auth=AUTH)
     assert ml["state"] == "CO", ml
 
-    # what connecting did: a project webhook to <backend>/webhook, all actions, with payloads
+    # what connecting did: a project webhook to <model URL>/webhook, all actions, with payloads, no credentials
     hooks = ls.request("GET", "/api/webhooks/", params={"project": pid})
-    hook = next(h for h in hooks if h["url"] == f"{backend.url}/webhook")
+    hook = next(h for h in hooks if h["url"] == f"{backend.url}/{SECRET}/webhook")
     assert hook["send_payload"] is True and hook["send_for_all_actions"] is True and hook["is_active"] is True
+    assert not hook.get("headers")
 
     new_task = tasks[-1]["id"]
     before = suggest(ls, ml["id"], new_task)
