@@ -511,6 +511,8 @@ class QueueDispatcher(Dispatcher):
             except NoSuchJobError:
                 continue  # expired in between: enqueue again
             status, worker = self._peek(job)
+            if status == "queued" and self._orphans([job]):
+                self._requeue(job)  # its worker died before starting it: back on the queue, then attach
             if status in ("queued", "deferred", "scheduled", "finished", "created") or (
                     status == "started" and (not worker or not self.registry.is_dead(worker))):
                 log.info("attaching to existing job %s (%s)", job.id, status)
@@ -531,7 +533,8 @@ class QueueDispatcher(Dispatcher):
         """Enqueue (or attach to) one job per item and wait for all of them until ``timeout_s``.
 
         Redis trouble while waiting (a restart) is waited out until the deadline; a job that vanished from
-        Redis (restarted without persistence) is enqueued again, at most MAX_RESUBMITS times.
+        Redis (restarted without persistence) is enqueued again, at most MAX_RESUBMITS times; a job whose worker
+        died before starting it is put back on the queue within MASKINV_ORPHAN_GRACE (:meth:`_orphans`).
         """
         from redis.exceptions import RedisError
 
@@ -553,9 +556,15 @@ class QueueDispatcher(Dispatcher):
         deadline = t0 + timeout_s
         poll = 0.02
         redis_error: Exception | None = None
+        requeued: dict[int, int] = {}
+        next_orphan_check = t0
         while pending:
             try:
                 vanished = self._poll(pending, results, t0)
+                if time.monotonic() >= next_orphan_check:
+                    for k in self._revive_orphans(pending):
+                        requeued[k] = requeued.get(k, 0) + 1
+                    next_orphan_check = time.monotonic() + self._orphan_check_s
                 redis_error = None
             except RedisError as exc:
                 if redis_error is None:
@@ -587,7 +596,72 @@ class QueueDispatcher(Dispatcher):
         out = [results[k] for k in range(len(jobs))]
         for k, n in resubmits.items():
             out[k].info["resubmitted"] = n
+        for k, n in requeued.items():
+            out[k].info["requeued"] = n
         return out
+
+    # -- orphans: jobs a worker took off the queue and died with before starting them -------------------------
+    @property
+    def _orphan_check_s(self) -> float:
+        """How often a waiting request looks for orphaned jobs: min(1 s, MASKINV_ORPHAN_GRACE / 2)."""
+        return min(1.0, self.settings.orphan_grace_s / 2)
+
+    def _orphans(self, jobs: list) -> list:
+        """Those of ``jobs`` that lost their worker: status ``queued`` but neither on the queue's list nor in its
+        started registry (a worker took them, RQ's LMOVE, and died before starting them), and seen so for
+        MASKINV_ORPHAN_GRACE minus one check period, so that a waiting request re-enqueues them within the grace.
+
+        The first sighting is RQ's own mark (``IntermediateQueue.set_first_seen``); a mark older than the job's
+        enqueue time belongs to an earlier run of the same job id and is set again. A live worker holds a job in
+        that state for the few milliseconds between taking and starting it, far below the grace."""
+        from rq.utils import now, str_to_date
+
+        pipe = self.connection.pipeline(transaction=False)
+        for job in jobs:
+            pipe.hmget(job.key, "status", "enqueued_at")
+        queued = [(job, enq) for job, (status, enq) in zip(jobs, pipe.execute() if jobs else [])
+                  if status == b"queued"]
+        if not queued:
+            return []
+        held = set(self.queue.get_job_ids()) | set(self.queue.started_job_registry.get_job_ids(cleanup=False))
+        marks = self.queue.intermediate_queue
+        out = []
+        for job, enqueued in queued:
+            if job.id in held:
+                continue
+            first = marks.get_first_seen(job.id)
+            if first is None or (enqueued and first < str_to_date(enqueued)):
+                self.connection.delete(marks.get_first_seen_key(job.id))
+                marks.set_first_seen(job.id)
+            elif (now() - first).total_seconds() >= self.settings.orphan_grace_s - self._orphan_check_s:
+                out.append(job)
+        return out
+
+    def _requeue(self, job) -> bool:
+        """Put an orphaned job back at the front of its queue with RQ's ``Queue.enqueue_job`` (same id, payload,
+        callbacks and TTLs). Only the backend that deletes the job's first-sighting mark does it, so two backends
+        waiting for the same job never push it twice."""
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        marks = self.queue.intermediate_queue
+        if not self.connection.delete(marks.get_first_seen_key(job.id)):
+            return False
+        marks.remove(job.id)
+        try:
+            fresh = Job.fetch(job.id, connection=self.connection, serializer=self.serializer)
+        except NoSuchJobError:
+            return False  # gone meanwhile: the waiting request enqueues it again
+        self.queue.enqueue_job(fresh, at_front=True)
+        log.warning("job %s was taken off queue %r by a worker that never started it (the worker died?); "
+                    "re-enqueued it after MASKINV_ORPHAN_GRACE=%gs", job.id, self.settings.queue,
+                    self.settings.orphan_grace_s)
+        return True
+
+    def _revive_orphans(self, pending: dict) -> list[int]:
+        """Re-enqueue the orphaned jobs among ``pending`` (key -> job); returns the keys re-enqueued."""
+        orphans = {job.id for job in self._orphans(list(pending.values()))}
+        return [k for k, job in pending.items() if job.id in orphans and self._requeue(job)]
 
     def _overdue(self, job, timeout_s: float, redis_error: Exception | None) -> _RunResult:
         from redis.exceptions import RedisError
