@@ -11,7 +11,8 @@ Queue mode: jobs have a deterministic id (hash of image, masks, params and label
 repeats one whose job is still queued or running attaches to it instead of enqueueing it again; the worker
 stores results in the cache when a job finishes, so nothing is lost when the backend stops waiting.
 A job whose worker stops sending heartbeats (killed, crashed) is reported at once; a later identical
-request re-enqueues it.
+request re-enqueues it. A job a worker took and died with before starting it is put back on the queue after
+MASKINV_ORPHAN_GRACE. Redis that cannot be reached raises :class:`QueueUnavailable` (a ``ConnectionError``).
 
 Embedded mode: the same job function runs in one background thread (``worker.jobs`` is imported lazily, at
 the first job); results go to an in-process LRU, so a request that timed out is served from it later.
