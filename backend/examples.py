@@ -19,7 +19,8 @@ Stores:
   annotation id, value = JSON with the examples, LETs base64 float32), its index (digest and count per
   annotation) and version keys, and the set ``{prefix}:examples:projects``. These keys get **no TTL**;
   docker-compose runs Redis with AOF (``appendonly yes``) and
-  ``maxmemory-policy noeviction``, so they are never evicted (a full Redis refuses writes instead).
+  ``maxmemory-policy volatile-lru``, which evicts only keys with a TTL, so they are never evicted (a Redis full of
+  them refuses writes instead).
 
 The project *version* is a digest of its annotations' example digests: it changes exactly when the example set
 changes, and goes into ``model_version`` and the prototypes' cache keys.
