@@ -9,13 +9,16 @@ Tasks without any region (no annotation, no prediction with a result) get region
 MASKINV_PROPOSALS=off says otherwise (``--proposals auto``, the default, leaves it to the config, then to
 MASKINV_PROPOSALS; ``on``/``off`` overrides both).
 
-It uses the backend's own settings (the same MASKINV_* environment as ``maskinv-backend``, so the model version
-it writes is the one Label Studio asks the backend for): with REDIS_URL set it sends the jobs to the RQ queue
-served by ``maskinv-worker`` processes, else it runs the model in this process. Re-running it is safe: tasks
-that hold a prediction of the current model version are skipped; a killed run loses only the tasks it had in
-flight. Tasks that failed for a permanent reason (unusable image, bad geometry) are remembered in a small
-state file (``--state-dir``) and skipped by later runs unless ``--retry-failed``; transient failures
+It uses the backend's own settings (the same MASKINV_* environment as ``maskinv-backend``, so the model version it
+writes is the one ``/setup`` answers for the project, examples' ``-ex...`` suffix included): with REDIS_URL set it
+sends the jobs to the RQ queue served by ``maskinv-worker`` processes, else it runs the model in this process. Re-
+running it is safe: tasks that hold a prediction of the current model version are skipped; a killed run loses only
+the tasks it had in flight. Tasks that failed for a permanent reason (unusable image, bad geometry) are remembered
+in a small state file (``--state-dir``) and skipped by later runs unless ``--retry-failed``; transient failures
 (timeouts, no worker) are always retried.
+
+Only tasks of ``--project`` are written: ``--tasks`` ids are re-read from Label Studio one by one and a task of
+another project is reported as failed (kind ``project``), never written.
 
 Exit status: 0 all tasks labelled or skipped, 1 some tasks failed, 2 bad arguments or settings, 3 Label
 Studio or the queue cannot be used, 130 interrupted.
@@ -164,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) -> int:
     from .label_config import LabelConfigError
     from .ls_api import LabelStudioAPI, LabelStudioAPIError
-    from .project_run import ProjectRun
+    from .project_run import ProjectRun, run_version
     from .runs import MemoryRunStore, RedisRunStore
     from .service import PredictError, Service
 
@@ -190,7 +193,7 @@ def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) ->
         except Exception as exc:  # noqa: BLE001
             err(f"the model failed to load: {exc}")
             return 3
-        store = MemoryRunStore()
+        store = MemoryRunStore(settings.max_run_records)
         workers = workers or 2
     else:
         live = service.dispatcher.registry.live_models()
@@ -202,16 +205,16 @@ def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) ->
             err(f"the workers on queue {settings.queue!r} serve different models; the model version would be "
                 "ambiguous")
             return 3
-        store = RedisRunStore(service.dispatcher.connection, settings.redis_prefix, settings.job_timeout_s + 3600)
+        store = RedisRunStore(service.dispatcher.connection, settings.redis_prefix, settings.job_timeout_s + 3600,
+                              settings.max_run_records)
         store.trim()
         workers = workers or max(2, 2 * len(live))
-    params, labels = service.params(None)
-    version = service.model_version(cfg, params, labels)
+    version = run_version(service, cfg, str(args.project))
 
     state = FailureState(args.state_dir or default_state_dir(), settings.label_studio_url, args.project, version)
     failed_before = state.load()
-    if task_ids is not None:
-        tasks: Iterator[dict] = api.get_tasks(task_ids)
+    if task_ids is not None:  # ids: each re-read by the run, written only when it is a task of args.project
+        tasks: Iterator[dict] | list[int] = task_ids
         total: int | None = len(task_ids)
     else:
         try:

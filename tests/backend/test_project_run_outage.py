@@ -92,9 +92,12 @@ def test_a_redis_restart_defers_the_runs_tasks_and_its_record_survives(redis_ser
     """The outage begins while task 3 is labelled: the batch path sees it as the dispatcher surfaces it (a 503
     PredictError, or redis' own ConnectionError), the store's claims and saves fail too; all 8 tasks end written."""
     from redis import Redis
+    from redis.backoff import NoBackoff
     from redis.exceptions import RedisError
+    from redis.retry import Retry
 
-    conn = Redis(port=redis_server.port, socket_connect_timeout=0.5, socket_timeout=0.5)
+    # no retries inside the client: every call during the outage fails (as it does once they are spent)
+    conn = Redis(port=redis_server.port, socket_connect_timeout=0.5, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
     restarted: list[threading.Thread] = []
 
     def fake(service, cfg, tasks, context=None, overrides=None, timeout_s=None, project=None):

@@ -1,0 +1,47 @@
+"""``maskinv-annotate`` (backend.annotate_cli) writes only into tasks of ``--project`` and under the model version
+``/setup`` answers for that project (examples' ``-ex...`` suffix included)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future
+
+from backend import annotate_cli, learning, project_run
+from backend_support import FAST, TINY_MODEL_ENV, config, rect
+from fake_label_studio import FakeLabelStudio
+
+
+def ls_task(tid: int, project: int) -> dict:
+    ann = {"id": tid, "result": [rect(f"r{tid}")], "updated_at": "2024-01-01T00:00:00Z"}
+    return {"id": tid, "project": project, "data": {"image": f"/data/upload/{project}/{tid}.png"},
+            "annotations": [ann], "predictions": []}
+
+
+def test_annotate_writes_only_the_projects_tasks_with_the_setup_version(monkeypatch, tmp_path):
+    api = FakeLabelStudio(projects={1: config("rectangle"), 2: config("polygon")},
+                          tasks={1: ls_task(1, 1), 2: ls_task(2, 1), 50: ls_task(50, 2)})
+    import backend.ls_api
+
+    monkeypatch.setattr(backend.ls_api, "LabelStudioAPI", lambda url, token, **kw: api)
+    for k, v in {**FAST, **TINY_MODEL_ENV, "MASKINV_MODEL_VERSION": "maskinversion-cli-v1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    done: Future = Future()
+    done.set_result(None)
+    monkeypatch.setattr("backend.dispatch.EmbeddedDispatcher.warm_up", lambda self: done)
+    monkeypatch.setattr(learning.Learner, "version_suffix",
+                        lambda self, project, params: "-ex12345678" if str(project) == "1" else "")
+
+    def fake(service, cfg, tasks, context=None, overrides=None, timeout_s=None, project=None):
+        return [{"result": [{"id": f"r{t['id']}", "type": "rectanglelabels", "value": {"rectanglelabels": ["car"]}}],
+                 "score": 0.5, "maskinv": {"labelled": 1, "errors": []}} for t in tasks]
+    monkeypatch.setattr(project_run, "predict_tasks", fake)
+    summary = tmp_path / "summary.json"
+    code = annotate_cli.main(["--url", "http://ls.test", "--token", "t", "--project", "1", "--tasks", "1,2,50",
+                              "--no-progress", "--state-dir", str(tmp_path), "--summary-json", str(summary)])
+    assert code == 1  # task 50 failed: another project's
+    version = "maskinversion-cli-v1-ex12345678"
+    assert api.preds == {1: [version], 2: [version]}
+    out = json.loads(summary.read_text())
+    assert out["model_version"] == version and out["labelled"] == 2 and out["failed"] == 1
+    assert "task 50 belongs to project 2, not to project 1" in out["failures"][0]["reason"]
