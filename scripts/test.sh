@@ -16,6 +16,13 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 .venv/bin/pip install -q -e '.[all]'
 
+# The browser tests (tests/browser, docs/browser.md) drive Debian's Chromium through Playwright (the `test` extra
+# above); no browser is downloaded. apt only when /usr/bin/chromium is missing.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium
+fi
+
 # Label Studio lives in its own virtual environment (its pins clash with label-studio-ml's).
 if [ -f scripts/label_studio_env.sh ]; then
   bash scripts/label_studio_env.sh
