@@ -1,6 +1,6 @@
 """``maskinv-backend`` / ``python -m backend``: serve the backend with gunicorn (threaded workers).
 
-Settings come from the environment (docs/service.md); ``--host/--port/--workers/--threads`` override
+Settings come from the environment (docs/configuration.md); ``--host/--port/--workers/--threads`` override
 MASKINV_HOST/MASKINV_PORT/MASKINV_WEB_WORKERS/MASKINV_WEB_THREADS.
 """
 
@@ -11,7 +11,26 @@ import dataclasses
 import sys
 from typing import Any, Sequence
 
+from gunicorn.glogging import Logger
+
 from .settings import Settings, SettingsError
+
+#: what stands for MASKINV_URL_SECRET in the access log
+REDACTED = "***"
+
+
+def redacting_logger(secret: str | None) -> type[Logger]:
+    """gunicorn's logger class with ``secret`` (the URL prefix that authenticates Label Studio) replaced by
+    :data:`REDACTED` in every access-log field (request line, path, query, referer)."""
+
+    class RedactingLogger(Logger):
+        def atoms(self, resp: Any, req: Any, environ: dict, request_time: Any) -> dict[str, Any]:
+            atoms = super().atoms(resp, req, environ, request_time)
+            if not secret:
+                return atoms
+            return {k: v.replace(secret, REDACTED) if isinstance(v, str) else v for k, v in atoms.items()}
+
+    return RedactingLogger
 
 
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
@@ -26,6 +45,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "graceful_timeout": 30,
         "keepalive": 5,
         "accesslog": "-",
+        "logger_class": redacting_logger(settings.url_secret),
         "errorlog": "-",
         "loglevel": settings.log_level.lower(),
         "preload_app": False,  # every worker builds its own app: Redis connections, threads, caches

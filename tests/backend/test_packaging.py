@@ -54,3 +54,25 @@ def test_every_variable_the_code_reads_is_in_the_configuration_table_and_compose
     compose = set(re.findall(pattern, (ROOT / "docker-compose.yml").read_text()))
     missing = sorted(n for n in (read | compose) - internal if f"`{n}`" not in doc)
     assert not missing, f"undocumented in docs/configuration.md: {missing}"
+
+
+def test_the_access_log_never_shows_the_url_secret():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config
+
+    from backend.serve import REDACTED, gunicorn_options
+    from backend.settings import Settings
+
+    secret = "s3cret-prefix-0123456789"
+    opts = gunicorn_options(dataclasses.replace(Settings(), url_secret=secret))
+    logger = opts["logger_class"](Config())
+    req = SimpleNamespace(headers=[], method="POST", path=f"/{secret}/predict", query="", version=(1, 1),
+                          uri=f"/{secret}/predict")
+    environ = {"REQUEST_METHOD": "POST", "RAW_URI": f"/{secret}/predict", "PATH_INFO": f"/{secret}/predict",
+               "QUERY_STRING": "", "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1"}
+    resp = SimpleNamespace(status="200 OK", sent=2, response_length=2, headers=[])
+    atoms = logger.atoms(resp, req, environ, __import__("datetime").timedelta(seconds=0.1))
+    assert not any(secret in v for v in atoms.values() if isinstance(v, str))
+    assert atoms["U"] == f"/{REDACTED}/predict"
