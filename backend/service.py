@@ -11,11 +11,11 @@ from typing import Any
 
 from worker.protocol import InversionParams, PayloadError, check_label_caps, check_limits, check_templates, sha256_hex
 
-from .dispatch import Dispatcher, make_dispatcher
-from .fetch_policy import FetchRefused, Origin
-from .images import ImageFetcher
-from .label_config import ConfigCache, LabelConfigError, ProjectConfig
-from .settings import Settings
+from backend.dispatch.dispatchers import Dispatcher, make_dispatcher
+from backend.images.policy import FetchRefused, Origin
+from backend.images.fetch import ImageFetcher
+from backend.labelstudio.label_config import ConfigCache, LabelConfigError, ProjectConfig
+from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -204,10 +204,10 @@ class Service:
 
     @property
     def learner(self):
-        """The project examples' learner (backend.learning.Learner), created on first use."""
+        """The project examples' learner (backend.learning.learner.Learner), created on first use."""
         with self._lock:
             if getattr(self, "_learner", None) is None:
-                from .learning import Learner
+                from backend.learning.learner import Learner
 
                 self._learner = Learner(self)
             return self._learner

@@ -16,8 +16,8 @@ from worker.protocol import (DEFAULT_CROP_WEIGHT, DEFAULT_MAX_LABEL_CHARS, DEFAU
                              InversionParams, PayloadError, SettingError,
                              check_label_caps, check_templates, env_bool, env_float, env_int, env_str)
 
-from .fetch_policy import HostEntry, parse_allow_list
-from .strict_url import UnsafeURL, parse_http_url
+from backend.images.policy import HostEntry, parse_allow_list
+from backend.images.urls import UnsafeURL, parse_http_url
 
 
 def redact_url(url: str | None) -> str | None:
@@ -159,7 +159,7 @@ class Settings:
     image_cache_ttl_s: float = 300.0
     # /setup: have the worker build the project's label prototypes in the background
     prepare_labels: bool = True
-    # Project runs (backend.background): the rest of a Retrieve predictions that overruns MASKINV_BATCH_TIMEOUT
+    # Project runs (backend.runs.background): the rest of a Retrieve predictions that overruns MASKINV_BATCH_TIMEOUT
     background_runs: bool = True
     run_workers: int = 0  # tasks in flight per background run (0: twice the live queue workers, 2 embedded)
     # Learning from annotations (issue 14: examples, LET cache)

@@ -10,11 +10,11 @@ only side-by-side ratios mean anything):
   (backward), as torch's batched matmul (BLAS) vs one oneDNN linear per head: GMAC/s;
 * the trunk's forward pass (every block but the last: what each new image, masked crop and proposal-key pass
   costs), the blocks' own forward (BLAS) vs their linear layers through oneDNN with packed weights
-  (:mod:`worker.trunk`), one image: seconds, best of ``--repeat``, and the largest relative difference;
+  (:mod:`worker.engine.trunk`), one image: seconds, best of ``--repeat``, and the largest relative difference;
 * the warm inversion (cached image, K steps, N masks) of ViT-B/16 with random weights in three engines: ``blas``
   (every product through torch's matmul), ``onednn_mlp`` (the MLP-side GEMMs through oneDNN, the attention
   products batched through BLAS: the engine before per-head oneDNN) and ``onednn`` (both, the default; the
-  attention products per head only from :data:`worker.cpu_gemm.ONEDNN_MIN_COLUMNS` patch columns on): best of
+  attention products per head only from :data:`worker.engine.cpu_gemm.ONEDNN_MIN_COLUMNS` patch columns on): best of
   ``--rounds`` runs per engine, and the LETs' minimum cosine to ``blas``.
 
 Writes ``benchmarks/results/cpu_gemm.md`` and ``.json``.
@@ -37,10 +37,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks.bench_inversion import random_masks
-from worker import cpu_gemm, legrad, vit
-from worker.cpu_gemm import PackedMatrix, onednn_available
-from worker.engine import MaskInversionEngine
-from worker.models import load_clip
+from worker.engine import cpu_gemm
+from worker.engine import legrad
+from worker.engine import vit
+from worker.engine.cpu_gemm import PackedMatrix, onednn_available
+from worker.engine.engine import MaskInversionEngine
+from worker.engine.models import load_clip
 
 RESULTS = Path(__file__).with_name("results")
 BACKENDS = ("onednn", "blas")
@@ -185,7 +187,8 @@ def main(argv=None) -> dict:
                      f"| {g['bwd onednn']:.0f} | {h['fwd blas']:.0f} | {h['fwd onednn']:.0f} | {h['bwd blas']:.0f} | "
                      f"{h['bwd onednn']:.0f} |")
     lines += ["", "Trunk forward (every block but the last, one image; the blocks' own forward vs packed oneDNN "
-              "linear layers, `worker/trunk.py`):", "", "| size | BLAS s | oneDNN s | speed-up | max rel. diff |",
+              "linear layers, `worker/engine/trunk.py`):", "",
+              "| size | BLAS s | oneDNN s | speed-up | max rel. diff |",
               "|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["trunk"]

@@ -38,7 +38,7 @@ def child(gap_s: float) -> dict:
     import numpy as np
     from PIL import Image
 
-    from backend.app import create_app
+    from backend.http.app import create_app
     from backend.settings import Settings
 
     t0 = time.perf_counter()

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker.engine import MaskInversionEngine
-from worker.models import load_clip
+from worker.engine.engine import MaskInversionEngine
+from worker.engine.models import load_clip
 
 RESULTS = Path(__file__).with_name("results")
 

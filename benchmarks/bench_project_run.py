@@ -148,7 +148,7 @@ def measure(ls_server: LabelStudioServer, ls: LabelStudioClient, token: str, m: 
             summary = logs / f"summary-{ns}.json"
             full = {**os.environ, **env, "MASKINV_RUN_STATE_DIR": str(logs / "state")}
             full.pop("LABEL_STUDIO_URL", None)
-            proc = subprocess.run([sys.executable, "-m", "backend.annotate_cli", "--url", ls_server.url, "--token",
+            proc = subprocess.run([sys.executable, "-m", "backend.cli.annotate", "--url", ls_server.url, "--token",
                                    token, "--project", str(pid), "--summary-json", str(summary), "--no-progress"],
                                   env=full, cwd=REPO_ROOT, capture_output=True, text=True, timeout=3600)
             if not summary.exists():

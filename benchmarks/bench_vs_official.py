@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks.bench_inversion import random_masks
-from worker.engine import MaskInversionEngine
-from worker.models import load_clip
-from worker.preprocess import mask_to_target
+from worker.engine.engine import MaskInversionEngine
+from worker.engine.models import load_clip
+from worker.engine.preprocess import mask_to_target
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results")
@@ -77,7 +77,7 @@ def uptime_load() -> str:
 
 def gemm_rates(n: int, d: int, m: int, heads: int, repeat: int = 5) -> dict[str, float]:
     """Measured fp32 GMAC/s of the step's large products at n tokens (best of ``repeat``)."""
-    from worker.cpu_gemm import PackedMatrix, linear
+    from worker.engine.cpu_gemm import PackedMatrix, linear
 
     dh = d // heads
     packed = PackedMatrix(torch.randn(m, d))  # the step's oneDNN path (MASKINV_CPU_GEMM=onednn)
@@ -92,7 +92,7 @@ def gemm_rates(n: int, d: int, m: int, heads: int, repeat: int = 5) -> dict[str,
                                      torch.bmm(a, b), heads * n * (n - 1) * dh),
         "attn bwd [H,n,n-1]x[H,n-1,dh]": (lambda a=torch.randn(heads, n, n - 1), b=torch.randn(heads, n - 1, dh):
                                           torch.bmm(a, b), heads * n * (n - 1) * dh),
-        # what the step runs from worker.cpu_gemm.ONEDNN_MIN_COLUMNS patch columns on: one linear per head
+        # what the step runs from worker.engine.cpu_gemm.ONEDNN_MIN_COLUMNS patch columns on: one linear per head
         "attn oneDNN per head": (lambda: [linear(x_heads[:, h], v_rows[h]) for h in range(heads)],
                                  heads * n * (n - 1) * dh),
         "attn bwd oneDNN per head": (lambda: [linear(pattern[h], v_cols[h] * col) for h in range(heads)],
@@ -148,7 +148,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="maskinv-vs-official-"))
     torch.save(clip.model.state_dict(), tmp / "state.pt")
     view_n = {s: (s // clip.patch_size) ** 2 + 1 for s in args.sizes}
-    from worker import vit
+    from worker.engine import vit
     view = vit.last_block(clip.visual)
     d, m, heads = view.width, view.mlp_width, view.heads
     rates = {s: gemm_rates(view_n[s], d, m, heads) for s in args.sizes}

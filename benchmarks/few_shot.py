@@ -3,7 +3,7 @@
 Scene world with the committed tiny scene CLIP. Every region's LET is the MaskInversion of its ground-truth mask
 (size 112, 10 steps, lr 0.1, alpha 0, as in ``benchmarks.region_classification``), on the image and on its
 horizontal mirror (image and mask flipped): one view is what a zero-shot project gets, two views
-(``worker.embed_jobs.combine_views``, ``MASKINV_EXAMPLE_VIEWS=2``) what a project with examples gets:
+(``worker.jobs.embed.combine_views``, ``MASKINV_EXAMPLE_VIEWS=2``) what a project with examples gets:
 
 * the example pool: every region of val scenes ``300 .. 300 + pool`` (k examples per class are drawn from it),
 * the selection set: regions of multi-object val scenes ``0 .. 299`` (methods and their settings are chosen here),
@@ -12,10 +12,10 @@ horizontal mirror (image and mask flipped): one view is what a zero-shot project
 For k in {0, 1, 2, 4, 8, 16} examples per class and several random draws per k, each region is classified among
 the 25 classes by
 
-* ``text``     — cosine with prompt-ensembled text prototypes (``worker.labels.LabelScorer``), one view (the
+* ``text``     — cosine with prompt-ensembled text prototypes (``worker.text.labels.LabelScorer``), one view (the
   zero-shot product),
 * ``vision``   — the vision side alone (class means of the examples' two-view embeddings),
-* ``combined`` — text and vision together by the method :mod:`worker.prototypes` implements, on two-view
+* ``combined`` — text and vision together by the method :mod:`worker.text.prototypes` implements, on two-view
   embeddings of examples and regions (the product with examples; chosen on the selection set; the alternatives
   measured there, among them the same method on one view, are in the table too).
 
@@ -44,10 +44,10 @@ import numpy as np
 import torch
 
 from benchmarks.region_classification import SCENE_CHECKPOINT, SCENE_MODEL
-from worker.embed_jobs import combine_views, mix_crop
-from worker.labels import LabelScorer
-from worker.models import ClipModel, load_clip
-from worker.payload import DEFAULT_TEMPLATES
+from worker.jobs.embed import combine_views, mix_crop
+from worker.text.labels import LabelScorer
+from worker.engine.models import ClipModel, load_clip
+from worker.protocol import DEFAULT_TEMPLATES
 from worker.protocol import DEFAULT_CROP_WEIGHT
 
 RESULTS = Path(__file__).with_name("results")
@@ -65,7 +65,7 @@ def collect(clip: ClipModel, split: str, start: int, count: int, world_seed: int
     ``scene [N]`` and ``n_in_image [N]`` (regions in the region's image).
     """
     from training.scene_world import SceneWorld
-    from worker.engine import MaskInversionEngine
+    from worker.engine.engine import MaskInversionEngine
     from PIL import Image
 
     world = SceneWorld(seed=world_seed, image_size=SIZE)
@@ -98,7 +98,7 @@ def collect_crops(clip: ClipModel, split: str, start: int, count: int, world_see
     """Masked-crop embeddings ``[N, D]`` (``engine.crop_embeddings`` at the model's native size) of the regions
     of :func:`collect`, in its order."""
     from training.scene_world import SceneWorld
-    from worker.engine import MaskInversionEngine
+    from worker.engine.engine import MaskInversionEngine
 
     world = SceneWorld(seed=world_seed, image_size=SIZE)
     engine = MaskInversionEngine(clip)
@@ -112,7 +112,7 @@ def collect_crops(clip: ClipModel, split: str, start: int, count: int, world_see
 def load_sets(clip: ClipModel, pool: int, cache_dir: Path,
               crop_weight: float = DEFAULT_CROP_WEIGHT) -> dict[str, dict[str, np.ndarray]]:
     """The pool, selection and test sets, from the ``.npz`` cache when present; ``lets`` and ``views2`` are the
-    product's region embeddings: mixed with the masked crop at ``crop_weight`` (``worker.embed_jobs.mix_crop``;
+    product's region embeddings: mixed with the masked crop at ``crop_weight`` (``worker.jobs.embed.mix_crop``;
     the raw LETs stay in ``lets_raw``)."""
     specs = {"pool": ("val", 300, pool), "select": ("val", 0, 300), "test": ("test", 0, 300)}
     out = {}
@@ -165,8 +165,8 @@ def methods_logits(
     """Logits ``[N, L]`` of the three reported methods plus the alternatives measured to choose the combination.
 
     ``x1`` / ``ex1``: one-view embeddings of the regions / examples; ``x`` / ``ex``: two-view embeddings."""
-    from backend import prototype_fit as F
-    from worker import prototypes as P
+    from backend.learning import fit as F
+    from worker.text import prototypes as P
 
     n_labels = len(text)
     t = scale * P.normalize(x) @ text.T
@@ -299,17 +299,17 @@ def to_markdown(results: dict, regions: dict, draws: int, config: dict) -> str:
         "",
         "**Views.** Every region (example or evaluated) is inverted on the image and on its horizontal mirror "
         "(image and mask flipped); its two-view embedding is the mean direction of the two LETs "
-        "(`worker.embed_jobs.combine_views`). A zero-shot project embeds one view (the **text** column); a project "
+        "(`worker.jobs.embed.combine_views`). A zero-shot project embeds one view (the **text** column); a project "
         "with examples embeds examples and regions from two (`MASKINV_EXAMPLE_VIEWS=2`, the default): **vision** "
         "and **combined** use two-view embeddings, at twice the inversions. The same method on one view is the "
         "column *alt: combined, 1 view (previous product)*; text on two views is *alt: text, 2 views*.",
         "",
         f"**Masked crop.** Every embedding, examples and evaluated regions, one view or two, is the product's: mixed "
         f"with the region's masked-crop embedding at weight {config.get('crop_weight', 0):g} "
-        "(`worker.embed_jobs.mix_crop`, `MASKINV_CROP_WEIGHT`; 0 = the LETs alone).",
+        "(`worker.jobs.embed.mix_crop`, `MASKINV_CROP_WEIGHT`; 0 = the LETs alone).",
         "",
-        "Methods (`worker/prototypes.py`): **text** = prompt-ensembled text prototypes; **vision** = class means of "
-        "the examples' embeddings alone; **combined** = text-anchored linear probe with a shared text-to-vision map "
+        "Methods (`worker/text/prototypes.py`): **text** = prompt-ensembled text prototypes; **vision** = class means "
+        "of the examples' embeddings alone; **combined** = text-anchored linear probe with a shared text-to-vision map "
         "(each label's weights w_c = t_c + M t_c + d_c: M [D, D] shared by all labels, d_c the label's own; "
         "cross-entropy on the examples, L2 pulls of M (0.3) and d_c (1.0) back to zero) + 1.5 × the "
         "log-likelihood of vision prototypes (class means shrunk towards the text mapped into the vision cone by "

@@ -44,8 +44,8 @@ def rss_mib() -> float:
 def run_mode(mode: str, requests: int, labels: int, max_entries: int, max_mb: int) -> dict:
     import torch
 
-    from worker.labels import LabelScorer
-    from worker.models import load_clip
+    from worker.text.labels import LabelScorer
+    from worker.engine.models import load_clip
 
     torch.set_num_threads(1)
     clip = load_clip("maskinv-test-tiny", "none", "cpu")

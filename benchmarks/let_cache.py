@@ -1,6 +1,6 @@
 """A changed label set on 100 cached regions: re-scoring cached LETs vs a full re-inversion.
 
-100 regions (scene-world test images of up to 4 objects) go through ``worker.jobs.label_regions`` once with one
+100 regions (scene-world test images of up to 4 objects) go through ``worker.jobs.regions.label_regions`` once with one
 label set (this fills the worker's image-state cache and the LET cache). Then the label set changes (a new
 vocabulary, as when a project edits its labels) and the same 100 regions are labelled again:
 
@@ -54,12 +54,12 @@ def scenes(n_regions: int, size: int) -> list[tuple[bytes, list[np.ndarray]]]:
 
 
 def runtime(model: str, pretrained: str):
-    from worker import jobs
-    from worker.captions import RetrievalCaptioner
-    from worker.engine import MaskInversionEngine
-    from worker.labels import LabelScorer
-    from worker.let_cache import MemoryLetCache
-    from worker.models import load_clip
+    from worker.jobs import regions as jobs
+    from worker.text.captions import RetrievalCaptioner
+    from worker.engine.engine import MaskInversionEngine
+    from worker.text.labels import LabelScorer
+    from worker.jobs.let_cache import MemoryLetCache
+    from worker.engine.models import load_clip
 
     clip = load_clip(model, pretrained, device="cpu")
     scorer = LabelScorer(clip)
@@ -76,14 +76,15 @@ def runtime(model: str, pretrained: str):
 
 
 def run_all(data, labels, size: int, views: int = 1) -> tuple[float, int, list]:
-    from worker import jobs
-    from worker.payload import InversionParams, build_job
+    from worker.jobs import regions as jobs
+    from worker.protocol import InversionParams, LabelRegionsJob
 
     params = InversionParams(size=size, steps=10, caption=False, views=views)
     t0 = time.perf_counter()
     hits, tops = 0, []
     for image, masks in data:
-        res = jobs.label_regions(build_job(image, [(str(k), m) for k, m in enumerate(masks)], labels, params))
+        res = jobs.label_regions(LabelRegionsJob.build(
+            image, [(str(k), m) for k, m in enumerate(masks)], labels, params).to_dict())
         assert not res.get("error"), res.get("error")
         hits += res["cache"]["let_hits"]
         tops += [r["labels"][0]["label"] for r in res["regions"]]
@@ -91,7 +92,7 @@ def run_all(data, labels, size: int, views: int = 1) -> tuple[float, int, list]:
 
 
 def measure(model: str, pretrained: str, size: int, n_regions: int) -> dict:
-    from worker.let_cache import MemoryLetCache
+    from worker.jobs.let_cache import MemoryLetCache
 
     rt = runtime(model, pretrained)
     data = scenes(n_regions, size if model != "ViT-B-16" else 112)
@@ -130,7 +131,8 @@ def to_markdown(rows: list[dict]) -> str:
         "",
         f"{rows[0]['regions']} regions ({rows[0]['images']} scene-world test images of up to 4 objects) labelled once "
         "with 10 labels, then again with 15 other "
-        "labels through `worker.jobs.label_regions` (10 steps, lr 0.1, no captions, CPU). Text prototypes of the "
+        "labels through `worker.jobs.regions.label_regions` (10 steps, lr 0.1, no captions, CPU). Text prototypes of "
+        "the "
         "new labels are computed before timing (same in every column).",
         "",
         "| model | size | regions | re-invert, warm image cache (s) | re-invert, cold (s) | LET cache (s) | "

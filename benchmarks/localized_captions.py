@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from training.scene_world import SceneWorld
-from worker.clipcap import ClipCapCaptioner, load_clipcap
-from worker.embed_jobs import mix_crop
-from worker.engine import MaskInversionEngine
-from worker.labels import LabelScorer
-from worker.models import load_clip
+from worker.text.clipcap import ClipCapCaptioner, load_clipcap
+from worker.jobs.embed import mix_crop
+from worker.engine.engine import MaskInversionEngine
+from worker.text.labels import LabelScorer
+from worker.engine.models import load_clip
 from worker.protocol import DEFAULT_CROP_WEIGHT
 from training.train_clipcap import object_phrase
 

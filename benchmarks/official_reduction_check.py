@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks.bench_inversion import random_masks
-from worker import legrad
-from worker.engine import MaskInversionEngine
-from worker.inversion import inversion_loss
-from worker.models import load_clip
-from worker.preprocess import mask_to_target
+from worker.engine import legrad
+from worker.engine.engine import MaskInversionEngine
+from worker.engine.inversion import inversion_loss
+from worker.engine.models import load_clip
+from worker.engine.preprocess import mask_to_target
 
 
 def mean_reduction_lets(engine: MaskInversionEngine, img: Image.Image, masks: list, size: int,

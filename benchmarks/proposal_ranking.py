@@ -6,7 +6,8 @@ candidates as high as objects. This script inverts the default sources' candidat
 candidate the label probabilities and terms that could say "object or not" — the inversion's final Dice loss
 (how well the LET's LeGrad map explains the mask), the Dice loss of the global embedding's map (step 0), the
 LET's cosine to the global embedding, and a *stability*: the share of the key-affinity seed regions seeded inside
-the candidate (every patch a seed, ``worker.maskcut.SEED_TAUS``) that reproduce it at IoU >= 0.5 — and reports AP /
+the candidate (every patch a seed, ``worker.proposals.maskcut.SEED_TAUS``) that reproduce it at IoU >= 0.5 — and
+reports AP /
 AP50 (COCOeval, segm) of the kept proposals for several ranking scores, so the score is chosen on val scenes
 before anything runs on test. Labels are the product's: the LET mixed with the masked crop (``--crop-weight``).
 
@@ -29,12 +30,12 @@ import numpy as np
 import torch
 
 from benchmarks.proposals import SCENE_CHECKPOINT, SCENE_MODEL, Item, coco_ap, to_frame, _coco_rle
-from worker import maskcut
-from worker import proposals as P
-from worker.engine import MaskInversionEngine
-from worker.labels import LabelScorer
-from worker.models import load_clip
-from worker.payload import DEFAULT_TEMPLATES
+from worker.proposals import maskcut
+from worker.proposals import pipeline as P
+from worker.engine.engine import MaskInversionEngine
+from worker.text.labels import LabelScorer
+from worker.engine.models import load_clip
+from worker.protocol import DEFAULT_TEMPLATES
 from worker.protocol import DEFAULT_CROP_WEIGHT
 
 

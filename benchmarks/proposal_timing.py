@@ -1,6 +1,6 @@
 """Wall-clock of the ``propose_regions`` job per image on the CPU.
 
-Runs the real job (``worker.proposal_jobs.propose_regions``: candidates, inversion of every candidate, NMS,
+Runs the real job (``worker.jobs.propose.propose_regions``: candidates, inversion of every candidate, NMS,
 threshold, cap, captions) in this process on a few scene-world val scenes with the worker's default proposal
 settings (MASKINV_PROPOSAL_SOURCES etc. from the environment), and prints per image the job's own timings. The
 first image is a warm-up (text prototypes, caption tables) and reported apart.
@@ -39,8 +39,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     os.environ["MASKINV_MODEL"] = a.model or SCENE_MODEL
     os.environ["MASKINV_PRETRAINED"] = a.pretrained if a.pretrained is not None else str(SCENE_CHECKPOINT)
     os.environ.setdefault("MASKINV_MAX_SIZE", str(max(a.size, 448)))
-    from worker import jobs
-    from worker.proposal_jobs import propose_regions
+    from worker.jobs import regions as jobs
+    from worker.jobs.propose import propose_regions
     from worker.protocol import InversionParams, encode_image
 
     world = SceneWorld(seed=0, image_size=112)

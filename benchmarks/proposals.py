@@ -8,9 +8,9 @@ covers with mask IoU >= 0.5 / 0.75 (class-agnostic). Auto-tagging turns each kep
 Methods (all labelled by the same MaskInversion, K steps at the given input size):
 
 * ``text``     — thresholded LeGrad maps of the text prototypes of the labels the global embedding ranks
-  highest (``worker.proposals.text_candidates``);
-* ``maskcut``  — MaskCut on the last block's keys (``worker.maskcut``), every component of each round;
-* ``keyseeds`` — key-affinity seed regions (``worker.maskcut.affinity_seeds``): per seed patch, the connected
+  highest (``worker.proposals.pipeline.text_candidates``);
+* ``maskcut``  — MaskCut on the last block's keys (``worker.proposals.maskcut``), every component of each round;
+* ``keyseeds`` — key-affinity seed regions (``worker.proposals.maskcut.affinity_seeds``): per seed patch, the connected
   patches whose keys are similar to the seed's;
 * ``union``    — all three, merged by NMS (the product's default);
 * ``sliding_window`` — the baseline every region method must beat: 2×2 and 3×3 grid cells and the whole image;
@@ -47,11 +47,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker import proposals as P
-from worker.engine import MaskInversionEngine
-from worker.labels import LabelScorer
-from worker.models import load_clip
-from worker.payload import DEFAULT_TEMPLATES
+from worker.proposals import pipeline as P
+from worker.engine.engine import MaskInversionEngine
+from worker.text.labels import LabelScorer
+from worker.engine.models import load_clip
+from worker.protocol import DEFAULT_TEMPLATES
 from worker.protocol import DEFAULT_CROP_WEIGHT
 
 RESULTS = Path(__file__).with_name("results")

@@ -1,14 +1,14 @@
 """Region classification (the MaskInversion paper's Table 2 protocol) on COCO-style instance annotations.
 
 For every annotated region of every image, each method gives one embedding, which is classified among all
-category names by cosine with prompt-ensembled text prototypes (``worker.labels.LabelScorer``):
+category names by cosine with prompt-ensembled text prototypes (``worker.text.labels.LabelScorer``):
 
 * ``maskinversion`` — the LET of the region's mask (``engine.invert``, alpha 0),
 * ``global``        — the whole image's embedding,
 * ``crop``          — the embedding of the crop of the mask's box,
 * ``masked_crop``   — the same crop with the pixels outside the mask set to the dataset mean,
 * ``maskinversion+crop`` — the product's region embedding: the LET mixed with the masked crop (at the model's
-  native size) by ``worker.embed_jobs.mix_crop`` with weight ``--crop-weight`` (default
+  native size) by ``worker.jobs.embed.mix_crop`` with weight ``--crop-weight`` (default
   ``MASKINV_CROP_WEIGHT``'s, 0.3); ``--crop-sweep W ...`` adds one row per weight (to choose it, on ``--split
   val``).
 
@@ -25,7 +25,7 @@ Any COCO-format dataset with real weights (e.g. COCO val2017 with ViT-B/16 on a 
     python -m benchmarks.region_classification --model ViT-B-16 --pretrained openai --size 224 \\
         --annotations coco/annotations/instances_val2017.json --images coco/val2017 --min-area 1024
 
-Environment: MASKINV_DEVICE picks the device (see worker.models); the engine's own variables apply.
+Environment: MASKINV_DEVICE picks the device (see worker.engine.models); the engine's own variables apply.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ import numpy as np
 import torch
 
 from benchmarks.coco_regions import CocoRegions, ImageRegions
-from worker.embed_jobs import mix_crop
-from worker.engine import MaskInversionEngine
-from worker.labels import LabelScorer
-from worker.models import ClipModel, load_clip
-from worker.payload import DEFAULT_TEMPLATES
+from worker.jobs.embed import mix_crop
+from worker.engine.engine import MaskInversionEngine
+from worker.text.labels import LabelScorer
+from worker.engine.models import ClipModel, load_clip
+from worker.protocol import DEFAULT_TEMPLATES
 from worker.protocol import DEFAULT_CROP_WEIGHT
 
 RESULTS = Path(__file__).with_name("results")

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 
 from benchmarks.region_classification import SCENE_CHECKPOINT, SCENE_MODEL
 from training.scene_world import SceneWorld, make_caption
-from worker import vit
-from worker.engine import MaskInversionEngine
-from worker.labels import LabelScorer
-from worker.models import ClipModel, load_clip
-from worker.payload import DEFAULT_TEMPLATES
+from worker.engine import vit
+from worker.engine.engine import MaskInversionEngine
+from worker.text.labels import LabelScorer
+from worker.engine.models import ClipModel, load_clip
+from worker.protocol import DEFAULT_TEMPLATES
 
 
 @torch.no_grad()

@@ -33,8 +33,8 @@ def redis_ns(redis_conn):
 
 @pytest.fixture(scope="module")
 def tiny_runtime():
-    """Make worker.jobs build its runtime from the tiny test model (and forget it afterwards)."""
-    from worker import jobs
+    """Make worker.jobs.regions build its runtime from the tiny test model (and forget it afterwards)."""
+    from worker.jobs import regions as jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in TINY_MODEL_ENV.items():
@@ -47,7 +47,7 @@ def tiny_runtime():
 @pytest.fixture
 def make_client(tiny_runtime):
     """``make_client(**env)``: a Flask test client of the backend in embedded mode (FAST settings + ``env``)."""
-    from backend.app import create_app
+    from backend.http.app import create_app
     from backend.settings import Settings
 
     def make(**env):

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from worker.clipcap import ClipCap, ClipCapConfig, ClipCapModel, save_clipcap
+from worker.text.clipcap import ClipCap, ClipCapConfig, ClipCapModel, save_clipcap
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,8 @@ def embed(images: Sequence[Any], model: str, pretrained: str, size: int | None, 
     """Global CLIP embeddings ``[M, D]`` of images (PIL images or paths) and the ClipModel used."""
     from PIL import Image
 
-    from worker.engine import MaskInversionEngine
-    from worker.models import load_clip
+    from worker.engine.engine import MaskInversionEngine
+    from worker.engine.models import load_clip
 
     clip = load_clip(model, pretrained, device)
     engine = MaskInversionEngine(clip)

@@ -1,6 +1,6 @@
 """Train the tiny scene CLIP (``maskinv-scene-tiny``) contrastively on generated scene–caption pairs.
 
-The model is a plain open_clip CLIP built from ``worker/model_configs/maskinv-scene-tiny.json``; the loss is
+The model is a plain open_clip CLIP built from ``worker/engine/model_configs/maskinv-scene-tiny.json``; the loss is
 open_clip's own ``ClipLoss``. Training pairs come from :mod:`training.scene_world` (train split): a pool of
 scenes is rendered once, each with its twins (the shape twin: same colours, other shapes; the binding twin: same
 shapes and layout, colours moved to other objects), then every step draws a batch of scenes with their twins,
@@ -15,7 +15,7 @@ captions use, padding cut off. It gives the same model as training open_clip's f
 The result is a plain fp16 ``state_dict`` in safetensors format that open_clip loads like any local checkpoint:
 
     open_clip.create_model_and_transforms("maskinv-scene-tiny", pretrained="assets/tiny_scene_clip/...")
-    worker.models.load_clip("maskinv-scene-tiny", "assets/tiny_scene_clip/maskinv-scene-tiny.safetensors")
+    worker.engine.models.load_clip("maskinv-scene-tiny", "assets/tiny_scene_clip/maskinv-scene-tiny.safetensors")
 
 Run from the repository root (one stage with the defaults: 1500 steps, 10-15 minutes on 2 CPU cores; the
 committed checkpoint took two stages, 18 + 12 minutes, whose commands are in docs/scene_world.md):
@@ -44,7 +44,7 @@ from tqdm import tqdm
 from training.compact_text import CompactTextTower
 from training.scene_world import (COLOURS, DEFAULT_COLOURS, DEFAULT_SHAPES, SHAPES, Mention, SceneWorld,
                                     make_caption)
-from worker.models import register_project_configs
+from worker.engine.models import register_project_configs
 
 MODEL_NAME = "maskinv-scene-tiny"
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_scene_clip"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .queue_worker import main
+from worker.queue_worker import main
 
 if __name__ == "__main__":
     sys.exit(main())

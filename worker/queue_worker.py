@@ -1,6 +1,6 @@
 """The RQ worker process and the Redis registry of live workers (torch-free at import time).
 
-A worker loads the model once (``worker.jobs.warm_up()``), then serves jobs from one RQ queue in its own
+A worker loads the model once (``worker.jobs.regions.warm_up()``), then serves jobs from one RQ queue in its own
 process with a non-forking :class:`rq.SimpleWorker`, so the engine's image-state cache survives across jobs.
 Several workers may serve the same queue.
 
@@ -37,8 +37,8 @@ from typing import Any, Sequence
 
 from rq.job import Job
 
-from .protocol import RegistryReader, allowed_callbacks, allowed_functions, job_serializer
-from .settings import WorkerSettings, WorkerSettingsError
+from worker.protocol import RegistryReader, allowed_callbacks, allowed_functions, job_serializer
+from worker.settings import WorkerSettings, WorkerSettingsError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class WorkerRegistry(RegistryReader):
 
 
 def _warm_up() -> dict[str, Any]:
-    from . import jobs  # torch and the model are loaded here, once
+    from worker.jobs import regions as jobs  # torch and the model are loaded here, once
 
     if hasattr(jobs, "warm_up"):
         return dict(jobs.warm_up())

@@ -3,7 +3,7 @@
 Mirrors ``backend.settings``: one frozen dataclass, :meth:`WorkerSettings.from_env`, the project's one family of
 parsers (``worker.protocol.env_int`` / ``env_float`` / ``env_bool`` / ``env_str``), and a bad value raises
 :class:`WorkerSettingsError` naming the variable. Nothing else in ``worker`` reads the environment: the loader
-(``worker.models``), the engine, preprocessing, the job functions and the captioner take these values explicitly.
+(``worker.engine.models``), the engine, preprocessing, the job functions and the captioner take these values explicitly.
 
 Variables (defaults in brackets; README's configuration tables and docker-compose.yml mirror them):
 
@@ -49,7 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from .protocol import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_MAX_TEMPLATE_CHARS,
+from worker.protocol import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_MAX_TEMPLATE_CHARS,
                        DEFAULT_MAX_VOCAB_BYTES, SettingError, env_bool, env_choice, env_float, env_int, env_str,
                        process_env)
 
@@ -58,7 +58,7 @@ DEFAULT_PROTOTYPE_CACHE_ENTRIES = 256
 DEFAULT_PROTOTYPE_CACHE_MB = 64
 
 GPU_DTYPES = ("fp32", "bf16", "fp16")
-CPU_GEMMS = ("auto", "onednn", "blas")  # worker.cpu_gemm.CHOICES (kept torch-free here)
+CPU_GEMMS = ("auto", "onednn", "blas")  # worker.engine.cpu_gemm.CHOICES (kept torch-free here)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -71,7 +71,7 @@ class WorkerSettingsError(SettingError):
 class CaptionerSettings:
     """Which captioner the worker loads and how it decodes (``source`` None: retrieval captions).
 
-    ``decoding`` is checked by the captioner (``worker.clipcap.ClipCapCaptioner``), which knows its decodings.
+    ``decoding`` is checked by the captioner (``worker.text.clipcap.ClipCapCaptioner``), which knows its decodings.
     """
 
     source: str | None = None
@@ -92,14 +92,14 @@ class CaptionerSettings:
                    length_penalty=env_float(env, "MASKINV_CAPTION_LENGTH_PENALTY", 1.0, error=error))
 
 
-#: region-proposal sources (worker.proposals), and the default ones
+#: region-proposal sources (worker.proposals.pipeline), and the default ones
 PROPOSAL_SOURCES = ("maskcut", "keyseeds", "text", "window", "sam")
 DEFAULT_PROPOSAL_SOURCES = ("maskcut", "keyseeds", "text")
 
 
 @dataclass(frozen=True)
 class ProposalSettings:
-    """Region proposals (``worker.proposal_jobs``): cap, score threshold, default sources, SLIC refinement, SAM."""
+    """Region proposals (``worker.jobs.propose``): cap, score threshold, default sources, SLIC refinement, SAM."""
 
     max_proposals: int = 20
     min_score: float = 0.2

@@ -1,4 +1,4 @@
-"""``maskinv-annotate`` (backend.annotate_cli) writes only into tasks of ``--project`` and under the model version
+"""``maskinv-annotate`` (backend.cli.annotate) writes only into tasks of ``--project`` and under the model version
 ``/setup`` answers for that project (examples' ``-ex...`` suffix included)."""
 
 from __future__ import annotations
@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 from concurrent.futures import Future
 
-from backend import annotate_cli, learning, project_run
+from backend.cli import annotate as annotate_cli
+
+from backend.learning import learner as learning
+
+from backend.runs import project_run
 from backend_support import FAST, TINY_MODEL_ENV, config, rect
 from fake_label_studio import FakeLabelStudio
 
@@ -20,15 +24,15 @@ def ls_task(tid: int, project: int) -> dict:
 def test_annotate_writes_only_the_projects_tasks_with_the_setup_version(monkeypatch, tmp_path):
     api = FakeLabelStudio(projects={1: config("rectangle"), 2: config("polygon")},
                           tasks={1: ls_task(1, 1), 2: ls_task(2, 1), 50: ls_task(50, 2)})
-    import backend.ls_api
+    import backend.labelstudio.api
 
-    monkeypatch.setattr(backend.ls_api, "LabelStudioAPI", lambda url, token, **kw: api)
+    monkeypatch.setattr(backend.labelstudio.api, "LabelStudioAPI", lambda url, token, **kw: api)
     for k, v in {**FAST, **TINY_MODEL_ENV, "MASKINV_MODEL_VERSION": "maskinversion-cli-v1"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("REDIS_URL", raising=False)
     done: Future = Future()
     done.set_result(None)
-    monkeypatch.setattr("backend.dispatch.EmbeddedDispatcher.warm_up", lambda self: done)
+    monkeypatch.setattr("backend.dispatch.dispatchers.EmbeddedDispatcher.warm_up", lambda self: done)
     monkeypatch.setattr(learning.Learner, "version_suffix",
                         lambda self, project, params: "-ex12345678" if str(project) == "1" else "")
 

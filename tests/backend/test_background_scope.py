@@ -1,4 +1,4 @@
-"""What a background run (backend.background) may write, and how many runs and tasks it takes: only tasks of the
+"""What a background run (backend.runs.background) may write, and how many runs and tasks it takes: only tasks of the
 request's project as Label Studio has them, labelled with the project's own label config, under the model version
 /setup answers; at most MASKINV_MAX_RUN_TASKS tasks per run and MASKINV_MAX_RUNS runs at once."""
 
@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-from backend import background, project_run
-from backend.runs import ResumeRecord, RunStatus
+from backend.runs import background
+
+from backend.runs import project_run
+from backend.runs.store import ResumeRecord, RunStatus
 from backend.service import Service
 from backend.settings import Settings
 from backend_support import FAST, config, rect
@@ -162,7 +164,7 @@ def test_runs_at_once_are_capped_per_backend(monkeypatch, stub):
 
 def test_runs_write_the_model_version_setup_answers_for_the_project(monkeypatch, stub):
     """With examples the project's version carries ``-ex...``; a run writes exactly that string."""
-    from backend import learning
+    from backend.learning import learner as learning
 
     monkeypatch.setattr(learning.Learner, "version_suffix",
                         lambda self, project, params: "-exabcdef12" if str(project).split(".")[0] == "1" else "")

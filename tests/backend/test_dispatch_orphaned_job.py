@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rq.utils import now, utcformat
 
-from backend.dispatch import QueueDispatcher
+from backend.dispatch.dispatchers import QueueDispatcher
 from backend_support import WORKER_START_S, WorkerProcess, client_for, data_uri, png_bytes, settings_for
 from worker.queue_worker import WorkerRegistry
 
@@ -85,7 +85,7 @@ def test_repeated_request_does_not_wait_on_the_dead_job(redis_conn, redis_ns, tm
 def test_one_backend_requeues_an_orphan_once_and_leaves_other_jobs_alone(redis_conn, redis_ns):
     """No worker process: the sighting marks are set back in time instead of waiting for the grace."""
     d1, d2 = (QueueDispatcher(settings_for(redis_ns, MASKINV_ORPHAN_GRACE=30)) for _ in range(2))
-    job = d1.queue.enqueue_call("worker.jobs.label_regions", args=({},), job_id=f"{redis_ns}-job")
+    job = d1.queue.enqueue_call("worker.jobs.regions.label_regions", args=({},), job_id=f"{redis_ns}-job")
     mark = d1.queue.intermediate_queue.get_first_seen_key(job.id)
     assert d1._orphans([job]) == []  # waiting on the queue's list
     take_and_die(redis_conn, redis_ns)

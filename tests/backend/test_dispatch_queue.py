@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from backend.app import create_app
+from backend.http.app import create_app
 from backend.service import Service
 from backend_support import (REDIS_URL, WorkerProcess, client_for, data_uri, delete_namespace, png_bytes,
                                   settings_for)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from backend.dispatch import DispatchError, LabelRequest, QueueDispatcher, QueueUnavailable
-from backend.label_config import parse_label_config
-from backend.predict import STATUS, predict_tasks
+from backend.dispatch.dispatchers import DispatchError, LabelRequest, QueueDispatcher, QueueUnavailable
+from backend.labelstudio.label_config import parse_label_config
+from backend.predict.tasks import STATUS, predict_tasks
 from backend.service import Service
 from backend_support import REDIS_URL, config, png_bytes, rect, settings_for, task
 from worker.protocol import InversionParams
@@ -91,7 +91,7 @@ def test_interactive_request_losing_redis_while_waiting_is_503(redis_conn, redis
 
 
 def test_http_answer_stays_503():
-    from backend.app import create_app
+    from backend.http.app import create_app
 
     client = create_app(service=Service(settings_for("maskinv-test-down", REDIS_URL=DOWN))).test_client()
     body = {"tasks": [task(1, 3)], "label_config": config("rectangle"), "params": {"context": {"result": [rect("r")]}}}

@@ -1,4 +1,4 @@
-"""backend.dispatch with the result cache: an answer is cached under everything it depends on, the project's
+"""backend.dispatch.dispatchers with the result cache: an answer is cached under everything it depends on, the project's
 example prototypes included, and the worker's writer and the backend's reader agree on that key."""
 
 from __future__ import annotations
@@ -9,20 +9,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backend.dispatch import Dispatcher, LabelRequest, _Prepared, _RunResult
+from backend.dispatch.dispatchers import Dispatcher, LabelRequest, _Prepared, _RunResult
 from backend.settings import Settings
 from backend_support import png_bytes, settings_for
 from worker.protocol import (JOB_META_KEY, InversionParams, MemoryResultCache, encode_vectors, entries_from_result,
                              job_serializer)
 from worker.queue_worker import WorkerRegistry
-from worker.result_cache import store_job_result
+from worker.jobs.store_result import store_job_result
 
 MODEL = {"name": "m", "pretrained": "none", "id": "m/none", "captions": "retrieval"}
 LABELS = ["cat", "dog"]
 
 
 def prototypes(label: str, seed: int, version: str) -> dict[str, Any]:
-    """A project's example prototypes (backend.learning's format) favouring ``label``; vectors ``[1, 8]``."""
+    """A project's example prototypes (backend.learning.learner's format) favouring ``label``; vectors ``[1, 8]``."""
     rng = np.random.default_rng(seed)
     return {"version": version, "labels": [label], "weights": encode_vectors(rng.normal(size=(1, 8))),
             "bias": [0.0], "means": encode_vectors(rng.normal(size=(1, 8))), "counts": [3]}
@@ -67,7 +67,7 @@ class ScriptedDispatcher(Dispatcher):
 
 def ask(dispatcher: Dispatcher, examples: dict | None, views: int, timeout_s: float = 5.0) -> tuple[str, dict]:
     """Label the one region; returns (top label or error, diagnostics)."""
-    params = InversionParams(views=views if examples else 1)  # as backend.predict.attach_prototypes does
+    params = InversionParams(views=views if examples else 1)  # as backend.predict.tasks.attach_prototypes does
     (outcome,) = dispatcher.label([LabelRequest(png_bytes(80, 60, 7), [mask()], LABELS, params,
                                                 prototypes=examples)], timeout_s)
     region = outcome.regions[0]
@@ -99,7 +99,7 @@ def test_queue_mode_worker_callback_and_backend_agree_on_keys(redis_conn, redis_
     """The worker's success callback stores what the backend then reads, per project (payloads through RQ's JSON)."""
     from rq.job import Job
 
-    from backend.dispatch import QueueDispatcher
+    from backend.dispatch.dispatchers import QueueDispatcher
 
     registry = WorkerRegistry(redis_conn, redis_ns, prefix=redis_ns, heartbeat_s=60)
     registry._entry_json = registry.entry_json(MODEL, 60)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.examples import Example, ExampleStoreError, RedisExampleStore, SqliteExampleStore
+from backend.learning.examples import Example, ExampleStoreError, RedisExampleStore, SqliteExampleStore
 
 
 def ex(region: str, label: str, seed: int = 0, key: str = "m|64|2|0.1|0.0") -> Example:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backend.examples import Example, ExampleBudgetError, RedisExampleStore, SqliteExampleStore
+from backend.learning.examples import Example, ExampleBudgetError, RedisExampleStore, SqliteExampleStore
 
 
 def ex(region: str, label: str, seed: int = 0) -> Example:
@@ -80,7 +80,7 @@ def test_redis_version_and_count_read_no_let(redis_conn, redis_ns):
 def test_a_redis_store_written_without_index_keeps_its_examples(redis_conn, redis_ns):
     """Hashes written before the index existed: read, versioned and counted as before, then indexed."""
     e = ex("r", "cat")
-    from backend.examples import examples_digest, project_version
+    from backend.learning.examples import examples_digest, project_version
 
     digest = examples_digest([e])
     redis_conn.hset(f"{redis_ns}:examples:4", "a", json.dumps({"digest": digest, "examples": [e.to_json()]}))

@@ -15,8 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from backend.fetch_policy import FetchPolicy, FetchRefused, parse_allow_list, parse_entry, safe_local_path
-from backend.images import ImageError, ImageFetcher
+from backend.images.policy import FetchPolicy, FetchRefused, parse_allow_list, parse_entry, safe_local_path
+from backend.images.fetch import ImageError, ImageFetcher
 from backend_support import data_uri, png_bytes
 
 pytestmark = pytest.mark.hardening

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import jwt
 import pytest
 
-from backend.fetch_policy import parse_allow_list
-from backend.images import ImageError, ImageFetcher, image_size
+from backend.images.policy import parse_allow_list
+from backend.images.fetch import ImageError, ImageFetcher, image_size
 from backend_support import data_uri, png_bytes
 
 IMAGE = png_bytes(32, 24, seed=5)

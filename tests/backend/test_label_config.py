@@ -9,9 +9,9 @@ import pytest
 from label_studio_sdk.converter.brush import mask2rle
 from label_studio_sdk.label_interface import LabelInterface
 
-from backend.label_config import LabelConfigError, parse_label_config
-from backend.predictions import alternatives_text, region_results, task_prediction
-from backend.regions import collect_regions
+from backend.labelstudio.label_config import LabelConfigError, parse_label_config
+from backend.labelstudio.predictions import alternatives_text, region_results, task_prediction
+from backend.labelstudio.regions import collect_regions
 
 CONFIGS = Path(__file__).resolve().parents[2] / "label_config"
 SHIPPED = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels"}

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from backend import learning
-from backend.examples import Example, RedisExampleStore, SqliteExampleStore
+from backend.learning import learner as learning
+from backend.learning.examples import Example, RedisExampleStore, SqliteExampleStore
 from backend.settings import Settings
 from worker.protocol import InversionParams
 

@@ -62,7 +62,7 @@ def test_the_access_log_never_shows_the_url_secret():
 
     from gunicorn.config import Config
 
-    from backend.serve import REDACTED, gunicorn_options
+    from backend.http.serve import REDACTED, gunicorn_options
     from backend.settings import Settings
 
     secret = "s3cret-prefix-0123456789"

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from backend.label_config import parse_label_config
-from backend.regions import RegionError, collect_regions, region_mask
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.regions import RegionError, collect_regions, region_mask
 from backend_support import config, png_bytes
 from fuzz_support import junk, region_items
-from worker.payload import (InversionParams, PayloadError, build_job, decode_image, decode_mask, encode_image,
+from worker.protocol import (InversionParams, PayloadError, LabelRegionsJob, decode_image, decode_mask, encode_image,
                             encode_mask)
 
 pytestmark = pytest.mark.fuzz
@@ -116,7 +116,7 @@ def test_inversion_params_raise_only_payload_errors(data):
 
 def test_build_job_is_json_and_round_trips():
     masks = [("a", np.eye(5, dtype=bool)), ("b", np.ones((3, 7), bool))]
-    job = json.loads(json.dumps(build_job(b"img", masks, ["cat"], InversionParams(steps=3))))
+    job = json.loads(json.dumps(LabelRegionsJob.build(b"img", masks, ["cat"], InversionParams(steps=3)).to_dict()))
     assert decode_image(job["image"])[0] == b"img"
     for (rid, m), r in zip(masks, job["regions"]):
         assert r["id"] == rid and np.array_equal(decode_mask(r["mask"]), m)
@@ -132,8 +132,8 @@ GOOD_MASK[5:20, 5:30] = True
 
 @st.composite
 def mutated_jobs(draw):
-    job = build_job(IMAGE, [("a", GOOD_MASK), ("b", ~GOOD_MASK)], ["cat", "dog"],
-                    InversionParams(steps=1, size=32, top_k=2, caption=False))
+    job = LabelRegionsJob.build(IMAGE, [("a", GOOD_MASK), ("b", ~GOOD_MASK)], ["cat", "dog"],
+                    InversionParams(steps=1, size=32, top_k=2, caption=False)).to_dict()
     for _ in range(draw(st.integers(1, 3))):
         where = draw(st.sampled_from(["image", "image.data_b64", "regions", "region", "region.mask",
                                       "region.mask.shape", "labels", "params", "params.size", "params.steps",
@@ -164,7 +164,7 @@ def mutated_jobs(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_jobs())
 def test_worker_job_never_raises_on_malformed_payloads(tiny_runtime, job):
-    from worker.jobs import label_regions
+    from worker.jobs.regions import label_regions
 
     result = label_regions(job)
     assert isinstance(result, dict) and isinstance(result.get("regions"), list)
@@ -175,8 +175,8 @@ def test_worker_job_never_raises_on_malformed_payloads(tiny_runtime, job):
 
 
 def test_worker_job_with_non_object_params_is_rejected_cleanly(tiny_runtime):
-    from worker.jobs import label_regions
+    from worker.jobs.regions import label_regions
 
-    job = build_job(IMAGE, [("a", GOOD_MASK)], ["cat"], InversionParams(steps=1, size=32))
+    job = LabelRegionsJob.build(IMAGE, [("a", GOOD_MASK)], ["cat"], InversionParams(steps=1, size=32)).to_dict()
     job["params"] = True
     assert "params" in label_regions(job)["error"]

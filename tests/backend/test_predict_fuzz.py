@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image
 
-from backend.label_config import parse_label_config
+from backend.labelstudio.label_config import parse_label_config
 from backend_support import config, data_uri, png_bytes
 from fuzz_support import junk, region_items
 
@@ -121,7 +121,7 @@ def bodies(draw):
 
 @pytest.fixture(scope="module")
 def fuzz_client(tiny_runtime):
-    from backend.app import create_app
+    from backend.http.app import create_app
     from backend.settings import Settings
 
     return create_app(Settings.from_env({**ENV, "MASKINV_WARMUP": "0"})).test_client()

@@ -1,4 +1,5 @@
-"""Project runs (backend.project_run, backend.runs, backend.background, backend.annotate_cli) without a Label
+"""Project runs (backend.runs.project_run, backend.runs.store, backend.runs.background, backend.cli.annotate) without
+a Label
 Studio: a fake Label Studio API in memory, batch mode replaced by a stub where the model does not matter."""
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from backend import background, project_run
-from backend.annotate_cli import FailureState, format_summary, parse_task_ids
-from backend.project_run import ProjectRun, classify
-from backend.runs import MemoryRunStore, RedisRunStore, ResumeRecord, RunStatus, claim_key
+from backend.runs import background
+
+from backend.runs import project_run
+from backend.cli.annotate import FailureState, format_summary, parse_task_ids
+from backend.runs.project_run import ProjectRun, classify
+from backend.runs.store import MemoryRunStore, RedisRunStore, ResumeRecord, RunStatus, claim_key
 from backend.settings import Settings
 from backend_support import FAST, config, rect
 
@@ -49,7 +52,7 @@ class FakeAPI:
 
     def get_task(self, tid):
         """Task ``tid`` of ``self.tasks`` as Label Studio has it (with the predictions written so far)."""
-        from backend.ls_api import LabelStudioAPIError
+        from backend.labelstudio.api import LabelStudioAPIError
 
         if tid not in getattr(self, "tasks", {}):
             raise LabelStudioAPIError(f"Label Studio GET task {tid} failed (HTTP 404): not found", status=404)
@@ -343,7 +346,7 @@ def test_cli_helpers(tmp_path):
 
 
 def test_cli_refuses_bad_arguments(capsys):
-    from backend.annotate_cli import main
+    from backend.cli.annotate import main
 
     assert main(["--project", "1", "--url", "ftp://x", "--token", "t"]) == 2
     assert "--url" in capsys.readouterr().err
@@ -355,10 +358,10 @@ def test_embedded_dispatcher_attaches_a_repeated_job_to_the_one_still_running(ti
     """A background run asks again for jobs the timed-out request left running: they are not run twice."""
     import numpy as np
 
-    from backend.dispatch import EmbeddedDispatcher, LabelRequest
+    from backend.dispatch.dispatchers import EmbeddedDispatcher, LabelRequest
     from backend_support import png_bytes
-    from worker import jobs
-    from worker.payload import InversionParams
+    from worker.jobs import regions as jobs
+    from worker.protocol import InversionParams
 
     calls = []
     real = jobs.label_regions

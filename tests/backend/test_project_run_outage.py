@@ -1,4 +1,4 @@
-"""A Redis outage during a project run (backend.project_run, queue mode): the run's tasks are deferred and retried
+"""A Redis outage during a project run (backend.runs.project_run, queue mode): the run's tasks are deferred and retried
 with back-off (bounded), not failed, and its status record survives. Against a real redis-server of its own,
 stopped and started again (no persistence: everything in it is lost) while the run works."""
 
@@ -14,9 +14,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from backend import project_run
-from backend.project_run import ProjectRun, classify
-from backend.runs import RedisRunStore
+from backend.runs import project_run
+from backend.runs.project_run import ProjectRun, classify
+from backend.runs.store import RedisRunStore
 from backend.service import PredictError, Service
 from backend.settings import Settings
 from backend_support import FAST, config, rect

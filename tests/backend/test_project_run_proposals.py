@@ -1,4 +1,4 @@
-"""Project runs propose regions for tasks nobody drew on (backend.project_run + backend.propose).
+"""Project runs propose regions for tasks nobody drew on (backend.runs.project_run + backend.predict.propose).
 
 * which tasks get proposals, and who decides (run flag > request's ``params.maskinv.proposals`` > label config's
   ``maskinvProposals`` > MASKINV_PROPOSALS), with batch mode replaced by a stub;
@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from backend import project_run
-from backend.annotate_cli import format_summary
-from backend.project_run import ProjectRun, classify
-from backend.propose import CONFIG_ATTRIBUTE, config_switch, decide
-from backend.runs import MemoryRunStore, RedisRunStore
+from backend.runs import project_run
+from backend.cli.annotate import format_summary
+from backend.runs.project_run import ProjectRun, classify
+from backend.predict.propose import CONFIG_ATTRIBUTE, config_switch, decide
+from backend.runs.store import MemoryRunStore, RedisRunStore
 from backend.service import PredictError, Service
 from backend.settings import Settings
 from backend_support import FAST, H, W, WorkerProcess, config, delete_namespace, rect, settings_for
@@ -185,7 +185,7 @@ def test_classify_counts_proposed_regions():
 @pytest.fixture(scope="module")
 def proposal_env(tiny_runtime):
     """The embedded worker runtime reads PROPOSAL_ENV (it reads its settings once, when built)."""
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in PROPOSAL_ENV.items():

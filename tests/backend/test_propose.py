@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 
-from backend.label_config import parse_label_config
-from backend.propose import split_override, target_control, wanted
-from backend.regions import collect_regions, region_mask
+from backend.labelstudio.label_config import parse_label_config
+from backend.predict.propose import split_override, target_control, wanted
+from backend.labelstudio.regions import collect_regions, region_mask
 from backend.service import PredictError
 from backend_support import H, W, brush, config, predict, task
 
@@ -17,7 +17,7 @@ from backend_support import H, W, brush, config, predict, task
 def proposal_env():
     """Worker proposal settings for a random model on 2 busy cores: every proposal kept (its scores are near
     uniform), MaskCut only, at most 3 per image."""
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in {"MASKINV_PROPOSAL_MIN_SCORE": "0", "MASKINV_PROPOSAL_SOURCES": "maskcut",
@@ -113,7 +113,7 @@ def test_override_helpers():
 
 
 def test_proposal_score_is_the_workers_ranking_score():
-    from backend.propose import proposal_score
+    from backend.predict.propose import proposal_score
 
     res = {"labels": [{"label": "car", "score": 0.6}], "meta": {"score": 0.15, "objectness": 0.25}}
     assert proposal_score(res) == pytest.approx(0.15)

@@ -11,7 +11,7 @@ from backend_support import predict, task
 @pytest.fixture(autouse=True, scope="module")
 def proposal_env():
     """Worker proposal settings for a random model: every proposal kept, MaskCut only, at most 3 per image."""
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in {"MASKINV_PROPOSAL_MIN_SCORE": "0", "MASKINV_PROPOSAL_SOURCES": "maskcut",
@@ -49,7 +49,7 @@ def test_a_proposal_job_over_the_job_time_limit_stops_and_the_next_one_runs(make
     """MASKINV_JOB_TIMEOUT holds in embedded mode: a proposal job whose candidate step runs past it (made slow with
     a fake clock) stops before inverting anything and its task gets a clear error; the job thread then takes the
     next job."""
-    from worker import proposals as P
+    from worker.proposals import pipeline as P
 
     now = [0.0]
     monkeypatch.setattr(P, "clock", lambda: now[0])

@@ -1,11 +1,12 @@
-"""Proposed masks -> Label Studio brush RLE, polygons (percent) and rectangles, read back by backend.regions."""
+"""Proposed masks -> Label Studio brush RLE, polygons (percent) and rectangles, read back by
+backend.labelstudio.regions."""
 
 import numpy as np
 import pytest
 
-from backend.label_config import parse_label_config
-from backend.region_output import OutputError, brush_value, geometry_value, polygon_value, rectangle_value
-from backend.regions import Region, brush_mask, region_mask
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.region_output import OutputError, brush_value, geometry_value, polygon_value, rectangle_value
+from backend.labelstudio.regions import Region, brush_mask, region_mask
 
 CONFIG = """<View><Image name="image" value="$image"/>
 <PolygonLabels name="poly" toName="image"><Label value="cat"/></PolygonLabels>

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from label_studio_sdk.converter.brush import mask2rle
 from PIL import Image, ImageDraw
 
-from backend.label_config import parse_label_config
-from backend.regions import Region, RegionError, collect_regions, region_mask
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.regions import Region, RegionError, collect_regions, region_mask
 
 CONFIGS = Path(__file__).resolve().parents[2] / "label_config"
 W, H = 90, 70

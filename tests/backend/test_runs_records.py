@@ -1,4 +1,4 @@
-"""Run records (backend.runs): bounded in number (MASKINV_MAX_RUN_RECORDS, oldest finished dropped first),
+"""Run records (backend.runs.store): bounded in number (MASKINV_MAX_RUN_RECORDS, oldest finished dropped first),
 finished ones expire (RECORD_TTL_S), in memory and in Redis; what they echo carries no URL query or userinfo."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from backend import runs
-from backend.runs import MemoryRunStore, RedisRunStore, RunStatus, redact_urls
+from backend.runs import store as runs
+from backend.runs.store import MemoryRunStore, RedisRunStore, RunStatus, redact_urls
 
 
 def store_of(kind: str, request, max_records: int) -> runs.RunStore:
@@ -60,7 +60,7 @@ def test_the_redis_records_expire_as_a_whole_when_nothing_is_saved(redis_conn, r
 
 
 def test_the_run_manager_bounds_its_store_by_the_setting():
-    from backend import background
+    from backend.runs import background
     from backend.service import Service
     from backend.settings import Settings
     from backend_support import FAST

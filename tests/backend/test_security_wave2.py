@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.fetch_policy import parse_allow_list
-from backend.images import ImageError, ImageFetcher
-from backend.label_config import parse_label_config
-from backend.regions import Region, RegionError, region_mask
-from backend.strict_url import UnsafeURL, parse_http_url
+from backend.images.policy import parse_allow_list
+from backend.images.fetch import ImageError, ImageFetcher
+from backend.labelstudio.label_config import parse_label_config
+from backend.labelstudio.regions import Region, RegionError, region_mask
+from backend.images.urls import UnsafeURL, parse_http_url
 from backend_support import W, H, config, labelled, png_bytes, predict, rect, task
 
 IMAGE = png_bytes(24, 16, seed=5)
@@ -301,7 +301,7 @@ def test_case3_fuzz_polygons_and_rectangles_give_a_mask_or_a_region_error(points
 
 def test_case3_a_crashing_parser_is_still_a_region_error(monkeypatch):
     """Any exception a (future) parser raises on a region's content is that region's RegionError."""
-    import backend.regions as regions
+    import backend.labelstudio.regions as regions
 
     def broken(value, width, height):
         raise RuntimeError("a parser bug")
@@ -347,7 +347,7 @@ def test_case4_vocabulary_byte_cap_and_label_cap_are_settings(make_client):
 
 
 def test_case5_template_amplification_is_refused_without_formatting():
-    from worker.payload import InversionParams, PayloadError
+    from worker.protocol import InversionParams, PayloadError
 
     for template in ("{{}}{:x>40000000}", "{:>9999999}", "{!r:^99999}", "{0:{1}}"):
         with pytest.raises(PayloadError, match="template"):
@@ -432,7 +432,7 @@ def test_case9_model_version_is_short_and_names_no_path():
 
 
 def test_case9_checkpoint_identity_is_its_content_not_its_path(tmp_path):
-    from worker.models import _checkpoint_identity
+    from worker.engine.models import _checkpoint_identity
 
     a = tmp_path / "one" / "weights.pt"
     a.parent.mkdir()
@@ -474,7 +474,7 @@ def test_case10_ttl_is_a_setting():
 def test_case1_the_connection_itself_refuses_to_carry_the_key_elsewhere(sites, monkeypatch):
     """Defence in depth: even if the routing decision were wrong, the connection compares its own scheme, host
     and port with the Label Studio origin before the headers go out."""
-    from backend.fetch_policy import Route
+    from backend.images.policy import Route
 
     ls, other = sites
     fetcher = ImageFetcher(ls.url, TOKEN, allowed_hosts=parse_allow_list(f"127.0.0.1:{other.port}"))

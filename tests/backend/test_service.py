@@ -11,7 +11,7 @@ import copy
 import numpy as np
 import pytest
 
-from backend.label_config import parse_label_config
+from backend.labelstudio.label_config import parse_label_config
 from backend_support import H, W, brush, config, data_uri, labelled, poly, predict, rect, task
 
 def test_interactive_returns_the_drawn_regions_labelled(client):

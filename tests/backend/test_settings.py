@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from backend.serve import gunicorn_options
+from backend.http.serve import gunicorn_options
 from backend.settings import Settings, SettingsError
-from worker.payload import DEFAULT_TEMPLATES
+from worker.protocol import DEFAULT_TEMPLATES
 
 
 def test_defaults():

@@ -19,7 +19,7 @@ def _labels(cfg_name: str, client) -> tuple[str, ...]:
 
 
 def test_setup_prepares_the_label_prototypes_in_embedded_mode(make_client):
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     client = make_client()
     labels = _labels("rectangle", client)
@@ -42,7 +42,7 @@ def test_setup_prepares_the_label_prototypes_in_embedded_mode(make_client):
 
 
 def test_setup_does_not_prepare_when_switched_off(make_client):
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     client = make_client(MASKINV_PREPARE_LABELS="0")
     rt = jobs.get_runtime()
@@ -55,8 +55,8 @@ def test_setup_does_not_prepare_when_switched_off(make_client):
 def test_queue_mode_enqueues_a_prepare_labels_job_that_a_worker_runs(redis_conn, redis_ns, tiny_runtime):
     from rq import Queue, SimpleWorker
 
-    from backend.dispatch import QueueDispatcher
-    from worker import jobs
+    from backend.dispatch.dispatchers import QueueDispatcher
+    from worker.jobs import regions as jobs
     from worker.queue_worker import JOB_SERIALIZER, LabelJob
 
     dispatcher = QueueDispatcher(settings_for(redis_ns), connection=redis_conn)
@@ -64,7 +64,7 @@ def test_queue_mode_enqueues_a_prepare_labels_job_that_a_worker_runs(redis_conn,
     dispatcher.prepare_labels([("cat", "dog")], dispatcher.settings.params)  # repeated /setup: nothing added
     assert len(dispatcher.queue) == 1
     (job,) = dispatcher.queue.get_jobs()
-    assert job.func_name == "worker.jobs.prepare_labels"
+    assert job.func_name == "worker.jobs.regions.prepare_labels"
     assert PrepareLabelsJob.from_dict(job.args[0]).label_sets == (("cat", "dog"),)
     assert job.result_ttl == 60  # the product's window: a repeated /setup within a minute of the job's end adds nothing
     # This test reads the record back after the worker; it must not hinge on Redis' wall clock staying within a
@@ -90,7 +90,7 @@ def test_queue_mode_enqueues_a_prepare_labels_job_that_a_worker_runs(redis_conn,
 
 
 def test_prepare_labels_job_validation(tiny_runtime):
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     bad = jobs.prepare_labels({"label_sets": [["a", "a"]]})
     assert bad["error"] == "labels must be unique" and bad["kind"] == "prepare_labels"

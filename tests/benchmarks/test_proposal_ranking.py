@@ -30,10 +30,10 @@ def test_objectness_ranking_puts_the_explained_object_first():
 def test_stability_is_high_for_a_seed_region_and_zero_without_a_seed_inside():
     from benchmarks.proposal_ranking import stability
     from benchmarks.proposals import SCENE_CHECKPOINT, SCENE_MODEL, scene_items
-    from worker import maskcut
-    from worker import proposals as P
-    from worker.engine import MaskInversionEngine
-    from worker.models import load_clip
+    from worker.proposals import maskcut
+    from worker.proposals import pipeline as P
+    from worker.engine.engine import MaskInversionEngine
+    from worker.engine.models import load_clip
 
     engine = MaskInversionEngine(load_clip(SCENE_MODEL, str(SCENE_CHECKPOINT)))
     item = scene_items(1)[0][0]

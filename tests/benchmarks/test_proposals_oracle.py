@@ -9,7 +9,7 @@ from benchmarks.proposals import SCENE_CHECKPOINT, SCENE_MODEL, evaluate, scene_
 
 @pytest.fixture(scope="module")
 def report():
-    from worker.models import load_clip
+    from worker.engine.models import load_clip
 
     clip = load_clip(SCENE_MODEL, str(SCENE_CHECKPOINT))
     items, labels = scene_items(3)

@@ -13,9 +13,9 @@ import torch
 from benchmarks import region_classification as rc
 from benchmarks.coco_regions import CocoRegions
 from training.scene_world import SceneWorld, export_coco
-from worker.engine import MaskInversionEngine
-from worker.labels import LabelScorer
-from worker.models import load_clip
+from worker.engine.engine import MaskInversionEngine
+from worker.text.labels import LabelScorer
+from worker.engine.models import load_clip
 
 CHECKPOINT = rc.SCENE_CHECKPOINT
 pytestmark = pytest.mark.skipif(not CHECKPOINT.is_file(), reason=f"{CHECKPOINT} is not committed")

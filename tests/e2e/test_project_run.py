@@ -162,7 +162,7 @@ def queue_env(redis_conn, tmp_path_factory):
 
 
 def annotate_argv(ls_server, ls_token, project_id: int, summary: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "backend.annotate_cli", "--url", ls_server.url, "--token", ls_token,
+    return [sys.executable, "-m", "backend.cli.annotate", "--url", ls_server.url, "--token", ls_token,
             "--project", str(project_id), "--summary-json", str(summary), *extra]
 
 

@@ -148,7 +148,7 @@ def settings_for(ns: str, **env):
 
 def client_for(ns: str, **env):
     """A Flask test client of the backend in queue mode (see :func:`settings_for`)."""
-    from backend.app import create_app
+    from backend.http.app import create_app
     from backend.service import Service
 
     return create_app(service=Service(settings_for(ns, **env))).test_client()

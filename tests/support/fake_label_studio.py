@@ -1,4 +1,4 @@
-"""Label Studio's API in memory, the calls a project run makes (backend.ls_api.LabelStudioAPI's interface):
+"""Label Studio's API in memory, the calls a project run makes (backend.labelstudio.api.LabelStudioAPI's interface):
 projects with label configs, tasks with their project and data, predictions written (counted)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterable, Iterator
 
-from backend.ls_api import LabelStudioAPIError
+from backend.labelstudio.api import LabelStudioAPIError
 
 
 class FakeLabelStudio:

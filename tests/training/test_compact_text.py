@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.compact_text import CompactTextTower
-from worker.models import register_project_configs
+from worker.engine.models import register_project_configs
 
 CAPTIONS = ["a red circle on the left and a blue star at the top right.", "two stars.",
             "a photo of three shapes: a green square, a purple cross and a yellow triangle."]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from training import train_tiny_clip as ttc
-from worker.models import load_clip, register_project_configs
+from worker.engine.models import load_clip, register_project_configs
 
 
 @pytest.fixture(scope="module")

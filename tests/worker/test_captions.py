@@ -1,4 +1,4 @@
-"""worker.captions: retrieval captions (phrase banks, choice of the closest phrase, batched preparation)."""
+"""worker.text.captions: retrieval captions (phrase banks, choice of the closest phrase, batched preparation)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.captions import COLOURS, MATERIALS, POSITIONS, SIZES, RetrievalCaptioner, phrase_bank
-from worker.labels import LabelScorer
-from worker.models import load_clip
+from worker.text.captions import COLOURS, MATERIALS, POSITIONS, SIZES, RetrievalCaptioner, phrase_bank
+from worker.text.labels import LabelScorer
+from worker.engine.models import load_clip
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker import clipcap
-from worker.clipcap import (CaptionerError, ClipCapCaptioner, ClipCapConfig, load_captioner_from_env,
+from worker.text import clipcap
+from worker.text.clipcap import (CaptionerError, ClipCapCaptioner, ClipCapConfig, load_captioner_from_env,
                             load_clipcap, save_clipcap)
 from training.train_clipcap import (FitConfig, build_captioner, encode_captions, fit, tiny_gpt2,
                                   train_bpe_tokenizer)
@@ -316,8 +316,8 @@ def test_captioner_from_env(clean_env, saved):
 
 
 def test_captioner_from_env_with_real_scorer(clean_env, saved):
-    from worker.labels import LabelScorer
-    from worker.models import load_clip
+    from worker.text.labels import LabelScorer
+    from worker.engine.models import load_clip
 
     clean_env.setenv("MASKINV_CAPTIONER", str(saved))
     scorer = LabelScorer(load_clip("maskinv-test-tiny", "none", "cpu"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.clipcap import ClipCapCaptioner, load_captioner_from_env, load_clipcap
+from worker.text.clipcap import ClipCapCaptioner, load_captioner_from_env, load_clipcap
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTIONER = ROOT / "assets" / "tiny_clipcap"
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (CAPTIONER / "clipcap.json").is_file() or no
 
 @pytest.fixture(scope="module")
 def scene_clip():
-    from worker.models import load_clip
+    from worker.engine.models import load_clip
 
     return load_clip("maskinv-scene-tiny", str(CLIP_CHECKPOINT), "cpu")
 
@@ -41,8 +41,8 @@ def test_committed_captioner_is_small_and_loads():
 
 
 def test_captions_name_the_colour_of_unseen_single_object_scenes(scene_clip, val_scenes, monkeypatch):
-    from worker.engine import MaskInversionEngine
-    from worker.labels import LabelScorer
+    from worker.engine.engine import MaskInversionEngine
+    from worker.text.labels import LabelScorer
 
     monkeypatch.setenv("MASKINV_CAPTIONER", str(CAPTIONER))
     monkeypatch.setenv("MASKINV_CAPTION_DECODING", "beam")
@@ -66,7 +66,7 @@ def test_region_lets_are_captioned(scene_clip):
     import numpy as np
 
     from training.scene_world import COLOURS, SHAPES, SceneWorld
-    from worker.engine import MaskInversionEngine
+    from worker.engine.engine import MaskInversionEngine
 
     scene = next(s for s in (SceneWorld(seed=0).scene(i, "test") for i in range(20)) if len(s.objects) >= 3)
     res = MaskInversionEngine(scene_clip).invert(scene.image, np.stack([o.mask for o in scene.objects]), size=112)
@@ -86,8 +86,8 @@ def test_let_captions_beat_global_captions_on_multi_object_scenes(scene_clip):
     correct; full benchmark, 663 objects: 66.8 % vs 37.6 %; see docs/captions.md)."""
     from benchmarks import localized_captions as lc
     from training.scene_world import SceneWorld
-    from worker.engine import MaskInversionEngine
-    from worker.labels import LabelScorer
+    from worker.engine.engine import MaskInversionEngine
+    from worker.text.labels import LabelScorer
 
     captioner = ClipCapCaptioner(load_clipcap(CAPTIONER))
     records, _ = lc.caption_scenes(SceneWorld(seed=0), range(40), MaskInversionEngine(scene_clip), captioner,

@@ -1,4 +1,4 @@
-"""worker.cpu_gemm: oneDNN products with a packed constant matrix equal plain matmuls (fp32, CPU), and the
+"""worker.engine.cpu_gemm: oneDNN products with a packed constant matrix equal plain matmuls (fp32, CPU), and the
 decomposed map and the inversion give the same results under either backend."""
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from worker import cpu_gemm, legrad
-from worker.cpu_gemm import PackedMatrix
-from worker.engine import MaskInversionEngine
-from worker.models import load_clip
+from worker.engine import cpu_gemm
+
+from worker.engine import legrad
+from worker.engine.cpu_gemm import PackedMatrix
+from worker.engine.engine import MaskInversionEngine
+from worker.engine.models import load_clip
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
 

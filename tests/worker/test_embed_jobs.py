@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from worker.payload import InversionParams, build_job, encode_image, encode_mask
-from backend.prototype_fit import class_means, fit_prototypes
+from worker.protocol import InversionParams, LabelRegionsJob, encode_image, encode_mask
+from backend.learning.fit import class_means, fit_prototypes
 from worker.protocol import decode_vectors, encode_vectors
 from worker.protocol import JOB_KINDS, JobResult, allowed_functions
 
@@ -28,12 +28,13 @@ def embed_payload(image: bytes, labels=(), dtype="float32", extra_regions=()):
 
 
 def test_embed_job_kind_is_registered():
-    assert JOB_KINDS["embed_regions"].function == "worker.embed_jobs.embed_regions"
-    assert "worker.embed_jobs.embed_regions" in allowed_functions()
+    assert JOB_KINDS["embed_regions"].function == "worker.jobs.embed.embed_regions"
+    assert "worker.jobs.embed.embed_regions" in allowed_functions()
 
 
 def test_embed_returns_lets_and_text_prototypes(tiny_runtime):
-    from worker import embed_jobs, jobs
+    from worker.jobs import embed as embed_jobs
+    from worker.jobs import regions as jobs
 
     img = png_bytes(80, 60, seed=4)
     bad = {"id": "empty", "mask": encode_mask(np.zeros((60, 80), bool))}
@@ -52,22 +53,23 @@ def test_embed_returns_lets_and_text_prototypes(tiny_runtime):
 
 
 def test_embed_rejects_bad_payload(tiny_runtime):
-    from worker import embed_jobs
+    from worker.jobs import embed as embed_jobs
 
     res = embed_jobs.embed_regions({"v": 1, "regions": [{"id": "a"}], "dtype": "int8", "params": {}})
     assert res["error"] and "dtype" in res["error"] and res["regions"][0]["error"]
 
 
 def test_changed_labels_rescore_without_inverting(tiny_runtime):
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     img = png_bytes(80, 60, seed=5)
     a, b = masks()
-    job = build_job(img, [("a", a), ("b", b)], ["cat", "dog"], InversionParams(size=64, steps=2, caption=False))
+    job = LabelRegionsJob.build(
+        img, [("a", a), ("b", b)], ["cat", "dog"], InversionParams(size=64, steps=2, caption=False)).to_dict()
     first = jobs.label_regions(job)
     forwards = first["cache"]["vit_forwards"]
-    job2 = build_job(img, [("a", a), ("b", b)], ["bird", "tree", "car"],
-                     InversionParams(size=64, steps=2, caption=False))
+    job2 = LabelRegionsJob.build(img, [("a", a), ("b", b)], ["bird", "tree", "car"],
+                     InversionParams(size=64, steps=2, caption=False)).to_dict()
     second = jobs.label_regions(job2)
     assert second["cache"]["let_hits"] == 2 and second["cache"]["vit_forwards"] == forwards
     assert [s["label"] for s in second["regions"][0]["labels"]] and second["regions"][0]["labels"][0]["label"] in (
@@ -77,7 +79,8 @@ def test_changed_labels_rescore_without_inverting(tiny_runtime):
 
 
 def test_label_job_with_prototypes_uses_examples(tiny_runtime):
-    from worker import embed_jobs, jobs
+    from worker.jobs import embed as embed_jobs
+    from worker.jobs import regions as jobs
 
     img = png_bytes(80, 60, seed=6)
     a, b = masks()
@@ -91,7 +94,8 @@ def test_label_job_with_prototypes_uses_examples(tiny_runtime):
     protos = {"version": "v1", "labels": ["dog", "cow"], "weights": encode_vectors(w[has]),
               "bias": [float(v) for v in bias[has]], "means": encode_vectors(means[has]),
               "counts": [int(c) for c in counts[has]]}
-    job = build_job(img, [("a", a), ("b", b)], ["cat", "dog", "cow"], InversionParams(size=64, steps=2, caption=False))
+    job = LabelRegionsJob.build(
+        img, [("a", a), ("b", b)], ["cat", "dog", "cow"], InversionParams(size=64, steps=2, caption=False)).to_dict()
     job["prototypes"] = protos
     out = jobs.label_regions(job)
     meta = [r["meta"] for r in out["regions"]]
@@ -108,8 +112,10 @@ def test_two_views_embed_the_region_and_its_mirror(tiny_runtime):
     (image and mask flipped), each view cached under its own key; views=1 keeps the single-view LET exactly."""
     from PIL import Image
 
-    from worker import embed_jobs, jobs
-    from worker.let_cache import MemoryLetCache
+    from worker.jobs import embed as embed_jobs
+
+    from worker.jobs import regions as jobs
+    from worker.jobs.let_cache import MemoryLetCache
 
     rt = jobs.get_runtime()
     img = png_bytes(80, 60, seed=6)
@@ -134,7 +140,7 @@ def test_two_views_embed_the_region_and_its_mirror(tiny_runtime):
 
 
 def test_combine_views_shapes_and_scale():
-    from worker.embed_jobs import combine_views
+    from worker.jobs.embed import combine_views
 
     rng = np.random.default_rng(0)
     lets = rng.normal(size=(2, 5, 8)).astype(np.float32)
@@ -151,8 +157,9 @@ def test_combine_views_shapes_and_scale():
 def test_crop_weight_mixes_the_masked_crop_into_the_region_embedding(tiny_runtime):
     """crop_weight w > 0: the region's embedding is the direction of unit(LET) + w unit(masked crop), at the LET's
     norm; the crop embedding is the engine's masked crop at the model's native size, cached with the LETs."""
-    from worker import embed_jobs, jobs
-    from worker.let_cache import MemoryLetCache
+    from worker.jobs import embed as embed_jobs
+    from worker.jobs import regions as jobs
+    from worker.jobs.let_cache import MemoryLetCache
 
     rt = jobs.get_runtime()
     img = png_bytes(80, 60, seed=7)
@@ -180,7 +187,7 @@ def test_crop_weight_mixes_the_masked_crop_into_the_region_embedding(tiny_runtim
 
 
 def test_mix_crop_directions_and_scale():
-    from worker.embed_jobs import mix_crop
+    from worker.jobs.embed import mix_crop
 
     rng = np.random.default_rng(1)
     lets, crops = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(4, 8)).astype(np.float32) * 3
@@ -195,14 +202,14 @@ def test_mix_crop_directions_and_scale():
 
 def test_label_job_scores_the_mixed_embedding(tiny_runtime):
     """The label job with crop_weight > 0 ranks labels by the mixed embedding and says so in its params."""
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     img = png_bytes(80, 60, seed=8)
     a, b = masks()
-    plain = jobs.label_regions(build_job(img, [("a", a), ("b", b)], ["cat", "dog", "cow"],
-                                         InversionParams(size=64, steps=2, caption=False)))
-    mixed = jobs.label_regions(build_job(img, [("a", a), ("b", b)], ["cat", "dog", "cow"],
-                                         InversionParams(size=64, steps=2, caption=False, crop_weight=1.0)))
+    plain = jobs.label_regions(LabelRegionsJob.build(img, [("a", a), ("b", b)], ["cat", "dog", "cow"],
+                                         InversionParams(size=64, steps=2, caption=False)).to_dict())
+    mixed = jobs.label_regions(LabelRegionsJob.build(img, [("a", a), ("b", b)], ["cat", "dog", "cow"],
+                                         InversionParams(size=64, steps=2, caption=False, crop_weight=1.0)).to_dict())
     assert "crop_weight" not in plain["params"] and mixed["params"]["crop_weight"] == 1.0
     assert mixed["cache"]["let_hits"] == 2 and mixed["timings"]["total_s"] > 0
     p = lambda r: [s["score"] for s in r["regions"][0]["labels"]]  # noqa: E731

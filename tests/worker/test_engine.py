@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from worker import legrad, vit
-from worker.engine import MaskInversionEngine
-from worker.models import load_clip
+from worker.engine import legrad
+
+from worker.engine import vit
+from worker.engine.engine import MaskInversionEngine
+from worker.engine.models import load_clip
 
 MODELS = ["maskinv-test-tiny", "maskinv-test-tiny-ls"]  # QuickGELU / GELU + LayerScale, 2 and 3 layers
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.engine import MaskInversionEngine
-from worker.image_cache import ByteLRUCache
-from worker.labels import LabelScorer
-from worker.models import load_clip
+from worker.engine.engine import MaskInversionEngine
+from worker.engine.image_cache import ByteLRUCache
+from worker.text.labels import LabelScorer
+from worker.engine.models import load_clip
 
 MODEL = "maskinv-test-tiny"
 
@@ -124,7 +124,7 @@ def test_baselines(clip):
 
 
 def test_masked_crop_fills_outside_with_mean(clip):
-    from worker.preprocess import masked_crop
+    from worker.engine.preprocess import masked_crop
 
     img = Image.new("RGB", (10, 10), (255, 0, 0))
     m = np.zeros((10, 10), bool)
@@ -152,7 +152,7 @@ def test_bad_model_names():
 
 
 def test_open_image_modes_and_limits(monkeypatch):
-    from worker.preprocess import open_image
+    from worker.engine.preprocess import open_image
 
     # EXIF rotation applied (what the annotator saw): a 40x20 image tagged "rotate 90" is 20x40
     img = Image.new("RGB", (40, 20), (10, 200, 30))
@@ -182,7 +182,7 @@ def test_open_image_modes_and_limits(monkeypatch):
         open_image(good.getvalue()[:40])
     with pytest.raises(ValueError, match="more than the limit"):
         open_image(good.getvalue(), max_pixels=1000)
-    from worker import preprocess  # the process default, set once from the worker's settings
+    from worker.engine import preprocess  # the process default, set once from the worker's settings
 
     monkeypatch.setattr(preprocess, "_default_max_pixels", preprocess.DEFAULT_MAX_IMAGE_PIXELS)
     preprocess.set_default_max_pixels(1000)
@@ -193,7 +193,7 @@ def test_open_image_modes_and_limits(monkeypatch):
 def test_crop_embeddings_match_the_masked_crop_baseline_and_name_bad_masks(clip):
     import numpy as np
 
-    from worker.engine import MaskInversionEngine
+    from worker.engine.engine import MaskInversionEngine
 
     engine = MaskInversionEngine(clip)
     rng = np.random.default_rng(3)

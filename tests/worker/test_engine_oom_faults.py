@@ -25,8 +25,8 @@ def by_id(pred) -> dict[str, tuple]:
 
 def forget_lets() -> None:
     """Empty the embedded runtime's LET cache, so that the next job inverts its regions."""
-    from worker import jobs
-    from worker.let_cache import MemoryLetCache
+    from worker.jobs import regions as jobs
+    from worker.jobs.let_cache import MemoryLetCache
 
     rt = jobs.get_runtime()
     s = rt.settings
@@ -36,7 +36,7 @@ def forget_lets() -> None:
 @pytest.fixture
 def oom_when(monkeypatch):
     """``oom_when(rule)``: decomposed LeGrad raises ``rule(n_masks, call_number)`` when that is an exception."""
-    from worker import legrad
+    from worker.engine import legrad
 
     calls: list[int] = []
     real = legrad.decomposed_relevance

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from worker import engine as engine_mod
-from worker.engine import MaskInversionEngine
-from worker.jobs import build_engine
-from worker.models import load_clip
+from worker.engine import engine as engine_mod
+from worker.engine.engine import MaskInversionEngine
+from worker.jobs.regions import build_engine
+from worker.engine.models import load_clip
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_runtime_settings_from_env(clip):
     eng = build_engine(clip, s)
     assert (eng.cache.stats.max_bytes, eng.chunk_memory_bytes, eng.gpu_dtype) == (3 * 2**20, 5 * 2**20, "bf16")
     assert WorkerSettings.from_env({}).gpu_dtype == "fp32"
-    from worker import cpu_gemm
+    from worker.engine import cpu_gemm
 
     assert WorkerSettings.from_env({}).cpu_gemm == "auto" and eng.cpu_gemm == cpu_gemm.resolve("auto")
     assert build_engine(clip, WorkerSettings.from_env({"MASKINV_CPU_GEMM": "onednn"})).cpu_gemm == "onednn"

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.grid_dice import GridDice, bilinear_matrix
-from worker.inversion import soft_dice_loss
-from worker.legrad import relevance_to_map
+from worker.engine.grid_dice import GridDice, bilinear_matrix
+from worker.engine.inversion import soft_dice_loss
+from worker.engine.legrad import relevance_to_map
 
 
 @pytest.mark.parametrize("grid,patch", [(7, 16), (14, 16), (28, 16), (5, 3), (1, 4)])

@@ -1,4 +1,4 @@
-"""worker.inversion: the soft Dice loss, the regularised loss and the AdamW loop, on hand-checkable cases."""
+"""worker.engine.inversion: the soft Dice loss, the regularised loss and the AdamW loop, on hand-checkable cases."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.inversion import inversion_loss, optimise_lets, soft_dice_loss
+from worker.engine.inversion import inversion_loss, optimise_lets, soft_dice_loss
 
 S, D = 6, 8
 

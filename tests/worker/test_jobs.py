@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker.payload import (InversionParams, PayloadError, build_job, decode_image, decode_mask, encode_image,
+from worker.protocol import (InversionParams, PayloadError, LabelRegionsJob, decode_image, decode_mask, encode_image,
                             encode_mask)
 
 
@@ -50,7 +50,7 @@ def jobs(monkeypatch_module):
     monkeypatch_module.setenv("MASKINV_MODEL", "maskinv-test-tiny")
     monkeypatch_module.setenv("MASKINV_PRETRAINED", "none")
     monkeypatch_module.setenv("MASKINV_DEVICE", "cpu")
-    from worker import jobs as module
+    from worker.jobs import regions as module
 
     monkeypatch_module.setattr(module, "_runtime", None)
     yield module
@@ -73,8 +73,8 @@ def png(seed=0, w=60, h=50) -> bytes:
 def test_label_regions(jobs):
     m = np.zeros((50, 60), bool)
     m[5:25, 5:30] = True
-    job = build_job(png(), [("r1", m), ("r2", np.zeros((50, 60), bool)), ("r3", ~m)], ["cat", "dog", "car"],
-                    InversionParams(size=32, top_k=2))
+    job = LabelRegionsJob.build(png(), [("r1", m), ("r2", np.zeros((50, 60), bool)), ("r3", ~m)], ["cat", "dog", "car"],
+                    InversionParams(size=32, top_k=2)).to_dict()
     res = jobs.label_regions(job)
     assert res["model"]["id"] == "maskinv-test-tiny/random-seed0"
     assert [r["id"] for r in res["regions"]] == ["r1", "r2", "r3"]
@@ -91,27 +91,27 @@ def test_label_regions(jobs):
 
 def test_label_regions_bad_jobs(jobs):
     m = np.ones((4, 4), bool)
-    bad_image = build_job(b"not an image", [("a", m)], ["cat"], InversionParams(size=32))
+    bad_image = LabelRegionsJob.build(b"not an image", [("a", m)], ["cat"], InversionParams(size=32)).to_dict()
     res = jobs.label_regions(bad_image)
     assert "cannot decode image" in res["error"] and res["regions"][0]["error"] == res["error"]
-    bad_params = build_job(png(), [("a", m)], ["cat"], InversionParams(size=32))
+    bad_params = LabelRegionsJob.build(png(), [("a", m)], ["cat"], InversionParams(size=32)).to_dict()
     bad_params["params"]["steps"] = "ten"
     assert "steps" in jobs.label_regions(bad_params)["error"]
-    dup = build_job(png(), [("a", m)], ["cat", "cat"], InversionParams(size=32))
+    dup = LabelRegionsJob.build(png(), [("a", m)], ["cat", "cat"], InversionParams(size=32)).to_dict()
     assert "unique" in jobs.label_regions(dup)["error"]
-    broken_mask = build_job(png(), [("a", m), ("b", m)], ["cat"], InversionParams(size=32))
+    broken_mask = LabelRegionsJob.build(png(), [("a", m), ("b", m)], ["cat"], InversionParams(size=32)).to_dict()
     broken_mask["regions"][1]["mask"]["shape"] = [100, 100]
     res = jobs.label_regions(broken_mask)
     assert res["regions"][0]["error"] is None and "bytes" in res["regions"][1]["error"]
-    empty = jobs.label_regions(build_job(png(), [], ["cat"], InversionParams(size=32)))
+    empty = jobs.label_regions(LabelRegionsJob.build(png(), [], ["cat"], InversionParams(size=32)).to_dict())
     assert empty["regions"] == [] and "error" not in empty
-    no_labels = jobs.label_regions(build_job(png(), [("a", m)], [], InversionParams(size=32)))
+    no_labels = jobs.label_regions(LabelRegionsJob.build(png(), [("a", m)], [], InversionParams(size=32)).to_dict())
     assert no_labels["regions"][0]["labels"] == [] and no_labels["regions"][0]["error"] is None
 
 
 def test_label_regions_uses_a_configured_clipcap_captioner(tmp_path, monkeypatch):
-    from worker import jobs
-    from worker.clipcap import ClipCapConfig, save_clipcap
+    from worker.jobs import regions as jobs
+    from worker.text.clipcap import ClipCapConfig, save_clipcap
     from training.train_clipcap import build_captioner, tiny_gpt2, train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([f"a {c} square" for c in ("red", "blue", "green")], vocab_size=280)
@@ -127,7 +127,8 @@ def test_label_regions_uses_a_configured_clipcap_captioner(tmp_path, monkeypatch
     try:
         m = np.zeros((50, 60), bool)
         m[5:25, 5:30] = True
-        res = jobs.label_regions(build_job(png(), [("r1", m)], [], InversionParams(size=32, steps=2)))
+        res = jobs.label_regions(LabelRegionsJob.build(
+            png(), [("r1", m)], [], InversionParams(size=32, steps=2)).to_dict())
         region = res["regions"][0]
         assert res["model"]["captions"] == "clipcap"
         assert region["caption_mode"] == "clipcap" and isinstance(region["caption"], str)
@@ -138,8 +139,8 @@ def test_label_regions_uses_a_configured_clipcap_captioner(tmp_path, monkeypatch
 
 def test_worker_reapplies_the_service_limits():
     """A job written to Redis by anything but the backend cannot ask for more than the service allows."""
-    from worker.jobs import check_worker_limits
-    from worker.payload import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS
+    from worker.jobs.regions import check_worker_limits
+    from worker.protocol import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS
 
     assert (DEFAULT_MAX_STEPS, DEFAULT_MAX_SIZE) == (200, 1024)  # the documented defaults
 

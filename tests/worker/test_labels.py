@@ -1,12 +1,13 @@
-"""worker.labels: trimmed (padding-free) text encoding equals open_clip's, and label sets are prepared in one batch."""
+"""worker.text.labels: trimmed (padding-free) text encoding equals open_clip's, and label sets are prepared in one
+batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from worker.labels import LabelScorer, _can_trim, encode_text_trimmed
-from worker.models import load_clip
+from worker.text.labels import LabelScorer, _can_trim, encode_text_trimmed
+from worker.engine.models import load_clip
 from worker.protocol import DEFAULT_TEMPLATES
 
 

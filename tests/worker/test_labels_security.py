@@ -13,13 +13,13 @@ MODEL = TINY_MODEL_ENV["MASKINV_MODEL"]
 
 @pytest.fixture(scope="module")
 def clip():
-    from worker.models import load_clip
+    from worker.engine.models import load_clip
 
     return load_clip(MODEL, "none", "cpu")
 
 
 def test_case8_prototype_cache_stays_within_entries_and_bytes(clip):
-    from worker.labels import LabelScorer
+    from worker.text.labels import LabelScorer
 
     scorer = LabelScorer(clip, max_entries=8, max_bytes=64 * 1024)
     one = scorer.prototypes(["w0-a", "w0-b"], ["a {}."])
@@ -32,7 +32,7 @@ def test_case8_prototype_cache_stays_within_entries_and_bytes(clip):
 
 
 def test_case8_byte_bound_holds_for_large_vocabularies(clip):
-    from worker.labels import LabelScorer
+    from worker.text.labels import LabelScorer
 
     scorer = LabelScorer(clip, max_entries=1000, max_bytes=20_000)
     for i in range(20):
@@ -50,8 +50,8 @@ def _letters(n: int) -> str:
 
 
 def test_case8_tokenizer_memo_is_bounded_and_keeps_special_tokens(clip):
-    from worker.labels import LabelScorer, bound_tokenizer_cache
-    from worker.lru import BoundedMemo
+    from worker.text.labels import LabelScorer, bound_tokenizer_cache
+    from worker.text.lru import BoundedMemo
 
     LabelScorer(clip)  # installs the bounded memo on the tokenizer
     tok = clip.tokenizer
@@ -69,8 +69,8 @@ def test_case8_tokenizer_memo_is_bounded_and_keeps_special_tokens(clip):
 
 
 def test_case8_caption_phrase_banks_are_bounded(clip):
-    from worker.captions import RetrievalCaptioner
-    from worker.labels import LabelScorer
+    from worker.text.captions import RetrievalCaptioner
+    from worker.text.labels import LabelScorer
 
     captioner = RetrievalCaptioner(LabelScorer(clip), max_entries=5, max_bytes=1 << 20)
     emb = np.random.default_rng(0).standard_normal((1, clip.embed_dim)).astype(np.float32)
@@ -100,18 +100,18 @@ def _with(settings, **changes):
 
 
 def _job(labels, templates=("a photo of a {}.",)):
-    from worker.payload import InversionParams, build_job
+    from worker.protocol import InversionParams, LabelRegionsJob
 
     mask = np.zeros((16, 24), bool)
     mask[4:12, 6:18] = True
     params = InversionParams(steps=1, size=32, templates=tuple(templates), caption=False)
-    job = build_job(png_bytes(24, 16), [("r1", mask)], list(labels), params)
+    job = LabelRegionsJob.build(png_bytes(24, 16), [("r1", mask)], list(labels), params).to_dict()
     job["params"]["templates"] = list(templates)  # as a hand-written job would carry them, unchecked
     return job
 
 
 def test_case4_worker_refuses_a_hand_enqueued_job_with_an_overlong_label(tiny_runtime, monkeypatch):
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     rt = jobs.get_runtime()
     monkeypatch.setattr(rt, "settings", _with(rt.settings, max_label_chars=200))
@@ -128,14 +128,14 @@ def test_case4_worker_refuses_a_hand_enqueued_job_with_an_overlong_label(tiny_ru
 
 @pytest.mark.parametrize("template", ["{}{}", "{} {x}", "{{}}{:x>4000}", "{0}"])
 def test_case5_case6_worker_refuses_bad_templates_in_hand_enqueued_jobs(tiny_runtime, template):
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     result = jobs.label_regions(_job(["car", "tree"], templates=["a {}.", template]))
     assert "template" in result["error"] and result["regions"][0]["labels"] == []
 
 
 def test_case5_worker_template_length_cap(tiny_runtime, monkeypatch):
-    from worker import jobs
+    from worker.jobs import regions as jobs
 
     rt = jobs.get_runtime()
     monkeypatch.setattr(rt, "settings", _with(rt.settings, max_template_chars=20))
@@ -144,7 +144,7 @@ def test_case5_worker_template_length_cap(tiny_runtime, monkeypatch):
 
 
 def test_labels_are_never_format_strings(clip):
-    from worker.labels import LabelScorer
+    from worker.text.labels import LabelScorer
 
     scorer = LabelScorer(clip)
     protos = scorer.prototypes(["{0.__class__}", "{}", "{{x}}"], ["a {{curly}} photo of a {}."])

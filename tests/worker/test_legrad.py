@@ -1,4 +1,4 @@
-"""Gradient tests of worker.legrad (timm style): float64 gradcheck of the hand-written backwards, and the
+"""Gradient tests of worker.engine.legrad (timm style): float64 gradcheck of the hand-written backwards, and the
 decomposed map against autograd through the whole ViT."""
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from worker import legrad, vit
-from worker.engine import MaskInversionEngine
-from worker.models import load_clip
+from worker.engine import legrad
+
+from worker.engine import vit
+from worker.engine.engine import MaskInversionEngine
+from worker.engine.models import load_clip
 
 MODELS = ["maskinv-test-tiny", "maskinv-test-tiny-ls"]
 

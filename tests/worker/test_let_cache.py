@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.let_cache import MemoryLetCache, RedisLetCache, let_key
+from worker.jobs.let_cache import MemoryLetCache, RedisLetCache, let_key
 
 
 def test_key_depends_on_inversion_inputs_only():

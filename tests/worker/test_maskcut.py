@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker import maskcut
+from worker.proposals import maskcut
 
 
 def _keys(labels: np.ndarray, dim: int = 16, noise: float = 0.05, seed: int = 0) -> torch.Tensor:
@@ -89,8 +89,8 @@ def test_bad_shapes_are_named():
 
 
 def test_last_block_keys_match_the_attention_keys():
-    from worker import vit
-    from worker.models import load_clip
+    from worker.engine import vit
+    from worker.engine.models import load_clip
 
     clip = load_clip("maskinv-scene-tiny", "random")
     visual = clip.visual

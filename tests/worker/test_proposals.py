@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from worker import proposals as P
-from worker.payload import InversionParams, decode_mask, encode_image
+from worker.proposals import pipeline as P
+from worker.protocol import InversionParams, decode_mask, encode_image
 from worker.protocol import JobResult, allowed_functions, job_function
 
 
@@ -85,9 +85,9 @@ def test_superpixels_follow_colour_edges():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from worker.engine import MaskInversionEngine
-    from worker.labels import LabelScorer
-    from worker.models import load_clip
+    from worker.engine.engine import MaskInversionEngine
+    from worker.text.labels import LabelScorer
+    from worker.engine.models import load_clip
 
     clip = load_clip("maskinv-test-tiny", "none", device="cpu")
     return MaskInversionEngine(clip), LabelScorer(clip)
@@ -146,8 +146,8 @@ def test_sam_like_external_source_is_used(tiny):
 # ---------------------------------------------------------------------------------------------- the job
 @pytest.fixture(scope="module")
 def jobs():
-    from worker import jobs as module
-    from worker import proposal_jobs
+    from worker.jobs import regions as module
+    from worker.jobs import propose as proposal_jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in {"MASKINV_MODEL": "maskinv-test-tiny", "MASKINV_PRETRAINED": "none", "MASKINV_DEVICE": "cpu",
@@ -165,8 +165,8 @@ def _job(**proposals):
 
 
 def test_propose_regions_job_returns_marked_proposals_within_the_cap(jobs):
-    assert job_function("propose_regions") == "worker.proposal_jobs.propose_regions"
-    assert "worker.proposal_jobs.propose_regions" in allowed_functions()
+    assert job_function("propose_regions") == "worker.jobs.propose.propose_regions"
+    assert "worker.jobs.propose.propose_regions" in allowed_functions()
     out = jobs.propose_regions(_job(min_score=0.0, max_proposals=50, sources=["maskcut", "text", "window"]))
     res = JobResult.from_dict(out)
     assert res.kind == "propose_regions" and res.error is None
@@ -224,8 +224,8 @@ def test_objectness_and_ranking():
 
 def test_label_candidates_mix_the_masked_crop_like_drawn_regions(tiny):
     """crop_weight > 0: a candidate's embedding (and so its labels) is its LET mixed with its masked crop, exactly
-    as ``worker.embed_jobs.mix_crop`` does for a drawn region."""
-    from worker.embed_jobs import mix_crop
+    as ``worker.jobs.embed.mix_crop`` does for a drawn region."""
+    from worker.jobs.embed import mix_crop
 
     engine, scorer = tiny
     img = _png()

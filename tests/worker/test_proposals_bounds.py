@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from worker import maskcut
-from worker import proposals as P
-from worker.payload import InversionParams, encode_image
+from worker.proposals import maskcut
+from worker.proposals import pipeline as P
+from worker.protocol import InversionParams, encode_image
 
 LABELS = ["red block", "blue block", "grey wall"]
 TEMPLATES = ("a photo of a {}.",)
@@ -29,9 +29,9 @@ def _png(w: int = 64, h: int = 48) -> bytes:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from worker.engine import MaskInversionEngine
-    from worker.labels import LabelScorer
-    from worker.models import load_clip
+    from worker.engine.engine import MaskInversionEngine
+    from worker.text.labels import LabelScorer
+    from worker.engine.models import load_clip
 
     clip = load_clip("maskinv-test-tiny", "none", device="cpu")
     return MaskInversionEngine(clip), LabelScorer(clip)
@@ -55,7 +55,7 @@ class FakeClock:
 def test_a_job_asking_for_a_large_input_runs_on_the_bounded_grid(tiny_runtime, monkeypatch, asked, ran):
     """A queue job's payload can be forged: the worker computes proposals at most at MAX_PROPOSAL_SIZE whatever
     ``params.size`` says (smaller sizes are kept), and says which size it used."""
-    from worker import proposal_jobs
+    from worker.jobs import propose as proposal_jobs
 
     seen = []
 

@@ -17,7 +17,7 @@ def _mask() -> np.ndarray:
 
 
 def _version1_payload(image: bytes, mask: np.ndarray, labels: list[str], params: InversionParams) -> dict:
-    """What the version-1 backend (backend/dispatch.py before worker.protocol) assembled by hand."""
+    """What the version-1 backend (backend/dispatch/dispatchers.py before worker.protocol) assembled by hand."""
     enc = encode_mask(mask)
     return {"image": encode_image(image), "regions": [{"id": enc["sha256"], "mask": enc}],
             "labels": list(labels), "params": params.to_dict()}
@@ -126,7 +126,7 @@ def test_cache_values_keep_their_version1_form_and_read_back():
 
 
 def test_job_kinds_name_the_worker_functions_and_the_allow_list():
-    assert protocol.job_function("label_regions") == "worker.jobs.label_regions"
+    assert protocol.job_function("label_regions") == "worker.jobs.regions.label_regions"
     assert protocol.allowed_functions() == frozenset(k.function for k in protocol.JOB_KINDS.values())
     with pytest.raises(ProtocolError, match="unknown job kind"):
         protocol.job_function("rm -rf")

@@ -1,13 +1,13 @@
-"""worker.prototypes and backend.prototype_fit: the text-anchored probe, the combination rule, the vector format."""
+"""worker.text.prototypes and backend.learning.fit: the text-anchored probe, the combination rule, the vector format."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from backend.prototype_fit import class_means, fit_prototypes
+from backend.learning.fit import class_means, fit_prototypes
 from worker.protocol import decode_vectors, encode_vectors
-from worker.prototypes import combined_logits, normalize
+from worker.text.prototypes import combined_logits, normalize
 
 
 def data(seed=0, n_labels=4, dim=16, per=5):
@@ -109,7 +109,7 @@ def test_shared_map_teaches_across_labels_that_share_words():
 
 
 def test_vision_prototypes_lean_on_mapped_text_with_few_examples_and_on_the_mean_with_many():
-    from backend.prototype_fit import vision_prototypes
+    from backend.learning.fit import vision_prototypes
 
     text, x, y = compositional(per=1, noise=1.0)
     keep = y != 5  # label 5 has no example

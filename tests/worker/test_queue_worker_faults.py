@@ -179,7 +179,7 @@ class _Boom:
 
 def test_worker_runs_only_label_jobs(redis_conn, redis_ns, tmp_path):
     """Whoever can write to Redis still cannot make the worker run other code: jobs are JSON (never unpickled)
-    and only worker.jobs.label_regions (with its cache callback) is run."""
+    and only worker.jobs.regions.label_regions (with its cache callback) is run."""
     from rq import Queue, SimpleWorker
 
     from worker.queue_worker import JOB_SERIALIZER, LabelJob

@@ -1,4 +1,4 @@
-"""worker.result_cache: keys, what is cached, the in-memory LRU, Redis storage and the RQ success callback."""
+"""worker.jobs.store_result: keys, what is cached, the in-memory LRU, Redis storage and the RQ success callback."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from worker.payload import InversionParams, build_job
-from worker.result_cache import (JOB_META_KEY, MemoryResultCache, RedisResultCache, answer_digest, cache_value,
+from worker.protocol import InversionParams, LabelRegionsJob
+from worker.jobs.store_result import (JOB_META_KEY, MemoryResultCache, RedisResultCache, answer_digest, cache_value,
                                  entries_from_result, params_digest, region_key, result_keys, store_job_result)
 
 MODEL = {"name": "m", "pretrained": "none", "id": "m/none", "device": "cpu"}
@@ -48,7 +48,8 @@ def _job_and_result():
     m1, m2 = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
     m1[:4] = True
     m2[4:] = True
-    job = build_job(b"image-bytes", [("a", m1), ("b", m2)], ["cat", "dog"], InversionParams(steps=2))
+    job = LabelRegionsJob.build(
+        b"image-bytes", [("a", m1), ("b", m2)], ["cat", "dog"], InversionParams(steps=2)).to_dict()
     result = {"model": MODEL, "image_sha256": job["image"]["sha256"],
               "regions": [{"id": "a", "labels": LABELS, "caption": "x", "caption_mode": "retrieval", "error": None},
                           {"id": "b", "labels": [], "caption": None, "caption_mode": None, "error": "empty"}]}

@@ -28,7 +28,7 @@ def tiny_sam(tmp_path_factory):
 
 
 def test_sam_source_gives_masks_in_the_model_frame(tiny_sam):
-    from worker.sam_source import SamSource
+    from worker.proposals.sam_source import SamSource
 
     src = SamSource.from_pretrained(tiny_sam, points_per_side=3, min_iou=-1e9)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
@@ -40,11 +40,11 @@ def test_sam_source_gives_masks_in_the_model_frame(tiny_sam):
 
 
 def test_sam_source_feeds_the_proposal_pipeline(tiny_sam):
-    from worker import proposals as P
-    from worker.engine import MaskInversionEngine
-    from worker.labels import LabelScorer
-    from worker.models import load_clip
-    from worker.sam_source import SamSource
+    from worker.proposals import pipeline as P
+    from worker.engine.engine import MaskInversionEngine
+    from worker.text.labels import LabelScorer
+    from worker.engine.models import load_clip
+    from worker.proposals.sam_source import SamSource
 
     clip = load_clip("maskinv-test-tiny", "none", device="cpu")
     src = SamSource.from_pretrained(tiny_sam, points_per_side=2, min_iou=-1e9)

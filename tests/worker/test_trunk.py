@@ -1,4 +1,5 @@
-"""worker.trunk: the trunk's blocks with oneDNN-packed linear layers equal the blocks' own forward, leave the model
+"""worker.engine.trunk: the trunk's blocks with oneDNN-packed linear layers equal the blocks' own forward, leave the
+model
 unchanged, and fall back where they do not apply."""
 
 from __future__ import annotations
@@ -7,8 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from worker import cpu_gemm, trunk, vit
-from worker.models import load_clip
+from worker.engine import cpu_gemm
+
+from worker.engine import trunk
+
+from worker.engine import vit
+from worker.engine.models import load_clip
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
 

@@ -1,4 +1,4 @@
-"""worker.vit: the LastBlock adapter over both shapes of open_clip last block (tiny random models, CPU)."""
+"""worker.engine.vit: the LastBlock adapter over both shapes of open_clip last block (tiny random models, CPU)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import CustomResidualAttentionBlock
 
-from worker import legrad, vit
-from worker.engine import MaskInversionEngine
-from worker.models import load_clip
+from worker.engine import legrad
+
+from worker.engine import vit
+from worker.engine.engine import MaskInversionEngine
+from worker.engine.models import load_clip
 
 MODELS = ["maskinv-test-tiny", "maskinv-test-tiny-ls"]
 

@@ -1,0 +1,1 @@
+"""Task images: fetching them within the SSRF and path policy."""

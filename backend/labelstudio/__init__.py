@@ -1,0 +1,1 @@
+"""Label Studio's formats and API: label configs, region results, prediction JSON."""

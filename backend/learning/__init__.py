@@ -1,0 +1,1 @@
+"""Learning from annotations: examples, their store and the prototypes fitted on them."""

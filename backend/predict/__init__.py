@@ -1,0 +1,1 @@
+"""/predict: tasks to predictions, and proposals for tasks nobody drew on."""

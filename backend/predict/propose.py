@@ -1,0 +1,257 @@
+"""Batch mode for tasks nobody drew on: propose regions with the worker's ``propose_regions`` job and answer them
+as predictions in the project's own region type.
+
+When (documented in README, "Proposals"):
+
+* only in batch mode (no interactive ``context``), only for tasks that have no region at all (no annotation and
+  no prediction with a result): tasks with regions are labelled as before, never given proposals;
+* whether such tasks get proposals is decided, first match wins (:func:`decide`):
+
+  1. the request or run: ``params.maskinv.proposals`` (``false``, ``true``, or an object with the job's options
+     ``sources``, ``min_score``, ``max_proposals``, ``refine``; see worker.jobs.propose), or ``maskinv-annotate
+     --proposals on|off`` / ``ProjectRun(proposals=...)``;
+  2. the project's label config: the attribute ``maskinvProposals="true"|"false"`` on the region control the
+     proposals are written as, else on the root ``<View>`` (Label Studio keeps unknown attributes in the saved
+     config and its editor ignores them);
+  3. ``MASKINV_PROPOSALS``: ``auto`` (default) proposes, ``off`` does not.
+
+What: the first region control of the config that has a vocabulary (and can carry a label) decides the output
+type — BrushLabels (RLE), PolygonLabels (contour, percent points) or RectangleLabels (box); see
+:mod:`backend.labelstudio.region_output`. Each proposal is a result item with its label, ``score``, ``meta.text``
+("proposed by MaskInversion (maskcut) · top-3 ...") and ``meta.proposed = true``, plus a caption in the per-region
+TextArea if the config has one. At most ``MASKINV_MAX_PROPOSALS`` proposals per image (the worker caps too).
+
+Cost: proposals run at ``min(params.size, MASKINV_PROPOSAL_MAX_SIZE)`` (:func:`proposal_params`; the worker caps
+again at ``worker.proposals.pipeline.MAX_PROPOSAL_SIZE``), and a proposal job stops at MASKINV_JOB_TIMEOUT in both
+modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from worker.protocol import InversionParams, ProposeRegionsJob, decode_mask
+
+from backend.dispatch.dispatchers import DispatchError
+from backend.labelstudio.label_config import ProjectConfig, RegionControl
+from backend.labelstudio.predictions import alternatives_text, task_prediction
+from backend.labelstudio.region_output import OutputError, geometry_value
+from backend.service import PredictError, Service
+
+log = logging.getLogger(__name__)
+
+PROPOSE_FUNCTION = "worker.jobs.propose.propose_regions"
+OPTION_KEYS = frozenset({"sources", "min_score", "max_proposals", "refine"})
+
+
+def split_override(overrides: Any) -> tuple[Any, bool | dict[str, Any] | None]:
+    """``params.maskinv`` without its ``proposals`` key, and that key (None when absent).
+
+    Raises PredictError(400) for a ``proposals`` value that is neither a boolean nor an object of known options.
+    """
+    if not isinstance(overrides, dict) or "proposals" not in overrides:
+        return overrides, None
+    rest = {k: v for k, v in overrides.items() if k != "proposals"}
+    value = overrides["proposals"]
+    if isinstance(value, dict):
+        unknown = set(value) - OPTION_KEYS
+        if unknown:
+            raise PredictError(400, f"unknown key(s) in params.maskinv.proposals: {sorted(unknown)}; allowed: "
+                                    f"{sorted(OPTION_KEYS)}")
+    elif not isinstance(value, bool):
+        raise PredictError(400, f"params.maskinv.proposals must be true, false or an object, got {value!r}")
+    return (rest or None), value
+
+
+def wanted(mode: str, override: bool | dict[str, Any] | None, config_switch: bool | None = None) -> bool:
+    """Whether tasks without regions get proposals: ``override`` (request/run) wins over ``config_switch`` (the
+    label config's ``maskinvProposals``), which wins over ``mode`` (MASKINV_PROPOSALS)."""
+    if override is not None:
+        return override is not False
+    if config_switch is not None:
+        return config_switch
+    return mode == "auto"
+
+
+#: the label-config attribute that turns proposals on or off for a project (region control or root <View>)
+CONFIG_ATTRIBUTE = "maskinvProposals"
+_TRUE, _FALSE = frozenset({"true", "on", "yes", "1"}), frozenset({"false", "off", "no", "0"})
+
+
+def config_switch(cfg: ProjectConfig) -> bool | None:
+    """The project's own switch: ``maskinvProposals`` on the target region control, else on the root ``<View>``
+    (None when neither has it). Raises PredictError(422) for a value that is not true/false/on/off/yes/no/1/0."""
+    control = target_control(cfg)
+    raw = None
+    if control is not None:
+        tag = cfg.interface.get_control(control.name)  # type: ignore[attr-defined]
+        raw = (getattr(tag, "attr", None) or {}).get(CONFIG_ATTRIBUTE)
+    if raw is None:
+        root = getattr(cfg.interface, "_tree", None)  # the SDK's parsed root element (lxml)
+        if root is None:
+            from lxml import etree
+
+            root = etree.fromstring(cfg.xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True))
+        raw = root.attrib.get(CONFIG_ATTRIBUTE)
+    if raw is None:
+        return None
+    value = str(raw).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise PredictError(422, f'label config: {CONFIG_ATTRIBUTE}="{raw}" must be "true" or "false"')
+
+
+def decide(mode: str, cfg: ProjectConfig, override: bool | dict[str, Any] | None) -> bool:
+    """:func:`wanted` with the label config's switch read from ``cfg`` (only when no override decides)."""
+    return wanted(mode, override, None if override is not None else config_switch(cfg))
+
+
+def untouched(task: dict[str, Any]) -> bool:
+    """True when no annotator has submitted anything on the task (no annotation that was not cancelled)."""
+    anns = task.get("annotations")
+    return not any(isinstance(a, dict) and not a.get("was_cancelled") for a in (anns if isinstance(anns, list) else []))
+
+
+def target_control(cfg: ProjectConfig) -> RegionControl | None:
+    """The region control proposals are written as: the first with a vocabulary that can carry a label, else the
+    first with a vocabulary (the label then goes into ``meta.text`` only)."""
+    with_labels = [c for c in cfg.region_controls.values() if c.labels]
+    return next((c for c in with_labels if c.labels_control is not None), with_labels[0] if with_labels else None)
+
+
+def proposal_score(res: dict[str, Any]) -> float:
+    """A proposal's score in Label Studio: the worker's ranking score (best-label probability × objectness,
+    ``meta.score``), else the best label's probability (older workers)."""
+    ranked = (res.get("meta") or {}).get("score")
+    if isinstance(ranked, (int, float)) and not isinstance(ranked, bool) and 0.0 <= ranked <= 1.0:
+        return float(ranked)
+    return float(res["labels"][0]["score"])
+
+
+def proposal_items(control: RegionControl, cfg: ProjectConfig, res: dict[str, Any], width: int, height: int,
+                   key: str) -> list[dict[str, Any]]:
+    """Result items (region + optional caption) for one proposal result ``res`` (a RegionResult dict)."""
+    mask = decode_mask(res["meta"]["mask"])
+    geometry = geometry_value(control.kind, mask, width, height)
+    best = res["labels"][0]
+    source = str(res["meta"].get("source") or "?")
+    score = proposal_score(res)
+    obj = res["meta"].get("objectness")
+    obj_text = f" · objectness {float(obj):.2f}" if isinstance(obj, (int, float)) else ""
+    meta = {"text": [f"proposed by MaskInversion ({source}){obj_text} · {alternatives_text(res['labels'])}"],
+            "proposed": True, "source": source}
+    if isinstance(res["meta"].get("examples"), int):  # scored with the project's examples (backend.learning.learner)
+        meta["examples"] = res["meta"]["examples"]
+    frame = {"original_width": width, "original_height": height, "image_rotation": 0}
+    if control.labels_control is not None and best["label"] in control.labels:
+        rtype = control.labelled_type
+        out = [{"id": key, "from_name": control.labels_control, "to_name": control.to_name, "type": rtype,
+                "value": {**geometry, rtype: [best["label"]]}, "score": score, "meta": meta,
+                "origin": "prediction", **frame}]
+    else:
+        out = [{"id": key, "from_name": control.name, "to_name": control.to_name, "type": control.tag,
+                "value": geometry, "score": score, "meta": meta, "origin": "prediction", **frame}]
+    caption = cfg.captions.get(control.to_name)
+    if caption is not None and res.get("caption"):
+        out.append({"id": key, "from_name": caption.name, "to_name": control.to_name, "type": "textarea",
+                    "value": {**geometry, "text": [str(res["caption"])]}, "origin": "prediction", **frame})
+    return out
+
+
+def proposal_params(params: InversionParams, max_size: int) -> InversionParams:
+    """``params`` with ``size`` at most ``max_size`` (MASKINV_PROPOSAL_MAX_SIZE): a proposal's cost grows with the
+    size to the 2nd-4th power, and the request's size is meant for the regions it draws."""
+    return params if params.size <= max_size else dataclasses.replace(params, size=max_size)
+
+
+def proposal_prototypes(service: Service, project: str | None, vocab: tuple[str, ...], params: InversionParams
+                        ) -> dict | None:
+    """The project's example prototypes for a proposal job's labels (None: text only). Proposals keep one view
+    (``params`` as sent): prototypes of two-view examples still score one-view LETs (scene world, 8 examples per
+    class: 48.1 vs 41.2 Acc@1 for text alone, ``benchmarks/results/few_shot.md``) without doubling the inversion
+    of every candidate. Never fails a prediction: on trouble, text alone (logged)."""
+    if project is None:
+        return None
+    try:
+        return service.learner.prototypes(project, vocab, params)
+    except Exception as exc:  # noqa: BLE001 - text-only is always a valid answer
+        log.warning("project %s: proposals scored without examples (%s: %s)", project, exc.__class__.__name__, exc)
+        return None
+
+
+def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, Any]], params: InversionParams,
+                    label_override: list[str] | None, override: bool | dict[str, Any] | None, deadline: float,
+                    version: str, project: Any = None) -> list[Any]:
+    """One answer per task (a prediction, ``[]`` when nothing was proposed, or ``{"error", "maskinv"}``).
+
+    ``version``: the model version without examples; proposals scored with the project's examples get its
+    ``-ex`` suffix like drawn regions."""
+    from backend.predict.tasks import _Fetch, _TaskPlan, _fetch_all, example_project
+
+    pid = example_project(service, project, tasks)
+    suffix = ""
+    params = proposal_params(params, service.settings.proposal_max_size)
+
+    control = target_control(cfg)
+    answers: list[Any] = [None] * len(tasks)
+    fetches: list[tuple[int, _Fetch]] = []
+    for i, task in enumerate(tasks):
+        if control is None:
+            answers[i] = []
+            continue
+        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        vocab = tuple(label_override or control.labels)
+        plan = _TaskPlan(task.get("id"), "proposals")
+        fetches.append((i, _Fetch(plan, data.get(cfg.images[control.to_name].data_key), task.get("id"), vocab, [])))
+    _fetch_all(service, [f for _, f in fetches], deadline)
+    options = {"max_proposals": service.settings.max_proposals, **(override if isinstance(override, dict) else {})}
+    jobs: list[tuple[int, _Fetch]] = []
+    requests = []
+    for i, f in fetches:
+        if f.error is not None:
+            answers[i] = {"error": f.error, "maskinv": {"source": "proposals", "errors": [
+                {"region": None, "error": f.error, "kind": "image" if f.upstream else "source"}]}}
+            continue
+        prototypes = proposal_prototypes(service, pid, tuple(f.vocab), params)
+        if prototypes is not None and not suffix:
+            suffix = service.learner.version_suffix(pid, params)
+        payload = ProposeRegionsJob.build(f.blob, f.vocab, params, options, prototypes).to_dict()
+        jobs.append((i, f))
+        requests.append((f.blob, payload))
+    try:
+        runs = service.dispatcher.run_jobs(PROPOSE_FUNCTION, requests, max(0.0, deadline - time.monotonic()))
+    except DispatchError as exc:
+        raise PredictError(503, str(exc)) from None
+    for (i, f), run in zip(jobs, runs):
+        res = run.result
+        error = run.error if res is None else res.get("error")
+        diagnostics = {"source": "proposals", "job": run.info, "model": (res or {}).get("model", {}),
+                       "timings": (res or {}).get("timings", {}), "errors": []}
+        if error:
+            log.warning("task %s: proposals failed: %s", f.task_id, error)
+            # the kind lets project runs retry transient failures and background runs continue timed-out jobs
+            kind = "rejected" if res is not None else (run.kind or "failed")
+            diagnostics["errors"].append({"region": None, "error": f"proposals: {error}", "kind": kind})
+            answers[i] = {"error": f"proposals: {error}", "maskinv": diagnostics}
+            continue
+        width, height = f.size
+        results, scores = [], []
+        for k, region in enumerate(res.get("regions") or []):
+            if region.get("error") or not region.get("labels"):
+                continue
+            key = f"prop{k}_{res.get('image_sha256', '')[:6]}"
+            try:
+                results += proposal_items(control, cfg, region, width, height, key)
+            except (OutputError, KeyError, ValueError) as exc:
+                diagnostics["errors"].append({"region": key, "error": str(exc), "kind": "region"})
+                continue
+            scores.append(proposal_score(region))
+        diagnostics.update({"proposed": len(scores), "regions": 0})
+        answers[i] = task_prediction(results, scores, version + suffix, diagnostics) if results else []
+        log.info("task %s: %d proposed region(s) as %s", f.task_id, len(scores), control.tag)
+    return answers

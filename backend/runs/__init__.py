@@ -1,0 +1,1 @@
+"""Project runs: background runs, their records, claims and resumption."""

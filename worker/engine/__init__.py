@@ -1,0 +1,1 @@
+"""The MaskInversion engine over a frozen open_clip vision tower."""

@@ -1,0 +1,1 @@
+"""RQ job functions and the process-wide runtime they share."""

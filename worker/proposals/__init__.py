@@ -1,0 +1,1 @@
+"""Regions nobody drew: class-agnostic masks, labelled and ranked."""

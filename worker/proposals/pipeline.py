@@ -1,0 +1,452 @@
+"""Regions nobody drew: propose masks from the loaded CLIP, label them with MaskInversion, merge, threshold.
+
+Sources of candidate masks (all ``[S, S]`` bool at the model input size S, the whole image stretched to S×S):
+
+* ``maskcut`` — MaskCut on the last block's key features (:mod:`worker.proposals.maskcut`): every connected component of
+  each round's foreground, at the patch grid;
+* ``keyseeds`` — key-affinity seed regions (:func:`worker.proposals.maskcut.affinity_seeds`): per seed patch, the
+connected
+  patches whose last-block keys have cosine > tau with the seed's, most-agreed-on regions first;
+* ``text``    — the LeGrad map of each label's text prototype (the decomposed path with ``emb`` = the
+  prototype), for the labels the image's global embedding ranks highest, thresholded and split into connected
+  components ("where is each label?");
+* ``window``  — grid cells (2×2, 3×3) and the whole image (the sliding-window baseline, off by default);
+* ``sam``     — masks from a SAM automatic mask generator (:mod:`worker.proposals.sam_source`) when one is configured.
+
+Every candidate is then inverted like a drawn region (one LET per mask, one image forward) and labelled by the
+LET's best label. It is ranked by that label's probability times an *objectness* term, ``(1 - d)²`` with ``d``
+the inversion's final Dice loss (how badly the LET's own LeGrad map explains the mask: a background or partial
+candidate that no single concept explains keeps a high loss; chosen on val scenes, see
+benchmarks/results/proposals.md), de-duplicated by mask-IoU NMS in that order, and dropped when the
+probability is below ``score_threshold``; at most ``max_proposals`` survive. With ``refine`` the masks are
+snapped to SLIC superpixels of the image before inversion (:func:`snap_to_superpixels`).
+
+What bounds one image's cost: the ``propose_regions`` job runs at most at :data:`MAX_PROPOSAL_SIZE`
+(:func:`proposal_size`, whatever the job asks), at most :data:`MAX_RAW_CANDIDATES` candidates reach
+de-duplication (:func:`cap_candidates`, the sources taken in turn) and at most :data:`MAX_CANDIDATES` are inverted;
+within :func:`time_limit` (embedded mode: MASKINV_JOB_TIMEOUT) the pipeline checks the deadline between its steps
+(before each source, each MaskCut round, de-duplication, the inversion, the crop mixing and the scoring) and stops
+with :class:`JobTimeout` at the first check past it.
+
+The engine and the scorer are arguments (a ``worker.engine.engine.MaskInversionEngine`` and a
+``worker.text.labels.LabelScorer``); nothing here holds state but the calling thread's time limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from worker.proposals import maskcut
+
+from worker.engine import vit
+from worker.engine.preprocess import ImageLike, image_to_tensor, open_image
+from worker.settings import DEFAULT_PROPOSAL_SOURCES as DEFAULT_SOURCES
+from worker.settings import PROPOSAL_SOURCES as SOURCES
+#: default probability a proposal's best label needs to be kept (MASKINV_PROPOSAL_MIN_SCORE)
+DEFAULT_MIN_SCORE = 0.2
+#: default cap on proposals returned per image (MASKINV_MAX_PROPOSALS)
+DEFAULT_MAX_PROPOSALS = 20
+#: candidates inverted per image at most (after de-duplication), whatever the sources produce
+MAX_CANDIDATES = 64
+#: candidates that reach de-duplication at most (its pairwise IoU holds [N, S²] floats per side: 205 MB at 256 x
+#: 448²), taken from the sources in turn (:func:`cap_candidates`)
+MAX_RAW_CANDIDATES = 256
+#: largest model input S a proposal job runs at, whatever its ``params.size`` (the backend already sends at most
+#: MASKINV_PROPOSAL_MAX_SIZE, default the same): the candidates' grid and their inversion grow with S² to S⁴
+#: (one regionless task at 1024 took 136 s on the tiny scene CLIP)
+MAX_PROPOSAL_SIZE = 448
+NMS_IOU = 0.5
+DEDUPE_IOU = 0.9
+
+#: an external mask source: (PIL image, size) -> bool masks [N, S, S]
+MaskSource = Callable[[object, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A mask to label: ``mask`` bool ``[S, S]``, where it came from, and the label that produced it (text)."""
+
+    mask: np.ndarray
+    source: str
+    hint: str | None = None
+
+
+@dataclass
+class Proposal:
+    """A labelled proposal: mask ``[S, S]`` bool, top-k ``(label, probability)`` best first, its LET ``[D]``,
+    and its objectness in [0, 1] (:func:`objectness`)."""
+
+    mask: np.ndarray
+    source: str
+    labels: list[tuple[str, float]]
+    let: torch.Tensor
+    hint: str | None = None
+    objectness: float = 1.0
+
+    @property
+    def score(self) -> float:
+        """The best label's probability (what MASKINV_PROPOSAL_MIN_SCORE thresholds)."""
+        return self.labels[0][1] if self.labels else 0.0
+
+    @property
+    def rank(self) -> float:
+        """The ranking score: best-label probability × objectness (NMS order, output order, detection score)."""
+        return self.score * self.objectness
+
+    @property
+    def label(self) -> str | None:
+        return self.labels[0][0] if self.labels else None
+
+
+@dataclass
+class ProposalResult:
+    proposals: list[Proposal]
+    size: int
+    image_sha256: str
+    candidates: dict[str, int] = field(default_factory=dict)  # per source, before de-duplication
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+class JobTimeout(RuntimeError):
+    """A job ran past its time limit and stopped at the check between two of its steps."""
+
+    def __init__(self, message: str, time_limit_s: float):
+        super().__init__(message)
+        self.time_limit_s = time_limit_s
+
+
+#: the clock of :func:`time_limit` (seconds; a module attribute so that tests can drive it)
+clock: Callable[[], float] = time.monotonic
+_limit = threading.local()
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, name: str | None = None) -> Iterator[None]:
+    """Within the block, in this thread, :func:`check_time` raises :class:`JobTimeout` once ``seconds`` have passed
+    (None: no limit); ``name``: the setting that sets it, for the error. A thread cannot be stopped from outside:
+    the job stops at its next check."""
+    previous = getattr(_limit, "value", None)
+    _limit.value = None if seconds is None else (clock() + float(seconds), float(seconds), name)
+    try:
+        yield
+    finally:
+        _limit.value = previous
+
+
+def check_time(step: str) -> None:
+    """Raise :class:`JobTimeout` when this thread's :func:`time_limit` has passed (no-op without one); ``step``
+    names what would have come next."""
+    limit = getattr(_limit, "value", None)
+    if limit is not None and clock() >= limit[0]:
+        what = f"{limit[2]}={limit[1]:g}s" if limit[2] else f"of {limit[1]:g}s"
+        raise JobTimeout(f"stopped before {step}: over its time limit {what}", limit[1])
+
+
+def proposal_size(size: int, patch: int, cap: int = MAX_PROPOSAL_SIZE) -> int:
+    """The model input side proposals run at: ``size``, or when larger than ``cap`` the largest multiple of the
+    model's ``patch`` within it (at least one patch)."""
+    if size <= cap:
+        return size
+    return max(patch, cap - cap % patch)
+
+
+def cap_candidates(cands: list[Candidate], limit: int = MAX_RAW_CANDIDATES) -> list[Candidate]:
+    """At most ``limit`` candidates, taken from the sources in turn (each source's own order kept), returned in
+    their original order; all of them when there are no more than ``limit``."""
+    if len(cands) <= limit:
+        return cands
+    queues: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        queues.setdefault(c.source, []).append(i)
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < limit:
+        chosen += [q[depth] for q in queues.values() if depth < len(q)][:limit - len(chosen)]
+        depth += 1
+    return [cands[i] for i in sorted(chosen)]
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def upsample_grid(mask: np.ndarray, size: int) -> np.ndarray:
+    """Patch-grid mask ``[g, g]`` -> pixel mask ``[size, size]`` (each patch a block; size % g == 0)."""
+    g = mask.shape[0]
+    if size % g:
+        raise ValueError(f"size {size} is not a multiple of the grid {g}")
+    k = size // g
+    return np.kron(mask.astype(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU ``[N, M]`` of bool masks ``a`` ``[N, H, W]`` and ``b`` ``[M, H, W]``."""
+    fa = a.reshape(len(a), -1).astype(np.float32)
+    fb = fa if b is a else b.reshape(len(b), -1).astype(np.float32)  # one copy when a mask set meets itself
+    inter = fa @ fb.T
+    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-9), 0.0)
+
+
+def nms(masks: np.ndarray, scores: Sequence[float], iou: float = NMS_IOU) -> list[int]:
+    """Indices kept by greedy mask NMS, best score first: a mask overlapping a kept one by IoU > ``iou`` goes."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    if len(order) == 0:
+        return []
+    ious = mask_iou(masks, masks)
+    keep: list[int] = []
+    for i in order:
+        if all(ious[i, j] <= iou for j in keep):
+            keep.append(int(i))
+    return keep
+
+
+def dedupe(cands: list[Candidate], iou: float = DEDUPE_IOU) -> list[Candidate]:
+    """Drop empty candidates and near-duplicates (IoU > ``iou`` with an earlier one), keeping the first."""
+    cands = [c for c in cands if c.mask.any()]
+    if not cands:
+        return []
+    masks = np.stack([c.mask for c in cands])
+    ious = mask_iou(masks, masks)
+    keep: list[int] = []
+    for i in range(len(cands)):
+        if all(ious[i, j] <= iou for j in keep):
+            keep.append(i)
+    return [cands[i] for i in keep]
+
+
+#: SLIC superpixels per image and the share of a superpixel a mask must cover to take it (chosen on 40 scenes,
+#: see benchmarks/results/proposals.md)
+SLIC_SEGMENTS = 150
+SNAP_COVER = 0.7
+
+
+def superpixels(image, size: int, n_segments: int = SLIC_SEGMENTS, compactness: float = 10.0) -> np.ndarray:
+    """SLIC superpixel labels ``[size, size]`` int of the image resized to size×size (scikit-image)."""
+    from PIL import Image
+    from skimage.segmentation import slic
+
+    img = open_image(image)[0] if not hasattr(image, "resize") else image
+    arr = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
+    return slic(arr, n_segments=n_segments, compactness=compactness, start_label=0)
+
+
+def snap_to_superpixels(mask: np.ndarray, segments: np.ndarray, min_cover: float = SNAP_COVER) -> np.ndarray:
+    """The union of the superpixels that ``mask`` covers by at least ``min_cover`` ``[S, S]`` bool (the mask
+    itself when none is covered that much)."""
+    seg = segments.reshape(-1)
+    n = int(seg.max()) + 1
+    total = np.bincount(seg, minlength=n)
+    inside = np.bincount(seg, weights=mask.reshape(-1).astype(np.float64), minlength=n)
+    chosen = inside >= min_cover * np.maximum(total, 1)
+    out = chosen[segments]
+    return out if out.any() else mask.astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+@torch.no_grad()
+def image_keys(engine, image: ImageLike, size: int) -> tuple[torch.Tensor, int]:
+    """Last-block patch keys ``[g², d]`` of one image and the grid side g (one extra trunk forward).
+
+    TODO(integration): read the keys from the engine's cached ImageState once it keeps them.
+    """
+    img, _ = open_image(image)
+    clip = engine.clip
+    pixels = image_to_tensor(img, size, clip.mean, clip.std, clip.device)
+    x = vit.trunk_forward(engine.visual, pixels, engine.pos.get(size), engine.cpu_gemm)
+    keys = vit.last_block_keys(engine.visual, x)[0]
+    return keys, vit.grid_side(x.shape[1])
+
+
+def maskcut_candidates(keys: torch.Tensor, grid: int, size: int, n_cuts: int = maskcut.N_CUTS,
+                       tau: float = maskcut.TAU) -> list[Candidate]:
+    """Every connected component of each MaskCut round's foreground (the kept one first), as ``[S, S]`` masks."""
+    out = []
+    for cut in maskcut.maskcut(keys, (grid, grid), n_cuts=n_cuts, tau=tau,
+                               check=lambda: check_time("a MaskCut round")):
+        comps = [cut.mask] + [c for c in cut.components if not np.array_equal(c, cut.mask)]
+        out += [Candidate(upsample_grid(c, size), "maskcut") for c in comps]
+    return out
+
+
+def keyseed_candidates(keys: torch.Tensor, grid: int, size: int, max_regions: int = 40) -> list[Candidate]:
+    """The ``max_regions`` key-affinity seed regions most seeds agree on, as ``[S, S]`` masks (regions covering
+    2+ corners, the background, are left out)."""
+    out = []
+    for m, _ in maskcut.affinity_seeds(keys, (grid, grid)):
+        if maskcut.corners_covered(m) >= maskcut.CORNER_LIMIT:
+            continue
+        out.append(Candidate(upsample_grid(m, size), "keyseeds"))
+        if len(out) >= max_regions:
+            break
+    return out
+
+
+@torch.no_grad()
+def text_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], templates: Sequence[str], size: int,
+                    top_labels: int = 5, thresholds: Sequence[float] = (0.5,), min_area: float = 0.005
+                    ) -> list[Candidate]:
+    """Connected components of the thresholded LeGrad maps of the ``top_labels`` labels that the image's global
+    embedding ranks highest (components smaller than ``min_area`` of the image are dropped)."""
+    from worker.proposals.maskcut import components
+
+    state, *_ = engine.image_state(image, size)
+    protos = scorer.prototypes(labels, templates)
+    probs = scorer.probabilities(state.global_embedding[None], labels, templates)[0]
+    top = probs.topk(min(top_labels, len(labels))).indices.tolist()
+    maps = engine.explain(image, protos[top], size=size).cpu().numpy()  # [k, S, S] in [0, 1]
+    out = []
+    for j, e in zip(top, maps):
+        for t in thresholds:
+            for c in components(e >= t, min_size=max(1, int(min_area * size * size))):
+                out.append(Candidate(c, "text", hint=labels[j]))
+    return out
+
+
+def window_candidates(size: int, grids: Sequence[int] = (2, 3)) -> list[Candidate]:
+    """The whole image and every cell of each ``k × k`` grid, as ``[S, S]`` masks."""
+    out = [Candidate(np.ones((size, size), bool), "window")]
+    for k in grids:
+        edges = np.linspace(0, size, k + 1).round().astype(int)
+        for i in range(k):
+            for j in range(k):
+                m = np.zeros((size, size), bool)
+                m[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = True
+                out.append(Candidate(m, "window"))
+    return out
+
+
+def gather_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], templates: Sequence[str], size: int,
+                      sources: Sequence[str] = DEFAULT_SOURCES, n_cuts: int = maskcut.N_CUTS,
+                      sam: MaskSource | None = None) -> list[Candidate]:
+    """Candidates of every requested source (``SOURCES``), not yet de-duplicated."""
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        raise ValueError(f"unknown proposal source(s) {unknown}; known: {list(SOURCES)}")
+    if "sam" in sources and sam is None:
+        raise ValueError("proposal source 'sam' needs a SAM checkpoint (MASKINV_SAM_CHECKPOINT)")
+    out: list[Candidate] = []
+    if "maskcut" in sources or "keyseeds" in sources:
+        check_time("the image's keys")
+        keys, grid = image_keys(engine, image, size)
+        if "maskcut" in sources:
+            out += maskcut_candidates(keys, grid, size, n_cuts=n_cuts)
+        if "keyseeds" in sources:
+            check_time("the key-seed candidates")
+            out += keyseed_candidates(keys, grid, size)
+    if "text" in sources:
+        check_time("the text candidates")
+        out += text_candidates(engine, scorer, image, labels, templates, size)
+    if "window" in sources:
+        out += window_candidates(size)
+    if "sam" in sources:
+        check_time("the SAM candidates")
+        out += [Candidate(np.asarray(m, bool), "sam") for m in sam(open_image(image)[0], size)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+#: exponent of (1 - final Dice loss) in the objectness term (1 and 2..3 tried on 40 val scenes: 2 best, by 0.4 AP50)
+OBJECTNESS_POWER = 2.0
+
+
+def objectness(final_loss: torch.Tensor | np.ndarray, power: float = OBJECTNESS_POWER) -> np.ndarray:
+    """``(1 - d) ** power`` per mask for the inversion's final Dice losses ``d`` ``[N]`` (clipped to [0, 1])."""
+    d = np.clip(np.asarray(final_loss.detach().cpu() if isinstance(final_loss, torch.Tensor) else final_loss,
+                           dtype=np.float64), 0.0, 1.0)
+    return (1.0 - d) ** power
+
+
+#: top-k ``(label, probability)`` per LET ``[N, D]`` (e.g. text and a project's example prototypes)
+ScoreFn = Callable[[torch.Tensor], list[list[tuple[str, float]]]]
+
+
+def mixed_with_crops(engine, image: ImageLike, masks: Sequence[np.ndarray], lets: torch.Tensor,
+                     crop_weight: float) -> torch.Tensor:
+    """LETs ``[N, D]`` of ``masks`` mixed with their masked crops like a drawn region's embedding
+    (``worker.jobs.embed.mix_crop``; ``crop_weight`` 0: the LETs unchanged)."""
+    if not crop_weight:
+        return lets
+    from worker.jobs.embed import mix_crop
+
+    crops = engine.crop_embeddings(image, list(masks), "masked_crop")[0]
+    return torch.from_numpy(mix_crop(lets.detach().float().cpu().numpy(), crops.float().cpu().numpy(),
+                                     crop_weight)).to(lets.device)
+
+
+def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], labels: Sequence[str],
+                     templates: Sequence[str], size: int, steps: int = 10, lr: float = 0.1,
+                     top_k: int = 3, score_fn: ScoreFn | None = None, crop_weight: float = 0.0) -> list[Proposal]:
+    """Invert every candidate like a drawn region and attach its top-k labels (``score_fn``, default: text
+    prototypes) and its objectness (from the inversion's final loss); failed inversions are dropped.
+    ``crop_weight > 0``: the candidate's embedding is mixed with its masked crop like a drawn region's
+    (``worker.jobs.embed.mix_crop``)."""
+    if not cands:
+        return []
+    check_time(f"inverting {len(cands)} candidates")
+    res = engine.invert(image, np.stack([c.mask for c in cands]), size=size, steps=steps, lr=lr)
+    ok = [i for i, e in enumerate(res.errors) if e is None]
+    if not ok:
+        return []
+    check_time("the candidates' masked crops")
+    lets = mixed_with_crops(engine, image, [cands[i].mask for i in ok], res.lets[ok], crop_weight)
+    check_time("scoring the candidates")
+    scored = score_fn(lets) if score_fn is not None else scorer.score(lets, labels, templates, top_k=top_k)
+    obj = objectness(res.losses[-1, ok])
+    return [Proposal(cands[i].mask, cands[i].source, s, lets[j], cands[i].hint, float(o))
+            for j, (i, s, o) in enumerate(zip(ok, scored, obj))]
+
+
+def select(proposals: list[Proposal], min_score: float = DEFAULT_MIN_SCORE, max_proposals: int = DEFAULT_MAX_PROPOSALS,
+           nms_iou: float = NMS_IOU) -> list[Proposal]:
+    """NMS in ranking order (:attr:`Proposal.rank`), then the probability threshold, then the cap; best first."""
+    if not proposals:
+        return []
+    keep = nms(np.stack([p.mask for p in proposals]), [p.rank for p in proposals], nms_iou)
+    return [proposals[i] for i in keep if proposals[i].score >= min_score][:max_proposals]
+
+
+def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: Sequence[str], size: int = 448,
+            sources: Sequence[str] = DEFAULT_SOURCES, steps: int = 10, lr: float = 0.1, top_k: int = 3,
+            min_score: float = DEFAULT_MIN_SCORE, max_proposals: int = DEFAULT_MAX_PROPOSALS,
+            refine: bool = False, n_cuts: int = maskcut.N_CUTS, nms_iou: float = NMS_IOU,
+            sam: MaskSource | None = None, max_candidates: int = MAX_CANDIDATES,
+            score_fn: ScoreFn | None = None, crop_weight: float = 0.0) -> ProposalResult:
+    """Propose, label, merge and threshold regions of one image (see module docstring). ``score_fn``: how a
+    candidate's LET is labelled (default: the text prototypes of ``labels``; the propose job passes the project's
+    example prototypes when it has them); ``crop_weight``: see :func:`label_candidates` (the job passes the
+    request's ``params.crop_weight``).
+
+    Returns at most ``max_proposals`` proposals, best rank (probability × objectness) first, masks ``[size, size]``.
+    """
+    if not labels:
+        raise ValueError("proposals need at least one label")
+    if max_proposals < 1:
+        raise ValueError(f"max_proposals must be >= 1, got {max_proposals}")
+    t0 = time.perf_counter()
+    img, digest = open_image(image)
+    cands = gather_candidates(engine, scorer, img, labels, templates, size, sources, n_cuts, sam)
+    per_source: dict[str, int] = {}
+    for c in cands:
+        per_source[c.source] = per_source.get(c.source, 0) + 1
+    t1 = time.perf_counter()
+    cands = cap_candidates(cands)
+    if refine and cands:
+        check_time("the superpixel refinement")
+        seg = superpixels(img, size)
+        cands = [Candidate(snap_to_superpixels(c.mask, seg), c.source, c.hint) for c in cands]
+    check_time(f"de-duplicating {len(cands)} candidates")
+    cands = dedupe(cands)[:max_candidates]
+    t2 = time.perf_counter()
+    labelled = label_candidates(engine, scorer, img, cands, labels, templates, size, steps, lr, top_k, score_fn,
+                                crop_weight)
+    t3 = time.perf_counter()
+    kept = select(labelled, min_score, max_proposals, nms_iou)
+    return ProposalResult(kept, size, digest, per_source,
+                          {"candidates_s": t1 - t0, "refine_s": t2 - t1, "inversion_s": t3 - t2,
+                           "total_s": time.perf_counter() - t0, "inverted": float(len(cands))})

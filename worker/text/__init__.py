@@ -1,0 +1,1 @@
+"""Text: labels, prompt prototypes, captions."""

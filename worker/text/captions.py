@@ -1,0 +1,83 @@
+"""Weight-free retrieval captions: the best phrase of a bank built from a label and attribute words.
+
+A region's caption is chosen in two stages: its label (the top-1 of the label scorer), then the phrase
+among that label's attribute phrases ("a red car", "a small car", "a wooden car", "a car on the left", ...)
+whose CLIP text embedding is closest to the region's LET. Phrase embeddings are cached per (model, label).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from worker.text.labels import LabelScorer
+from worker.text.lru import BoundedLRU
+
+#: bounds of the phrase-bank cache (one entry per (model, label) captioned: ~35 phrases x D floats)
+BANK_CACHE_ENTRIES = 1024
+BANK_CACHE_BYTES = 64 << 20
+
+
+def _bank_bytes(key: tuple[str, str], value: tuple[list[str], torch.Tensor]) -> int:
+    phrases, emb = value
+    return emb.element_size() * emb.nelement() + sum(len(p) + 50 for p in phrases) + sum(len(k) for k in key)
+
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey")
+MATERIALS = ("wooden", "metal", "plastic", "glass", "fabric", "stone")
+SIZES = ("small", "large")
+POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
+
+
+def phrase_bank(label: str) -> list[str]:
+    """Candidate captions for one label."""
+    article = "an" if label[:1].lower() in "aeiou" else "a"
+    bank = [f"{article} {label}"]
+    for word in COLOURS + MATERIALS + SIZES:
+        art = "an" if word[0] in "aeiou" else "a"
+        bank.append(f"{art} {word} {label}")
+    bank += [f"{article} {label} {pos}" for pos in POSITIONS]
+    return bank
+
+
+class RetrievalCaptioner:
+    """Captions region embeddings by retrieval from per-label phrase banks (mode ``"retrieval"``)."""
+
+    mode = "retrieval"
+
+    def __init__(self, scorer: LabelScorer, max_entries: int = BANK_CACHE_ENTRIES,
+                 max_bytes: int = BANK_CACHE_BYTES):
+        self.scorer = scorer
+        self._banks: BoundedLRU[tuple[list[str], torch.Tensor]] = BoundedLRU(max_entries, max_bytes, _bank_bytes)
+
+    def _bank(self, label: str) -> tuple[list[str], torch.Tensor]:
+        key = (self.scorer.clip.id, label)
+        hit = self._banks.get(key)
+        if hit is None:
+            phrases = phrase_bank(label)
+            hit = (phrases, self.scorer.encode_texts(phrases))
+            self._banks.put(key, hit)
+        return hit
+
+    def prepare(self, labels: Sequence[str]) -> int:
+        """Build and cache the phrase banks of ``labels`` not cached yet, in one batched text encoding; returns how
+        many phrases were encoded."""
+        todo = [lab for lab in dict.fromkeys(labels) if (self.scorer.clip.id, lab) not in self._banks]
+        banks = [phrase_bank(lab) for lab in todo]
+        emb = self.scorer.encode_texts([p for bank in banks for p in bank]) if banks else None
+        start = 0
+        for lab, bank in zip(todo, banks):
+            self._banks.put((self.scorer.clip.id, lab), (bank, emb[start:start + len(bank)]))
+            start += len(bank)
+        return start
+
+    @torch.no_grad()
+    def caption(self, embeddings: torch.Tensor, labels: Sequence[str]) -> list[str]:
+        """One caption per embedding ``[N, D]``; ``labels[i]`` is region i's predicted label."""
+        out = []
+        emb = F.normalize(embeddings.float(), dim=-1)
+        for e, label in zip(emb, labels):
+            phrases, bank = self._bank(label)
+            out.append(phrases[int((bank @ e).argmax())])
+        return out
