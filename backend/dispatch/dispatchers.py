@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.protocol.deadline import time_limit
 from worker.protocol import (JOB_META_KEY, LET_META_KEY, STORE_CALLBACK, InversionParams, JobResult, LabelRegionsJob,
                              MemoryResultCache, PrepareLabelsJob, ProtocolError, RedisResultCache, RegionResult,
                              RegistryReader, ResultCache, allowed_functions, answer_digest, encode_mask,
@@ -294,11 +295,9 @@ class EmbeddedDispatcher(Dispatcher):
 
     def _time_limit(self) -> AbstractContextManager[None]:
         """MASKINV_JOB_TIMEOUT for the job about to run in this (the job) thread. A thread cannot be stopped from
-        outside: worker code checks the limit between its steps (``worker.proposals.pipeline.check_time``: a proposal
-        job
-        before each candidate source, MaskCut round, de-duplication, inversion, crop mixing, scoring and captions)
-        and stops with ``worker.proposals.pipeline.JobTimeout``; code without checks (label jobs) runs to its end."""
-        from worker.proposals.pipeline import time_limit
+        outside: worker code checks the limit between its steps (``worker.protocol.deadline.check_time``: every
+        inversion step; a proposal job also before each candidate source, MaskCut round, de-duplication, crop mixing,
+        scoring and captions) and stops with ``worker.protocol.deadline.JobTimeout``."""
 
         return time_limit(self.settings.job_timeout_s, "MASKINV_JOB_TIMEOUT")
 
@@ -384,7 +383,7 @@ class EmbeddedDispatcher(Dispatcher):
                 out.append(_RunResult(None, msg, {"status": "running"}, "timeout"))
                 continue
             except Exception as exc:  # noqa: BLE001 - reported per job
-                # worker.proposals.pipeline.JobTimeout: stopped in time
+                # worker.protocol.deadline.JobTimeout: stopped in time
                 if getattr(exc, "time_limit_s", None) is not None:
                     log.warning("embedded job for image %s: %s", p.request.image_sha256[:12], exc)
                     out.append(_RunResult(None, f"job {exc}", {"status": "stopped"}, "failed"))

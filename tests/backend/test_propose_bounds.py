@@ -50,9 +50,10 @@ def test_a_proposal_job_over_the_job_time_limit_stops_and_the_next_one_runs(make
     a fake clock) stops before inverting anything and its task gets a clear error; the job thread then takes the
     next job."""
     from worker.proposals import pipeline as P
+    from worker.protocol import deadline
 
     now = [0.0]
-    monkeypatch.setattr(P, "clock", lambda: now[0])
+    monkeypatch.setattr(deadline, "clock", lambda: now[0])
     real = P.maskcut_candidates
     inverted = []
     real_label = P.label_candidates

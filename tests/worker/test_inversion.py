@@ -90,3 +90,24 @@ def test_alpha_keeps_the_lets_closer_to_the_global_embedding():
     held, _ = optimise_lets(_map_fn(weight), glob, _masks(), steps=20, alpha=50.0)
     cos = lambda x: F.cosine_similarity(x, glob[None], dim=-1)  # noqa: E731
     assert (cos(held) > cos(free)).all()
+
+
+def test_an_inversion_past_its_job_time_limit_stops_between_steps(monkeypatch):
+    """Embedded jobs run under MASKINV_JOB_TIMEOUT: the optimisation loop checks the job's limit before each step,
+    so a label job past it stops (clock made to jump on purpose, no wall-clock dependence)."""
+    from worker.protocol import deadline
+
+    now = [0.0]
+    monkeypatch.setattr(deadline, "clock", lambda: now[0])
+    calls = []
+
+    def dice(e):
+        calls.append(1)
+        now[0] += 10.0  # each step "takes" 10 s
+        return (e ** 2).sum(dim=1)
+
+    g = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    with deadline.time_limit(25.0, "MASKINV_JOB_TIMEOUT"):
+        with pytest.raises(deadline.JobTimeout, match="MASKINV_JOB_TIMEOUT=25s"):
+            optimise_lets(None, g, torch.zeros(2, 4, 4), steps=10, dice_fn=dice)
+    assert len(calls) == 3

@@ -11,6 +11,7 @@ from PIL import Image
 
 from worker.proposals import maskcut
 from worker.proposals import pipeline as P
+from worker.protocol import deadline
 from worker.protocol import InversionParams, encode_image
 
 LABELS = ["red block", "blue block", "grey wall"]
@@ -120,7 +121,7 @@ def test_a_job_over_its_time_limit_stops_at_the_next_step(tiny, monkeypatch):
     pipeline at the next check: nothing is inverted, and the error names the limit."""
     engine, scorer = tiny
     clock = FakeClock()
-    monkeypatch.setattr(P, "clock", clock)
+    monkeypatch.setattr(deadline, "clock", clock)
     real = P.maskcut_candidates
 
     def slow_maskcut(*a, **k):
@@ -130,13 +131,13 @@ def test_a_job_over_its_time_limit_stops_at_the_next_step(tiny, monkeypatch):
     inverted = []
     monkeypatch.setattr(P, "maskcut_candidates", slow_maskcut)
     monkeypatch.setattr(P, "label_candidates", lambda *a, **k: inverted.append(1) or [])
-    with P.time_limit(2.0, "MASKINV_JOB_TIMEOUT"):
-        with pytest.raises(P.JobTimeout, match=r"MASKINV_JOB_TIMEOUT=2s") as err:
+    with deadline.time_limit(2.0, "MASKINV_JOB_TIMEOUT"):
+        with pytest.raises(deadline.JobTimeout, match=r"MASKINV_JOB_TIMEOUT=2s") as err:
             P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, sources=("maskcut", "text"), steps=1)
     assert inverted == [] and err.value.time_limit_s == 2.0
-    P.check_time("anything")  # outside the block: no limit
+    deadline.check_time("anything")  # outside the block: no limit
     monkeypatch.setattr(P, "maskcut_candidates", real)
-    with P.time_limit(2.0):  # within the limit, the same pipeline runs to its end
+    with deadline.time_limit(2.0):  # within the limit, the same pipeline runs to its end
         res = P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, sources=("maskcut",), steps=1)
     assert inverted == [1] and res.candidates["maskcut"] >= 1
 
@@ -151,7 +152,7 @@ def test_maskcut_checks_between_its_rounds():
     assert len(calls) == len(cuts) >= 1
 
     def stop():
-        raise P.JobTimeout("stop", 1.0)
+        raise deadline.JobTimeout("stop", 1.0)
 
-    with pytest.raises(P.JobTimeout):
+    with pytest.raises(deadline.JobTimeout):
         maskcut.maskcut(keys, (6, 6), n_cuts=3, check=stop)

@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from worker.protocol.deadline import check_time
+
 MapFn = Callable[[torch.Tensor], torch.Tensor]  # LETs [N, D] -> maps [N, S, S] in [0, 1]
 DiceFn = Callable[[torch.Tensor], torch.Tensor]  # LETs [N, D] -> soft Dice loss of their maps [N]
 
@@ -60,6 +62,7 @@ def optimise_lets(map_fn: MapFn | None, global_emb: torch.Tensor, masks: torch.T
     history = []
     with torch.enable_grad():
         for _ in range(steps):
+            check_time("an inversion step")  # a job past its time limit (embedded mode) stops here
             loss = loss_of(lets)
             history.append(loss.detach())
             opt.zero_grad(set_to_none=True)

@@ -14,9 +14,9 @@ final Dice loss)², "score": best-label probability × objectness (the ranking; 
 Bounds (``worker.proposals.pipeline``): the job runs at ``proposals.proposal_size(params.size)``, at most
 ``MAX_PROPOSAL_SIZE`` (448) whatever the payload asks (a queue job can be forged), and reports that size in its
 ``params``; candidates are capped before de-duplication (``MAX_RAW_CANDIDATES``) and before inversion
-(``MAX_CANDIDATES``). Within a ``proposals.time_limit`` (the embedded dispatcher's MASKINV_JOB_TIMEOUT) the job
-stops at the first check between its steps past the limit with ``proposals.JobTimeout``; a queue worker's job is
-stopped by RQ at MASKINV_JOB_TIMEOUT.
+(``MAX_CANDIDATES``). Within a ``worker.protocol.deadline.time_limit`` (the embedded dispatcher's
+MASKINV_JOB_TIMEOUT) the job stops at the first check between its steps past the limit with ``JobTimeout``; a
+queue worker's job is stopped by RQ at MASKINV_JOB_TIMEOUT.
 
 Worker settings (read once, at the first job; see README):
     MASKINV_MAX_PROPOSALS       proposals returned per image at most [20]; a job may ask for fewer
