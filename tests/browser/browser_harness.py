@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from ls_harness import (REPO_ROOT, START_TIMEOUT_S, LabelStudioServer, ManagedProcess, _base_env, _ready,
-                        free_port, label_studio_bin, migrated_database)
+from ls_harness import (REPO_ROOT, START_TIMEOUT_S, LabelStudioClient, LabelStudioServer, ManagedProcess, _base_env,
+                        _ready, free_port, label_studio_bin, migrated_database)
 
 CHROMIUM = Path("/usr/bin/chromium")
 #: without the background-networking flags Chromium's own connections are refused on a closed network
@@ -216,3 +216,40 @@ def with_vocabulary(xml: str, labels: list[str]) -> str:
     for k, label in enumerate(labels):
         ET.SubElement(control, "Label", {"value": label, "background": background[k % len(background)] or "#888"})
     return ET.tostring(root, encoding="unicode")
+
+
+SHOTS = Path(__file__).resolve().parent / "screenshots"
+
+
+@dataclass
+class Project:
+    """A Label Studio project made from ``label_config/<name>.xml`` with the scenes imported as tasks."""
+
+    name: str
+    id: int
+    ml_backend_id: int
+    task_ids: list[int]
+    scenes: list[SceneTask]
+
+
+@dataclass
+class Stack:
+    """Everything the browser tests talk to."""
+
+    ls_url: str
+    username: str
+    password: str
+    client: LabelStudioClient
+    proxy: RecordingProxy
+    projects: dict[str, Project]
+    vocabulary: list[str]
+    started_at: float  # time.monotonic() when the session fixture began (clean start)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def record(self, key: str, value: object) -> None:
+        """Keep a finding in ``screenshots/findings.json`` (payloads, timings) for docs/browser.md."""
+        path = SHOTS / "findings.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[key] = value
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1, default=str))

@@ -9,59 +9,18 @@ dumps go to ``tests/browser/screenshots/`` (git-ignored).
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from browser_harness import (CHROMIUM, CHROMIUM_ARGS, REPO_ROOT, SHOTS, DemoBackend, Project, ReadmeLabelStudio,
+                             RecordingProxy, SceneTask, Stack, missing_requirement, scenes, with_vocabulary)
+from ls_harness import HarnessError, LabelStudioClient
 
-from browser_harness import (CHROMIUM, CHROMIUM_ARGS, REPO_ROOT, DemoBackend, ReadmeLabelStudio,  # noqa: E402
-                             RecordingProxy, SceneTask, missing_requirement, scenes, with_vocabulary)
-from ls_harness import HarnessError, LabelStudioClient  # noqa: E402
-
-SHOTS = Path(__file__).resolve().parent / "screenshots"
 SCENE_INDICES = (3, 4, 5)
 CONFIGS = ("rectangle", "brush", "polygon")
 _processes: list = []
-
-
-@dataclass
-class Project:
-    """A Label Studio project made from ``label_config/<name>.xml`` with the scenes imported as tasks."""
-
-    name: str
-    id: int
-    ml_backend_id: int
-    task_ids: list[int]
-    scenes: list[SceneTask]
-
-
-@dataclass
-class Stack:
-    """Everything the browser tests talk to."""
-
-    ls_url: str
-    username: str
-    password: str
-    client: LabelStudioClient
-    proxy: RecordingProxy
-    projects: dict[str, Project]
-    vocabulary: list[str]
-    started_at: float  # time.monotonic() when the session fixture began (clean start)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def record(self, key: str, value: object) -> None:
-        """Keep a finding in ``screenshots/findings.json`` (payloads, timings) for docs/browser.md."""
-        path = SHOTS / "findings.json"
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[key] = value
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=1, default=str))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import SHOTS, Project, Stack
+from browser_harness import SHOTS, Project, Stack
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 

@@ -15,18 +15,8 @@ import uuid
 import pytest
 
 from backend_support import delete_namespace
-from ls_harness import BackendServer, HarnessError, LabelStudioClient, LabelStudioServer, WorkerProcess
+from ls_harness import BACKEND_ENV, BackendServer, HarnessError, LabelStudioClient, LabelStudioServer, WorkerProcess
 
-#: the backend's environment in these tests (tiny random-init model; embedded mode: REDIS_URL is unset)
-BACKEND_ENV = {
-    "MASKINV_MODEL": "maskinv-test-tiny",
-    "MASKINV_PRETRAINED": "none",
-    "MASKINV_DEVICE": "cpu",
-    "MASKINV_LOG_LEVEL": "INFO",
-    # the tiny model has 8-px patches: 448 px would be 3136 tokens; 112 px (196) keeps each inversion well
-    # under a second on 2 busy cores (cost grows about with the token count squared)
-    "MASKINV_SIZE": "112",
-}
 
 _servers: list = []
 

@@ -37,6 +37,18 @@ LS_VENV = Path(os.environ.get("MASKINV_LS_VENV", REPO_ROOT / ".venv-ls"))
 START_TIMEOUT_S = float(os.environ.get("MASKINV_E2E_START_TIMEOUT", "300"))
 
 
+#: the backend's environment in these tests (tiny random-init model; embedded mode: REDIS_URL is unset)
+BACKEND_ENV = {
+    "MASKINV_MODEL": "maskinv-test-tiny",
+    "MASKINV_PRETRAINED": "none",
+    "MASKINV_DEVICE": "cpu",
+    "MASKINV_LOG_LEVEL": "INFO",
+    # the tiny model has 8-px patches: 448 px would be 3136 tokens; 112 px (196) keeps each inversion well
+    # under a second on 2 busy cores (cost grows about with the token count squared)
+    "MASKINV_SIZE": "112",
+}
+
+
 class HarnessError(RuntimeError):
     """A server could not be started or Label Studio answered something unexpected."""
 

@@ -13,7 +13,7 @@ import dataclasses
 
 import pytest
 
-from conftest import BACKEND_ENV
+from ls_harness import BACKEND_ENV
 from ls_harness import BackendServer, HarnessError, LabelStudioClient
 from test_label_studio import drawn_region, new_project, scene_png, shipped_config
 
