@@ -1,4 +1,5 @@
-"""Process-wide backend state: settings, dispatcher, image fetcher, parsed configs, /setup fallbacks."""
+"""Process-wide backend state (the composition root): settings, dispatcher, image fetcher, parsed configs, /setup
+fallbacks, the examples' learner, and the one ``model_version`` a project's predictions carry."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import json
 import logging
 import re
 import threading
-from collections import OrderedDict
 from typing import Any
 
 from worker.protocol import InversionParams, PayloadError, check_label_caps, check_limits, check_templates, sha256_hex
 
+from backend.bounded_cache import BoundedCache
 from backend.dispatch.dispatchers import Dispatcher, make_dispatcher
 from backend.images.policy import FetchRefused, Origin
 from backend.images.fetch import ImageFetcher
 from backend.labelstudio.label_config import ConfigCache, LabelConfigError, ProjectConfig
+from backend.learning.examples import ExampleStore, make_example_store
+from backend.learning.learner import Learner
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,8 @@ log = logging.getLogger(__name__)
 OVERRIDABLE = ("steps", "lr", "alpha", "size", "top_k", "templates", "caption", "crop_weight")
 #: seconds /setup and /predict wait for the embedded model to finish loading before answering a version
 MODEL_WAIT_S = 2.5
+#: versions answered for a config, kept for ``/versions``
+RECENT_VERSIONS = 16
 
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9._+-]{1,64}(/[A-Za-z0-9._:+-]{1,64})?$")
@@ -64,7 +69,8 @@ class Service:
                                     cache_ttl_s=settings.image_cache_ttl_s)
         self.configs = ConfigCache()
         self._setup: dict[str, Any] = {}
-        self._versions: OrderedDict[str, None] = OrderedDict()
+        self._versions: BoundedCache[str, None] = BoundedCache(RECENT_VERSIONS)  # version -> None, newest last
+        self._learner: Learner | None = None
         self._lock = threading.Lock()
 
     def config(self, xml: str) -> ProjectConfig:
@@ -122,26 +128,33 @@ class Service:
             info = None
         base = f"maskinversion-{short_model_id(info)}" if info and info.get("id") else "maskinversion"
         if cfg is None and params is None and labels is None:
-            with self._lock:
-                if self._versions:
-                    return next(reversed(self._versions))
+            recent = self._versions.keys()
+            if recent:
+                return recent[-1]
         params = params or self.settings.params
         vocab = ({"*": list(labels)} if labels is not None else
                  {n: list(c.labels) for n, c in sorted(cfg.region_controls.items())} if cfg is not None else {})
         blob = json.dumps({"params": params.to_dict(), "labels": vocab}, sort_keys=True, separators=(",", ":"))
         version = f"{base}-{sha256_hex(blob.encode())[:8]}"
         if cfg is not None and "maskinversion-" in base:
-            with self._lock:
-                self._versions[version] = None
-                self._versions.move_to_end(version)
-                while len(self._versions) > 16:
-                    self._versions.popitem(last=False)
+            self._versions.put(version, None)
         return version
+
+    def project_version(self, cfg: ProjectConfig, params: InversionParams | None = None,
+                        labels: list[str] | None = None, project: Any = None) -> str:
+        """The ``model_version`` of a project's predictions: :meth:`model_version` plus the ``-ex<digest>`` suffix
+        naming the project's example set (none without a project, with learning off, or without examples).
+
+        ``/setup``, ``/predict``, background runs and ``maskinv-annotate`` all answer this string, so Label
+        Studio's *Retrieve predictions* skips exactly the tasks that hold a prediction of the current version.
+        """
+        params = params or self.settings.params
+        suffix = self.learner.version_suffix(project, params) if project is not None and self.settings.learn else ""
+        return self.model_version(cfg, params, labels) + suffix
 
     def versions(self) -> list[str]:
         """Versions answered recently (newest first), for ``/versions``."""
-        with self._lock:
-            seen = list(reversed(self._versions))
+        seen = self._versions.keys()[::-1]
         return seen or [self.model_version()]
 
     def params(self, overrides: Any) -> tuple[InversionParams, list[str] | None]:
@@ -202,12 +215,21 @@ class Service:
         if self.settings.prepare_labels:
             self.dispatcher.prepare_labels([c.labels for c in cfg.region_controls.values()], self.settings.params)
 
-    @property
-    def learner(self):
-        """The project examples' learner (backend.learning.learner.Learner), created on first use."""
-        with self._lock:
-            if getattr(self, "_learner", None) is None:
-                from backend.learning.learner import Learner
+    def worker_model(self) -> dict[str, Any] | None:
+        """The worker's model; right after a restart the embedded dispatcher may still be loading it: wait a
+        little (MODEL_WAIT_S), as ``model_version`` does."""
+        return self.dispatcher.model_info(wait_s=MODEL_WAIT_S)
 
-                self._learner = Learner(self)
+    def open_example_store(self) -> ExampleStore:
+        """The example store of MASKINV_EXAMPLE_STORE (queue mode: on the dispatcher's Redis)."""
+        return make_example_store(self.settings, getattr(self.dispatcher, "connection", None))
+
+    @property
+    def learner(self) -> Learner:
+        """The project examples' learner, created on first use."""
+        with self._lock:
+            if self._learner is None:
+                self._learner = Learner(self.settings, self.dispatcher,  # type: ignore[arg-type]
+                                        self.fetcher, self.config, self.setup_fallbacks, self.worker_model,
+                                        open_store=self.open_example_store)
             return self._learner

@@ -39,19 +39,23 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
 from worker.protocol import (EmbedRegionsJob, InversionParams, PayloadError, check_label_caps, decode_vectors,
                              encode_vectors, sha256_hex)
 
+from backend.bounded_cache import BoundedCache
 from backend.learning.examples import Example, ExampleStore, ExampleStoreError, make_example_store
 from backend.labelstudio.label_config import LabelConfigError, ProjectConfig
 from backend.learning.fit import FIT_VERSION, fit_prototypes, vision_prototypes
 from backend.labelstudio.regions import Region, RegionError, collect_regions, region_mask
+
+if TYPE_CHECKING:
+    from backend.images.fetch import ImageFetcher
+    from backend.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +101,9 @@ def region_labels(items: list[Any], region_id: str, geometry: dict[str, Any]) ->
     """The labels an annotator gave one region: its geometry item's ``<tool>labels`` plus any ``labels`` item
     with the same id."""
     out: list[str] = []
-    value = geometry.get("value") if isinstance(geometry.get("value"), dict) else {}
-    sources = [value] + [it.get("value") for it in items if isinstance(it, dict) and str(it.get("id")) == region_id
+    value = geometry.get("value")
+    sources: list[dict[str, Any]] = [value if isinstance(value, dict) else {}]
+    sources += [it["value"] for it in items if isinstance(it, dict) and str(it.get("id")) == region_id
                          and str(it.get("type") or "").lower() == "labels" and isinstance(it.get("value"), dict)]
     for v in sources:
         for key in LABEL_KEYS:
@@ -158,52 +163,43 @@ class AnnotationSkipped(Exception):
     """An annotation over a limit: left out whole, its stored examples kept (recorded in the Allowance)."""
 
 
-class _Cache:
-    """Thread-safe LRU of at most CACHE_ENTRIES entries and CACHE_BYTES bytes (``sizeof`` per value)."""
-
-    def __init__(self, sizeof: Callable[[Any], int]):
-        self._items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
-        self._sizeof, self.entries, self.max_bytes, self.bytes = sizeof, CACHE_ENTRIES, CACHE_BYTES, 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> tuple[bool, Any]:
-        """``(hit, value)``."""
-        with self._lock:
-            if key not in self._items:
-                return False, None
-            self._items.move_to_end(key)
-            return True, self._items[key][0]
-
-    def put(self, key: tuple, value: Any) -> None:
-        size = int(self._sizeof(value)) + len(repr(key))
-        with self._lock:
-            old = self._items.pop(key, None)
-            self.bytes -= old[1] if old else 0
-            if size > self.max_bytes:
-                return
-            self._items[key] = (value, size)
-            self.bytes += size
-            while len(self._items) > self.entries or self.bytes > self.max_bytes:
-                self.bytes -= self._items.popitem(last=False)[1][1]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 def _doc_bytes(doc: dict | None) -> int:
     """Bytes of a prototypes document (its base64 vectors dominate)."""
     return len(json.dumps(doc)) if doc else 0
 
 
-class Learner:
-    """Owns the example store and turns events into examples and examples into prototypes."""
+class EmbedRunner(Protocol):
+    """The part of a dispatcher the learner uses: one ``embed_regions`` job (worker.jobs.embed)."""
 
-    def __init__(self, service: Any, store: ExampleStore | None = None):
-        self.service = service
-        self.settings = service.settings
+    def run_embed(self, payload: dict, timeout_s: float) -> dict: ...
+
+
+class Learner:
+    """Owns the example store and turns events into examples and examples into prototypes.
+
+    What it needs, and nothing more: ``settings``; ``dispatcher`` (embed jobs); ``fetcher`` (annotation images);
+    ``parse_config`` (label config XML -> ProjectConfig, raising LabelConfigError); ``setup_fallbacks`` (Label
+    Studio's /setup hostname and token); ``model_info`` (the worker's model, waited for a little); ``open_store``
+    (opens the example store on first use) or ``store``.
+    """
+
+    def __init__(self, settings: Settings, dispatcher: EmbedRunner, fetcher: ImageFetcher,
+                 parse_config: Callable[[str], ProjectConfig],
+                 setup_fallbacks: Callable[[], tuple[str | None, str | None]],
+                 model_info: Callable[[], dict[str, Any] | None],
+                 open_store: Callable[[], ExampleStore] | None = None, store: ExampleStore | None = None):
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.fetcher = fetcher
+        self._parse_config = parse_config
+        self._setup_fallbacks = setup_fallbacks
+        self._model_info = model_info
+        self._open_store = open_store or (lambda: make_example_store(settings, None))
         self._store = store
-        self._text = _Cache(lambda v: v[0].nbytes)  # (model id, labels, templates) -> ([L, D], logit scale)
-        self._protos = _Cache(_doc_bytes)  # see prototypes()
+        # (model id, labels, templates) -> ([L, D] text prototypes, logit scale)
+        self._text: BoundedCache[tuple, tuple[np.ndarray, float]] = BoundedCache(
+            CACHE_ENTRIES, CACHE_BYTES, lambda v: v[0].nbytes)
+        self._protos: BoundedCache[tuple, dict | None] = BoundedCache(CACHE_ENTRIES, CACHE_BYTES, _doc_bytes)
         self._lock = threading.Lock()
 
     @property
@@ -211,7 +207,7 @@ class Learner:
         """The example store, opened (SQLite: created) on first use."""
         with self._lock:
             if self._store is None:
-                self._store = make_example_store(self.settings, getattr(self.service.dispatcher, "connection", None))
+                self._store = self._open_store()
             return self._store
 
     def has_store(self) -> bool:
@@ -222,13 +218,6 @@ class Learner:
         import os
 
         return (Path(os.path.expanduser(self.settings.data_dir)) / "examples.sqlite3").exists()
-
-    def _model_info(self) -> dict[str, Any] | None:
-        """The worker's model (examples are keyed by it); right after a restart the embedded dispatcher may still
-        be loading it: wait a little, as ``model_version`` does, rather than miss the examples."""
-        from backend.service import MODEL_WAIT_S
-
-        return self.service.dispatcher.model_info(wait_s=MODEL_WAIT_S)
 
     def example_params(self, params: InversionParams) -> InversionParams:
         """``params`` as examples are embedded with, and as the predictions that use them are made:
@@ -286,7 +275,7 @@ class Learner:
         if not isinstance(xml, str) or not xml.strip():
             raise LearningError("the event has no project.label_config", 400)
         try:
-            return self.service.config(xml)
+            return self._parse_config(xml)
         except LabelConfigError as exc:
             raise LearningError(f"label config: {exc}", 400) from None
 
@@ -339,17 +328,18 @@ class Learner:
                 labelled.append((r, labs))
         if not labelled:
             return []
-        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        raw_data = task.get("data")
+        data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
         params = self.example_params(self.settings.params)
         out: list[Example] = []
         by_image: dict[str, list] = {}
         for r, labs in labelled:
             by_image.setdefault(r.control.to_name, []).append((r, labs))
-        hostname, token = self.service.setup_fallbacks()
+        hostname, token = self._setup_fallbacks()
         for image_name, regs in by_image.items():
             url = data.get(cfg.images[image_name].data_key)
             deadline = time.monotonic() + self.settings.fetch_timeout_s
-            blob = self.service.fetcher.fetch(url, task.get("id"), hostname, token, deadline=deadline)
+            blob = self.fetcher.fetch(url, task.get("id"), hostname, token, deadline=deadline)
             from backend.images.fetch import image_size
 
             size = image_size(blob)
@@ -370,7 +360,7 @@ class Learner:
                 continue
             payload = EmbedRegionsJob.build(blob, [(r.id, np.asarray(m, bool)) for (r, _), m in zip(used, masks)],
                                             params, dtype="float32")
-            result = self.service.dispatcher.run_embed(payload.to_dict(), EMBED_TIMEOUT_S)
+            result = self.dispatcher.run_embed(payload.to_dict(), EMBED_TIMEOUT_S)
             if result.get("error"):
                 raise LearningError(f"annotation {ann.get('id')}: embedding failed: {result['error']}")
             key = model_key(result.get("model"), params)
@@ -418,8 +408,8 @@ class Learner:
         return outcome
 
     def _client(self) -> Any:
-        url = self.settings.label_studio_url or self.service.setup_fallbacks()[0]
-        key = self.settings.label_studio_api_key or self.service.setup_fallbacks()[1]
+        url = self.settings.label_studio_url or self._setup_fallbacks()[0]
+        key = self.settings.label_studio_api_key or self._setup_fallbacks()[1]
         if not url or not key:
             raise LearningError("rebuilding examples needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or a /setup "
                                 "that sent hostname and access_token)")
@@ -432,10 +422,10 @@ class Learner:
                         ) -> tuple[np.ndarray, float]:
         """Normalised text prototypes ``[L, D]`` and the logit scale, from the worker (cached)."""
         key = (model_id, labels, tuple(params.templates))
-        hit, value = self._text.get(key)
-        if hit:
-            return value
-        result = self.service.dispatcher.run_embed(
+        hit, cached = self._text.lookup(key)
+        if hit and cached is not None:
+            return cached
+        result = self.dispatcher.run_embed(
             EmbedRegionsJob.build(None, [], params, labels, dtype="float32").to_dict(),
             EMBED_TIMEOUT_S)
         meta = result.get("meta") or {}
@@ -481,7 +471,7 @@ class Learner:
         model = self._model_info()
         mkey = model_key(model, params)
         key = (project, version, mkey, labels, tuple(params.templates), FIT_VERSION)
-        hit, doc = self._protos.get(key)
+        hit, doc = self._protos.lookup(key)
         if hit:
             return doc
         version, stored = self.store.snapshot(project, mkey)  # the examples of exactly one version

@@ -19,8 +19,8 @@ DIM = 16
 
 def make_learner(store, monkeypatch) -> learning.Learner:
     settings = Settings.from_env({"MASKINV_SIZE": "64", "MASKINV_STEPS": "2"})
-    service = SimpleNamespace(settings=settings, dispatcher=SimpleNamespace(model_info=lambda wait_s=0: {"id": "m"}))
-    learner = learning.Learner(service, store)
+    learner = learning.Learner(settings, SimpleNamespace(), SimpleNamespace(), lambda xml: None, lambda: (None, None),
+                               lambda: {"id": "m"}, store=store)
     rng = np.random.default_rng(0)
 
     def text(labels, params, model_id):
@@ -75,5 +75,4 @@ def test_caches_are_bounded_by_bytes(tmp_path, monkeypatch):
 
 
 def _values(cache) -> list:
-    items = getattr(cache, "_items", cache)
-    return [v[0] if isinstance(v, tuple) else v for v in items.values()]
+    return cache.values()
