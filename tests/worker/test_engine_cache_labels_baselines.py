@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from worker.engine.engine import MaskInversionEngine
-from worker.engine.image_cache import ByteLRUCache
+from worker.engine.bounded_cache import BoundedCache
 from worker.text.labels import LabelScorer
 from worker.engine.models import load_clip
 
@@ -36,7 +36,7 @@ def box_mask(h=50, w=60, y=(10, 30), x=(10, 40)) -> np.ndarray:
 
 
 def test_byte_lru_evicts_least_recent():
-    cache = ByteLRUCache(10, sizeof=len)
+    cache: BoundedCache[bytes] = BoundedCache(None, 10, sizeof=lambda _key, value: len(value))
     cache.put("a", b"1234")
     cache.put("b", b"1234")
     assert cache.get("a") == b"1234"  # a is now most recent

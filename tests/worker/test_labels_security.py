@@ -25,9 +25,9 @@ def test_case8_prototype_cache_stays_within_entries_and_bytes(clip):
     one = scorer.prototypes(["w0-a", "w0-b"], ["a {}."])
     for i in range(300):  # 300 distinct label sets of 5 new labels each
         scorer.prototypes([f"lbl{i}x{j}" for j in range(5)], ["a {}.", "the {}."])  # distinct label tuples
-        assert len(scorer.cache) <= 8 and scorer.cache.bytes <= 64 * 1024
-    stats = scorer.cache.stats()
-    assert stats["evictions"] >= 290 and stats["entries"] == 8
+        assert len(scorer.cache) <= 8 and scorer.cache.nbytes <= 64 * 1024
+    stats = scorer.cache.stats
+    assert stats.evictions >= 290 and stats.entries == 8
     assert np.allclose(scorer.prototypes(["w0-a", "w0-b"], ["a {}."]), one)  # recomputed after eviction: same
 
 
@@ -37,7 +37,7 @@ def test_case8_byte_bound_holds_for_large_vocabularies(clip):
     scorer = LabelScorer(clip, max_entries=1000, max_bytes=20_000)
     for i in range(20):
         scorer.prototypes([f"v{i}-{j}" for j in range(30)], ["a {}."])  # ~30 x D x 4 bytes each
-        assert scorer.cache.bytes <= 20_000
+        assert scorer.cache.nbytes <= 20_000
 
 
 def _letters(n: int) -> str:
@@ -51,7 +51,7 @@ def _letters(n: int) -> str:
 
 def test_case8_tokenizer_memo_is_bounded_and_keeps_special_tokens(clip):
     from worker.text.labels import LabelScorer, bound_tokenizer_cache
-    from worker.text.lru import BoundedMemo
+    from worker.text.token_memo import BoundedMemo
 
     LabelScorer(clip)  # installs the bounded memo on the tokenizer
     tok = clip.tokenizer

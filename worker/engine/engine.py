@@ -20,7 +20,7 @@ from worker.engine import cpu_gemm as cpu_gemm_backends
 from worker.engine import legrad
 
 from worker.engine import vit
-from worker.engine.image_cache import ByteLRUCache
+from worker.engine.bounded_cache import BoundedCache
 from worker.engine.grid_dice import GridDice
 from worker.engine.inversion import optimise_lets
 from worker.engine.models import ClipModel
@@ -54,6 +54,10 @@ class EngineStats:
     vit_forwards: int = 0  # images pushed through the whole ViT
 
 
+def _state_bytes(_key: object, state: legrad.ImageState) -> int:
+    return state.nbytes
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA out-of-memory, or a CPU allocation failure (a plain RuntimeError from the CPU allocator)."""
     return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc) \
@@ -85,7 +89,7 @@ class MaskInversionEngine:
         self.visual = clip.visual
         self.patch = clip.patch_size
         self.pos = vit.PosEmbedCache(self.visual)
-        self.cache: ByteLRUCache[legrad.ImageState] = ByteLRUCache(cache_bytes, lambda s: s.nbytes)
+        self.cache: BoundedCache[legrad.ImageState] = BoundedCache(None, cache_bytes, _state_bytes)
         self.chunk_memory_bytes = chunk_memory_bytes
         self.gpu_dtype = gpu_dtype
         self.use_basis = use_basis
@@ -134,7 +138,9 @@ class MaskInversionEngine:
             return state, True, digest, img
         state = legrad.build_image_state(self.visual, self._pixels(img, size), self.pos.get(size), self.cpu_gemm)
         self.stats.vit_forwards += 1
-        self.cache.put(key, state)
+        if not self.cache.put(key, state):
+            log.warning("image state of %.1f MiB exceeds the cache bound (%.1f MiB): not cached",
+                        state.nbytes / 2**20, self.cache.max_bytes / 2**20)
         return state, False, digest, img
 
     # ------------------------------------------------------------------ chunking

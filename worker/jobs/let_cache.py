@@ -15,13 +15,11 @@ prefix and TTL in the job's meta (:data:`JOB_META_KEY`).
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import OrderedDict
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from worker.engine.bounded_cache import BoundedCache
 from worker.protocol import LET_META_KEY, sha256_hex
 
 #: key in an RQ job's ``meta``: ``{"prefix": str, "ttl_s": int}`` (where the worker keeps LETs in Redis)
@@ -43,6 +41,10 @@ def _to_bytes(let: np.ndarray) -> bytes:
     return np.ascontiguousarray(np.asarray(let, dtype="<f4").reshape(-1)).tobytes()
 
 
+def _payload_bytes(_key: object, raw: bytes) -> int:
+    return len(raw)
+
+
 def _from_bytes(raw: bytes | None) -> np.ndarray | None:
     if raw is None or len(raw) % 4 or not raw:
         return None
@@ -62,58 +64,27 @@ class MemoryLetCache:
     def __init__(self, max_entries: int, max_bytes: int, ttl_s: float):
         if max_entries < 0 or max_bytes < 0 or ttl_s < 0:
             raise ValueError("LET cache bounds and TTL must be >= 0")
-        self.max_entries, self.max_bytes, self.ttl_s = int(max_entries), int(max_bytes), float(ttl_s)
-        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
+        self._cache: BoundedCache[bytes] = BoundedCache(int(max_entries), int(max_bytes), _payload_bytes,
+                                                        ttl_s=float(ttl_s))
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._cache)
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        return self._cache.nbytes
 
     def get_many(self, keys: Sequence[str]) -> list[np.ndarray | None]:
-        now = time.monotonic()
-        out: list[np.ndarray | None] = []
-        with self._lock:
-            for key in keys:
-                hit = self._data.get(key)
-                if hit is not None and hit[0] < now:
-                    self._drop(key)
-                    hit = None
-                if hit is None:
-                    self.misses += 1
-                    out.append(None)
-                else:
-                    self.hits += 1
-                    self._data.move_to_end(key)
-                    out.append(_from_bytes(hit[1]))
-        return out
+        return [_from_bytes(self._cache.get(key)) for key in keys]
 
     def put_many(self, entries: Mapping[str, np.ndarray]) -> None:
-        expires = time.monotonic() + self.ttl_s
-        with self._lock:
-            for key, let in entries.items():
-                raw = _to_bytes(let)
-                if self.max_entries == 0 or len(raw) > self.max_bytes:
-                    continue
-                self._drop(key)
-                self._data[key] = (expires, raw)
-                self._bytes += len(raw)
-            while self._data and (len(self._data) > self.max_entries or self._bytes > self.max_bytes):
-                self._drop(next(iter(self._data)))
-
-    def _drop(self, key: str) -> None:
-        old = self._data.pop(key, None)
-        if old is not None:
-            self._bytes -= len(old[1])
+        for key, let in entries.items():
+            self._cache.put(key, _to_bytes(let))
 
     def stats(self) -> dict[str, int]:
-        return {"let_entries": len(self._data), "let_bytes": self._bytes, "let_hits": self.hits,
-                "let_misses": self.misses}
+        stats = self._cache.stats
+        return {"let_entries": stats.entries, "let_bytes": stats.bytes, "let_hits": stats.hits,
+                "let_misses": stats.misses}
 
 
 class RedisLetCache:

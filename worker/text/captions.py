@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.text.labels import LabelScorer
-from worker.text.lru import BoundedLRU
+from worker.engine.bounded_cache import BoundedCache
 
 #: bounds of the phrase-bank cache (one entry per (model, label) captioned: ~35 phrases x D floats)
 BANK_CACHE_ENTRIES = 1024
@@ -49,7 +49,7 @@ class RetrievalCaptioner:
     def __init__(self, scorer: LabelScorer, max_entries: int = BANK_CACHE_ENTRIES,
                  max_bytes: int = BANK_CACHE_BYTES):
         self.scorer = scorer
-        self._banks: BoundedLRU[tuple[list[str], torch.Tensor]] = BoundedLRU(max_entries, max_bytes, _bank_bytes)
+        self._banks: BoundedCache[tuple[list[str], torch.Tensor]] = BoundedCache(max_entries, max_bytes, _bank_bytes)
 
     def _bank(self, label: str) -> tuple[list[str], torch.Tensor]:
         key = (self.scorer.clip.id, label)

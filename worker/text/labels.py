@@ -20,7 +20,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from worker.text.lru import BoundedLRU, BoundedMemo
+from worker.engine.bounded_cache import BoundedCache
+from worker.text.token_memo import BoundedMemo
 from worker.engine.models import ClipModel
 from worker.protocol import DEFAULT_TEMPLATES, PayloadError, check_template, check_templates, fill_template
 from worker.settings import DEFAULT_PROTOTYPE_CACHE_ENTRIES, DEFAULT_PROTOTYPE_CACHE_MB
@@ -92,7 +93,7 @@ class LabelScorer:
                  max_bytes: int = DEFAULT_PROTOTYPE_CACHE_MB << 20):
         self.clip = clip
         self.batch = batch
-        self.cache: BoundedLRU[torch.Tensor] = BoundedLRU(max_entries, max_bytes, _prototype_bytes)
+        self.cache: BoundedCache[torch.Tensor] = BoundedCache(max_entries, max_bytes, _prototype_bytes)
         bound_tokenizer_cache(clip.tokenizer)
         self._trim = _can_trim(clip.model)
 
