@@ -81,6 +81,7 @@ JOB_KINDS: dict[str, JobKind] = {
                              "the LETs of regions of one image (examples), and text prototypes of labels"),
     "propose_regions": JobKind("propose_regions", "worker.jobs.propose.propose_regions",
                                "propose, label and caption regions nobody drew on one image"),
+    "warm_up": JobKind("warm_up", "worker.jobs.regions.warm_up", "load the model; answers the model's identity"),
 }
 
 #: RQ success callback that stores a finished job's region results in the result cache
