@@ -12,7 +12,7 @@ from typing import Any
 from worker.protocol import InversionParams, PayloadError, check_label_caps, check_limits, check_templates, sha256_hex
 
 from backend.bounded_cache import BoundedCache
-from backend.dispatch.dispatchers import Dispatcher, make_dispatcher
+from backend.dispatch import Dispatcher, make_dispatcher
 from backend.images.policy import FetchRefused, Origin
 from backend.images.fetch import ImageFetcher
 from backend.labelstudio.label_config import ConfigCache, LabelConfigError, ProjectConfig

@@ -30,7 +30,7 @@ from typing import Any
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from backend.dispatch.dispatchers import DispatchError
+from backend.dispatch import DispatchError
 from backend.labelstudio.label_config import LabelConfigError
 from backend.service import PredictError, Service
 from backend.settings import Settings

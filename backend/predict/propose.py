@@ -35,7 +35,7 @@ from typing import Any
 
 from worker.protocol import InversionParams, ProposeRegionsJob, decode_mask
 
-from backend.dispatch.dispatchers import DispatchError
+from backend.dispatch import DispatchError
 from backend.labelstudio.label_config import ProjectConfig, RegionControl
 from backend.labelstudio.predictions import alternatives_text, task_prediction
 from backend.labelstudio.region_output import OutputError, geometry_value

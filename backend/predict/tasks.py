@@ -17,7 +17,7 @@ parallel on several workers. Per task the answer is
 Interactive requests whose regions all fail raise :class:`PredictError` with an HTTP status (413 over a limit,
 422 bad region or refused/unusable image, 502 image host or worker failure, 503 no worker / no Redis, 504
 timeout). Redis that cannot be reached when the jobs are sent raises
-``backend.dispatch.dispatchers.QueueUnavailable`` (a
+``backend.dispatch.QueueUnavailable`` (a
 ``ConnectionError``; the app answers 503); Redis lost while waiting gives the task's error entries
 ``"kind": "failed", "code": "queue_unavailable"`` (interactive: 503).
 """
@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.dispatch.dispatchers import QUEUE_UNAVAILABLE, DispatchError, LabelRequest, QueueUnavailable
+from backend.dispatch import QUEUE_UNAVAILABLE, DispatchError, LabelRequest, QueueUnavailable
 from backend.images.fetch import ImageError, image_size
 from backend.labelstudio.label_config import ProjectConfig
 from backend.labelstudio.predictions import region_results, task_prediction

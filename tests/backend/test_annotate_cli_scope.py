@@ -32,7 +32,7 @@ def test_annotate_writes_only_the_projects_tasks_with_the_setup_version(monkeypa
     monkeypatch.delenv("REDIS_URL", raising=False)
     done: Future = Future()
     done.set_result(None)
-    monkeypatch.setattr("backend.dispatch.dispatchers.EmbeddedDispatcher.warm_up", lambda self: done)
+    monkeypatch.setattr("backend.dispatch.embedded.EmbeddedDispatcher.warm_up", lambda self: done)
     monkeypatch.setattr(learning.Learner, "version_suffix",
                         lambda self, project, params: "-ex12345678" if str(project) == "1" else "")
 

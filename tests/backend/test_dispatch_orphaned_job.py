@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rq.utils import now, utcformat
 
-from backend.dispatch.dispatchers import QueueDispatcher
+from backend.dispatch import QueueDispatcher
 from backend_support import WORKER_START_S, WorkerProcess, client_for, data_uri, png_bytes, settings_for
 from worker.queue_worker import WorkerRegistry
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from backend.dispatch.dispatchers import DispatchError, LabelRequest, QueueDispatcher, QueueUnavailable
+from backend.dispatch import DispatchError, LabelRequest, QueueDispatcher, QueueUnavailable
 from backend.labelstudio.label_config import parse_label_config
 from backend.predict.tasks import STATUS, predict_tasks
 from backend.service import Service

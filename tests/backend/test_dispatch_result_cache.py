@@ -1,4 +1,4 @@
-"""backend.dispatch.dispatchers with the result cache: an answer is cached under everything it depends on, the project's
+"""backend.dispatch with the result cache: an answer is cached under everything it depends on, the project's
 example prototypes included, and the worker's writer and the backend's reader agree on that key."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backend.dispatch.dispatchers import Dispatcher, LabelRequest, _Prepared, _RunResult
+from backend.dispatch import Dispatcher, LabelRequest, PreparedJob, RunResult
 from backend.settings import Settings
 from backend_support import png_bytes, settings_for
 from worker.protocol import (JOB_META_KEY, InversionParams, MemoryResultCache, encode_vectors, entries_from_result,
@@ -55,13 +55,13 @@ class ScriptedDispatcher(Dispatcher):
     def model_info(self, wait_s: float = 0.0) -> dict[str, Any]:
         return dict(MODEL)
 
-    def _run(self, items: list[_Prepared], timeout_s: float) -> list[_RunResult]:
+    def _run(self, items: list[PreparedJob], timeout_s: float) -> list[RunResult]:
         out = []
         for p in items:
             self.jobs += 1
             result = answer(p.payload)
             self.cache.put_many(entries_from_result(self.settings.redis_prefix, p.payload, result))
-            out.append(_RunResult(result, None, {"status": "finished"}))
+            out.append(RunResult.finished(result, {"status": "finished"}))
         return out
 
 
@@ -99,7 +99,7 @@ def test_queue_mode_worker_callback_and_backend_agree_on_keys(redis_conn, redis_
     """The worker's success callback stores what the backend then reads, per project (payloads through RQ's JSON)."""
     from rq.job import Job
 
-    from backend.dispatch.dispatchers import QueueDispatcher
+    from backend.dispatch import QueueDispatcher
 
     registry = WorkerRegistry(redis_conn, redis_ns, prefix=redis_ns, heartbeat_s=60)
     registry._entry_json = registry.entry_json(MODEL, 60)

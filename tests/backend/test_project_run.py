@@ -358,7 +358,7 @@ def test_embedded_dispatcher_attaches_a_repeated_job_to_the_one_still_running(ti
     """A background run asks again for jobs the timed-out request left running: they are not run twice."""
     import numpy as np
 
-    from backend.dispatch.dispatchers import EmbeddedDispatcher, LabelRequest
+    from backend.dispatch import EmbeddedDispatcher, LabelRequest
     from backend_support import png_bytes
     from worker.jobs import regions as jobs
     from worker.protocol import InversionParams

@@ -55,7 +55,7 @@ def test_setup_does_not_prepare_when_switched_off(make_client):
 def test_queue_mode_enqueues_a_prepare_labels_job_that_a_worker_runs(redis_conn, redis_ns, tiny_runtime):
     from rq import Queue, SimpleWorker
 
-    from backend.dispatch.dispatchers import QueueDispatcher
+    from backend.dispatch import QueueDispatcher
     from worker.jobs import regions as jobs
     from worker.queue_worker import JOB_SERIALIZER, LabelJob
 
