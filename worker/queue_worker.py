@@ -16,10 +16,12 @@ while its last beat is younger than 4 of its own heartbeat periods.
 
 Jobs travel as JSON (RQ's ``JSONSerializer``, never pickle) and the worker runs only the functions and
 callbacks on :data:`ALLOWED_FUNCTIONS` / :data:`ALLOWED_CALLBACKS` (:class:`LabelJob`): whoever can write to
-Redis can make the worker label images, not run arbitrary code. If the connection to Redis is lost (Redis
-restarted), the worker waits for Redis, marks the job it was running as failed if Redis still has it, and
-serves the queue again. The backend uses the registry to (a) refuse to wait when no
-worker is alive, (b) report a clear error as soon as the worker running a job stops beating (killed, OOM),
+Redis can make the worker label images, not run arbitrary code. A job enqueued by the previous release under a
+former function or callback name (``worker.protocol.kinds.FORMER_FUNCTIONS``) runs under today's name.
+
+If the connection to Redis is lost (Redis restarted), the worker waits for Redis, marks the job it was running
+as failed if Redis still has it, and serves the queue again. The backend uses the registry to (a) refuse to wait
+when no worker is alive, (b) report a clear error as soon as the worker running a job stops beating (killed, OOM),
 and (c) learn the model id it needs for result-cache keys (:mod:`worker.protocol`).
 """
 
@@ -33,11 +35,14 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.utils import import_attribute
 
-from worker.protocol import RegistryReader, allowed_callbacks, allowed_functions, job_serializer
+from worker.protocol.kinds import (allowed_callbacks, allowed_functions, job_serializer, runnable_callback,
+                                   runnable_function)
+from worker.protocol.registry import RegistryReader
 from worker.settings import WorkerSettings, WorkerSettingsError
 
 log = logging.getLogger(__name__)
@@ -53,33 +58,37 @@ JOB_SERIALIZER = job_serializer()
 
 
 class LabelJob(Job):
-    """An RQ job that resolves only allow-listed functions and callbacks."""
+    """An RQ job that resolves only allow-listed functions and callbacks (a former name: today's function)."""
 
     @property
-    def func(self):
+    def func(self) -> Callable[..., Any]:
         name = self.func_name
-        if name not in ALLOWED_FUNCTIONS or self.instance is not None:
+        current = runnable_function(name) if self.instance is None else None
+        if current is None:
             raise PermissionError(f"refusing to run job function {str(name)[:200]!r}: this worker runs only "
                                   f"{sorted(ALLOWED_FUNCTIONS)}")
-        return Job.func.fget(self)
+        return import_attribute(current)
 
-    def _allowed_callback(self, kind: str):
+    def _allowed_callback(self, kind: str) -> Callable[..., Any] | None:
         name = getattr(self, f"_{kind}_callback_name", None)
-        if name and name not in ALLOWED_CALLBACKS:
+        if not name:
+            return None
+        current = runnable_callback(name)
+        if current is None:
             log.warning("job %s: ignoring %s callback %r (not allowed)", self.id, kind, str(name)[:200])
             return None
-        return getattr(Job, f"{kind}_callback").fget(self)
+        return import_attribute(current)
 
     @property
-    def success_callback(self):
+    def success_callback(self) -> Callable[..., Any] | None:
         return self._allowed_callback("success")
 
     @property
-    def failure_callback(self):
+    def failure_callback(self) -> Callable[..., Any] | None:
         return self._allowed_callback("failure")
 
     @property
-    def stopped_callback(self):
+    def stopped_callback(self) -> Callable[..., Any] | None:
         return self._allowed_callback("stopped")
 
 
@@ -111,7 +120,7 @@ class WorkerRegistry(RegistryReader):
         others = {m.get("id") for m in self.live_models().values()} - {None, model_info.get("id")}
         if others:
             log.warning("queue %r is also served by workers with model(s) %s; this worker serves %s — "
-                        "results then depend on which worker takes a job", self.queue, sorted(others),
+                        "results then depend on which worker takes a job", self.queue, sorted(map(str, others)),
                         model_info.get("id"))
         self._entry_json = self.entry_json(model_info, self.heartbeat_s)
         self.beat(name)
@@ -233,7 +242,7 @@ def _forget_interrupted(conn: Any, worker: Any, queue: str) -> None:
         for job_id in registry.get_job_ids():
             job = LabelJob.fetch(job_id, connection=conn, serializer=JOB_SERIALIZER)
             if job.worker_name == worker.name:
-                job.set_status("failed")
+                job.set_status(JobStatus.FAILED)
                 registry.remove(job)
                 log.warning("job %s was interrupted by the lost Redis connection: marked failed", job_id)
         conn.delete(worker.key)

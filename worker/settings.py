@@ -1,9 +1,9 @@
 """Worker settings, read once from environment variables where the runtime is built (torch-free).
 
 Mirrors ``backend.settings``: one frozen dataclass, :meth:`WorkerSettings.from_env`, the project's one family of
-parsers (``worker.protocol.env_int`` / ``env_float`` / ``env_bool`` / ``env_str``), and a bad value raises
-:class:`WorkerSettingsError` naming the variable. Nothing else in ``worker`` reads the environment: the loader
-(``worker.engine.models``), the engine, preprocessing, the job functions and the captioner take these values explicitly.
+parsers (``worker.protocol.env``), and a bad value raises :class:`WorkerSettingsError` naming the variable. Nothing
+else in ``worker`` reads the environment (:func:`process_env`): the loader (``worker.engine.models``), the engine,
+preprocessing, the job functions and the captioner take these values explicitly.
 
 Variables (defaults in brackets; README's configuration tables and docker-compose.yml mirror them):
 
@@ -46,12 +46,13 @@ Variables (defaults in brackets; README's configuration tables and docker-compos
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from worker.protocol import (DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, DEFAULT_MAX_TEMPLATE_CHARS,
-                       DEFAULT_MAX_VOCAB_BYTES, SettingError, env_bool, env_choice, env_float, env_int, env_str,
-                       process_env)
+from worker.protocol.env import SettingError, env_bool, env_choice, env_float, env_int, env_str
+from worker.protocol.params import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS
+from worker.protocol.vocabulary import DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_TEMPLATE_CHARS, DEFAULT_MAX_VOCAB_BYTES
 
 #: default bounds of the label scorer's prototype cache (entries, MiB)
 DEFAULT_PROTOTYPE_CACHE_ENTRIES = 256
@@ -65,6 +66,11 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 class WorkerSettingsError(SettingError):
     """An environment variable has a value the worker cannot use."""
+
+
+def process_env() -> Mapping[str, str]:
+    """The process environment: the one place the worker reads ``os.environ`` (``from_env`` defaults to it)."""
+    return os.environ
 
 
 @dataclass(frozen=True)
@@ -165,36 +171,36 @@ class WorkerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WorkerSettings":
         env = process_env() if env is None else env
-        err = {"error": WorkerSettingsError}
+        err = WorkerSettingsError
         captioner = CaptionerSettings.from_env(env)
         log_level = env_str(env, "MASKINV_LOG_LEVEL", "INFO").upper()
         if log_level not in LOG_LEVELS:
             raise WorkerSettingsError(f"MASKINV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-        heartbeat = env_float(env, "MASKINV_WORKER_HEARTBEAT", 5.0, **err)
+        heartbeat = env_float(env, "MASKINV_WORKER_HEARTBEAT", 5.0, error=err)
         if not heartbeat > 0:
             raise WorkerSettingsError(f"MASKINV_WORKER_HEARTBEAT must be > 0 seconds, got {heartbeat}")
         return cls(
             model=env_str(env, "MASKINV_MODEL", "ViT-B-16"),
             pretrained=env.get("MASKINV_PRETRAINED", "openai").strip(),
             device=env_str(env, "MASKINV_DEVICE", "") or None,
-            seed=env_int(env, "MASKINV_SEED", 0, 0, **err),
-            gpu_dtype=env_choice(env, "MASKINV_GPU_DTYPE", "fp32", GPU_DTYPES, **err),
-            cpu_gemm=env_choice(env, "MASKINV_CPU_GEMM", "auto", CPU_GEMMS, **err),
-            cache_bytes=env_int(env, "MASKINV_CACHE_MB", 2048, 0, **err) * 2**20,
-            chunk_memory_bytes=env_int(env, "MASKINV_CHUNK_MEMORY_MB", 4096, 0, **err) * 2**20,
-            max_image_pixels=env_int(env, "MASKINV_MAX_IMAGE_PIXELS", 50_000_000, 1, **err),
-            max_steps=env_int(env, "MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS, 0, 1000, **err),
-            max_size=env_int(env, "MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE, 32, 2048, **err),
-            max_label_chars=env_int(env, "MASKINV_MAX_LABEL_CHARS", DEFAULT_MAX_LABEL_CHARS, 1, **err),
-            max_vocab_bytes=env_int(env, "MASKINV_MAX_VOCAB_BYTES", DEFAULT_MAX_VOCAB_BYTES, 1, **err),
-            max_template_chars=env_int(env, "MASKINV_MAX_TEMPLATE_CHARS", DEFAULT_MAX_TEMPLATE_CHARS, 1, **err),
+            seed=env_int(env, "MASKINV_SEED", 0, 0, error=err),
+            gpu_dtype=env_choice(env, "MASKINV_GPU_DTYPE", "fp32", GPU_DTYPES, error=err),
+            cpu_gemm=env_choice(env, "MASKINV_CPU_GEMM", "auto", CPU_GEMMS, error=err),
+            cache_bytes=env_int(env, "MASKINV_CACHE_MB", 2048, 0, error=err) * 2**20,
+            chunk_memory_bytes=env_int(env, "MASKINV_CHUNK_MEMORY_MB", 4096, 0, error=err) * 2**20,
+            max_image_pixels=env_int(env, "MASKINV_MAX_IMAGE_PIXELS", 50_000_000, 1, error=err),
+            max_steps=env_int(env, "MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS, 0, 1000, error=err),
+            max_size=env_int(env, "MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE, 32, 2048, error=err),
+            max_label_chars=env_int(env, "MASKINV_MAX_LABEL_CHARS", DEFAULT_MAX_LABEL_CHARS, 1, error=err),
+            max_vocab_bytes=env_int(env, "MASKINV_MAX_VOCAB_BYTES", DEFAULT_MAX_VOCAB_BYTES, 1, error=err),
+            max_template_chars=env_int(env, "MASKINV_MAX_TEMPLATE_CHARS", DEFAULT_MAX_TEMPLATE_CHARS, 1, error=err),
             prototype_cache_entries=env_int(env, "MASKINV_PROTOTYPE_CACHE_ENTRIES", DEFAULT_PROTOTYPE_CACHE_ENTRIES, 0,
-                                            **err),
+                                            error=err),
             prototype_cache_bytes=env_int(env, "MASKINV_PROTOTYPE_CACHE_MB", DEFAULT_PROTOTYPE_CACHE_MB, 0,
-                                          **err) << 20,
-            let_cache_entries=env_int(env, "MASKINV_LET_CACHE_ENTRIES", 50_000, 0, **err),
-            let_cache_bytes=env_int(env, "MASKINV_LET_CACHE_MB", 256, 0, **err) << 20,
-            let_ttl_s=env_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0, **err),
+                                          error=err) << 20,
+            let_cache_entries=env_int(env, "MASKINV_LET_CACHE_ENTRIES", 50_000, 0, error=err),
+            let_cache_bytes=env_int(env, "MASKINV_LET_CACHE_MB", 256, 0, error=err) << 20,
+            let_ttl_s=env_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0, error=err),
             captioner=captioner,
             proposals=ProposalSettings.from_env(env),
             redis_url=env_str(env, "REDIS_URL", DEFAULT_REDIS_URL),

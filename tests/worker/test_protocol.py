@@ -169,7 +169,7 @@ def test_views_parameter_is_validated_and_implicit_when_one():
 
 
 def test_embed_and_propose_payloads_round_trip_and_name_bad_fields():
-    from worker.protocol import MAX_EMBED_LABELS, EmbedRegionsJob, ProposeRegionsJob
+    from worker.protocol import MAX_EMBED_LABELS, EmbedRegionsJob, ExamplePrototypes, ProposeRegionsJob
 
     job = EmbedRegionsJob.build(b"png", [("a", _mask())], InversionParams(views=2), ["cat"], dtype="float32")
     d = job.to_dict()
@@ -188,7 +188,8 @@ def test_embed_and_propose_payloads_round_trip_and_name_bad_fields():
     assert "prototypes" not in p
     protos = {"version": "x", "labels": ["cat"], "weights": {}, "bias": [0.0], "means": {}, "counts": [1]}
     with_protos = ProposeRegionsJob.build(b"png", ["cat"], InversionParams(), None, protos)
-    assert ProposeRegionsJob.from_dict(with_protos.to_dict()).prototypes == protos
+    assert with_protos.to_dict()["prototypes"] == protos  # the wire format of the example prototypes is unchanged
+    assert ProposeRegionsJob.from_dict(with_protos.to_dict()).prototypes == ExamplePrototypes.from_dict(protos)
     for bad, field in (({**p, "labels": []}, "labels"), ({**p, "labels": ["a", "a"]}, "unique"),
                        ({**p, "proposals": [1]}, "proposals"), ({**p, "params": {"steps": -1}}, "steps"),
                        ({**p, "prototypes": [1]}, "prototypes")):
