@@ -54,7 +54,7 @@ def scenes(n_regions: int, size: int) -> list[tuple[bytes, list[np.ndarray]]]:
 
 
 def runtime(model: str, pretrained: str):
-    from worker.jobs import regions as jobs
+    from worker.jobs import runtime as jobs
     from worker.text.captions import RetrievalCaptioner
     from worker.engine.engine import MaskInversionEngine
     from worker.text.labels import LabelScorer

@@ -34,7 +34,7 @@ def redis_ns(redis_conn):
 @pytest.fixture(scope="module")
 def tiny_runtime():
     """Make worker.jobs.regions build its runtime from the tiny test model (and forget it afterwards)."""
-    from worker.jobs import regions as jobs
+    from worker.jobs import runtime as jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in TINY_MODEL_ENV.items():

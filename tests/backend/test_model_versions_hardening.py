@@ -96,7 +96,7 @@ def test_predictions_never_write_to_label_studio_or_touch_annotations(make_clien
 
 
 def test_repeated_batch_is_idempotent_and_versions_follow_labels_and_params(make_client, fake_ls, monkeypatch):
-    from worker.jobs import regions as jobs
+    from worker.jobs import runtime as jobs
 
     version, first = run_batch(make_client, fake_ls, config("rectangle"))
     assert version == first["model_version"] == first["results"][0]["model_version"]

@@ -185,7 +185,7 @@ def test_classify_counts_proposed_regions():
 @pytest.fixture(scope="module")
 def proposal_env(tiny_runtime):
     """The embedded worker runtime reads PROPOSAL_ENV (it reads its settings once, when built)."""
-    from worker.jobs import regions as jobs
+    from worker.jobs import runtime as jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in PROPOSAL_ENV.items():

@@ -11,7 +11,7 @@ from backend_support import predict, task
 @pytest.fixture(autouse=True, scope="module")
 def proposal_env():
     """Worker proposal settings for a random model: every proposal kept, MaskCut only, at most 3 per image."""
-    from worker.jobs import regions as jobs
+    from worker.jobs import runtime as jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in {"MASKINV_PROPOSAL_MIN_SCORE": "0", "MASKINV_PROPOSAL_SOURCES": "maskcut",

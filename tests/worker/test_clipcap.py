@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from worker.text import clipcap
-from worker.text.clipcap import (CaptionerError, ClipCapCaptioner, ClipCapConfig, load_captioner_from_env,
-                            load_clipcap, save_clipcap)
+from worker.settings import CaptionerSettings
+from worker.text.clipcap import (CaptionerError, ClipCapCaptioner, ClipCapConfig, load_captioner, load_clipcap,
+                                 save_clipcap)
 from training.train_clipcap import (FitConfig, build_captioner, encode_captions, fit, tiny_gpt2,
                                   train_bpe_tokenizer)
 
@@ -278,8 +279,14 @@ def test_decoding_settings_are_checked(cap):
 
 
 # ------------------------------------------------------------------------------------------ environment
+def load_captioner_from_env(scorer):
+    """The captioner that ``MASKINV_CAPTIONER`` and the caption decoding variables name (their errors raise
+    CaptionerError naming the variable)."""
+    return load_captioner(scorer, CaptionerSettings.from_env(error=CaptionerError))
+
+
 class FakeScorer:
-    """What load_captioner_from_env reads from a LabelScorer: ``.clip`` (embed_dim, name, device)."""
+    """What load_captioner reads from a LabelScorer: ``.clip`` (embed_dim, name, device)."""
 
     def __init__(self, embed_dim: int = CLIP_DIM, name: str = "maskinv-test-tiny"):
         self.clip = type("Clip", (), {"embed_dim": embed_dim, "name": name, "device": torch.device("cpu")})()

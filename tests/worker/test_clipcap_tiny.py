@@ -1,5 +1,5 @@
 """The committed tiny captioner (assets/tiny_clipcap) on the committed tiny scene CLIP: it loads through the
-environment factory and captions single-object scenes it never saw in the words of the scene world."""
+environment's settings and captions single-object scenes it never saw in the words of the scene world."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.text.clipcap import ClipCapCaptioner, load_captioner_from_env, load_clipcap
+from worker.settings import CaptionerSettings
+from worker.text.clipcap import ClipCapCaptioner, load_captioner, load_clipcap
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTIONER = ROOT / "assets" / "tiny_clipcap"
 CLIP_CHECKPOINT = ROOT / "assets" / "tiny_scene_clip" / "maskinv-scene-tiny.safetensors"
 # The captioner is trained on the tiny scene CLIP's embeddings: both are committed together or not at all.
 pytestmark = pytest.mark.skipif(not (CAPTIONER / "clipcap.json").is_file() or not CLIP_CHECKPOINT.is_file(),
-                                reason="the tiny scene CLIP and its captioner are not committed yet (issues 4, 5)")
+                                reason="the tiny scene CLIP and its captioner are not committed")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_captions_name_the_colour_of_unseen_single_object_scenes(scene_clip, val
 
     monkeypatch.setenv("MASKINV_CAPTIONER", str(CAPTIONER))
     monkeypatch.setenv("MASKINV_CAPTION_DECODING", "beam")
-    captioner = load_captioner_from_env(LabelScorer(scene_clip))
+    captioner = load_captioner(LabelScorer(scene_clip), CaptionerSettings.from_env())
     assert isinstance(captioner, ClipCapCaptioner)
     engine = MaskInversionEngine(scene_clip)
     emb = engine.embed_images([s.image for s in val_scenes], 112)

@@ -6,6 +6,7 @@ import numpy as np
 
 from worker.protocol import InversionParams, LabelRegionsJob, encode_image, encode_mask
 from backend.learning.fit import class_means, fit_prototypes
+from worker.engine.embedding import combine_views, mix_crop
 from worker.protocol import decode_vectors, encode_vectors
 from worker.protocol import JOB_KINDS, JobResult, allowed_functions
 
@@ -126,7 +127,7 @@ def test_two_views_embed_the_region_and_its_mirror(tiny_runtime):
     assert two.hits == 0 and one.hits == 0 and len(cache) == 4  # view 0 came from the cache: not a full hit
     mirror = Image.open(__import__("io").BytesIO(img)).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     flipped = rt.engine.invert(mirror, [a[:, ::-1], b[:, ::-1]], size=64, steps=2, final_loss=False)
-    expect = embed_jobs.combine_views(np.stack([one.lets, flipped.lets.numpy()]))
+    expect = combine_views(np.stack([one.lets, flipped.lets.numpy()]))
     np.testing.assert_allclose(two.lets, expect, rtol=1e-5, atol=1e-6)
     u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     assert np.all((u(two.lets) * u(one.lets)).sum(1) < 1 - 1e-6)  # the mirror view moved it
@@ -137,21 +138,6 @@ def test_two_views_embed_the_region_and_its_mirror(tiny_runtime):
     bad = embed_jobs.region_lets(rt, img, "img6", [a, np.zeros((60, 80), bool)],
                                  InversionParams(size=64, steps=2, views=2), cache, "t")
     assert bad.errors[0] is None and bad.errors[1] and not bad.lets[1].any()
-
-
-def test_combine_views_shapes_and_scale():
-    from worker.jobs.embed import combine_views
-
-    rng = np.random.default_rng(0)
-    lets = rng.normal(size=(2, 5, 8)).astype(np.float32)
-    out = combine_views(lets)
-    assert out.shape == (5, 8)
-    np.testing.assert_allclose(np.linalg.norm(out, axis=1), np.linalg.norm(lets[0], axis=1), rtol=1e-5)
-    unit = lets / np.linalg.norm(lets, axis=2, keepdims=True)
-    d = unit.sum(0)
-    np.testing.assert_allclose(out / np.linalg.norm(out, axis=1, keepdims=True),
-                               d / np.linalg.norm(d, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(combine_views(lets[:1]), lets[0], rtol=1e-6)
 
 
 def test_crop_weight_mixes_the_masked_crop_into_the_region_embedding(tiny_runtime):
@@ -172,7 +158,7 @@ def test_crop_weight_mixes_the_masked_crop_into_the_region_embedding(tiny_runtim
     assert mixed.hits == 2 and rt.engine.stats.vit_forwards == forwards + 2  # LETs cached; two crops embedded
     crops, errors = rt.engine.crop_embeddings(img, [a, b], "masked_crop")
     assert errors == [None, None]
-    expect = embed_jobs.mix_crop(plain.lets, crops.numpy(), 0.5)
+    expect = mix_crop(plain.lets, crops.numpy(), 0.5)
     np.testing.assert_allclose(mixed.lets, expect, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(mixed.lets, axis=1), np.linalg.norm(plain.lets, axis=1), rtol=1e-5)
     again = embed_jobs.region_lets(rt, img, "img7", [a, b], InversionParams(size=64, steps=2, crop_weight=0.5),
@@ -184,20 +170,6 @@ def test_crop_weight_mixes_the_masked_crop_into_the_region_embedding(tiny_runtim
                                  InversionParams(size=64, steps=2, crop_weight=0.5), cache, "t")
     assert bad.errors[1] and not bad.lets[1].any()
     np.testing.assert_allclose(bad.lets[0], mixed.lets[0], rtol=1e-6)
-
-
-def test_mix_crop_directions_and_scale():
-    from worker.jobs.embed import mix_crop
-
-    rng = np.random.default_rng(1)
-    lets, crops = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(4, 8)).astype(np.float32) * 3
-    np.testing.assert_array_equal(mix_crop(lets, crops, 0.0), lets)
-    out = mix_crop(lets, crops, 2.0)
-    np.testing.assert_allclose(np.linalg.norm(out, axis=1), np.linalg.norm(lets, axis=1), rtol=1e-5)
-    u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    np.testing.assert_allclose(u(out), u(u(lets) + 2.0 * u(crops)), rtol=1e-5, atol=1e-6)
-    # a zero crop (none could be made) leaves the LET as it is
-    np.testing.assert_allclose(mix_crop(lets, np.zeros_like(crops), 1.0), lets, rtol=1e-6)
 
 
 def test_label_job_scores_the_mixed_embedding(tiny_runtime):

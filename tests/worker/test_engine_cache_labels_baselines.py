@@ -140,7 +140,7 @@ def test_load_local_checkpoint(tmp_path, clip):
     torch.save(clip.model.state_dict(), path)
     other = load_clip(MODEL, str(path), "cpu", seed=123)  # seed ignored: weights come from the file
     assert torch.equal(other.model.visual.proj, clip.model.visual.proj)
-    # the id names the weights' content, never their path (security wave 2: model_version is shown by Label Studio)
+    # the id names the weights' content, never their path (Label Studio shows model_version)
     assert str(path) not in other.id and other.id.startswith(f"{MODEL}/sha256-") and other.id != clip.id
 
 

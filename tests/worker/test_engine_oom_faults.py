@@ -25,7 +25,7 @@ def by_id(pred) -> dict[str, tuple]:
 
 def forget_lets() -> None:
     """Empty the embedded runtime's LET cache, so that the next job inverts its regions."""
-    from worker.jobs import regions as jobs
+    from worker.jobs import runtime as jobs
     from worker.jobs.let_cache import MemoryLetCache
 
     rt = jobs.get_runtime()
@@ -58,7 +58,7 @@ def test_cuda_oom_falls_back_to_smaller_chunks(make_client, oom_when):
     assert reference[0] == 200
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
     calls = oom_when(lambda n, _: oom if n > 1 else None)
-    forget_lets()  # the LETs of these regions are cached apart from labels (issue 14): invert them again
+    forget_lets()  # the LETs of these regions are cached apart from labels: invert them again
     status, body = answer(make_client(), [task(1, 5)], {"result": REGIONS})  # fresh result cache
     assert status == 200, body
     (pred,) = body["results"]

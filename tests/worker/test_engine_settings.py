@@ -10,7 +10,7 @@ from PIL import Image
 
 from worker.engine import engine as engine_mod
 from worker.engine.engine import MaskInversionEngine
-from worker.jobs.regions import build_engine
+from worker.jobs.runtime import build_engine
 from worker.engine.models import load_clip
 
 

@@ -51,10 +51,11 @@ def jobs(monkeypatch_module):
     monkeypatch_module.setenv("MASKINV_PRETRAINED", "none")
     monkeypatch_module.setenv("MASKINV_DEVICE", "cpu")
     from worker.jobs import regions as module
+    from worker.jobs import runtime
 
-    monkeypatch_module.setattr(module, "_runtime", None)
+    monkeypatch_module.setattr(runtime, "_runtime", None)
     yield module
-    module._runtime = None
+    runtime._runtime = None
 
 
 @pytest.fixture(scope="module")
@@ -123,31 +124,12 @@ def test_label_regions_uses_a_configured_clipcap_captioner(tmp_path, monkeypatch
                  "MASKINV_CAPTIONER": str(path), "MASKINV_CAPTION_DECODING": "greedy",
                  "MASKINV_CAPTION_MAX_TOKENS": "6"}.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(jobs, "_runtime", None)
-    try:
-        m = np.zeros((50, 60), bool)
-        m[5:25, 5:30] = True
-        res = jobs.label_regions(LabelRegionsJob.build(
-            png(), [("r1", m)], [], InversionParams(size=32, steps=2)).to_dict())
-        region = res["regions"][0]
-        assert res["model"]["captions"] == "clipcap"
-        assert region["caption_mode"] == "clipcap" and isinstance(region["caption"], str)
-        assert region["labels"] == []  # no vocabulary: a caption all the same
-    finally:
-        jobs._runtime = None
-
-
-def test_worker_reapplies_the_service_limits():
-    """A job written to Redis by anything but the backend cannot ask for more than the service allows."""
-    from worker.jobs.regions import check_worker_limits
-    from worker.protocol import DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS
-
-    assert (DEFAULT_MAX_STEPS, DEFAULT_MAX_SIZE) == (200, 1024)  # the documented defaults
-
-    check_worker_limits(InversionParams(steps=DEFAULT_MAX_STEPS, size=DEFAULT_MAX_SIZE), {})
-    with pytest.raises(PayloadError, match="MASKINV_MAX_STEPS=200"):
-        check_worker_limits(InversionParams(steps=201), {})
-    with pytest.raises(PayloadError, match="MASKINV_MAX_SIZE=64"):
-        check_worker_limits(InversionParams(size=128), {"MASKINV_MAX_SIZE": "64"})
-    with pytest.raises(PayloadError, match="must be an integer"):
-        check_worker_limits(InversionParams(), {"MASKINV_MAX_STEPS": "many"})
+    monkeypatch.setattr("worker.jobs.runtime._runtime", None)  # built with the captioner, undone after the test
+    m = np.zeros((50, 60), bool)
+    m[5:25, 5:30] = True
+    res = jobs.label_regions(LabelRegionsJob.build(
+        png(), [("r1", m)], [], InversionParams(size=32, steps=2)).to_dict())
+    region = res["regions"][0]
+    assert res["model"]["captions"] == "clipcap"
+    assert region["caption_mode"] == "clipcap" and isinstance(region["caption"], str)
+    assert region["labels"] == []  # no vocabulary: a caption all the same

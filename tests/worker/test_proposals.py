@@ -146,17 +146,17 @@ def test_sam_like_external_source_is_used(tiny):
 # ---------------------------------------------------------------------------------------------- the job
 @pytest.fixture(scope="module")
 def jobs():
-    from worker.jobs import regions as module
+    from worker.jobs import runtime
     from worker.jobs import propose as proposal_jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in {"MASKINV_MODEL": "maskinv-test-tiny", "MASKINV_PRETRAINED": "none", "MASKINV_DEVICE": "cpu",
                  "MASKINV_MAX_PROPOSALS": "4"}.items():
         mp.setenv(k, v)
-    mp.setattr(module, "_runtime", None)
+    mp.setattr("worker.jobs.runtime._runtime", None)
     yield proposal_jobs
     mp.undo()
-    module._runtime = None
+    runtime._runtime = None
 
 
 def _job(**proposals):
@@ -224,8 +224,8 @@ def test_objectness_and_ranking():
 
 def test_label_candidates_mix_the_masked_crop_like_drawn_regions(tiny):
     """crop_weight > 0: a candidate's embedding (and so its labels) is its LET mixed with its masked crop, exactly
-    as ``worker.jobs.embed.mix_crop`` does for a drawn region."""
-    from worker.jobs.embed import mix_crop
+    as ``worker.engine.embedding.mix_crop`` does for a drawn region."""
+    from worker.engine.embedding import mix_crop
 
     engine, scorer = tiny
     img = _png()

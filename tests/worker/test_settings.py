@@ -80,7 +80,7 @@ def test_the_worker_command_reports_a_bad_variable(monkeypatch, capsys):
 
 def test_the_runtime_is_built_from_the_settings(monkeypatch):
     """get_runtime passes every value explicitly: model, seed, engine budgets, image limit, captioner."""
-    from worker.jobs import regions as jobs
+    from worker.jobs import runtime as jobs
     from worker.engine import preprocess
 
     monkeypatch.setattr(preprocess, "_default_max_pixels", preprocess.DEFAULT_MAX_IMAGE_PIXELS)

@@ -9,12 +9,12 @@ fp32 rounding. ``backend="blas"`` (or a torch built without oneDNN, or any non-f
 plain ``torch.matmul``. The packed copies cost one extra ``[m, d]`` matrix per orientation (9.4 MB each for
 ViT-B/16).
 
-None of this pays without AVX-512: on an AVX2 EPYC (session 7) oneDNN's fp32 products ran at MKL's rate and its
+None of this pays without AVX-512: on an AVX2 EPYC oneDNN's fp32 products ran at MKL's rate and its
 per-head attention products slower, so ``auto`` (the default, :func:`resolve`) keeps BLAS on such CPUs.
 
 The attention side's products, ``[n, dh] × [dh, n-1]`` per head forward and ``[n, n-1] × [n-1, dh]`` per head
 and mask backward, ran at 87–93 GMAC/s as torch's batched matmul (BLAS) on this project's CPU (AMD EPYC with
-AVX-512, session 6) and at 160–220 as one oneDNN linear per head; below about 320 patch columns the per-call
+AVX-512) and at 160–220 as one oneDNN linear per head; below about 320 patch columns the per-call
 cost of the 12-plus calls outweighs that (:data:`ONEDNN_MIN_COLUMNS`, measured crossover; ``legrad`` keeps
 torch's batched matmul there).
 """
@@ -28,7 +28,7 @@ BACKENDS = ("onednn", "blas")
 CHOICES = ("auto", *BACKENDS)
 #: CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) on which ``auto`` picks oneDNN. Measured with
 #: ``benchmarks/bench_cpu_gemm.py``: on an AVX-512 EPYC the warm inversion ran 1.83-1.96x faster through oneDNN
-#: and the trunk 1.93-2.21x; on an AVX2 EPYC (session 7) oneDNN's fp32 products ran no faster than MKL's (MLP
+#: and the trunk 1.93-2.21x; on an AVX2 EPYC oneDNN's fp32 products ran no faster than MKL's (MLP
 #: 64-71 vs 67-78 GMAC/s) and its per-head attention products slower (38-42 vs 51-63), so the warm inversion took
 #: 0.94-0.95x and the trunk 0.98-1.15x of BLAS while the packed trunk costs 0.3 GB more.
 ONEDNN_CAPABILITIES = ("AVX512",)

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,21 @@ class InversionResult:
     image_hit: bool = False
     image_sha256: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _InversionPlan:
+    """What every chunk of one :meth:`MaskInversionEngine.invert` call shares."""
+
+    state: legrad.ImageState
+    size: int
+    steps: int
+    lr: float
+    alpha: float
+    final_loss: bool
+    method: str
+    pixels: torch.Tensor | None = None  # [1, 3, S, S], the autograd method only
+    basis: torch.Tensor | None = None  # the map's linear basis (legrad.relevance_basis), when it pays
 
 
 @dataclass
@@ -190,59 +205,75 @@ class MaskInversionEngine:
         state, hit, digest, img = self.image_state(image, size)
         self._sync()
         t_fwd = time.perf_counter() - t0
-        n_masks = len(masks)
         g = state.global_embedding
-        lets = g[None].repeat(n_masks, 1)
-        losses = torch.zeros(steps + int(final_loss), n_masks, device=g.device)
-        errors: list[str | None] = [None] * n_masks
+        lets = g[None].repeat(len(masks), 1)
+        losses = torch.zeros(steps + int(final_loss), len(masks), device=g.device)
+        targets, errors = self._targets(masks, size)
+        plan = _InversionPlan(state, size, steps, lr, alpha, final_loss, method,
+                              pixels=self._pixels(img, size) if method == "autograd" and targets else None)
+        chunk, t_basis = self._plan_chunks(plan, len(targets))
+        chunk_peaks = self._invert_chunks(plan, targets, chunk, lets, losses, errors)
+        self._sync()
+        t_total = time.perf_counter() - t0
+        timings = {"forward_s": t_fwd, "inversion_s": t_total - t_fwd, "total_s": t_total, "chunk_masks": float(chunk),
+                   "basis_s": t_basis}
+        if chunk_peaks:
+            timings["peak_gpu_mib"] = max(chunk_peaks)
+            timings.update({f"chunk{k}_peak_gpu_mib": p for k, p in enumerate(chunk_peaks)})
+        return InversionResult(lets=lets, global_embedding=g, errors=errors, losses=losses, image_hit=hit,
+                               image_sha256=digest, timings=timings)
+
+    @staticmethod
+    def _targets(masks: np.ndarray | Sequence[np.ndarray], size: int
+                 ) -> tuple[dict[int, np.ndarray], list[str | None]]:
+        """The ``[S, S]`` targets of the usable masks, by position, and every mask's error (None: usable)."""
         targets: dict[int, np.ndarray] = {}
+        errors: list[str | None] = [None] * len(masks)
         for i, m in enumerate(masks):
             try:
                 targets[i] = mask_to_target(m, size)
             except RegionError as exc:
                 errors[i] = str(exc)
-        ok = list(targets)
-        pixels = self._pixels(img, size) if method == "autograd" and ok else None
-        chunk = self.masks_per_chunk(size) if method == "decomposed" else max(1, len(ok))
-        basis, t_basis = None, 0.0
-        if method == "decomposed" and self._basis_fits(state) \
-                and legrad.basis_pays(state, len(ok) * (steps + int(final_loss))):
-            t_b = time.perf_counter()
-            basis = legrad.relevance_basis(self.visual, state, self.cpu_gemm)
-            self._sync()
-            t_basis = time.perf_counter() - t_b
-            chunk = max(1, (self._chunk_budget() - legrad.basis_bytes(state)) // self.mask_bytes(size))
-            log.debug("linear basis of the map built in %.2fs (%d masks, %d per chunk)", t_basis, len(ok), chunk)
-        pending = list(self._chunks(ok, chunk))
+        return targets, errors
+
+    def _plan_chunks(self, plan: _InversionPlan, n_masks: int) -> tuple[int, float]:
+        """Masks per chunk for ``n_masks`` masks, and the seconds spent building the map's linear basis (kept in
+        ``plan.basis``) when the decomposed method has enough mask-steps to pay for it and it fits the budget."""
+        if plan.method != "decomposed":
+            return max(1, n_masks), 0.0
+        chunk = self.masks_per_chunk(plan.size)
+        if not (self._basis_fits(plan.state)
+                and legrad.basis_pays(plan.state, n_masks * (plan.steps + int(plan.final_loss)))):
+            return chunk, 0.0
+        t0 = time.perf_counter()
+        plan.basis = legrad.relevance_basis(self.visual, plan.state, self.cpu_gemm)
+        self._sync()
+        t_basis = time.perf_counter() - t0
+        chunk = max(1, (self._chunk_budget() - legrad.basis_bytes(plan.state)) // self.mask_bytes(plan.size))
+        log.debug("linear basis of the map built in %.2fs (%d masks, %d per chunk)", t_basis, n_masks, chunk)
+        return chunk, t_basis
+
+    def _invert_chunks(self, plan: _InversionPlan, targets: dict[int, np.ndarray], chunk: int, lets: torch.Tensor,
+                       losses: torch.Tensor, errors: list[str | None]) -> list[float]:
+        """Invert the masks of ``targets`` ``chunk`` at a time into ``lets`` ``[N, D]`` and ``losses``
+        ``[steps (+1), N]`` (a diverged mask gets an error instead); a chunk out of memory is retried in halves.
+        Returns the peak GPU memory (MiB) of each chunk on CUDA."""
+        device = plan.state.global_embedding.device
+        pending = list(self._chunks(list(targets), chunk))
         chunk_peaks: list[float] = []
         while pending:
             idx = pending.pop(0)
-            tgt = torch.from_numpy(np.stack([targets[i] for i in idx])).to(g.device)
+            tgt = torch.from_numpy(np.stack([targets[i] for i in idx])).to(device)
             if self._is_cuda:
                 torch.cuda.reset_peak_memory_stats(self.clip.device)
             try:
-                map_fn = dice_fn = None
-                if method == "decomposed":
-                    workspace = legrad.Workspace()  # one sign-pattern buffer for all steps of this chunk
-                    dice = GridDice(tgt, state.grid, self.patch)  # the loss on the patch grid, no [N, S, S] map
-
-                    def dice_fn(e: torch.Tensor) -> torch.Tensor:
-                        return dice(legrad.decomposed_relevance(self.visual, state, e, workspace, basis,
-                                                                self.cpu_gemm))
-                else:
-                    def map_fn(e: torch.Tensor) -> torch.Tensor:
-                        return legrad.relevance_to_map(legrad.autograd_relevance(self.visual, pixels,
-                                                                                 self.pos.get(size), e),
-                                                       state.grid, self.patch)
-                with self._step_precision() if method == "decomposed" else contextlib.nullcontext():
-                    out, hist = optimise_lets(map_fn, g, tgt, steps=steps, lr=lr, alpha=alpha, final_loss=final_loss,
-                                              dice_fn=dice_fn)
+                out, hist = self._invert_chunk(plan, tgt)
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 if not is_out_of_memory(exc) or len(idx) == 1:
                     raise
                 half = len(idx) // 2
                 log.warning("out of memory with %d masks per chunk; retrying with %d", len(idx), half)
-                if g.is_cuda:
+                if device.type == "cuda":
                     torch.cuda.empty_cache()
                 pending[:0] = [idx[:half], idx[half:]]
                 continue
@@ -255,15 +286,29 @@ class MaskInversionEngine:
                     losses[:, i] = hist[:, j]
                 else:
                     errors[i] = "inversion diverged (non-finite values); try a smaller learning rate"
-        self._sync()
-        t_total = time.perf_counter() - t0
-        timings = {"forward_s": t_fwd, "inversion_s": t_total - t_fwd, "total_s": t_total, "chunk_masks": float(chunk),
-                   "basis_s": t_basis}
-        if chunk_peaks:
-            timings["peak_gpu_mib"] = max(chunk_peaks)
-            timings.update({f"chunk{k}_peak_gpu_mib": p for k, p in enumerate(chunk_peaks)})
-        return InversionResult(lets=lets, global_embedding=g, errors=errors, losses=losses, image_hit=hit,
-                               image_sha256=digest, timings=timings)
+        return chunk_peaks
+
+    def _invert_chunk(self, plan: _InversionPlan, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LETs ``[n, D]`` and losses ``[steps (+1), n]`` of one chunk of targets ``[n, S, S]``."""
+        state = plan.state
+        map_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        dice_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if plan.method == "decomposed":
+            workspace = legrad.Workspace()  # one sign-pattern buffer for all steps of this chunk
+            dice = GridDice(tgt, state.grid, self.patch)  # the loss on the patch grid, no [N, S, S] map
+
+            def dice_fn(e: torch.Tensor) -> torch.Tensor:
+                return dice(legrad.decomposed_relevance(self.visual, state, e, workspace, plan.basis, self.cpu_gemm))
+        else:
+            pixels = plan.pixels
+            assert pixels is not None  # the autograd method's plan carries the image's pixels
+
+            def map_fn(e: torch.Tensor) -> torch.Tensor:
+                return legrad.relevance_to_map(legrad.autograd_relevance(self.visual, pixels, self.pos.get(plan.size),
+                                                                         e), state.grid, self.patch)
+        with self._step_precision() if plan.method == "decomposed" else contextlib.nullcontext():
+            return optimise_lets(map_fn, state.global_embedding, tgt, steps=plan.steps, lr=plan.lr, alpha=plan.alpha,
+                                 final_loss=plan.final_loss, dice_fn=dice_fn)
 
     # ------------------------------------------------------------------ explainability
     @torch.no_grad()

@@ -36,9 +36,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from worker.jobs.let_cache import JOB_META_KEY, LetCache, RedisLetCache, let_key
-from worker.protocol import (MAX_EMBED_LABELS, EmbedRegionsJob, InversionParams, JobResult, PayloadError, ProtocolError,
-                       RegionResult, check_limits, decode_image, decode_region_masks, encode_mask, region_ids)
+from worker.engine.embedding import combine_views, mix_crop
+from worker.jobs.let_cache import JOB_META_KEY, LetCache, MemoryLetCache, RedisLetCache, let_key
+from worker.jobs.runtime import Runtime, check_text_limits, get_runtime
+from worker.protocol import (MAX_EMBED_LABELS, EmbedRegionsJob, InversionParams, JobResult, PayloadError,
+                             ProtocolError, RegionResult, check_limits, decode_image, decode_region_masks, encode_mask,
+                             region_ids)
 from worker.text.prototypes import combined_logits, decode_vectors, encode_vectors
 
 log = logging.getLogger(__name__)
@@ -48,9 +51,9 @@ MAX_LABELS = MAX_EMBED_LABELS
 DEFAULT_PREFIX = "maskinv"
 
 
-def job_let_cache(memory: LetCache) -> tuple[LetCache, str]:
+def job_let_cache(memory: LetCache | None) -> tuple[LetCache, str]:
     """The LET cache for the running job: Redis (shared by all workers) when the backend named one in the RQ
-    job's meta, else the process's in-memory cache; and the key prefix."""
+    job's meta, else the process's in-memory cache (none: one that keeps nothing); and the key prefix."""
     try:
         from rq import get_current_job
 
@@ -58,9 +61,9 @@ def job_let_cache(memory: LetCache) -> tuple[LetCache, str]:
     except Exception:  # noqa: BLE001 - not inside an RQ worker
         job = None
     conf = (job.meta or {}).get(JOB_META_KEY) if job is not None else None
-    if conf and isinstance(conf, dict):
+    if job is not None and conf and isinstance(conf, dict):
         return RedisLetCache(job.connection, int(conf.get("ttl_s", 0))), str(conf.get("prefix") or DEFAULT_PREFIX)
-    return memory, DEFAULT_PREFIX
+    return (memory if memory is not None else MemoryLetCache(0, 0, 0)), DEFAULT_PREFIX
 
 
 #: the views of ``InversionParams.views``, in order: the image as sent, then its horizontal mirror
@@ -76,33 +79,10 @@ class LetBatch:
     hits: int = 0  # regions served from the LET cache (every view of them)
     image_hit: bool = False
     timings: dict[str, float] = field(default_factory=dict)
-    cached: np.ndarray | None = None  # [N] bool: the region's LET came from the cache
+    cached: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [N] bool: the LET came from the cache
 
 
-def combine_views(lets: np.ndarray) -> np.ndarray:
-    """One embedding per region from the LETs of its views ``[V, N, D]`` -> ``[N, D]``: the mean direction of the
-    views' unit LETs, at the first view's norm (what scoring and captioning expect of a LET's scale)."""
-    lets = np.asarray(lets, np.float32)
-    norms = np.linalg.norm(lets, axis=2, keepdims=True)
-    unit = lets / np.maximum(norms, 1e-12)
-    mean = unit.mean(axis=0)
-    return (mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12) * norms[0]).astype(np.float32)
-
-
-def mix_crop(lets: np.ndarray, crops: np.ndarray, weight: float) -> np.ndarray:
-    """Region embeddings ``[N, D]`` from LETs ``[N, D]`` and masked-crop embeddings ``[N, D]``: the direction of
-    unit(LET) + ``weight`` x unit(crop), at the LET's norm (``weight`` 0: the LETs unchanged)."""
-    lets = np.asarray(lets, np.float32)
-    if not weight:
-        return lets
-    norms = np.linalg.norm(lets, axis=1, keepdims=True)
-    crops = np.asarray(crops, np.float32)
-    mix = lets / np.maximum(norms, 1e-12) + float(weight) * crops / np.maximum(
-        np.linalg.norm(crops, axis=1, keepdims=True), 1e-12)
-    return (mix / np.maximum(np.linalg.norm(mix, axis=1, keepdims=True), 1e-12) * norms).astype(np.float32)
-
-
-def region_lets(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
+def region_lets(rt: Runtime, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
                 params: InversionParams, cache: LetCache, prefix: str,
                 mask_errors: dict[int, str] | None = None) -> LetBatch:
     """Region embeddings ``[N, D]`` of ``masks`` on the image: LETs from ``cache`` or inverted (and stored).
@@ -137,7 +117,7 @@ def region_lets(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[
     return batch
 
 
-def _mask_keys(rt: Any, image_sha256: str, masks: Sequence[np.ndarray], errors: Sequence[str | None],
+def _mask_keys(rt: Runtime, image_sha256: str, masks: Sequence[np.ndarray], errors: Sequence[str | None],
                prefix: str, size: int, steps: int, lr: float, alpha: float, view: str) -> dict[int, str]:
     """LET-cache keys of the masks without an error, by position."""
     return {i: let_key(prefix, rt.clip.id, image_sha256, encode_mask(np.asarray(masks[i], bool))["sha256"],
@@ -162,7 +142,7 @@ def _store_rows(cache: LetCache, store: dict[str, np.ndarray]) -> None:
         log.warning("LET cache write failed: %s", exc)
 
 
-def region_crops(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
+def region_crops(rt: Runtime, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
                  errors: Sequence[str | None], cache: LetCache, prefix: str) -> np.ndarray:
     """Masked-crop embeddings ``[N, D]`` (``engine.crop_embeddings`` at the model's native size) of the masks
     without an error, through the LET cache (key view ``"masked_crop"``); zeros elsewhere."""
@@ -175,8 +155,8 @@ def region_crops(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence
         out[i] = emb
     todo = [i for i in keys if i not in found]
     if todo:
-        emb, errs = rt.engine.crop_embeddings(image_bytes, [masks[i] for i in todo], "masked_crop", size)
-        emb = emb.detach().float().cpu().numpy()
+        crops, errs = rt.engine.crop_embeddings(image_bytes, [masks[i] for i in todo], "masked_crop", size)
+        emb = crops.detach().float().cpu().numpy()
         store = {}
         for j, i in enumerate(todo):
             if errs[j] is None:  # a mask the inversion took but a crop cannot (none known) keeps the LET alone
@@ -186,7 +166,7 @@ def region_crops(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence
     return out
 
 
-def _view_lets(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
+def _view_lets(rt: Runtime, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
                params: InversionParams, cache: LetCache, prefix: str, mask_errors: dict[int, str] | None,
                view: str) -> LetBatch:
     """:func:`region_lets` for one view (``view``: a tag of :data:`VIEW_TAGS`)."""
@@ -231,12 +211,12 @@ def _view_lets(rt: Any, image_bytes: bytes, image_sha256: str, masks: Sequence[n
                     cached=cached)
 
 
-def text_prototypes(rt: Any, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+def text_prototypes(rt: Runtime, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     """Normalised text prototypes ``[L, D]`` (the runtime's label scorer, cached there)."""
     return rt.scorer.prototypes(list(labels), list(templates)).detach().float().cpu().numpy()
 
 
-def logit_scale(rt: Any) -> float:
+def logit_scale(rt: Runtime) -> float:
     return float(rt.clip.model.logit_scale.exp())
 
 
@@ -245,14 +225,16 @@ def parse_prototypes(doc: Any, labels: Sequence[str], dim: int) -> dict[str, Any
     None when absent. PayloadError for a malformed document."""
     if doc is None:
         return None
+    doc = doc.to_dict() if hasattr(doc, "to_dict") else doc  # payloads carry worker.protocol.ExamplePrototypes
     if not isinstance(doc, dict):
         raise PayloadError("prototypes must be an object")
     names = doc.get("labels")
     if not isinstance(names, list) or not all(isinstance(x, str) for x in names) or len(names) > MAX_LABELS:
         raise PayloadError(f"prototypes.labels must be a list of at most {MAX_LABELS} strings")
     try:
-        weights = decode_vectors(doc.get("weights"))
-        means = decode_vectors(doc.get("means"))
+        weights_doc: Any = doc.get("weights")  # decode_vectors rejects anything but a vectors object
+        means_doc: Any = doc.get("means")
+        weights, means = decode_vectors(weights_doc), decode_vectors(means_doc)
     except ValueError as exc:
         raise PayloadError(f"prototypes: {exc}") from None
     bias, counts = doc.get("bias"), doc.get("counts")
@@ -268,7 +250,7 @@ def parse_prototypes(doc: Any, labels: Sequence[str], dim: int) -> dict[str, Any
         raise PayloadError(f"prototypes.counts must be {p} non-negative integers")
     index = {name: j for j, name in enumerate(names)}
     n = len(labels)
-    out = {"weights": np.zeros((n, dim), np.float32), "bias": np.zeros(n, np.float32),
+    out: dict[str, Any] = {"weights": np.zeros((n, dim), np.float32), "bias": np.zeros(n, np.float32),
            "means": np.zeros((n, dim), np.float32), "counts": np.zeros(n, np.int64),
            "version": str(doc.get("version") or "")[:100]}
     for i, label in enumerate(labels):
@@ -279,7 +261,7 @@ def parse_prototypes(doc: Any, labels: Sequence[str], dim: int) -> dict[str, Any
     return out
 
 
-def score_regions(rt: Any, lets: np.ndarray, labels: Sequence[str], templates: Sequence[str], top_k: int,
+def score_regions(rt: Runtime, lets: np.ndarray, labels: Sequence[str], templates: Sequence[str], top_k: int,
                   prototypes: dict[str, Any] | None = None
                   ) -> tuple[list[list[tuple[str, float]]], list[dict[str, Any]]]:
     """Top-k ``(label, probability)`` per LET ``[N, D]`` and per-region meta (margin, examples behind top-1)."""
@@ -314,8 +296,6 @@ def examples_meta(prototypes: dict[str, Any] | None, label: int) -> dict[str, An
 
 def embed_regions(job: dict[str, Any]) -> dict[str, Any]:
     """The LETs of a job's regions (and text prototypes of its labels), see the module docstring."""
-    from worker.jobs.regions import check_text_limits, get_runtime
-
     rt = get_runtime()
     t0 = time.perf_counter()
     ids: list[str] = []
@@ -327,10 +307,10 @@ def embed_regions(job: dict[str, Any]) -> dict[str, Any]:
         check_limits(params, rt.settings.max_steps, rt.settings.max_size)
         check_text_limits(params, labels, rt.settings)
         masks, mask_errors = decode_region_masks(regions)
-        image_bytes, digest = decode_image(payload.image or {}) if regions else (b"", None)
+        image_bytes, digest = decode_image(dict(payload.image or {})) if regions else (b"", None)
         cache, prefix = job_let_cache(rt.let_cache)
         with rt.lock:
-            batch = (region_lets(rt, image_bytes, digest, masks, params, cache, prefix, mask_errors) if regions
+            batch = (region_lets(rt, image_bytes, digest or "", masks, params, cache, prefix, mask_errors) if regions
                      else LetBatch(np.zeros((0, rt.clip.embed_dim), np.float32), []))
             meta: dict[str, Any] = {"embed_dim": int(rt.clip.embed_dim), "logit_scale": logit_scale(rt)}
             if labels:

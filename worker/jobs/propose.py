@@ -37,9 +37,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from worker.protocol import (JobResult, LabelScore, PayloadError, ProposeRegionsJob, ProtocolError,
-                       RegionResult, check_limits, decode_image, encode_mask)
 from worker.jobs.embed import examples_meta, parse_prototypes, score_regions
+from worker.jobs.runtime import check_text_limits, get_runtime
+from worker.protocol import (JobResult, LabelScore, PayloadError, ProposeRegionsJob, ProtocolError, RegionResult,
+                             check_limits, decode_image, encode_mask)
 from worker.settings import ProposalSettings
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,6 @@ _lock = threading.Lock()
 
 def proposal_settings() -> ProposalSettings:
     """The worker's proposal settings (read once with the rest, ``worker.settings.WorkerSettings``)."""
-    from worker.jobs.regions import get_runtime
-
     return get_runtime().settings.proposals
 
 
@@ -110,7 +109,6 @@ def _sam_source(settings: ProposalSettings, device):
 def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
     """Propose, label and caption regions of one image (payload: module docstring); returns
     ``JobResult.to_dict()``. A malformed job yields a result with a top-level ``error`` and no regions."""
-    from worker.jobs.regions import check_text_limits, get_runtime
     from worker.proposals.pipeline import check_time, propose, proposal_size
 
     rt = get_runtime()
@@ -123,7 +121,7 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
         check_text_limits(params, labels, rt.settings)
         params = dataclasses.replace(params, size=proposal_size(params.size, int(rt.clip.patch_size)))
         opts = ProposalOptions.from_dict(payload.proposals, settings)
-        image_bytes, digest = decode_image(payload.image)
+        image_bytes, digest = decode_image(dict(payload.image))
         prototypes = parse_prototypes(payload.prototypes, labels, int(rt.clip.embed_dim))
         sam = _sam_source(settings, rt.clip.device) if "sam" in opts.sources else None
         score_fn = None
@@ -143,7 +141,7 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
 
                 check_time(f"captioning {len(props)} proposals")
                 lets = torch.stack([p.let for p in props])
-                captions = rt.captioner.caption(lets, [p.label for p in props])
+                captions = rt.captioner.caption(lets, [p.label or "" for p in props])
     except (PayloadError, ProtocolError, ValueError) as exc:
         log.warning("proposal job rejected: %s", exc)
         return JobResult.rejected(str(exc), [], rt.model_info(), kind=KIND).to_dict()

@@ -1,122 +1,27 @@
-"""RQ job functions (plain functions named in ``worker.protocol.JOB_KINDS``: ``worker.jobs.regions.label_regions``,
-``worker.jobs.regions.prepare_labels``).
+"""The ``label_regions`` and ``prepare_labels`` jobs (RQ job functions named in ``worker.protocol.JOB_KINDS``).
 
-The model, the engine with its image-state cache, the label scorer and the captioner live in one
-process-wide :class:`Runtime`, built on first use (or by :func:`warm_up` when a worker starts), so every
-job after the first reuses them.
+Both run on the process-wide :class:`worker.jobs.runtime.Runtime` (model, engine, label scorer, captioner).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from worker.protocol import (DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS, InversionParams, JobResult, LabelRegionsJob,
-                             LabelScore,
-                       PayloadError, PrepareLabelsJob, RegionResult, check_label_caps, check_limits, check_templates,
-                       decode_image, decode_region_masks, env_int, payload_region_ids, process_env)
-from worker.settings import WorkerSettings
+from worker.jobs.embed import job_let_cache, parse_prototypes, region_lets, score_regions
+from worker.jobs.runtime import Runtime, check_text_limits, get_runtime
+from worker.protocol import (JobResult, LabelRegionsJob, LabelScore, PayloadError, PrepareLabelsJob, RegionResult,
+                             check_label_caps, check_limits, check_templates, decode_image, decode_region_masks,
+                             payload_region_ids)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Runtime:
-    clip: Any  # worker.engine.models.ClipModel
-    engine: Any  # worker.engine.engine.MaskInversionEngine
-    scorer: Any  # worker.text.labels.LabelScorer
-    captioner: Any  # worker.text.captions.RetrievalCaptioner
-    lock: threading.Lock
-    settings: WorkerSettings = WorkerSettings()
-    let_cache: Any = None  # worker.jobs.let_cache.MemoryLetCache (embedded mode; queue jobs use Redis, see embed_jobs)
-
-    def model_info(self) -> dict[str, str]:
-        return {"name": self.clip.name, "pretrained": getattr(self.clip, "weights", "") or self.clip.pretrained,
-                "id": self.clip.id,
-                "device": str(self.clip.device), "captions": self.captioner.mode}
-
-
-_runtime: Runtime | None = None
-_runtime_lock = threading.Lock()
-
-
-def build_engine(clip: Any, settings: WorkerSettings) -> Any:
-    """The engine for ``clip`` with the settings' cache and chunk budgets, GPU dtype and CPU GEMM backend."""
-    from worker.engine.engine import MaskInversionEngine
-
-    return MaskInversionEngine(clip, cache_bytes=settings.cache_bytes, chunk_memory_bytes=settings.chunk_memory_bytes,
-                               gpu_dtype=settings.gpu_dtype, cpu_gemm=settings.cpu_gemm)
-
-
-def build_runtime(settings: WorkerSettings) -> Runtime:
-    """Load the model, engine, label scorer and captioner that ``settings`` describe."""
-    from worker.engine import preprocess
-    from worker.text.captions import RetrievalCaptioner
-    from worker.text.clipcap import load_captioner
-    from worker.text.labels import LabelScorer
-    from worker.jobs.let_cache import MemoryLetCache
-    from worker.engine.models import load_clip
-
-    t0 = time.perf_counter()
-    preprocess.set_default_max_pixels(settings.max_image_pixels)
-    clip = load_clip(settings.model, settings.pretrained, settings.device, settings.seed)
-    scorer = LabelScorer(clip, max_entries=settings.prototype_cache_entries,
-                         max_bytes=settings.prototype_cache_bytes)
-    captioner = load_captioner(scorer, settings.captioner) or RetrievalCaptioner(scorer)
-    let_cache = MemoryLetCache(settings.let_cache_entries, settings.let_cache_bytes, settings.let_ttl_s)
-    rt = Runtime(clip=clip, engine=build_engine(clip, settings), scorer=scorer, captioner=captioner,
-                 lock=threading.Lock(), settings=settings, let_cache=let_cache)
-    gemm = ""
-    if str(clip.device).startswith("cpu"):
-        import torch
-
-        gemm = (f", CPU GEMMs through {rt.engine.cpu_gemm} (MASKINV_CPU_GEMM={settings.cpu_gemm}, CPU "
-                f"{torch.backends.cpu.get_cpu_capability()})")
-    log.info("runtime ready in %.1fs: model %s, %s captions%s", time.perf_counter() - t0, clip.id, captioner.mode,
-             gemm)
-    return rt
-
-
-def get_runtime() -> Runtime:
-    """The process-wide runtime, built on first call from ``WorkerSettings.from_env()`` (the one place the worker
-    reads its environment)."""
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            _runtime = build_runtime(WorkerSettings.from_env())
-        return _runtime
-
-
-def warm_up() -> dict[str, str]:
-    """Load the model before taking jobs; returns the model's identity."""
-    return get_runtime().model_info()
-
-
 def _error_result(rt: Runtime | None, message: str, job: Any) -> dict[str, Any]:
     return JobResult.rejected(message, payload_region_ids(job), rt.model_info() if rt else {}).to_dict()
-
-
-def check_worker_limits(params: InversionParams, env: Mapping[str, str] | None = None) -> None:
-    """Re-apply the service's ``MASKINV_MAX_STEPS`` / ``MASKINV_MAX_SIZE`` (read from ``env``, default the process
-    environment) so that a job written to Redis by anything but the backend cannot ask for more. Raises PayloadError.
-
-    Jobs use the runtime's settings instead (read once); this is the standalone form."""
-    env = process_env() if env is None else env
-    limits = [env_int(env, name, default, error=PayloadError, prefix="worker misconfigured: ")
-              for name, default in (("MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS), ("MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE))]
-    check_limits(params, *limits)
-
-
-def check_text_limits(params: InversionParams, labels: list[str], settings: WorkerSettings) -> None:
-    """Re-apply ``MASKINV_MAX_LABEL_CHARS`` / ``MASKINV_MAX_VOCAB_BYTES`` / ``MASKINV_MAX_TEMPLATE_CHARS`` to a job
-    (a hand-enqueued job is checked like a request). Raises PayloadError naming the label or template."""
-    check_label_caps(labels, settings.max_label_chars, settings.max_vocab_bytes)
-    check_templates(params.templates, settings.max_template_chars)
 
 
 def label_regions(job: dict[str, Any]) -> dict[str, Any]:
@@ -133,12 +38,10 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
         params, labels = payload.params, list(payload.labels)
         check_limits(params, rt.settings.max_steps, rt.settings.max_size)
         check_text_limits(params, labels, rt.settings)
-        image_bytes, digest = decode_image(payload.image)
+        image_bytes, digest = decode_image(dict(payload.image))
         regions = list(payload.regions)
         ids = payload.region_ids()
         masks, region_errors = decode_region_masks(regions)
-        from worker.jobs.embed import job_let_cache, parse_prototypes, region_lets, score_regions
-
         prototypes = parse_prototypes(payload.prototypes, labels, int(rt.clip.embed_dim)) if labels else None
         cache, prefix = job_let_cache(rt.let_cache)
         with rt.lock:
@@ -146,14 +49,14 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
             res = region_lets(rt, image_bytes, digest, masks, params, cache, prefix, region_errors) if masks else None
             errors = list(res.errors) if res else []
             good = [k for k, e in enumerate(errors) if e is None]
-            lets_good = torch.from_numpy(res.lets[good]) if good else None
-            scored, region_meta = (score_regions(rt, res.lets[good], labels, params.templates, params.top_k, prototypes)
-                                   if good and labels else ([], []))
+            lets_good = res.lets[good] if res is not None and good else None  # [G, D]
+            scored, region_meta = (score_regions(rt, lets_good, labels, params.templates, params.top_k, prototypes)
+                                   if lets_good is not None and labels else ([], []))
             # retrieval captions need a label to pick a phrase bank; a ClipCap captioner needs only the LET
             can_caption = bool(scored) or (bool(good) and rt.captioner.mode != "retrieval")
-            captions = (rt.captioner.caption(lets_good.to(rt.clip.device),
+            captions = (rt.captioner.caption(torch.from_numpy(lets_good).to(rt.clip.device),
                                              [s[0][0] for s in scored] if scored else [""] * len(good))
-                        if can_caption and params.caption else [])
+                        if lets_good is not None and can_caption and params.caption else [])
             cache_stats = rt.engine.cache.stats.as_dict()
     except (PayloadError, ValueError) as exc:
         log.warning("job rejected: %s", exc)
@@ -163,12 +66,13 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
     out_regions = []
     for k, rid in enumerate(ids):
         j = by_region.get(k)
-        has_caption = j is not None and bool(captions)
+        top = scored[j] if j is not None and scored else []
+        caption = captions[j] if j is not None and captions else None
         out_regions.append(RegionResult(
             id=rid,
-            labels=tuple(LabelScore(lab, sc) for lab, sc in scored[j]) if j is not None and scored else (),
-            caption=captions[j] if has_caption else None,
-            caption_mode=rt.captioner.mode if has_caption else None,
+            labels=tuple(LabelScore(lab, sc) for lab, sc in top),
+            caption=caption,
+            caption_mode=rt.captioner.mode if caption is not None else None,
             error=errors[k],
             meta=region_meta[j] if j is not None and region_meta else {}))
     total = time.perf_counter() - t0

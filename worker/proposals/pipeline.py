@@ -45,6 +45,7 @@ from worker.proposals import maskcut
 from worker.protocol.deadline import check_time
 
 from worker.engine import vit
+from worker.engine.embedding import mixed_with_crops
 from worker.engine.preprocess import ImageLike, image_to_tensor, open_image
 from worker.settings import DEFAULT_PROPOSAL_SOURCES as DEFAULT_SOURCES
 from worker.settings import PROPOSAL_SOURCES as SOURCES
@@ -217,7 +218,7 @@ def snap_to_superpixels(mask: np.ndarray, segments: np.ndarray, min_cover: float
 def image_keys(engine, image: ImageLike, size: int) -> tuple[torch.Tensor, int]:
     """Last-block patch keys ``[g², d]`` of one image and the grid side g (one extra trunk forward).
 
-    TODO(integration): read the keys from the engine's cached ImageState once it keeps them.
+    The engine's cached ImageState does not keep the keys, hence the extra forward.
     """
     img, _ = open_image(image)
     clip = engine.clip
@@ -330,26 +331,13 @@ def objectness(final_loss: torch.Tensor | np.ndarray, power: float = OBJECTNESS_
 ScoreFn = Callable[[torch.Tensor], list[list[tuple[str, float]]]]
 
 
-def mixed_with_crops(engine, image: ImageLike, masks: Sequence[np.ndarray], lets: torch.Tensor,
-                     crop_weight: float) -> torch.Tensor:
-    """LETs ``[N, D]`` of ``masks`` mixed with their masked crops like a drawn region's embedding
-    (``worker.jobs.embed.mix_crop``; ``crop_weight`` 0: the LETs unchanged)."""
-    if not crop_weight:
-        return lets
-    from worker.jobs.embed import mix_crop
-
-    crops = engine.crop_embeddings(image, list(masks), "masked_crop")[0]
-    return torch.from_numpy(mix_crop(lets.detach().float().cpu().numpy(), crops.float().cpu().numpy(),
-                                     crop_weight)).to(lets.device)
-
-
 def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], labels: Sequence[str],
                      templates: Sequence[str], size: int, steps: int = 10, lr: float = 0.1,
                      top_k: int = 3, score_fn: ScoreFn | None = None, crop_weight: float = 0.0) -> list[Proposal]:
     """Invert every candidate like a drawn region and attach its top-k labels (``score_fn``, default: text
     prototypes) and its objectness (from the inversion's final loss); failed inversions are dropped.
     ``crop_weight > 0``: the candidate's embedding is mixed with its masked crop like a drawn region's
-    (``worker.jobs.embed.mix_crop``)."""
+    (``worker.engine.embedding.mix_crop``)."""
     if not cands:
         return []
     check_time(f"inverting {len(cands)} candidates")

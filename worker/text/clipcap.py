@@ -431,9 +431,3 @@ def load_captioner(scorer: Any, settings: CaptionerSettings) -> ClipCapCaptioner
                     trained_for, clip.name)
     return ClipCapCaptioner(cap, decoding=settings.decoding, beam_size=settings.beam_size,
                             max_tokens=settings.max_tokens, length_penalty=settings.length_penalty)
-
-
-def load_captioner_from_env(scorer: Any) -> ClipCapCaptioner | None:
-    """:func:`load_captioner` with ``MASKINV_CAPTIONER`` and the caption decoding variables from the environment (their
-    errors raise :class:`CaptionerError` naming the variable); None when ``MASKINV_CAPTIONER`` is unset or empty."""
-    return load_captioner(scorer, CaptionerSettings.from_env(error=CaptionerError))
