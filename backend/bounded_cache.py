@@ -1,20 +1,26 @@
-"""One thread-safe, bounded LRU for the backend's in-process caches (configs, images, versions, prototypes)."""
+"""One thread-safe, bounded LRU (over ``cachetools``) for the backend's in-process caches: parsed label configs,
+task images, answered model versions, text prototypes and example prototypes."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+import cachetools
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+def _stored_size(item: tuple[Any, int]) -> int:
+    return item[1]
+
+
 class BoundedCache(Generic[K, V]):
-    """LRU of at most ``max_entries`` entries and ``max_bytes`` bytes (``sizeof(value)`` per entry; no byte bound
-    without ``sizeof``); with ``ttl_s`` an entry is served for that many seconds of ``clock`` at most.
+    """LRU of at most ``max_entries`` values and ``max_bytes`` bytes (``sizeof(value)`` per value; no byte bound
+    without ``sizeof``), each served for ``ttl_s`` seconds of ``clock`` at most (None: no time limit).
 
     A value larger than ``max_bytes`` is not kept. The key must name everything the value depends on.
     """
@@ -23,59 +29,53 @@ class BoundedCache(Generic[K, V]):
                  ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.max_entries = int(max_entries)
         self.max_bytes = max_bytes
-        self.ttl_s = ttl_s
-        self.bytes = 0
         self._sizeof = sizeof
-        self._clock = clock
-        self._items: OrderedDict[K, tuple[V, int, float]] = OrderedDict()  # key -> (value, size, stored at)
+        bound = max_bytes if sizeof is not None and max_bytes is not None else self.max_entries
+        self._store: cachetools.LRUCache = (
+            cachetools.LRUCache(bound, getsizeof=_stored_size) if ttl_s is None
+            else cachetools.TTLCache(bound, float(ttl_s), timer=clock, getsizeof=_stored_size))
         self._lock = threading.Lock()
 
+    @property
+    def bytes(self) -> int:
+        """Bytes held now (``sizeof`` summed; 0 without ``sizeof``)."""
+        return int(self._store.currsize) if self._sizeof is not None and self.max_bytes is not None else 0
+
     def lookup(self, key: K) -> tuple[bool, V | None]:
-        """``(hit, value)``; a hit becomes the most recently used entry."""
+        """``(hit, value)``; a hit becomes the most recently used value (a stored None is a hit too)."""
         with self._lock:
-            entry = self._items.get(key)
-            if entry is None:
-                return False, None
-            if self.ttl_s is not None and self._clock() - entry[2] > self.ttl_s:
-                self._drop(key)
-                return False, None
-            self._items.move_to_end(key)
-            return True, entry[0]
+            item = self._store.get(key)
+            return (False, None) if item is None else (True, item[0])
 
     def get(self, key: K) -> V | None:
-        """The cached value, or None on a miss."""
+        """The value of ``key``, or None on a miss."""
         return self.lookup(key)[1]
 
     def put(self, key: K, value: V) -> None:
-        """Keep ``value`` as the newest entry, evicting the least recently used beyond the bounds."""
-        size = int(self._sizeof(value)) if self._sizeof is not None else 0
+        """Keep ``value`` as the newest, evicting the least recently used values beyond the bounds."""
+        bounded_by_bytes = self._sizeof is not None and self.max_bytes is not None
+        size = int(self._sizeof(value)) if bounded_by_bytes and self._sizeof is not None else 1
         with self._lock:
-            if key in self._items:
-                self._drop(key)
-            if self.max_bytes is not None and size > self.max_bytes:
+            self._store.pop(key, None)
+            if size > self._store.maxsize or self.max_entries <= 0:
                 return
-            self._items[key] = (value, size, self._clock())
-            self.bytes += size
-            while len(self._items) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes):
-                self._drop(next(iter(self._items)))
+            self._store[key] = (value, size)
+            while len(self._store) > self.max_entries:
+                self._store.popitem()
 
     def keys(self) -> list[K]:
-        """Keys, least recently used first."""
+        """Keys, the oldest stored first."""
         with self._lock:
-            return list(self._items)
+            return list(self._store.keys())
 
     def values(self) -> list[V]:
-        """Values, least recently used first."""
+        """Values, the oldest stored first."""
         with self._lock:
-            return [entry[0] for entry in self._items.values()]
+            return [item[0] for item in self._store.values()]
 
     def clear(self) -> None:
         with self._lock:
-            self._items.clear()
-            self.bytes = 0
-
-    def _drop(self, key: K) -> None:
-        self.bytes -= self._items.pop(key)[1]
+            self._store.clear()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._store)

@@ -229,7 +229,7 @@ class Service:
         """The project examples' learner, created on first use."""
         with self._lock:
             if self._learner is None:
-                self._learner = Learner(self.settings, self.dispatcher,  # type: ignore[arg-type]
+                self._learner = Learner(self.settings, self.dispatcher,
                                         self.fetcher, self.config, self.setup_fallbacks, self.worker_model,
                                         open_store=self.open_example_store)
             return self._learner

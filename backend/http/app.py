@@ -131,7 +131,8 @@ def predict_view():
     service = _service()
     from backend.predict.propose import split_override
 
-    version = service.model_version(model.config, *service.params(split_override(extra.get("maskinv"))[0]))
+    params, labels = service.params(split_override(extra.get("maskinv"))[0])
+    version = service.project_version(model.config, params, labels, data.get("project"))
     return jsonify({"results": results, "model_version": version})
 
 
@@ -150,9 +151,7 @@ def setup_view():
     service.prepare_labels(cfg)  # text prototypes built in the background, before the first /predict
     # Label Studio asks /setup for the version before every Retrieve predictions and skips the tasks that hold a
     # prediction of it: with examples, that is the version /predict answers (it names the example set)
-    suffix = service.learner.version_suffix(data.get("project"), service.settings.params) \
-        if service.settings.learn else ""
-    return jsonify({"model_version": service.model_version(cfg) + suffix})
+    return jsonify({"model_version": service.project_version(cfg, project=data.get("project"))})
 
 
 def health_view():

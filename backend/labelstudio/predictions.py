@@ -16,9 +16,13 @@ Studio's active-learning ordering puts uncertain tasks first.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from backend.labelstudio.label_config import ProjectConfig
+from worker.protocol import LabelScore, RegionResult, decode_mask
+
+from backend.labelstudio.label_config import ProjectConfig, RegionControl
+from backend.labelstudio.region_output import geometry_value
 from backend.labelstudio.regions import Region
 
 #: value keys that hold labels rather than geometry
@@ -26,45 +30,81 @@ LABEL_VALUE_KEYS = frozenset({"brushlabels", "polygonlabels", "rectanglelabels",
 FRAME_KEYS = ("original_width", "original_height", "image_rotation")
 
 
-def alternatives_text(labels: list[dict[str, Any]]) -> str:
+def alternatives_text(labels: Sequence[LabelScore]) -> str:
     """One line with the top-k labels and their scores."""
-    parts = " · ".join(f"{lab['label']} {float(lab['score']):.2f}" for lab in labels)
+    parts = " · ".join(f"{lab.label} {float(lab.score):.2f}" for lab in labels)
     return f"MaskInversion top-{len(labels)}: {parts}"
 
 
-def uncertainty_meta(region_meta: dict[str, Any]) -> dict[str, Any]:
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def uncertainty_meta(region_meta: Mapping[str, Any]) -> dict[str, Any]:
     """``margin`` (top-1 minus top-2 probability) and ``examples`` (annotated examples behind the top-1 label)
     from a worker result's region meta, for the region's ``meta`` in Label Studio."""
     out: dict[str, Any] = {}
-    if isinstance(region_meta.get("margin"), (int, float)) and not isinstance(region_meta.get("margin"), bool):
+    if _number(region_meta.get("margin")):
         out["margin"] = round(float(region_meta["margin"]), 4)
     if isinstance(region_meta.get("examples"), int) and not isinstance(region_meta.get("examples"), bool):
         out["examples"] = int(region_meta["examples"])
     return out
 
 
-def region_results(region: Region, res: dict[str, Any], cfg: ProjectConfig) -> list[dict[str, Any]]:
+def _labelled_items(control: RegionControl, cfg: ProjectConfig, res: RegionResult, key: str,
+                    geometry: dict[str, Any], score: float, meta: dict[str, Any], extra: dict[str, Any]
+                    ) -> list[dict[str, Any]]:
+    """The region item (its best label in the labels control, else the tool's own type with the label in
+    ``meta.text`` only) and, when the config has a per-region TextArea and a caption was made, the caption item."""
+    best = res.labels[0]
+    if control.labels_control is not None and best.label in control.labels:
+        rtype = control.labelled_type
+        out = [{"id": key, "from_name": control.labels_control, "to_name": control.to_name, "type": rtype,
+                "value": {**geometry, rtype: [best.label]}, "score": score, "meta": meta, **extra}]
+    else:
+        out = [{"id": key, "from_name": control.name, "to_name": control.to_name, "type": control.tag,
+                "value": geometry, "score": score, "meta": meta, **extra}]
+    caption_control = cfg.captions.get(control.to_name)
+    if caption_control is not None and res.caption:
+        out.append({"id": key, "from_name": caption_control.name, "to_name": control.to_name, "type": "textarea",
+                    "value": {**geometry, "text": [str(res.caption)]}, **extra})
+    return out
+
+
+def region_results(region: Region, res: RegionResult, cfg: ProjectConfig) -> list[dict[str, Any]]:
     """Result items for one successfully labelled region (``res``: labels best-first, caption)."""
-    control = region.control
     item = region.item
     frame = {k: item[k] for k in FRAME_KEYS if k in item}
     geometry = {k: v for k, v in item["value"].items() if k not in LABEL_VALUE_KEYS}
-    best = res["labels"][0]
-    score = float(best["score"])
-    meta = {"text": [alternatives_text(res["labels"])]}
-    meta.update(uncertainty_meta(res.get("meta") or {}))
-    if control.labels_control is not None and best["label"] in control.labels:
-        rtype = control.labelled_type
-        out = [{"id": region.id, "from_name": control.labels_control, "to_name": control.to_name, "type": rtype,
-                "value": {**geometry, rtype: [best["label"]]}, "score": score, "meta": meta, **frame}]
-    else:
-        out = [{"id": region.id, "from_name": control.name, "to_name": control.to_name, "type": control.tag,
-                "value": geometry, "score": score, "meta": meta, **frame}]
-    caption_control = cfg.captions.get(control.to_name)
-    if caption_control is not None and res.get("caption"):
-        out.append({"id": region.id, "from_name": caption_control.name, "to_name": control.to_name,
-                    "type": "textarea", "value": {**geometry, "text": [str(res["caption"])]}, **frame})
-    return out
+    meta: dict[str, Any] = {"text": [alternatives_text(res.labels)]}
+    meta.update(uncertainty_meta(res.meta))
+    return _labelled_items(region.control, cfg, res, region.id, geometry, float(res.labels[0].score), meta, frame)
+
+
+def proposal_score(res: RegionResult) -> float:
+    """A proposal's score in Label Studio: the worker's ranking score (best-label probability × objectness,
+    ``meta.score``), else the best label's probability (older workers)."""
+    ranked = res.meta.get("score")
+    if isinstance(ranked, (int, float)) and not isinstance(ranked, bool) and 0.0 <= ranked <= 1.0:
+        return float(ranked)
+    return float(res.labels[0].score)
+
+
+def proposal_items(control: RegionControl, cfg: ProjectConfig, res: RegionResult, width: int, height: int,
+                   key: str) -> list[dict[str, Any]]:
+    """Result items (region + optional caption) for one proposed region ``res`` (its mask in ``meta.mask``), in
+    ``control``'s region type. Raises OutputError / KeyError / ValueError for a mask that cannot be written."""
+    mask = decode_mask(res.meta["mask"])
+    geometry = geometry_value(control.kind, mask, width, height)
+    source = str(res.meta.get("source") or "?")
+    obj = res.meta.get("objectness")
+    obj_text = f" · objectness {float(obj):.2f}" if isinstance(obj, (int, float)) and not isinstance(obj, bool) else ""
+    meta: dict[str, Any] = {"text": [f"proposed by MaskInversion ({source}){obj_text} · "
+                                     f"{alternatives_text(res.labels)}"], "proposed": True, "source": source}
+    if isinstance(res.meta.get("examples"), int):  # scored with the project's examples (backend.learning)
+        meta["examples"] = res.meta["examples"]
+    extra = {"origin": "prediction", "original_width": width, "original_height": height, "image_rotation": 0}
+    return _labelled_items(control, cfg, res, key, geometry, proposal_score(res), meta, extra)
 
 
 def task_prediction(results: list[dict[str, Any]], scores: list[float], model_version: str,

@@ -42,7 +42,7 @@ def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     m = _check(mask)
     if m.shape == (height, width):
         return m
-    return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 0
+    return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)) > 0
 
 
 def brush_value(mask: np.ndarray, width: int, height: int) -> dict[str, Any]:

@@ -145,8 +145,8 @@ def region_geometry(region: Region, image_size: tuple[int, int] | None,
         if image_size is None:
             raise RegionError("region has no original_width/original_height and the image size is unknown")
         return image_size
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 1
-               for v in (w, h)):
+    if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and all(
+            not isinstance(v, bool) and math.isfinite(v) and v >= 1 for v in (w, h))):
         raise RegionError(f"original_width/original_height must be numbers >= 1, got {w!r} x {h!r}")
     width, height = int(round(w)), int(round(h))
     if width * height > max_pixels:
@@ -268,5 +268,5 @@ def _downscale(mask: np.ndarray, max_side: int) -> np.ndarray:
         return mask
     scale = max_side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = Image.fromarray(mask.astype(np.uint8) * 255, mode="L").resize(size, Image.BOX)
+    small = Image.fromarray(mask.astype(np.uint8) * 255, mode="L").resize(size, Image.Resampling.BOX)
     return np.asarray(small) > 0  # any coverage: a thin stroke on a huge image must not vanish

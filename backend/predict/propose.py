@@ -33,12 +33,14 @@ import logging
 import time
 from typing import Any
 
-from worker.protocol import InversionParams, ProposeRegionsJob, decode_mask
+from worker.protocol import InversionParams, JobResult, ProposeRegionsJob, ProtocolError
 
 from backend.dispatch import DispatchError
 from backend.labelstudio.label_config import ProjectConfig, RegionControl
-from backend.labelstudio.predictions import alternatives_text, task_prediction
-from backend.labelstudio.region_output import OutputError, geometry_value
+from backend.labelstudio.predictions import proposal_items, proposal_score, task_prediction
+from backend.labelstudio.region_output import OutputError
+from backend.predict.fetch import ImageFetch, fetch_all
+from backend.predict.plan import TaskPlan, example_project, task_data
 from backend.service import PredictError, Service
 
 log = logging.getLogger(__name__)
@@ -124,45 +126,6 @@ def target_control(cfg: ProjectConfig) -> RegionControl | None:
     return next((c for c in with_labels if c.labels_control is not None), with_labels[0] if with_labels else None)
 
 
-def proposal_score(res: dict[str, Any]) -> float:
-    """A proposal's score in Label Studio: the worker's ranking score (best-label probability × objectness,
-    ``meta.score``), else the best label's probability (older workers)."""
-    ranked = (res.get("meta") or {}).get("score")
-    if isinstance(ranked, (int, float)) and not isinstance(ranked, bool) and 0.0 <= ranked <= 1.0:
-        return float(ranked)
-    return float(res["labels"][0]["score"])
-
-
-def proposal_items(control: RegionControl, cfg: ProjectConfig, res: dict[str, Any], width: int, height: int,
-                   key: str) -> list[dict[str, Any]]:
-    """Result items (region + optional caption) for one proposal result ``res`` (a RegionResult dict)."""
-    mask = decode_mask(res["meta"]["mask"])
-    geometry = geometry_value(control.kind, mask, width, height)
-    best = res["labels"][0]
-    source = str(res["meta"].get("source") or "?")
-    score = proposal_score(res)
-    obj = res["meta"].get("objectness")
-    obj_text = f" · objectness {float(obj):.2f}" if isinstance(obj, (int, float)) else ""
-    meta = {"text": [f"proposed by MaskInversion ({source}){obj_text} · {alternatives_text(res['labels'])}"],
-            "proposed": True, "source": source}
-    if isinstance(res["meta"].get("examples"), int):  # scored with the project's examples (backend.learning.learner)
-        meta["examples"] = res["meta"]["examples"]
-    frame = {"original_width": width, "original_height": height, "image_rotation": 0}
-    if control.labels_control is not None and best["label"] in control.labels:
-        rtype = control.labelled_type
-        out = [{"id": key, "from_name": control.labels_control, "to_name": control.to_name, "type": rtype,
-                "value": {**geometry, rtype: [best["label"]]}, "score": score, "meta": meta,
-                "origin": "prediction", **frame}]
-    else:
-        out = [{"id": key, "from_name": control.name, "to_name": control.to_name, "type": control.tag,
-                "value": geometry, "score": score, "meta": meta, "origin": "prediction", **frame}]
-    caption = cfg.captions.get(control.to_name)
-    if caption is not None and res.get("caption"):
-        out.append({"id": key, "from_name": caption.name, "to_name": control.to_name, "type": "textarea",
-                    "value": {**geometry, "text": [str(res["caption"])]}, "origin": "prediction", **frame})
-    return out
-
-
 def proposal_params(params: InversionParams, max_size: int) -> InversionParams:
     """``params`` with ``size`` at most ``max_size`` (MASKINV_PROPOSAL_MAX_SIZE): a proposal's cost grows with the
     size to the 2nd-4th power, and the request's size is meant for the regions it draws."""
@@ -186,72 +149,76 @@ def proposal_prototypes(service: Service, project: str | None, vocab: tuple[str,
 
 def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, Any]], params: InversionParams,
                     label_override: list[str] | None, override: bool | dict[str, Any] | None, deadline: float,
-                    version: str, project: Any = None) -> list[Any]:
+                    project: Any = None) -> list[Any]:
     """One answer per task (a prediction, ``[]`` when nothing was proposed, or ``{"error", "maskinv"}``).
 
-    ``version``: the model version without examples; proposals scored with the project's examples get its
-    ``-ex`` suffix like drawn regions."""
-    from backend.predict.tasks import _Fetch, _TaskPlan, _fetch_all, example_project
-
-    pid = example_project(service, project, tasks)
-    suffix = ""
-    params = proposal_params(params, service.settings.proposal_max_size)
-
+    ``params``: the request's; the jobs run with :func:`proposal_params`. The ``model_version`` is the one drawn
+    regions get (Service.project_version), naming the project's example set when its examples scored them."""
     control = target_control(cfg)
+    if control is None:
+        return [[] for _ in tasks]
+    pid = example_project(service.settings, project, tasks)
+    job_params = proposal_params(params, service.settings.proposal_max_size)
+    vocab = tuple(label_override or control.labels)
+    data_key = cfg.images[control.to_name].data_key
+    fetches = [ImageFetch(TaskPlan(t.get("id"), "proposals"), task_data(t).get(data_key), t.get("id"), vocab, [])
+               for t in tasks]
+    fetch_all(service.fetcher, fetches, deadline, service.settings.max_image_pixels, service.setup_fallbacks())
     answers: list[Any] = [None] * len(tasks)
-    fetches: list[tuple[int, _Fetch]] = []
-    for i, task in enumerate(tasks):
-        if control is None:
-            answers[i] = []
-            continue
-        data = task.get("data") if isinstance(task.get("data"), dict) else {}
-        vocab = tuple(label_override or control.labels)
-        plan = _TaskPlan(task.get("id"), "proposals")
-        fetches.append((i, _Fetch(plan, data.get(cfg.images[control.to_name].data_key), task.get("id"), vocab, [])))
-    _fetch_all(service, [f for _, f in fetches], deadline)
     options = {"max_proposals": service.settings.max_proposals, **(override if isinstance(override, dict) else {})}
-    jobs: list[tuple[int, _Fetch]] = []
+    jobs: list[tuple[int, ImageFetch]] = []
     requests = []
-    for i, f in fetches:
+    used_examples = False
+    for i, f in enumerate(fetches):
         if f.error is not None:
             answers[i] = {"error": f.error, "maskinv": {"source": "proposals", "errors": [
-                {"region": None, "error": f.error, "kind": "image" if f.upstream else "source"}]}}
+                {"region": None, "error": f.error, "kind": f.error_kind}]}}
             continue
-        prototypes = proposal_prototypes(service, pid, tuple(f.vocab), params)
-        if prototypes is not None and not suffix:
-            suffix = service.learner.version_suffix(pid, params)
-        payload = ProposeRegionsJob.build(f.blob, f.vocab, params, options, prototypes).to_dict()
+        prototypes = proposal_prototypes(service, pid, f.vocab, job_params)
+        used_examples = used_examples or prototypes is not None
         jobs.append((i, f))
-        requests.append((f.blob, payload))
+        requests.append((f.blob, ProposeRegionsJob.build(f.blob, f.vocab, job_params, options, prototypes).to_dict()))
     try:
         runs = service.dispatcher.run_jobs(PROPOSE_FUNCTION, requests, max(0.0, deadline - time.monotonic()))
     except DispatchError as exc:
         raise PredictError(503, str(exc)) from None
+    version = service.project_version(cfg, params, label_override, pid if used_examples else None)
     for (i, f), run in zip(jobs, runs):
-        res = run.result
-        error = run.error if res is None else res.get("error")
-        diagnostics = {"source": "proposals", "job": run.info, "model": (res or {}).get("model", {}),
-                       "timings": (res or {}).get("timings", {}), "errors": []}
-        if error:
-            log.warning("task %s: proposals failed: %s", f.task_id, error)
-            # the kind lets project runs retry transient failures and background runs continue timed-out jobs
-            kind = "rejected" if res is not None else (run.kind or "failed")
-            diagnostics["errors"].append({"region": None, "error": f"proposals: {error}", "kind": kind})
-            answers[i] = {"error": f"proposals: {error}", "maskinv": diagnostics}
-            continue
-        width, height = f.size
-        results, scores = [], []
-        for k, region in enumerate(res.get("regions") or []):
-            if region.get("error") or not region.get("labels"):
-                continue
-            key = f"prop{k}_{res.get('image_sha256', '')[:6]}"
-            try:
-                results += proposal_items(control, cfg, region, width, height, key)
-            except (OutputError, KeyError, ValueError) as exc:
-                diagnostics["errors"].append({"region": key, "error": str(exc), "kind": "region"})
-                continue
-            scores.append(proposal_score(region))
-        diagnostics.update({"proposed": len(scores), "regions": 0})
-        answers[i] = task_prediction(results, scores, version + suffix, diagnostics) if results else []
-        log.info("task %s: %d proposed region(s) as %s", f.task_id, len(scores), control.tag)
+        answers[i] = _proposal_answer(control, cfg, f, run.result, run.error, run.kind, run.info, version)
     return answers
+
+
+def _proposal_answer(control: RegionControl, cfg: ProjectConfig, f: ImageFetch, raw: dict | None,
+                     run_error: str | None, run_kind: str | None, info: dict[str, Any], version: str) -> Any:
+    """One task's answer from its proposal job: ``raw`` the job's result (None when it did not finish)."""
+    try:
+        result = JobResult.from_dict(raw) if raw is not None else None
+    except ProtocolError as exc:
+        result, run_error = None, f"malformed proposal result: {exc}"
+    error = run_error if result is None else result.error
+    diagnostics: dict[str, Any] = {"source": "proposals", "job": info,
+                                   "model": dict(result.model) if result else {},
+                                   "timings": dict(result.timings) if result else {}, "errors": []}
+    if error or result is None:
+        error = error or "no result"
+        log.warning("task %s: proposals failed: %s", f.task_id, error)
+        # the kind lets project runs retry transient failures and background runs continue timed-out jobs
+        kind = "rejected" if raw is not None else (run_kind or "failed")
+        diagnostics["errors"].append({"region": None, "error": f"proposals: {error}", "kind": kind})
+        return {"error": f"proposals: {error}", "maskinv": diagnostics}
+    width, height = f.size
+    results: list[dict[str, Any]] = []
+    scores: list[float] = []
+    for k, region in enumerate(result.regions):
+        if region.error or not region.labels:
+            continue
+        key = f"prop{k}_{(result.image_sha256 or '')[:6]}"
+        try:
+            results += proposal_items(control, cfg, region, width, height, key)
+        except (OutputError, KeyError, ValueError) as exc:
+            diagnostics["errors"].append({"region": key, "error": str(exc), "kind": "region"})
+            continue
+        scores.append(proposal_score(region))
+    diagnostics.update({"proposed": len(scores), "regions": 0})
+    log.info("task %s: %d proposed region(s) as %s", f.task_id, len(scores), control.tag)
+    return task_prediction(results, scores, version, diagnostics) if results else []

@@ -295,8 +295,7 @@ def predict_batch(service: Service, cfg: ProjectConfig, tasks: Any, overrides: A
         return predict_tasks(service, cfg, tasks, overrides=overrides, project=project)
     params, labels = service.params(split_override(overrides)[0])
     pid = _project_id(project)
-    suffix = service.learner.version_suffix(pid, params) if pid is not None and service.settings.learn else ""
-    version = service.model_version(cfg, params, labels) + suffix
+    version = service.project_version(cfg, params, labels, pid)
     answers: list[Any] = [None] * len(tasks)
     now, later = [], []
     for i, t in enumerate(tasks):

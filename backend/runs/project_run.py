@@ -158,9 +158,7 @@ def existing_versions(task: dict[str, Any]) -> set[str]:
 def run_version(service: Service, cfg: ProjectConfig, project: Any) -> str:
     """The model version ``/setup`` and ``/predict`` answer for ``project`` with its label config ``cfg``: the
     service's version of the environment's parameters plus the project's example-set suffix (``-ex...``)."""
-    params = service.settings.params
-    suffix = service.learner.version_suffix(project, params) if service.settings.learn else ""
-    return service.model_version(cfg, params, None) + suffix
+    return service.project_version(cfg, service.settings.params, None, project)
 
 
 def outage_errors() -> tuple[type[BaseException], ...]:

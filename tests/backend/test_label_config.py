@@ -12,6 +12,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from backend.labelstudio.label_config import LabelConfigError, parse_label_config
 from backend.labelstudio.predictions import alternatives_text, region_results, task_prediction
 from backend.labelstudio.regions import collect_regions
+from worker.protocol import LabelScore, RegionResult
 
 CONFIGS = Path(__file__).resolve().parents[2] / "label_config"
 SHIPPED = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels"}
@@ -20,8 +21,10 @@ GEOMETRY = {
     "polygon": {"points": [[10, 10], [60, 15], [40, 70]], "closed": True},
     "rectangle": {"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 12},
 }
-RES = {"labels": [{"label": "dog", "score": 0.7}, {"label": "cat", "score": 0.2}, {"label": "car", "score": 0.1}],
-       "caption": "a brown dog", "caption_mode": "retrieval", "error": None}
+RES = RegionResult.from_dict({
+    "id": "r",
+    "labels": [{"label": "dog", "score": 0.7}, {"label": "cat", "score": 0.2}, {"label": "car", "score": 0.1}],
+    "caption": "a brown dog", "caption_mode": "retrieval", "error": None})
 
 
 def test_all_shipped_configs_are_tested():
@@ -66,7 +69,7 @@ def test_prediction_for_shipped_config_is_valid(name):
 
 
 def test_alternatives_text():
-    assert alternatives_text([{"label": "a", "score": 0.5}]) == "MaskInversion top-1: a 0.50"
+    assert alternatives_text([LabelScore("a", 0.5)]) == "MaskInversion top-1: a 0.50"
 
 
 def test_plain_tool_with_labels_control_predicts_merged_result():

@@ -17,7 +17,7 @@ from backend_support import H, W, brush, config, predict, task
 def proposal_env():
     """Worker proposal settings for a random model on 2 busy cores: every proposal kept (its scores are near
     uniform), MaskCut only, at most 3 per image."""
-    from worker.jobs import regions as jobs
+    from worker.jobs import runtime as jobs
 
     mp = pytest.MonkeyPatch()
     for k, v in {"MASKINV_PROPOSAL_MIN_SCORE": "0", "MASKINV_PROPOSAL_SOURCES": "maskcut",
@@ -113,12 +113,14 @@ def test_override_helpers():
 
 
 def test_proposal_score_is_the_workers_ranking_score():
-    from backend.predict.propose import proposal_score
+    from backend.labelstudio.predictions import proposal_score
+    from worker.protocol import RegionResult
 
-    res = {"labels": [{"label": "car", "score": 0.6}], "meta": {"score": 0.15, "objectness": 0.25}}
-    assert proposal_score(res) == pytest.approx(0.15)
-    assert proposal_score({"labels": [{"label": "car", "score": 0.6}], "meta": {}}) == pytest.approx(0.6)
-    assert proposal_score({"labels": [{"label": "car", "score": 0.6}], "meta": {"score": True}}) == pytest.approx(0.6)
+    def res(meta):
+        return RegionResult.from_dict({"id": "p", "labels": [{"label": "car", "score": 0.6}], "meta": meta})
+    assert proposal_score(res({"score": 0.15, "objectness": 0.25})) == pytest.approx(0.15)
+    assert proposal_score(res({})) == pytest.approx(0.6)
+    assert proposal_score(res({"score": True})) == pytest.approx(0.6)
 
 
 def test_proposals_of_a_project_with_examples_use_them(make_client, tmp_path):
