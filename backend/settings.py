@@ -9,12 +9,12 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 from worker.protocol import (DEFAULT_CROP_WEIGHT, DEFAULT_MAX_LABEL_CHARS, DEFAULT_MAX_SIZE, DEFAULT_MAX_STEPS,
                              DEFAULT_MAX_TEMPLATE_CHARS, DEFAULT_MAX_VOCAB_BYTES, DEFAULT_TEMPLATES, MAX_CROP_WEIGHT,
                              InversionParams, PayloadError, SettingError,
-                             check_label_caps, check_templates, env_bool, env_float, env_int, env_str)
+                             check_label_caps, check_templates, env_bool, env_choice, env_float, env_int, env_str)
 
 from backend.images.policy import HostEntry, parse_allow_list
 from backend.images.urls import UnsafeURL, parse_http_url
@@ -38,13 +38,6 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
     return env_int(env, name, default, lo, hi, error=SettingsError)
-
-
-def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = _str(env, name, default).lower()
-    if value not in choices:
-        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 def _float(env: Mapping[str, str], name: str, default: float, lo: float | None = None,
@@ -152,7 +145,7 @@ class Settings:
     # Inversion defaults (overridable per request)
     params: InversionParams = field(default_factory=InversionParams)
     extra_labels: tuple[str, ...] = ()
-    # Text and cache limits (security wave 2; docs/security.md)
+    # Text and cache limits (docs/security.md)
     max_label_chars: int = DEFAULT_MAX_LABEL_CHARS
     max_vocab_bytes: int = DEFAULT_MAX_VOCAB_BYTES
     max_template_chars: int = DEFAULT_MAX_TEMPLATE_CHARS
@@ -162,7 +155,7 @@ class Settings:
     # Project runs (backend.runs.background): the rest of a Retrieve predictions that overruns MASKINV_BATCH_TIMEOUT
     background_runs: bool = True
     run_workers: int = 0  # tasks in flight per background run (0: twice the live queue workers, 2 embedded)
-    # Learning from annotations (issue 14: examples, LET cache)
+    # Learning from annotations (examples, LET cache)
     learn: bool = True
     example_views: int = 2  # views (InversionParams.views) of examples and of predictions that use examples
     data_dir: str = "./maskinv-data"
@@ -193,107 +186,153 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
         redis_url = env.get("REDIS_URL", "").strip() or None
-        user = env.get("BASIC_AUTH_USER", "").strip() or None
-        password = env.get("BASIC_AUTH_PASS", "") or None
-        if (user is None) != (password is None):
-            raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
-        try:
-            params = InversionParams(
-                steps=_int(env, "MASKINV_STEPS", 10),
-                lr=_float(env, "MASKINV_LR", 0.1),
-                alpha=_float(env, "MASKINV_ALPHA", 0.0),
-                size=_int(env, "MASKINV_SIZE", 448),
-                top_k=_int(env, "MASKINV_TOP_K", 3),
-                templates=_templates(env, "MASKINV_TEMPLATES"),
-                caption=_bool(env, "MASKINV_CAPTION", True),
-                crop_weight=_float(env, "MASKINV_CROP_WEIGHT", DEFAULT_CROP_WEIGHT, 0.0, MAX_CROP_WEIGHT),
-            )
-            params.validate()
-            max_steps = _int(env, "MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS, 0, 1000)
-            max_size = _int(env, "MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE, 32, 2048)
-            if params.steps > max_steps or params.size > max_size:
-                raise PayloadError(f"MASKINV_STEPS={params.steps} / MASKINV_SIZE={params.size} exceed "
-                                   f"MASKINV_MAX_STEPS={max_steps} / MASKINV_MAX_SIZE={max_size}")
-        except PayloadError as exc:
-            raise SettingsError(f"bad inversion default ({exc}); "
-                                "see MASKINV_STEPS/LR/ALPHA/SIZE/TOP_K/CROP_WEIGHT") from None
-        log_level = _str(env, "MASKINV_LOG_LEVEL", "INFO").upper()
-        if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise SettingsError(f"MASKINV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-        ls_url = env.get("LABEL_STUDIO_URL", "").strip().rstrip("/") or None
-        if ls_url and not ls_url.startswith(("http://", "https://")):
-            raise SettingsError(f"LABEL_STUDIO_URL must start with http:// or https://, got {ls_url!r}")
-        if ls_url:
-            try:
-                parse_http_url(ls_url)  # a URL two parsers read differently would misroute the API key
-            except UnsafeURL as exc:
-                raise SettingsError(f"LABEL_STUDIO_URL: {exc}") from None
-        max_label_chars = _int(env, "MASKINV_MAX_LABEL_CHARS", DEFAULT_MAX_LABEL_CHARS, 1)
-        max_vocab_bytes = _int(env, "MASKINV_MAX_VOCAB_BYTES", DEFAULT_MAX_VOCAB_BYTES, 1)
-        max_template_chars = _int(env, "MASKINV_MAX_TEMPLATE_CHARS", DEFAULT_MAX_TEMPLATE_CHARS, 1, 1000)
-        extra_labels = _labels(env, "MASKINV_LABELS")
-        try:
-            check_label_caps(extra_labels, max_label_chars, max_vocab_bytes, "MASKINV_LABELS label")
-            check_templates(params.templates, max_template_chars)
-        except PayloadError as exc:
-            raise SettingsError(str(exc)) from None
-        return cls(
-            host=_str(env, "MASKINV_HOST", "0.0.0.0"),
-            port=_int(env, "MASKINV_PORT", 9090, 1, 65535),
-            web_workers=_int(env, "MASKINV_WEB_WORKERS", 1 if redis_url is None else 2, 1, 64),
-            web_threads=_int(env, "MASKINV_WEB_THREADS", 4, 1, 256),
-            log_level=log_level,
-            basic_auth_user=user,
-            basic_auth_pass=password,
-            model_version=env.get("MASKINV_MODEL_VERSION", "").strip() or None,
-            label_studio_url=ls_url,
-            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", "").strip() or None,
-            fetch_timeout_s=_float(env, "MASKINV_FETCH_TIMEOUT", 30.0, 0.1),
-            max_image_bytes=_int(env, "MASKINV_MAX_IMAGE_MB", 64, 1) * 1024 * 1024,
-            max_image_pixels=_int(env, "MASKINV_MAX_IMAGE_PIXELS", 50_000_000, 1),
-            image_cache_bytes=_int(env, "MASKINV_IMAGE_CACHE_MB", 256, 0) * 1024 * 1024,
-            mask_max_side=_int(env, "MASKINV_MASK_MAX_SIDE", 1024, 32),
-            max_mask_pixels=_int(env, "MASKINV_MAX_MASK_MPIX", 512, 1) * 1024 * 1024,
-            allowed_hosts=_allow_list(env, "MASKINV_ALLOWED_HOSTS"),
-            local_files_root=_root(env, "LOCAL_FILES_DOCUMENT_ROOT"),
-            media_root=_root(env, "MASKINV_MEDIA_ROOT"),
-            max_body_bytes=_int(env, "MASKINV_MAX_BODY_MB", 32, 1) * 1024 * 1024,
-            max_tasks=_int(env, "MASKINV_MAX_TASKS", 100, 1),
-            max_regions=_int(env, "MASKINV_MAX_REGIONS", 100, 1),
-            max_labels=_int(env, "MASKINV_MAX_LABELS", 1000, 1),
-            max_templates=_int(env, "MASKINV_MAX_TEMPLATES", 50, 1),
-            max_steps=max_steps,
-            max_size=max_size,
-            redis_url=redis_url,
-            queue=_str(env, "MASKINV_QUEUE", "maskinv"),
-            redis_prefix=_str(env, "MASKINV_REDIS_PREFIX", "maskinv"),
-            timeout_s=_float(env, "MASKINV_TIMEOUT", 60.0, 0.1),
-            batch_timeout_s=_float(env, "MASKINV_BATCH_TIMEOUT", 90.0, 0.1),
-            job_timeout_s=_int(env, "MASKINV_JOB_TIMEOUT", 600, 1),
-            result_ttl_s=_int(env, "MASKINV_RESULT_TTL", 7 * 24 * 3600, 1),
-            memory_cache_entries=_int(env, "MASKINV_MEMORY_CACHE_ENTRIES", 20000, 0),
-            warmup=_bool(env, "MASKINV_WARMUP", True),
-            params=params,
-            extra_labels=extra_labels,
-            max_label_chars=max_label_chars,
-            max_vocab_bytes=max_vocab_bytes,
-            max_template_chars=max_template_chars,
-            image_cache_ttl_s=_float(env, "MASKINV_IMAGE_CACHE_TTL", 300.0, 0.0),
-            prepare_labels=_bool(env, "MASKINV_PREPARE_LABELS", True),
-            background_runs=_bool(env, "MASKINV_BACKGROUND_RUNS", True),
-            run_workers=_int(env, "MASKINV_RUN_WORKERS", 0, 0, 256),
-            learn=_bool(env, "MASKINV_LEARN", True),
-            example_views=_int(env, "MASKINV_EXAMPLE_VIEWS", 2, 1, 2),
-            data_dir=_str(env, "MASKINV_DATA_DIR", "./maskinv-data"),
-            let_ttl_s=_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0),
-            max_examples=_int(env, "MASKINV_MAX_EXAMPLES", 20000, 1),
-            proposals=_choice(env, "MASKINV_PROPOSALS", "auto", ("auto", "off")),
-            max_proposals=_int(env, "MASKINV_MAX_PROPOSALS", 20, 1, 1000),
-            url_secret=_secret(env, "MASKINV_URL_SECRET"),
-            max_run_tasks=_int(env, "MASKINV_MAX_RUN_TASKS", 10000, 1),
-            max_runs=_int(env, "MASKINV_MAX_RUNS", 4, 1, 256),
-            max_run_records=_int(env, "MASKINV_MAX_RUN_RECORDS", 200, 1, 100000),
-            max_projects=_int(env, "MASKINV_MAX_PROJECTS", 1000, 1),
-            proposal_max_size=_int(env, "MASKINV_PROPOSAL_MAX_SIZE", 448, 32, 2048),
-            orphan_grace_s=_float(env, "MASKINV_ORPHAN_GRACE", 30.0, 1.0),
+        return cls(**_server(env, redis_url), **_inversion_defaults(env), **_label_studio(env),
+                   **_request_limits(env), **_queue(env, redis_url), **_learning(env), **_proposals(env),
+                   **_budgets(env))
+
+
+# The readers of Settings.from_env, one per concern: each returns its fields by name.
+def _server(env: Mapping[str, str], redis_url: str | None) -> dict[str, Any]:
+    """The HTTP server: bind address, web processes and threads, log level, basic auth, model version."""
+    user = env.get("BASIC_AUTH_USER", "").strip() or None
+    password = env.get("BASIC_AUTH_PASS", "") or None
+    if (user is None) != (password is None):
+        raise SettingsError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+    log_level = _str(env, "MASKINV_LOG_LEVEL", "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise SettingsError(f"MASKINV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    return dict(
+        host=_str(env, "MASKINV_HOST", "0.0.0.0"),
+        port=_int(env, "MASKINV_PORT", 9090, 1, 65535),
+        web_workers=_int(env, "MASKINV_WEB_WORKERS", 1 if redis_url is None else 2, 1, 64),
+        web_threads=_int(env, "MASKINV_WEB_THREADS", 4, 1, 256),
+        log_level=log_level,
+        basic_auth_user=user,
+        basic_auth_pass=password,
+        model_version=env.get("MASKINV_MODEL_VERSION", "").strip() or None,
+    )
+
+
+def _inversion_defaults(env: Mapping[str, str]) -> dict[str, Any]:
+    """The inversion defaults (overridable per request), the service's bounds on K and S, the extra labels and
+    the text caps they are checked against."""
+    try:
+        params = InversionParams(
+            steps=_int(env, "MASKINV_STEPS", 10),
+            lr=_float(env, "MASKINV_LR", 0.1),
+            alpha=_float(env, "MASKINV_ALPHA", 0.0),
+            size=_int(env, "MASKINV_SIZE", 448),
+            top_k=_int(env, "MASKINV_TOP_K", 3),
+            templates=_templates(env, "MASKINV_TEMPLATES"),
+            caption=_bool(env, "MASKINV_CAPTION", True),
+            crop_weight=_float(env, "MASKINV_CROP_WEIGHT", DEFAULT_CROP_WEIGHT, 0.0, MAX_CROP_WEIGHT),
         )
+        params.validate()
+        max_steps = _int(env, "MASKINV_MAX_STEPS", DEFAULT_MAX_STEPS, 0, 1000)
+        max_size = _int(env, "MASKINV_MAX_SIZE", DEFAULT_MAX_SIZE, 32, 2048)
+        if params.steps > max_steps or params.size > max_size:
+            raise PayloadError(f"MASKINV_STEPS={params.steps} / MASKINV_SIZE={params.size} exceed "
+                               f"MASKINV_MAX_STEPS={max_steps} / MASKINV_MAX_SIZE={max_size}")
+    except PayloadError as exc:
+        raise SettingsError(f"bad inversion default ({exc}); "
+                            "see MASKINV_STEPS/LR/ALPHA/SIZE/TOP_K/CROP_WEIGHT") from None
+    max_label_chars = _int(env, "MASKINV_MAX_LABEL_CHARS", DEFAULT_MAX_LABEL_CHARS, 1)
+    max_vocab_bytes = _int(env, "MASKINV_MAX_VOCAB_BYTES", DEFAULT_MAX_VOCAB_BYTES, 1)
+    max_template_chars = _int(env, "MASKINV_MAX_TEMPLATE_CHARS", DEFAULT_MAX_TEMPLATE_CHARS, 1, 1000)
+    extra_labels = _labels(env, "MASKINV_LABELS")
+    try:
+        check_label_caps(extra_labels, max_label_chars, max_vocab_bytes, "MASKINV_LABELS label")
+        check_templates(params.templates, max_template_chars)
+    except PayloadError as exc:
+        raise SettingsError(str(exc)) from None
+    return dict(params=params, max_steps=max_steps, max_size=max_size, extra_labels=extra_labels,
+                max_label_chars=max_label_chars, max_vocab_bytes=max_vocab_bytes,
+                max_template_chars=max_template_chars)
+
+
+def _label_studio(env: Mapping[str, str]) -> dict[str, Any]:
+    """Label Studio and the images: its URL and API key, fetch limits, the image cache, allowed hosts, roots."""
+    ls_url = env.get("LABEL_STUDIO_URL", "").strip().rstrip("/") or None
+    if ls_url and not ls_url.startswith(("http://", "https://")):
+        raise SettingsError(f"LABEL_STUDIO_URL must start with http:// or https://, got {ls_url!r}")
+    if ls_url:
+        try:
+            parse_http_url(ls_url)  # a URL two parsers read differently would misroute the API key
+        except UnsafeURL as exc:
+            raise SettingsError(f"LABEL_STUDIO_URL: {exc}") from None
+    return dict(
+        label_studio_url=ls_url,
+        label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", "").strip() or None,
+        fetch_timeout_s=_float(env, "MASKINV_FETCH_TIMEOUT", 30.0, 0.1),
+        max_image_bytes=_int(env, "MASKINV_MAX_IMAGE_MB", 64, 1) * 1024 * 1024,
+        max_image_pixels=_int(env, "MASKINV_MAX_IMAGE_PIXELS", 50_000_000, 1),
+        image_cache_bytes=_int(env, "MASKINV_IMAGE_CACHE_MB", 256, 0) * 1024 * 1024,
+        mask_max_side=_int(env, "MASKINV_MASK_MAX_SIDE", 1024, 32),
+        max_mask_pixels=_int(env, "MASKINV_MAX_MASK_MPIX", 512, 1) * 1024 * 1024,
+        allowed_hosts=_allow_list(env, "MASKINV_ALLOWED_HOSTS"),
+        local_files_root=_root(env, "LOCAL_FILES_DOCUMENT_ROOT"),
+        media_root=_root(env, "MASKINV_MEDIA_ROOT"),
+        image_cache_ttl_s=_float(env, "MASKINV_IMAGE_CACHE_TTL", 300.0, 0.0),
+    )
+
+
+def _request_limits(env: Mapping[str, str]) -> dict[str, Any]:
+    """What one request may ask for: body size, tasks, regions, labels, templates."""
+    return dict(
+        max_body_bytes=_int(env, "MASKINV_MAX_BODY_MB", 32, 1) * 1024 * 1024,
+        max_tasks=_int(env, "MASKINV_MAX_TASKS", 100, 1),
+        max_regions=_int(env, "MASKINV_MAX_REGIONS", 100, 1),
+        max_labels=_int(env, "MASKINV_MAX_LABELS", 1000, 1),
+        max_templates=_int(env, "MASKINV_MAX_TEMPLATES", 50, 1),
+    )
+
+
+def _queue(env: Mapping[str, str], redis_url: str | None) -> dict[str, Any]:
+    """The queue (REDIS_URL unset: embedded mode), its time limits and caches, warm-up, /setup's label preparation
+    and the background runs."""
+    return dict(
+        redis_url=redis_url,
+        queue=_str(env, "MASKINV_QUEUE", "maskinv"),
+        redis_prefix=_str(env, "MASKINV_REDIS_PREFIX", "maskinv"),
+        timeout_s=_float(env, "MASKINV_TIMEOUT", 60.0, 0.1),
+        batch_timeout_s=_float(env, "MASKINV_BATCH_TIMEOUT", 90.0, 0.1),
+        job_timeout_s=_int(env, "MASKINV_JOB_TIMEOUT", 600, 1),
+        result_ttl_s=_int(env, "MASKINV_RESULT_TTL", 7 * 24 * 3600, 1),
+        memory_cache_entries=_int(env, "MASKINV_MEMORY_CACHE_ENTRIES", 20000, 0),
+        warmup=_bool(env, "MASKINV_WARMUP", True),
+        prepare_labels=_bool(env, "MASKINV_PREPARE_LABELS", True),
+        background_runs=_bool(env, "MASKINV_BACKGROUND_RUNS", True),
+        run_workers=_int(env, "MASKINV_RUN_WORKERS", 0, 0, 256),
+    )
+
+
+def _learning(env: Mapping[str, str]) -> dict[str, Any]:
+    """Learning from annotations: on or off, the views of examples, where examples live and how many."""
+    return dict(
+        learn=_bool(env, "MASKINV_LEARN", True),
+        example_views=_int(env, "MASKINV_EXAMPLE_VIEWS", 2, 1, 2),
+        data_dir=_str(env, "MASKINV_DATA_DIR", "./maskinv-data"),
+        let_ttl_s=_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0),
+        max_examples=_int(env, "MASKINV_MAX_EXAMPLES", 20000, 1),
+    )
+
+
+def _proposals(env: Mapping[str, str]) -> dict[str, Any]:
+    """Region proposals in batch mode: when, how many, at what inversion size."""
+    return dict(
+        proposals=env_choice(env, "MASKINV_PROPOSALS", "auto", ("auto", "off"), error=SettingsError),
+        max_proposals=_int(env, "MASKINV_MAX_PROPOSALS", 20, 1, 1000),
+        proposal_max_size=_int(env, "MASKINV_PROPOSAL_MAX_SIZE", 448, 32, 2048),
+    )
+
+
+def _budgets(env: Mapping[str, str]) -> dict[str, Any]:
+    """What a request or an event can start: the URL secret, background runs, records, projects, re-enqueues."""
+    return dict(
+        url_secret=_secret(env, "MASKINV_URL_SECRET"),
+        max_run_tasks=_int(env, "MASKINV_MAX_RUN_TASKS", 10000, 1),
+        max_runs=_int(env, "MASKINV_MAX_RUNS", 4, 1, 256),
+        max_run_records=_int(env, "MASKINV_MAX_RUN_RECORDS", 200, 1, 100000),
+        max_projects=_int(env, "MASKINV_MAX_PROJECTS", 1000, 1),
+        orphan_grace_s=_float(env, "MASKINV_ORPHAN_GRACE", 30.0, 1.0),
+    )

@@ -59,7 +59,7 @@ def documented() -> set[str]:
 
 def read_elsewhere(name: str) -> bool:
     """Whether ``name`` is read outside the settings classes (a string literal in backend/ or worker/)."""
-    return any(f'"{name}"' in p.read_text() for pkg in ("backend", "worker") for p in (ROOT / pkg).glob("*.py"))
+    return any(f'"{name}"' in p.read_text() for pkg in ("backend", "worker") for p in (ROOT / pkg).rglob("*.py"))
 
 
 def compose_environment(service: str) -> set[str]:
