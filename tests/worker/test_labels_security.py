@@ -1,4 +1,4 @@
-"""The worker side of the text limits: bounded text caches (case 8) and the worker's own re-check of labels and templates
+"""The worker side of the text limits: bounded text caches (case 8) and its own re-check of labels and templates
 for jobs that did not come through the backend (cases 4-6)."""
 
 from __future__ import annotations

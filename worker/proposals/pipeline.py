@@ -197,7 +197,7 @@ def superpixels(image, size: int, n_segments: int = SLIC_SEGMENTS, compactness: 
     from skimage.segmentation import slic
 
     img = open_image(image)[0] if not hasattr(image, "resize") else image
-    arr = np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
+    arr = np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC))
     return slic(arr, n_segments=n_segments, compactness=compactness, start_label=0)
 
 
@@ -309,7 +309,7 @@ def gather_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], t
         out += text_candidates(engine, scorer, image, labels, templates, size)
     if "window" in sources:
         out += window_candidates(size)
-    if "sam" in sources:
+    if sam is not None and "sam" in sources:
         check_time("the SAM candidates")
         out += [Candidate(np.asarray(m, bool), "sam") for m in sam(open_image(image)[0], size)]
     return out
