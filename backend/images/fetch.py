@@ -35,7 +35,6 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
+from backend.bounded_cache import BoundedCache
 from backend.images.policy import (DEFAULT_PORTS, FetchPolicy, FetchRefused, HostEntry, Origin, Route, has_traversal,
                            normalise_host, safe_local_path, sends_credential)
 
@@ -126,7 +126,7 @@ def _pool_classes(policy: FetchPolicy) -> dict[str, type]:
         def _new_conn(self):
             return _connect(self, policy)
 
-        def request(self, method, url, body=None, headers=None, **kwargs):  # type: ignore[override]
+        def request(self, method, url, body=None, headers=None, **kwargs):
             _guard_credential(self, "http", headers)
             return super().request(method, url, body=body, headers=headers, **kwargs)
 
@@ -134,7 +134,7 @@ def _pool_classes(policy: FetchPolicy) -> dict[str, type]:
         def _new_conn(self):
             return _connect(self, policy)
 
-        def request(self, method, url, body=None, headers=None, **kwargs):  # type: ignore[override]
+        def request(self, method, url, body=None, headers=None, **kwargs):
             _guard_credential(self, "https", headers)
             return super().request(method, url, body=body, headers=headers, **kwargs)
 
@@ -191,11 +191,12 @@ class GuardedSession(requests.Session):
                                                          json=json_body))
             params = None  # now part of the URL
             # the URL urllib3 connects to is prep.url: it must route exactly like the URL decided on
-            if self.policy.route(prep.url, ctx.setup_host, credential_origin) != Route(route.origin, prep.url,
-                                                                                        route.credential):
-                raise FetchRefused(f"URL {url[:200]!r} changes its host when prepared ({prep.url[:200]!r})")
+            prepared_url = str(prep.url)
+            if self.policy.route(prepared_url, ctx.setup_host, credential_origin) != Route(route.origin, prepared_url,
+                                                                                            route.credential):
+                raise FetchRefused(f"URL {url[:200]!r} changes its host when prepared ({prepared_url[:200]!r})")
             prep.headers.pop("Authorization", None)
-            if route.credential:
+            if route.credential and ctx.auth_header:
                 prep.headers["Authorization"] = ctx.auth_header
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -243,7 +244,7 @@ def _read_capped(resp: requests.Response, max_bytes: int, deadline: float, url: 
             if len(buf) > max_bytes:
                 raise ImageError(too_big)
         resp._content = bytes(buf)  # what .content / .text then return
-        resp._content_consumed = True
+        setattr(resp, "_content_consumed", True)  # a private flag the typing of requests does not declare
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise ImageError(f"cannot download image {url[:200]}: {exc.__class__.__name__}: {exc}",
                          upstream=True) from None
@@ -334,10 +335,9 @@ class ImageFetcher:
         self.auth = LabelStudioAuth(label_studio_url, api_key, self.session)
         self.cache_ttl_s = cache_ttl_s  # MASKINV_IMAGE_CACHE_TTL: a URL's bytes are reused this long at most
         self._clock = clock
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
-        self._stored_at: dict[str, float] = {}  # key -> clock() when stored
-        self._cached = 0
-        self._lock = threading.Lock()
+        # URL key -> image bytes; keys and bytes both count against MASKINV_IMAGE_CACHE_MB
+        self._cache: BoundedCache[str, bytes] = BoundedCache(None, cache_bytes, lambda k, v: len(k) + len(v),
+                                                             ttl_s=cache_ttl_s, clock=clock)
 
     def fetch(self, url: Any, task_id: int | None = None, hostname: str | None = None,
               fallback_token: str | None = None, deadline: float | None = None) -> bytes:
@@ -359,9 +359,9 @@ class ImageFetcher:
             if url.startswith("data:"):
                 data = self._decode_data_uri(url)
             else:
-                data = self._local(url)
-                if data is None:
-                    data = self._download(url, task_id, hostname, fallback_token, deadline)
+                local = self._local(url)
+                data = local if local is not None else self._download(url, task_id, hostname, fallback_token,
+                                                                      deadline)
         except FetchRefused as exc:
             raise ImageError(f"refused image source: {exc}") from None
         if len(data) > self.max_bytes:
@@ -488,33 +488,11 @@ class ImageFetcher:
     def _cached_bytes(self, key: str) -> bytes | None:
         """The cached bytes of ``key`` if stored less than MASKINV_IMAGE_CACHE_TTL seconds ago (an expired entry
         is dropped, so a file replaced at the same URL is fetched again)."""
-        with self._lock:
-            data = self._cache.get(key)
-            if data is None:
-                return None
-            if self._clock() - self._stored_at.get(key, float("-inf")) >= self.cache_ttl_s:
-                del self._cache[key]
-                self._stored_at.pop(key, None)
-                self._cached -= len(data) + len(key)
-                return None
-            self._cache.move_to_end(key)
-            return data
+        return self._cache.get(key)
 
     def _remember(self, key: str, data: bytes) -> None:
         """Keep ``data`` under ``key``; keys and bytes both count against MASKINV_IMAGE_CACHE_MB."""
-        if len(data) + len(key) > self.cache_bytes or self.cache_ttl_s <= 0:
-            return
-        with self._lock:
-            old = self._cache.pop(key, None)
-            if old is not None:
-                self._cached -= len(old) + len(key)
-            self._cache[key] = data
-            self._stored_at[key] = self._clock()
-            self._cached += len(data) + len(key)
-            while self._cached > self.cache_bytes:
-                old_key, old_data = self._cache.popitem(last=False)
-                self._stored_at.pop(old_key, None)
-                self._cached -= len(old_data) + len(old_key)
+        self._cache.put(key, data)
 
 
 @contextmanager

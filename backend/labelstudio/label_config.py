@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
+
+from backend.bounded_cache import BoundedCache
 
 #: region control tag (lower case) -> geometry kind
 REGION_TAGS = {
@@ -148,21 +148,15 @@ class ConfigCache:
 
     def __init__(self, max_entries: int = 32):
         self.max_entries = max_entries
-        self._data: OrderedDict[str, ProjectConfig] = OrderedDict()
-        self._lock = threading.Lock()
+        self._data: BoundedCache[str, ProjectConfig] = BoundedCache(max_entries)
 
     def get(self, xml: str, extra_labels: tuple[str, ...] = ()) -> ProjectConfig:
         if xml is not None and not isinstance(xml, str):
             raise LabelConfigError(f"the label config must be an XML string, got {type(xml).__name__}")
         key = hashlib.sha256((xml or "").encode() + b"\0" + "\0".join(extra_labels).encode()).hexdigest()
-        with self._lock:
-            hit = self._data.get(key)
-            if hit is not None:
-                self._data.move_to_end(key)
-                return hit
+        hit = self._data.get(key)
+        if hit is not None:
+            return hit
         cfg = parse_label_config(xml, extra_labels)
-        with self._lock:
-            self._data[key] = cfg
-            while len(self._data) > self.max_entries:
-                self._data.popitem(last=False)
+        self._data.put(key, cfg)
         return cfg

@@ -163,9 +163,9 @@ class AnnotationSkipped(Exception):
     """An annotation over a limit: left out whole, its stored examples kept (recorded in the Allowance)."""
 
 
-def _doc_bytes(doc: dict | None) -> int:
-    """Bytes of a prototypes document (its base64 vectors dominate)."""
-    return len(json.dumps(doc)) if doc else 0
+def _doc_bytes(key: tuple, doc: dict | None) -> int:
+    """Bytes of a cached prototypes document (its base64 vectors dominate) and its key."""
+    return (len(json.dumps(doc)) if doc else 0) + len(repr(key))
 
 
 class EmbedRunner(Protocol):
@@ -198,7 +198,7 @@ class Learner:
         self._store = store
         # (model id, labels, templates) -> ([L, D] text prototypes, logit scale)
         self._text: BoundedCache[tuple, tuple[np.ndarray, float]] = BoundedCache(
-            CACHE_ENTRIES, CACHE_BYTES, lambda v: v[0].nbytes)
+            CACHE_ENTRIES, CACHE_BYTES, lambda k, v: v[0].nbytes + len(repr(k)))
         self._protos: BoundedCache[tuple, dict | None] = BoundedCache(CACHE_ENTRIES, CACHE_BYTES, _doc_bytes)
         self._lock = threading.Lock()
 

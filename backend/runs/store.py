@@ -44,6 +44,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from worker.protocol import sha256_hex
 
+from backend.bounded_cache import BoundedCache
+
 #: seconds a run counts as alive after its last heartbeat
 ALIVE_TTL_S = 15
 #: seconds between two heartbeats of a run
@@ -214,7 +216,8 @@ def records_to_drop(records: Iterable[RunStatus], max_records: int, now: float |
     """Ids of the records to drop: those unchanged for RECORD_TTL_S, then beyond ``max_records`` the oldest
     finished first (by last change), then the oldest started."""
     now = time.time() if now is None else now
-    keep, drop = [], []
+    keep: list[RunStatus] = []
+    drop: list[RunStatus] = []
     for s in records:
         (drop if s.last_change() < now - RECORD_TTL_S else keep).append(s)
     over = len(keep) - max_records
@@ -261,7 +264,8 @@ class MemoryRunStore(RunStore):
         self._runs: dict[str, dict[str, Any]] = {}
         self._alive: dict[str, float] = {}
         self._claims: dict[str, str] = {}
-        self._written: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # claim key -> run id that wrote the task, for WRITTEN_TTL_S seconds
+        self._written: BoundedCache[str, str] = BoundedCache(MAX_WRITTEN, ttl_s=WRITTEN_TTL_S)
         self._resume: dict[str, ResumeRecord] = {}
         self._lock = threading.Lock()
 
@@ -310,16 +314,10 @@ class MemoryRunStore(RunStore):
             return cur if cur is not None and self._alive.get(cur, 0.0) > time.monotonic() else None
 
     def mark_written(self, run_id: str, key: str) -> None:
-        with self._lock:
-            self._written[key] = (run_id, time.monotonic() + WRITTEN_TTL_S)
-            self._written.move_to_end(key)
-            while len(self._written) > MAX_WRITTEN:
-                self._written.popitem(last=False)
+        self._written.put(key, run_id)
 
     def written_by(self, key: str) -> str | None:
-        with self._lock:
-            hit = self._written.get(key)
-            return hit[0] if hit is not None and hit[1] > time.monotonic() else None
+        return self._written.get(key)
 
     def keep_for_resume(self, run_id: str, record: ResumeRecord) -> None:
         with self._lock:

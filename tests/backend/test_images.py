@@ -196,8 +196,8 @@ def test_image_lru_keys_data_uris_by_digest_and_counts_keys_against_its_bound():
     uris = [data_uri(IMAGE + bytes([i])) for i in range(6)]
     for uri in uris:
         fetcher.fetch(uri)
-    assert all(len(k) < 80 and k.startswith("data:sha256:") for k in fetcher._cache)
-    assert fetcher._cached == sum(len(k) + len(v) for k, v in fetcher._cache.items()) <= fetcher.cache_bytes
+    assert all(len(k) < 80 and k.startswith("data:sha256:") for k in fetcher._cache.keys())
+    assert fetcher._cache.bytes == sum(len(k) + len(v) for k, v in fetcher._cache.items()) <= fetcher.cache_bytes
     assert len(fetcher._cache) == 3  # the three most recent images fit, the older ones were evicted
     assert fetcher.fetch(uris[-1]) == IMAGE + bytes([5])  # a hit, by digest
     assert ImageFetcher.cache_key(uris[0]) != ImageFetcher.cache_key(uris[1])

@@ -459,7 +459,7 @@ def test_case10_image_cache_entries_expire_after_the_ttl(sites):
     assert fetcher.fetch(url) == IMAGE and len(site.seen) == 1  # within the TTL: served from the cache
     now[0] += 31
     assert fetcher.fetch(url) == OTHER_IMAGE and len(site.seen) == 2  # expired: fetched again
-    assert fetcher._cached == sum(len(k) + len(v) for k, v in fetcher._cache.items())
+    assert fetcher._cache.bytes == sum(len(k) + len(v) for k, v in fetcher._cache.items())
 
 
 def test_case10_ttl_is_a_setting():
