@@ -9,7 +9,8 @@ import re
 import threading
 from typing import Any
 
-from worker.protocol import InversionParams, PayloadError, check_label_caps, check_limits, check_templates, sha256_hex
+from worker.protocol import (InversionParams, PayloadError, RegistryReader, check_label_caps, check_limits,
+                             check_templates, sha256_hex)
 
 from backend.bounded_cache import BoundedCache
 from backend.dispatch import Dispatcher, make_dispatcher
@@ -73,8 +74,9 @@ class Service:
         self._learner: Learner | None = None
         self._lock = threading.Lock()
 
-    def config(self, xml: str) -> ProjectConfig:
-        """The parsed label config; raises LabelConfigError (also for a vocabulary over MASKINV_MAX_LABELS)."""
+    def config(self, xml: object) -> ProjectConfig:
+        """The parsed label config of ``xml`` (its XML text); raises LabelConfigError for anything else, and for a
+        vocabulary over MASKINV_MAX_LABELS."""
         cfg = self.configs.get(xml, self.settings.extra_labels)
         for c in cfg.region_controls.values():
             if len(c.labels) > self.settings.max_labels:
@@ -220,9 +222,17 @@ class Service:
         little (MODEL_WAIT_S), as ``model_version`` does."""
         return self.dispatcher.model_info(wait_s=MODEL_WAIT_S)
 
+    def queue_connection(self) -> Any:
+        """The Redis connection of the queue dispatcher; None in embedded mode."""
+        return getattr(self.dispatcher, "connection", None)
+
+    def worker_registry(self) -> RegistryReader | None:
+        """The live workers and their models (queue mode); None in embedded mode."""
+        return getattr(self.dispatcher, "registry", None)
+
     def open_example_store(self) -> ExampleStore:
         """The example store of MASKINV_EXAMPLE_STORE (queue mode: on the dispatcher's Redis)."""
-        return make_example_store(self.settings, getattr(self.dispatcher, "connection", None))
+        return make_example_store(self.settings, self.queue_connection())
 
     @property
     def learner(self) -> Learner:

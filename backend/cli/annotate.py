@@ -164,96 +164,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class CliFailure(Exception):
+    """Ends the command with ``code`` after printing ``message``."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _err(msg: str) -> None:
+    print(f"maskinv-annotate: {msg}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) -> int:
-    from backend.labelstudio.label_config import LabelConfigError
-    from backend.labelstudio.api import LabelStudioAPI, LabelStudioAPIError
-    from backend.runs.project_run import ProjectRun, run_version
-    from backend.runs.store import MemoryRunStore, RedisRunStore
-    from backend.service import PredictError, Service
-
-    err = lambda msg: print(f"maskinv-annotate: {msg}", file=sys.stderr)  # noqa: E731
-    api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
-    try:
-        xml = api.label_config(args.project)
-    except LabelStudioAPIError as exc:
-        err(str(exc))
-        return 3
-    service = Service(settings)
-    try:
-        cfg = service.config(xml)
-    except LabelConfigError as exc:
-        err(f"project {args.project}'s label config: {exc}")
-        return 2
-    workers = args.workers
-    if settings.embedded:
-        print("maskinv-annotate: embedded mode (REDIS_URL unset): loading the model in this process ...",
-              file=sys.stderr)
-        try:
-            service.dispatcher.warm_up().result()
-        except Exception as exc:  # noqa: BLE001
-            err(f"the model failed to load: {exc}")
-            return 3
-        store = MemoryRunStore(settings.max_run_records)
-        workers = workers or 2
-    else:
-        live = service.dispatcher.registry.live_models()
-        if not live:
-            err(f"no maskinv-worker is serving queue {settings.queue!r} on {settings.redis_url_redacted}; "
-                "start one with `maskinv-worker`")
-            return 3
-        if len({m.get('id') for m in live.values()}) != 1:
-            err(f"the workers on queue {settings.queue!r} serve different models; the model version would be "
-                "ambiguous")
-            return 3
-        store = RedisRunStore(service.dispatcher.connection, settings.redis_prefix, settings.job_timeout_s + 3600,
-                              settings.max_run_records)
-        store.trim()
-        workers = workers or max(2, 2 * len(live))
-    version = run_version(service, cfg, str(args.project))
-
-    state = FailureState(args.state_dir or default_state_dir(), settings.label_studio_url, args.project, version)
-    failed_before = state.load()
-    if task_ids is not None:  # ids: each re-read by the run, written only when it is a task of args.project
-        tasks: Iterator[dict] | list[int] = task_ids
-        total: int | None = len(task_ids)
-    else:
-        try:
-            total, tasks = api.list_tasks(args.project, view=args.view)
-        except LabelStudioAPIError as exc:
-            err(str(exc))
-            return 3
+    """Open the project, pick the run store and the tasks, run, and report; the exit status (module docstring)."""
+    from backend.labelstudio.api import LabelStudioAPIError
+    from backend.runs.project_run import run_version
 
     try:
-        run = ProjectRun(service, cfg, api, store, model_version=version, kind="annotate", project=args.project,
-                         workers=workers, dry_run=args.dry_run, retry_failed=args.retry_failed,
-                         failed_before=failed_before, on_task=lambda o: on_task(o),
-                         proposals={"auto": None, "on": True, "off": False}[args.proposals])
-    except PredictError as exc:
-        err(f"project {args.project}: {exc.message}")
-        return 2
+        api, service, cfg = _open_project(args, settings)
+        store, workers = _run_backend(service, settings, args.workers)
+        version = run_version(service, cfg, str(args.project))
+        state = FailureState(args.state_dir or default_state_dir(), settings.label_studio_url, args.project, version)
+        failed_before = state.load()
+        total, tasks = _task_source(args, api, task_ids)
+        run = _project_run(args, service, cfg, api, store, version, workers, state, failed_before)
+    except CliFailure as exc:
+        _err(str(exc))
+        return exc.code
     print(f"maskinv-annotate: run {run.run_id}: project {args.project}, model version {version}, "
           f"{service.dispatcher.mode} mode, {workers} task(s) in flight, proposals for tasks without regions "
           f"{'on' if run.proposing else 'off'}{', dry run' if args.dry_run else ''}", file=sys.stderr)
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="task", desc=f"project {args.project}", dynamic_ncols=True, mininterval=0.5,
-                   file=sys.stderr)
-    t0 = time.monotonic()
-
-    def on_task(o) -> None:
-        if o.status == "failed" and o.kind in PERMANENT_KINDS and not args.dry_run:
-            state.record(o.task_id, o.reason)
-        elif o.status == "labelled" and str(o.task_id) in failed_before:
-            state.record(o.task_id, None, ok=True)
-        if bar is not None:
-            s = run.summary
-            bar.update(1)
-            rate = s.regions / max(1e-6, time.monotonic() - t0)
-            bar.set_postfix_str(f"{rate:.2f} regions/s, labelled {s.labelled}, skipped {s.skipped}, "
-                                f"failed {s.failed}", refresh=False)
-
+    progress = _Progress(args, total, run)
+    run.on_task = _task_reporter(args, state, failed_before, progress)
     interrupted = False
     try:
         summary = run.run(tasks, total=total)
@@ -261,22 +204,137 @@ def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) ->
         interrupted = True
         summary = run.summary
     except LabelStudioAPIError as exc:
-        if bar is not None:
-            bar.close()
-        err(str(exc))
+        progress.close()
+        _err(str(exc))
         return 3
-    if bar is not None:
-        bar.close()
-    print(format_summary(summary, args.dry_run, version, run.run_id), file=sys.stderr)
+    progress.close()
+    _report(args, summary, version, run.run_id, state)
+    if interrupted:
+        raise KeyboardInterrupt
+    return 1 if summary.failed else 0
+
+
+def _open_project(args: argparse.Namespace, settings: Any) -> tuple[Any, Any, Any]:
+    """``(api, service, cfg)``: the Label Studio API, the backend service and the project's parsed label config."""
+    from backend.labelstudio.api import LabelStudioAPI, LabelStudioAPIError
+    from backend.labelstudio.label_config import LabelConfigError
+    from backend.service import Service
+
+    api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
+    try:
+        xml = api.label_config(args.project)
+    except LabelStudioAPIError as exc:
+        raise CliFailure(3, str(exc)) from None
+    service = Service(settings)
+    try:
+        return api, service, service.config(xml)
+    except LabelConfigError as exc:
+        raise CliFailure(2, f"project {args.project}'s label config: {exc}") from None
+
+
+def _run_backend(service: Any, settings: Any, workers: int | None) -> tuple[Any, int]:
+    """The run store and the tasks in flight: embedded mode loads the model here (memory store, 2 tasks); queue
+    mode needs live workers that serve one model (Redis store, 2 tasks per worker)."""
+    from backend.runs.store import MemoryRunStore, RedisRunStore
+
+    if settings.embedded:
+        print("maskinv-annotate: embedded mode (REDIS_URL unset): loading the model in this process ...",
+              file=sys.stderr)
+        try:
+            service.dispatcher.warm_up().result()
+        except Exception as exc:  # noqa: BLE001
+            raise CliFailure(3, f"the model failed to load: {exc}") from None
+        return MemoryRunStore(settings.max_run_records), workers or 2
+    registry = service.worker_registry()
+    live = registry.live_models() if registry is not None else {}
+    if not live:
+        raise CliFailure(3, f"no maskinv-worker is serving queue {settings.queue!r} on {settings.redis_url_redacted}; "
+                            "start one with `maskinv-worker`")
+    if len({m.get('id') for m in live.values()}) != 1:
+        raise CliFailure(3, f"the workers on queue {settings.queue!r} serve different models; the model version "
+                            "would be ambiguous")
+    store = RedisRunStore(service.queue_connection(), settings.redis_prefix, settings.job_timeout_s + 3600,
+                          settings.max_run_records)
+    store.trim()
+    return store, workers or max(2, 2 * len(live))
+
+
+def _task_source(args: argparse.Namespace, api: Any, task_ids: list[int] | None
+                 ) -> tuple[int | None, Iterator[dict] | list[int]]:
+    """``(total, tasks)``: the ``--tasks`` ids (each re-read by the run, written only when it is a task of
+    ``--project``), else the project's tasks (``--view``) page by page."""
+    from backend.labelstudio.api import LabelStudioAPIError
+
+    if task_ids is not None:
+        return len(task_ids), task_ids
+    try:
+        return api.list_tasks(args.project, view=args.view)
+    except LabelStudioAPIError as exc:
+        raise CliFailure(3, str(exc)) from None
+
+
+def _project_run(args: argparse.Namespace, service: Any, cfg: Any, api: Any, store: Any, version: str, workers: int,
+                 state: FailureState, failed_before: Any) -> Any:
+    """The project run (backend.runs.project_run.ProjectRun) the arguments describe."""
+    from backend.runs.project_run import ProjectRun
+    from backend.service import PredictError
+
+    try:
+        return ProjectRun(service, cfg, api, store, model_version=version, kind="annotate", project=args.project,
+                          workers=workers, dry_run=args.dry_run, retry_failed=args.retry_failed,
+                          failed_before=failed_before,
+                          proposals={"auto": None, "on": True, "off": False}[args.proposals])
+    except PredictError as exc:
+        raise CliFailure(2, f"project {args.project}: {exc.message}") from None
+
+
+class _Progress:
+    """The progress bar (tqdm on stderr) unless ``--no-progress``: tasks done, regions/s, the counts so far."""
+
+    def __init__(self, args: argparse.Namespace, total: int | None, run: Any):
+        self.run = run
+        self.t0 = time.monotonic()
+        self.bar = None
+        if not args.no_progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="task", desc=f"project {args.project}", dynamic_ncols=True,
+                            mininterval=0.5, file=sys.stderr)
+
+    def task_done(self) -> None:
+        if self.bar is None:
+            return
+        s = self.run.summary
+        self.bar.update(1)
+        rate = s.regions / max(1e-6, time.monotonic() - self.t0)
+        self.bar.set_postfix_str(f"{rate:.2f} regions/s, labelled {s.labelled}, skipped {s.skipped}, "
+                                 f"failed {s.failed}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _task_reporter(args: argparse.Namespace, state: FailureState, failed_before: Any, progress: _Progress) -> Any:
+    """The run's per-task callback: remember permanent failures (and tasks that now succeed), advance the bar."""
+    def on_task(o: Any) -> None:
+        if o.status == "failed" and o.kind in PERMANENT_KINDS and not args.dry_run:
+            state.record(o.task_id, o.reason)
+        elif o.status == "labelled" and str(o.task_id) in failed_before:
+            state.record(o.task_id, None, ok=True)
+        progress.task_done()
+    return on_task
+
+
+def _report(args: argparse.Namespace, summary: Any, version: str, run_id: str, state: FailureState) -> None:
+    """The end-of-run summary on stderr, and ``--summary-json``."""
+    print(format_summary(summary, args.dry_run, version, run_id), file=sys.stderr)
     if any(k in PERMANENT_KINDS for _, _, k in summary.failures.values()) and not args.dry_run:
         print(f"  (tasks that failed permanently are skipped by later runs unless --retry-failed; {state.path})",
               file=sys.stderr)
     if args.summary_json:
-        args.summary_json.write_text(json.dumps({"run": run.run_id, "model_version": version,
-                                                 **summary.to_dict()}, indent=2))
-    if interrupted:
-        raise KeyboardInterrupt
-    return 1 if summary.failed else 0
+        args.summary_json.write_text(json.dumps({"run": run_id, "model_version": version, **summary.to_dict()},
+                                                indent=2))
 
 
 def format_summary(s: Any, dry_run: bool, version: str, run_id: str) -> str:

@@ -168,6 +168,8 @@ def health_view():
 
 
 def webhook_view():
+    """Label Studio's project events: annotations become the project's examples, *Start training* rebuilds them
+    (backend.learning.learner); acknowledged without effect when MASKINV_LEARN is off."""
     try:
         data = _json_body()
     except PredictError as exc:

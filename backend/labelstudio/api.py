@@ -93,7 +93,7 @@ class LabelStudioAPI:
         preds = self._call(f"list predictions of task {task_id}", self.client.predictions.list, task=task_id)
         return [str(getattr(p, "model_version", "") or "") for p in preds or []]
 
-    def create_prediction(self, task_id: int, result: list[dict], score: float | None, model_version: str) -> int:
+    def create_prediction(self, task_id: Any, result: list[dict], score: float | None, model_version: str) -> int:
         pred = self._call(f"POST prediction for task {task_id}", self.client.predictions.create, task=task_id,
                           result=result, score=score, model_version=model_version)
         return int(getattr(pred, "id", 0) or 0)

@@ -150,10 +150,13 @@ class ConfigCache:
         self.max_entries = max_entries
         self._data: BoundedCache[str, ProjectConfig] = BoundedCache(max_entries)
 
-    def get(self, xml: str, extra_labels: tuple[str, ...] = ()) -> ProjectConfig:
-        if xml is not None and not isinstance(xml, str):
+    def get(self, xml: object, extra_labels: tuple[str, ...] = ()) -> ProjectConfig:
+        """The parsed config of ``xml`` (None: empty); LabelConfigError for anything but an XML string."""
+        if xml is None:
+            xml = ""
+        if not isinstance(xml, str):
             raise LabelConfigError(f"the label config must be an XML string, got {type(xml).__name__}")
-        key = hashlib.sha256((xml or "").encode() + b"\0" + "\0".join(extra_labels).encode()).hexdigest()
+        key = hashlib.sha256(xml.encode() + b"\0" + "\0".join(extra_labels).encode()).hexdigest()
         hit = self._data.get(key)
         if hit is not None:
             return hit

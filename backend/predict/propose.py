@@ -1,7 +1,7 @@
 """Batch mode for tasks nobody drew on: propose regions with the worker's ``propose_regions`` job and answer them
 as predictions in the project's own region type.
 
-When (documented in README, "Proposals"):
+When (documented in docs/proposals.md; the variables in docs/configuration.md):
 
 * only in batch mode (no interactive ``context``), only for tasks that have no region at all (no annotation and
   no prediction with a result): tasks with regions are labelled as before, never given proposals;

@@ -74,7 +74,7 @@ class RunManager:
         if settings.embedded:
             self.store: RunStore = MemoryRunStore(settings.max_run_records)
         else:
-            self.store = RedisRunStore(service.dispatcher.connection, settings.redis_prefix,
+            self.store = RedisRunStore(service.queue_connection(), settings.redis_prefix,
                                        settings.job_timeout_s + 3600, settings.max_run_records)
         self._apis: dict[tuple[str, str], LabelStudioAPI] = {}
         self._lock = threading.Lock()
@@ -179,7 +179,7 @@ class RunManager:
     def resume_interrupted(self) -> list[str]:
         """Start a new run for every run whose process died while it ran (see the module docstring); returns the
         new runs' ids. Never raises: what cannot be resumed is logged and written into the old run's record."""
-        started = []
+        started: list[str] = []
         try:
             dead = self.store.resumable()
         except Exception as exc:  # noqa: BLE001 - Redis trouble at start: nothing resumed this time
@@ -247,7 +247,8 @@ def _default_workers(service: Service) -> int:
     if service.settings.embedded:
         return 2
     try:
-        return max(2, 2 * len(service.dispatcher.registry.live_workers()))
+        registry = service.worker_registry()
+        return max(2, 2 * len(registry.live_workers())) if registry is not None else 2
     except Exception:  # noqa: BLE001 - Redis trouble: the run reports it per task
         return 2
 
@@ -297,7 +298,8 @@ def predict_batch(service: Service, cfg: ProjectConfig, tasks: Any, overrides: A
     pid = _project_id(project)
     version = service.project_version(cfg, params, labels, pid)
     answers: list[Any] = [None] * len(tasks)
-    now, later = [], []
+    now: list[int] = []
+    later: list[int] = []
     for i, t in enumerate(tasks):
         key = claim_key(api.url, t.get("id"), version)
         holder = mgr.store.holder(key)

@@ -248,7 +248,8 @@ class ProjectRun:
         self._stop.set()
 
     # -- the run -------------------------------------------------------------------------------------------
-    def run(self, tasks: Iterable[dict[str, Any]], total: int | None = None) -> Summary:
+    def run(self, tasks: Iterable[dict[str, Any] | int], total: int | None = None) -> Summary:
+        """Label ``tasks`` (task objects, or ids read from Label Studio one by one); ``total`` for the progress."""
         t0 = time.monotonic()
         with self._lock:
             self.status.total = total or 0
@@ -542,7 +543,8 @@ def classify(task_id: Any, answer: Any) -> TaskOutcome:
         return TaskOutcome(task_id, "labelled", reason, None, regions=labelled, region_errors=len(errors),
                            proposed=proposed, regionless=bool(proposed))
     message = str(answer.get("error") if isinstance(answer, dict) else answer)
-    kind = transient[0] if transient else (sorted(kinds - {None})[0] if kinds - {None} else "failed")
+    named = sorted(str(k) for k in kinds if k is not None)
+    kind = transient[0] if transient else (named[0] if named else "failed")
     return TaskOutcome(task_id, "failed", message, kind)
 
 
