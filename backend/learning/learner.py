@@ -332,7 +332,7 @@ class Learner:
         data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
         params = self.example_params(self.settings.params)
         out: list[Example] = []
-        by_image: dict[str, list] = {}
+        by_image: dict[str, list[tuple[Region, list[str]]]] = {}
         for r, labs in labelled:
             by_image.setdefault(r.control.to_name, []).append((r, labs))
         hostname, token = self._setup_fallbacks()
@@ -340,37 +340,44 @@ class Learner:
             url = data.get(cfg.images[image_name].data_key)
             deadline = time.monotonic() + self.settings.fetch_timeout_s
             blob = self.fetcher.fetch(url, task.get("id"), hostname, token, deadline=deadline)
-            from backend.images.fetch import image_size
+            out += self._image_examples(ann.get("id"), blob, regs, params, allowance)
+        return out
 
-            size = image_size(blob)
-            masks, used = [], []
-            for r, labs in regs:
-                if allowance.mask_pixels <= 0:
-                    allowance.skip(ann.get("id"), r.id, "the event's masks exceed MASKINV_MAX_MASK_MPIX="
-                                   f"{self.settings.max_mask_pixels >> 20}; the annotation's stored examples are "
-                                   "kept (Start training rebuilds it)", "limit")
-                    raise AnnotationSkipped()
-                try:
-                    masks.append(region_mask(r, size, self.settings.mask_max_side, self.settings.max_image_pixels))
-                    used.append((r, labs))
-                    allowance.mask_pixels -= masks[-1].size
-                except RegionError as exc:
-                    allowance.skip(ann.get("id"), r.id, str(exc), "region")
-            if not masks:
+    def _image_examples(self, annotation: Any, blob: bytes, regs: list[tuple[Region, list[str]]],
+                        params: InversionParams, allowance: Allowance) -> list[Example]:
+        """The examples of one image's labelled regions: their masks (bool ``[H, W]``, within the allowance's
+        pixels) embedded by one ``embed_regions`` job, each region's LET ``[D]`` once per label."""
+        from backend.images.fetch import image_size
+
+        size = image_size(blob)
+        masks, used = [], []
+        for r, labs in regs:
+            if allowance.mask_pixels <= 0:
+                allowance.skip(annotation, r.id, "the event's masks exceed MASKINV_MAX_MASK_MPIX="
+                               f"{self.settings.max_mask_pixels >> 20}; the annotation's stored examples are "
+                               "kept (Start training rebuilds it)", "limit")
+                raise AnnotationSkipped()
+            try:
+                masks.append(region_mask(r, size, self.settings.mask_max_side, self.settings.max_image_pixels))
+                used.append((r, labs))
+                allowance.mask_pixels -= masks[-1].size
+            except RegionError as exc:
+                allowance.skip(annotation, r.id, str(exc), "region")
+        if not masks:
+            return []
+        payload = EmbedRegionsJob.build(blob, [(r.id, np.asarray(m, bool)) for (r, _), m in zip(used, masks)],
+                                        params, dtype="float32")
+        result = self.dispatcher.run_embed(payload.to_dict(), EMBED_TIMEOUT_S)
+        if result.get("error"):
+            raise LearningError(f"annotation {annotation}: embedding failed: {result['error']}")
+        key = model_key(result.get("model"), params)
+        out: list[Example] = []
+        for (r, labs), reg in zip(used, result.get("regions") or []):
+            let_doc = (reg.get("meta") or {}).get("let")
+            if reg.get("error") or not let_doc:
+                allowance.skip(annotation, r.id, str(reg.get("error") or "no embedding")[:300], "region")
                 continue
-            payload = EmbedRegionsJob.build(blob, [(r.id, np.asarray(m, bool)) for (r, _), m in zip(used, masks)],
-                                            params, dtype="float32")
-            result = self.dispatcher.run_embed(payload.to_dict(), EMBED_TIMEOUT_S)
-            if result.get("error"):
-                raise LearningError(f"annotation {ann.get('id')}: embedding failed: {result['error']}")
-            key = model_key(result.get("model"), params)
-            for (r, labs), reg in zip(used, result.get("regions") or []):
-                let_doc = (reg.get("meta") or {}).get("let")
-                if reg.get("error") or not let_doc:
-                    allowance.skip(ann.get("id"), r.id, str(reg.get("error") or "no embedding")[:300], "region")
-                    continue
-                let = decode_vectors(let_doc)[0]
-                out += [Example(r.id, lab, key, let) for lab in labs]
+            out += [Example(r.id, lab, key, decode_vectors(let_doc)[0]) for lab in labs]
         return out
 
     # ------------------------------------------------------------------ rebuild from Label Studio
