@@ -39,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from worker.settings import CaptionerSettings
+from worker.text.captions import RetrievalCaptioner, with_article
+from worker.text.label_agreement import first_agreeing
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +154,13 @@ def build_mapping(cfg: ClipCapConfig, embed_dim: int) -> nn.Module:
 class ClipCapModel(nn.Module):
     """Mapping network + GPT-2 (``transformers.GPT2LMHeadModel``)."""
 
+    lm: Any  # transformers.GPT2LMHeadModel (its config, cache and generation API are untyped)
+
     def __init__(self, cfg: ClipCapConfig, lm: nn.Module):
         super().__init__()
         self.cfg = cfg
         self.lm = lm
-        self.embed_dim = int(lm.config.n_embd)
+        self.embed_dim = int(self.lm.config.n_embd)
         self.mapping = build_mapping(cfg, self.embed_dim)
 
     @property
@@ -190,20 +194,19 @@ class ClipCapModel(nn.Module):
         return F.cross_entropy(logits[valid].float(), tokens[valid])
 
     @torch.no_grad()
-    def generate(self, embeddings: torch.Tensor, eos_id: int, beam_size: int = 3, max_tokens: int = 20,
-                 length_penalty: float = 1.0) -> list[list[int]]:
-        """Token ids of one caption per embedding ``[N, D]`` (end-of-text stripped).
+    def beam_search(self, embeddings: torch.Tensor, eos_id: int, beam_size: int = 3,
+                    max_tokens: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Beam search over all N embeddings ``[N, D]`` at once (``beam_size`` = 1 is greedy decoding).
 
-        Beam search over all N embeddings at once (``beam_size`` = 1 is greedy decoding): the prefix goes
-        through GPT-2 once, then one token per step with the key/value cache. Hypotheses are extended by
-        their summed log-probability; when all have ended (or after ``max_tokens``) each embedding's
-        best hypothesis by ``log-prob / length**length_penalty`` is returned.
+        The prefix goes through GPT-2 once, then one token per step with the key/value cache; hypotheses are
+        extended by their summed log-probability (an ended one only continues with end-of-text, at no cost) until
+        all have ended or after ``max_tokens``. Returns the B = min(beam_size, vocabulary) hypotheses per
+        embedding: token ids ``[N, B, T]`` (end-of-text after the end), summed log-probabilities ``[N, B]`` and
+        lengths ``[N, B]`` (tokens up to and with end-of-text).
         """
         if beam_size < 1 or max_tokens < 1:
             raise ValueError(f"beam_size and max_tokens must be >= 1, got {beam_size} and {max_tokens}")
         n = embeddings.shape[0]
-        if n == 0:
-            return []
         prefix = self.prefix(embeddings.to(self.lm.device))
         if prefix.shape[1] + max_tokens > self.max_positions:
             raise ValueError(f"prefix ({prefix.shape[1]}) + max_tokens ({max_tokens}) exceed GPT-2's "
@@ -237,9 +240,30 @@ class ClipCapModel(nn.Module):
             lengths = lengths.gather(1, beam) + (~was_finished).long()
             finished = was_finished | (tok == eos_id)
             past.reorder_cache((rows + beam).view(-1))
-        best = (scores / lengths.float().pow(length_penalty)).argmax(dim=-1)  # [N]
-        chosen = seqs[torch.arange(n), best].tolist()
-        return [ids[:ids.index(eos_id)] if eos_id in ids else ids for ids in chosen]
+        return seqs, scores, lengths
+
+    @torch.no_grad()
+    def generate_candidates(self, embeddings: torch.Tensor, eos_id: int, beam_size: int = 3, max_tokens: int = 20,
+                            length_penalty: float = 1.0) -> list[list[list[int]]]:
+        """Token ids of every beam hypothesis per embedding ``[N, D]`` (end-of-text stripped), best first by
+        ``log-prob / length**length_penalty`` (ties keep beam order)."""
+        if embeddings.shape[0] == 0:
+            return []
+        seqs, scores, lengths = self.beam_search(embeddings, eos_id, beam_size, max_tokens)
+        ranked = scores / lengths.float().pow(length_penalty)  # [N, B]
+        order = ranked.sort(dim=-1, descending=True, stable=True).indices  # [N, B]
+        best_first = seqs.gather(1, order[..., None].expand(-1, -1, seqs.shape[-1])).tolist()  # [N, B, T]
+        return [[ids[:ids.index(eos_id)] if eos_id in ids else ids for ids in hyps] for hyps in best_first]
+
+    @torch.no_grad()
+    def generate(self, embeddings: torch.Tensor, eos_id: int, beam_size: int = 3, max_tokens: int = 20,
+                 length_penalty: float = 1.0) -> list[list[int]]:
+        """Token ids of one caption per embedding ``[N, D]`` (end-of-text stripped): each embedding's best beam
+        hypothesis by ``log-prob / length**length_penalty`` (:meth:`beam_search`)."""
+        if beam_size < 1 or max_tokens < 1:
+            raise ValueError(f"beam_size and max_tokens must be >= 1, got {beam_size} and {max_tokens}")
+        return [hyps[0] for hyps in self.generate_candidates(embeddings, eos_id, beam_size, max_tokens,
+                                                              length_penalty)]
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -369,12 +393,18 @@ def load_clipcap(source: str | Path, device: str | torch.device | None = None) -
 # ---------------------------------------------------------------------------------------------- captioner
 class ClipCapCaptioner:
     """Captions region embeddings with a ClipCap model (mode ``"clipcap"``; same interface as
-    ``worker.text.captions.RetrievalCaptioner``)."""
+    ``worker.text.captions.RetrievalCaptioner``).
+
+    With ``agree_with_labels`` (default) a region's caption is the best beam hypothesis that names the region's
+    label (``worker.text.label_agreement``); when none does, ``fallback``'s caption of the region for that label
+    (a retrieval caption, which always names it), or the label after an article without a fallback.
+    """
 
     mode = "clipcap"
 
     def __init__(self, cap: ClipCap, decoding: str = "beam", beam_size: int = 3, max_tokens: int = 20,
-                 length_penalty: float = 1.0, batch_size: int = 64):
+                 length_penalty: float = 1.0, batch_size: int = 64, agree_with_labels: bool = True,
+                 fallback: RetrievalCaptioner | None = None):
         if decoding not in DECODINGS:
             raise CaptionerError(f"caption decoding must be one of {DECODINGS}, got {decoding!r}")
         if beam_size < 1 or max_tokens < 1 or batch_size < 1:
@@ -390,25 +420,50 @@ class ClipCapCaptioner:
         self.max_tokens = max_tokens
         self.length_penalty = length_penalty
         self.batch_size = batch_size
+        self.agree_with_labels = agree_with_labels
+        self.fallback = fallback
+        self.fallbacks = 0  # captions that came from the fallback because no hypothesis named the label
 
     @property
     def clip_dim(self) -> int:
         return self.cap.cfg.clip_dim
 
-    def caption_ids(self, embeddings: torch.Tensor) -> list[list[int]]:
-        """Token ids of one caption per embedding ``[N, D]``."""
+    def _check(self, embeddings: torch.Tensor) -> None:
         if embeddings.dim() != 2 or embeddings.shape[1] != self.clip_dim:
             raise ValueError(f"embeddings must be [N, {self.clip_dim}], got {list(embeddings.shape)}")
-        out: list[list[int]] = []
+
+    def caption_ids(self, embeddings: torch.Tensor) -> list[list[int]]:
+        """Token ids of one caption per embedding ``[N, D]`` (the best beam hypothesis; labels not used)."""
+        return [hyps[0] for hyps in self.candidate_ids(embeddings)]
+
+    def candidate_ids(self, embeddings: torch.Tensor) -> list[list[list[int]]]:
+        """Token ids of every beam hypothesis per embedding ``[N, D]``, best first."""
+        self._check(embeddings)
+        out: list[list[list[int]]] = []
         for i in range(0, embeddings.shape[0], self.batch_size):
-            out += self.cap.model.generate(embeddings[i:i + self.batch_size], self.cap.eos_id, self.beam_size,
-                                           self.max_tokens, self.length_penalty)
+            out += self.cap.model.generate_candidates(embeddings[i:i + self.batch_size], self.cap.eos_id,
+                                                      self.beam_size, self.max_tokens, self.length_penalty)
         return out
 
     @torch.no_grad()
     def caption(self, embeddings: torch.Tensor, labels: Sequence[str] = ()) -> list[str]:
-        """One caption per embedding ``[N, D]`` (LETs or image embeddings); ``labels`` are not used."""
-        return [self.cap.decode(ids) for ids in self.caption_ids(embeddings)]
+        """One caption per embedding ``[N, D]`` (LETs or image embeddings); ``labels[i]`` is region i's label
+        (the one the annotator sees; "" or no labels: no constraint)."""
+        candidates = [[self.cap.decode(ids) for ids in hyps] for hyps in self.candidate_ids(embeddings)]
+        if not self.agree_with_labels or not any(labels):
+            return [hyps[0] for hyps in candidates]
+        if len(labels) != len(candidates):
+            raise ValueError(f"{len(candidates)} embeddings but {len(labels)} labels")
+        chosen = [first_agreeing(hyps, label) for hyps, label in zip(candidates, labels)]
+        missing = [i for i, c in enumerate(chosen) if c is None]
+        if missing:
+            self.fallbacks += len(missing)
+            lost = [labels[i] for i in missing]
+            replaced = (self.fallback.caption(embeddings[missing], lost) if self.fallback is not None
+                        else [with_article(label) for label in lost])
+            for i, text in zip(missing, replaced):
+                chosen[i] = text
+        return [c if c is not None else hyps[0] for c, hyps in zip(chosen, candidates)]
 
 
 def load_captioner(scorer: Any, settings: CaptionerSettings) -> ClipCapCaptioner | None:
@@ -430,4 +485,5 @@ def load_captioner(scorer: Any, settings: CaptionerSettings) -> ClipCapCaptioner
         log.warning("captioner %s was trained on CLIP %s but the worker runs %s: captions will be poor", source,
                     trained_for, clip.name)
     return ClipCapCaptioner(cap, decoding=settings.decoding, beam_size=settings.beam_size,
-                            max_tokens=settings.max_tokens, length_penalty=settings.length_penalty)
+                            max_tokens=settings.max_tokens, length_penalty=settings.length_penalty,
+                            fallback=RetrievalCaptioner(scorer))

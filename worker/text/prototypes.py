@@ -58,7 +58,7 @@ def _lsm_rows(z: np.ndarray) -> np.ndarray:
 def combined_logits(x: np.ndarray, text: np.ndarray, logit_scale: float, weights: np.ndarray | None = None,
                     bias: np.ndarray | None = None, means: np.ndarray | None = None,
                     counts: np.ndarray | None = None, vision_weight: float = VISION_WEIGHT,
-                    vision_scale: float = VISION_SCALE, shrink: float = None) -> np.ndarray:
+                    vision_scale: float = VISION_SCALE, shrink: float | None = None) -> np.ndarray:
     """Logits ``[N, L]`` of embeddings ``x`` ``[N, D]`` against labels with text prototypes ``text`` ``[L, D]`` and,
     optionally, the examples' probe ``weights`` ``[L, D]`` + ``bias`` ``[L]``, class ``means`` ``[L, D]`` and
     ``counts`` ``[L]`` (see the module docstring). Without examples: ``logit_scale * cos(x, text)``."""

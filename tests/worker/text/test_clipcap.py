@@ -319,7 +319,7 @@ def test_captioner_from_env(clean_env, saved):
         clean_env.setenv(name, value)
     c = load_captioner_from_env(FakeScorer())
     assert (c.decoding, c.beam_size, c.max_tokens, c.length_penalty) == ("greedy", 1, 12, 0.5)
-    assert len(c.caption(embeddings(3), ["x"] * 3)) == 3
+    assert len(c.caption(embeddings(3), [""] * 3)) == 3  # no labels: the fake scorer has no text encoder
 
 
 def test_captioner_from_env_with_real_scorer(clean_env, saved):

@@ -11,7 +11,7 @@ import torch
 from worker.settings import CaptionerSettings
 from worker.text.clipcap import ClipCapCaptioner, load_captioner, load_clipcap
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CAPTIONER = ROOT / "assets" / "tiny_clipcap"
 CLIP_CHECKPOINT = ROOT / "assets" / "tiny_scene_clip" / "maskinv-scene-tiny.safetensors"
 # The captioner is trained on the tiny scene CLIP's embeddings: both are committed together or not at all.
