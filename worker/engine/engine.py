@@ -1,5 +1,9 @@
 """MaskInversionEngine: localized embedding tokens (LETs) for region masks over a frozen open_clip ViT.
 
+Two kinds of vision tower: open_clip ViTs (the class-token / mean-token map of :mod:`worker.engine.legrad`) and
+attention-pooled timm towers such as SigLIP (the pool's map of :mod:`worker.engine.attn_pool`); the engine picks
+the decomposition by the tower.
+
 Settings are explicit constructor arguments (the worker's runtime reads them from the environment once):
 the image-state cache bound, the working-memory budget of one chunk of masks, and the GPU step's precision.
 """
@@ -14,10 +18,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from worker.engine import cpu_gemm as cpu_gemm_backends
 
-from worker.engine import legrad
+from worker.engine import attn_pool, legrad
 
 from worker.engine import vit
 from worker.engine.bounded_cache import BoundedCache
@@ -49,11 +54,14 @@ class InversionResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+ImageState = legrad.ImageState | attn_pool.PooledImageState  # per tower kind
+
+
 @dataclass
 class _InversionPlan:
     """What every chunk of one :meth:`MaskInversionEngine.invert` call shares."""
 
-    state: legrad.ImageState
+    state: ImageState
     size: int
     steps: int
     lr: float
@@ -69,7 +77,7 @@ class EngineStats:
     vit_forwards: int = 0  # images pushed through the whole ViT
 
 
-def _state_bytes(_key: object, state: legrad.ImageState) -> int:
+def _state_bytes(_key: object, state: ImageState) -> int:
     return state.nbytes
 
 
@@ -84,7 +92,7 @@ class MaskInversionEngine:
 
     def __init__(self, clip: ClipModel, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  chunk_memory_bytes: int = DEFAULT_CHUNK_MEMORY_BYTES, gpu_dtype: str = "fp32",
-                 use_basis: bool = True, cpu_gemm: str = "auto"):
+                 use_basis: bool = True, cpu_gemm: str = "auto", empty_prompt_embedding: torch.Tensor | None = None):
         """``cache_bytes``: bound of the image-state cache; ``chunk_memory_bytes``: working-memory budget of one
         chunk of masks (on CUDA also capped by free GPU memory); ``gpu_dtype``: precision of the decomposed step
         on CUDA — "fp32" (TF32 matmuls), "bf16" or "fp16" (autocast); the CPU always runs fp32. ``use_basis``:
@@ -92,7 +100,9 @@ class MaskInversionEngine:
         6× fewer MACs per mask-step on ViT-B/16) when it pays and fits 2/3 of the chunk budget. ``cpu_gemm``:
         the large CPU GEMMs through oneDNN with packed weights ("onednn"), torch's BLAS ("blas"), or whichever
         is faster on this CPU ("auto", :func:`worker.engine.cpu_gemm.resolve`); :attr:`cpu_gemm` holds the backend
-        chosen. See :mod:`worker.engine.cpu_gemm`."""
+        chosen. See :mod:`worker.engine.cpu_gemm`. ``empty_prompt_embedding`` ``[D]``: for attention-pooled towers,
+        the text embedding of :data:`worker.engine.attn_pool.EMPTY_PROMPT` the map's correction uses (None: taken
+        through the model's own tokenizer on first use)."""
         if gpu_dtype not in GPU_DTYPES:
             raise ValueError(f"gpu_dtype must be one of {sorted(GPU_DTYPES)}, got {gpu_dtype!r}")
         cpu_gemm = cpu_gemm_backends.resolve(cpu_gemm)
@@ -103,15 +113,23 @@ class MaskInversionEngine:
         self.clip = clip
         self.visual = clip.visual
         self.patch = clip.patch_size
-        self.pos = vit.PosEmbedCache(self.visual)
-        self.cache: BoundedCache[legrad.ImageState] = BoundedCache(None, cache_bytes, _state_bytes)
+        self.pooled = attn_pool.is_attention_pooled(self.visual)
+        self.pos: vit.PosEmbedCache | attn_pool.PosEmbedCache = (
+            attn_pool.PosEmbedCache(self.visual) if self.pooled else vit.PosEmbedCache(self.visual))
+        self._empty_unit = None if empty_prompt_embedding is None else F.normalize(
+            empty_prompt_embedding.detach().reshape(-1).float(), dim=0).to(clip.device)
+        self.cache: BoundedCache[ImageState] = BoundedCache(None, cache_bytes, _state_bytes)
         self.chunk_memory_bytes = chunk_memory_bytes
         self.gpu_dtype = gpu_dtype
         self.use_basis = use_basis
         self.cpu_gemm = cpu_gemm
         self.stats = EngineStats()
-        view = vit.last_block(self.visual)
-        self._heads, self._width, self._mlp = view.heads, view.width, view.mlp_width
+        if self.pooled:
+            pool = self.visual.trunk.attn_pool
+            self._heads, self._width, self._mlp = int(pool.num_heads), pool.proj.in_features, pool.mlp.fc1.out_features
+        else:
+            view = vit.last_block(self.visual)
+            self._heads, self._width, self._mlp = view.heads, view.width, view.mlp_width
         if self._is_cuda:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls on CUDA (process-wide)
 
@@ -142,7 +160,19 @@ class MaskInversionEngine:
     def _pixels(self, img, size: int) -> torch.Tensor:
         return image_to_tensor(img, size, self.clip.mean, self.clip.std, self.clip.device)
 
-    def image_state(self, image: ImageLike, size: int = 448) -> tuple[legrad.ImageState, bool, str, object]:
+    def empty_unit(self) -> torch.Tensor:
+        """The normalised embedding ``[D]`` of the empty prompt (attention-pooled towers), computed once."""
+        if self._empty_unit is None:
+            self._empty_unit = attn_pool.empty_prompt_embedding(self.clip.model, self.clip.tokenizer, self.clip.device)
+        return self._empty_unit
+
+    def _build_state(self, img, size: int) -> ImageState:
+        if self.pooled:
+            return attn_pool.build_image_state(self.visual, self._pixels(img, size), self.pos.get(size),
+                                               self.empty_unit(), self.cpu_gemm)
+        return legrad.build_image_state(self.visual, self._pixels(img, size), self.pos.get(size), self.cpu_gemm)
+
+    def image_state(self, image: ImageLike, size: int = 448) -> tuple[ImageState, bool, str, object]:
         """The cached forward-pass state of an image: ``(state, cache_hit, sha256, pil_image)``."""
         self._check_size(size)
         img, digest = open_image(image)
@@ -151,7 +181,7 @@ class MaskInversionEngine:
         if state is not None:
             log.debug("image cache hit %s@%d", digest[:12], size)
             return state, True, digest, img
-        state = legrad.build_image_state(self.visual, self._pixels(img, size), self.pos.get(size), self.cpu_gemm)
+        state = self._build_state(img, size)
         self.stats.vit_forwards += 1
         if not self.cache.put(key, state):
             log.warning("image state of %.1f MiB exceeds the cache bound (%.1f MiB): not cached",
@@ -163,6 +193,8 @@ class MaskInversionEngine:
         """Working memory of one mask in a chunk: the kept sign pattern of ∂s/∂A ``[H, n, n-1]``, the map and
         its gradients ``[S, S]`` several times over, and per-token cotangents."""
         n = (size // self.patch) ** 2 + 1
+        if self.pooled:  # per-head products [H, n], the map and its gradients [S, S], the MLP cotangents
+            return 4 * (2 * self._heads * n + 8 * size * size + 4 * (self._width + self._mlp))
         elt = torch.finfo(self.step_dtype()).bits // 8
         return elt * self._heads * n * (n - 1) + 4 * (8 * size * size + 4 * n * self._width + 4 * self._mlp)
 
@@ -242,6 +274,8 @@ class MaskInversionEngine:
         if plan.method != "decomposed":
             return max(1, n_masks), 0.0
         chunk = self.masks_per_chunk(plan.size)
+        if not isinstance(plan.state, legrad.ImageState):  # the pooled map has no basis: it is cheap per mask
+            return chunk, 0.0
         if not (self._basis_fits(plan.state)
                 and legrad.basis_pays(plan.state, n_masks * (plan.steps + int(plan.final_loss)))):
             return chunk, 0.0
@@ -293,7 +327,9 @@ class MaskInversionEngine:
         state = plan.state
         map_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
         dice_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-        if plan.method == "decomposed":
+        if isinstance(state, attn_pool.PooledImageState):
+            map_fn, dice_fn = self._pooled_loss(plan, state, tgt)
+        elif plan.method == "decomposed":
             workspace = legrad.Workspace()  # one sign-pattern buffer for all steps of this chunk
             dice = GridDice(tgt, state.grid, self.patch)  # the loss on the patch grid, no [N, S, S] map
 
@@ -310,12 +346,29 @@ class MaskInversionEngine:
             return optimise_lets(map_fn, state.global_embedding, tgt, steps=plan.steps, lr=plan.lr, alpha=plan.alpha,
                                  final_loss=plan.final_loss, dice_fn=dice_fn)
 
+    def _pooled_loss(self, plan: _InversionPlan, state: attn_pool.PooledImageState, tgt: torch.Tensor
+                     ) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None,
+                                Callable[[torch.Tensor], torch.Tensor] | None]:
+        """``(map_fn, dice_fn)`` of an attention-pooled tower: the decomposed map's Dice on the patch grid (min-max
+        on the grid, as :func:`attn_pool.relevance_to_map`), or the autograd reference's maps."""
+        if plan.method == "decomposed":
+            dice = GridDice(tgt, state.grid, self.patch, extremes="grid")
+            return None, lambda e: dice(attn_pool.decomposed_relevance(self.visual, state, e))
+        pixels, pos = plan.pixels, self.pos.get(plan.size)
+        assert pixels is not None  # the autograd method's plan carries the image's pixels
+        return (lambda e: attn_pool.relevance_to_map(attn_pool.autograd_relevance(self.visual, pixels, pos, e,
+                                                                                  state.keep),
+                                                     state.grid, self.patch)), None
+
     # ------------------------------------------------------------------ explainability
     @torch.no_grad()
     def explain(self, image: ImageLike, embeddings: torch.Tensor, size: int = 448) -> torch.Tensor:
         """LeGrad maps ``[N, S, S]`` of ``embeddings`` ``[N, D]`` on ``image`` (decomposed path)."""
         state, *_ = self.image_state(image, size)
         emb = embeddings.to(state.global_embedding)
+        if isinstance(state, attn_pool.PooledImageState):
+            return attn_pool.relevance_to_map(attn_pool.decomposed_relevance(self.visual, state, emb), state.grid,
+                                              self.patch)
         maps = [legrad.relevance_to_map(legrad.decomposed_relevance(self.visual, state, emb[idx],
                                                                      gemm=self.cpu_gemm), state.grid,
                                         self.patch)
@@ -330,8 +383,11 @@ class MaskInversionEngine:
         out = []
         for i in range(0, len(images), batch):
             pix = torch.cat([self._pixels(open_image(im)[0], size) for im in images[i:i + batch]])
-            tokens = vit.tokens_forward(self.visual, pix, self.pos.get(size), self.cpu_gemm)
-            out.append(vit.global_embedding(self.visual, tokens))
+            if self.pooled:
+                out.append(attn_pool.embed(self.visual, pix, self.pos.get(size), self.cpu_gemm))
+            else:
+                tokens = vit.tokens_forward(self.visual, pix, self.pos.get(size), self.cpu_gemm)
+                out.append(vit.global_embedding(self.visual, tokens))
             self.stats.vit_forwards += pix.shape[0]
         return torch.cat(out) if out else torch.zeros(0, self.clip.embed_dim, device=self.clip.device)
 

@@ -58,9 +58,16 @@ class GridDice:
     """Soft Dice loss (smoothing ``smooth``) of ``minmax(up(E))`` against fixed mask targets ``[N, S, S]``.
 
     ``loss(rel)`` takes the patch relevance ``[N, g²]`` and returns ``[N]``; differentiable w.r.t. ``rel``.
+    ``extremes``: "upsampled" (min-max of ``up(E)``, the class-token map) or "grid" (``up(minmax(E))``, the
+    attention-pooled map: ``up`` of a constant is that constant, so this is the same formula with the extremes
+    taken over the ``[g, g]`` cells).
     """
 
-    def __init__(self, targets: torch.Tensor, grid: int, patch: int, smooth: float = 1.0):
+    def __init__(self, targets: torch.Tensor, grid: int, patch: int, smooth: float = 1.0,
+                 extremes: str = "upsampled"):
+        if extremes not in ("upsampled", "grid"):
+            raise ValueError(f"extremes must be 'upsampled' or 'grid', got {extremes!r}")
+        self.on_grid = extremes == "grid"
         n, h, w = targets.shape
         if h != grid * patch or w != grid * patch:
             raise ValueError(f"targets must be [N, {grid * patch}, {grid * patch}], got {list(targets.shape)}")
@@ -78,9 +85,12 @@ class GridDice:
 
     def __call__(self, rel: torch.Tensor) -> torch.Tensor:
         e = rel.reshape(-1, self.grid, self.grid).to(self.down.dtype)
-        w1, w0 = self.w1, 1.0 - self.w1
-        rows = e[:, self.i0] * w0[None, :, None] + e[:, self.i1] * w1[None, :, None]  # [N, r, g]
-        ext = rows[:, :, self.i0] * w0 + rows[:, :, self.i1] * w1  # [N, r, r]: where up(E) has its extremes
+        if self.on_grid:
+            ext = e
+        else:
+            w1, w0 = self.w1, 1.0 - self.w1
+            rows = e[:, self.i0] * w0[None, :, None] + e[:, self.i1] * w1[None, :, None]  # [N, r, g]
+            ext = rows[:, :, self.i0] * w0 + rows[:, :, self.i1] * w1  # [N, r, r]: where up(E) has its extremes
         lo, hi = ext.amin(dim=(1, 2)), ext.amax(dim=(1, 2))
         span = (hi - lo).clamp_min(1e-12)
         flat = hi - lo <= 1e-12  # a constant map normalises to zeros (relevance_to_map: 0 / 1e-12)

@@ -61,7 +61,18 @@ class ClipModel:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.visual.output_dim)
+        """D: the vision tower's output dim (the trunk's width for a timm tower without a projection head)."""
+        visual = self.model.visual
+        dim = getattr(visual, "output_dim", None)
+        return int(dim if dim is not None else visual.trunk.num_features)
+
+
+def tower_patch_size(visual: Any) -> int:
+    """The patch side of an open_clip ViT (``patch_size``) or a timm trunk (``trunk.patch_embed.patch_size``)."""
+    p = getattr(visual, "patch_size", None)
+    if p is None:
+        p = visual.trunk.patch_embed.patch_size
+    return int(p[0] if isinstance(p, (tuple, list)) else p)
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -110,19 +121,25 @@ def load_clip(name: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED,
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, _, _ = open_clip.create_model_and_transforms(
             name, pretrained=None if random_init else pretrained, device=dev)
+    tokenizer = open_clip.get_tokenizer(name)
+    log.info("model loaded: %s (%s) on %s", name, pretrained or "random init", dev)
+    return clip_from_model(model, name, tokenizer, identity, pretrained or "none", dev)
+
+
+def clip_from_model(model: Any, name: str, tokenizer: Any, identity: str, pretrained: str = "none",
+                    device: str | torch.device = "cpu") -> ClipModel:
+    """Freeze an open_clip ``model`` (eval, no gradients) and describe it as a :class:`ClipModel`. ``identity``:
+    ``"<name>/<weights>"``, the cache identity; ``tokenizer`` may be None where no text is encoded."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(name)
     visual = model.visual
-    patch = visual.patch_size[0] if isinstance(visual.patch_size, (tuple, list)) else int(visual.patch_size)
     mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
-    log.info("model loaded: %s (%s) on %s, patch %d, embed dim %d", name, pretrained or "random init", dev, patch,
-             visual.output_dim)
     weights = identity.split("/", 1)[1] if "/" in identity else identity
     weights = f"checkpoint {weights}" if weights.startswith("sha256-") else weights
-    return ClipModel(model=model, tokenizer=tokenizer, name=name, pretrained=pretrained or "none", id=identity,
-                     device=dev, patch_size=int(patch), mean=mean, std=std, weights=weights)  # type: ignore[arg-type]
+    return ClipModel(model=model, tokenizer=tokenizer, name=name, pretrained=pretrained, id=identity,
+                     device=torch.device(device), patch_size=tower_patch_size(visual), mean=mean,
+                     std=std, weights=weights)

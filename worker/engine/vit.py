@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from timm.layers import resample_abs_pos_embed
 
-from worker.engine import trunk
+from worker.engine import attn_pool, trunk
 
 
 def resample_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
@@ -139,12 +139,24 @@ def onednn_parts(block: nn.Module) -> trunk.BlockParts | None:
 
 
 def check_supported(visual: nn.Module) -> None:
-    """Raise a clear ``NotImplementedError`` for open_clip vision towers the engine cannot decompose."""
+    """Raise a clear ``NotImplementedError`` for open_clip vision towers the engine cannot decompose: open_clip
+    ViTs of the shape :class:`LastBlock` reads, and attention-pooled timm towers (SigLIP) of the shape
+    :func:`worker.engine.attn_pool.tower_problem` accepts."""
+    if attn_pool.is_attention_pooled(visual):
+        attn_pool.check_supported(visual)
+        return
+    check_class_token_tower(visual)
+
+
+def check_class_token_tower(visual: nn.Module) -> None:
+    """Raise ``NotImplementedError`` unless ``visual`` is an open_clip ViT whose last block :class:`LastBlock`
+    reads (the class-token / mean-token path of :mod:`worker.engine.legrad`)."""
     if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
         raise NotImplementedError(f"{type(visual).__name__} is not an open_clip VisionTransformer "
-                                  "(timm / ConvNeXt / ResNet towers are not supported)")
+                                  "(timm towers without an attention pool, ConvNeXt and ResNet towers are not "
+                                  "supported)")
     if getattr(visual, "attn_pool", None) is not None:
-        raise NotImplementedError("vision towers with attentional pooling are not supported")
+        raise NotImplementedError("open_clip ViTs with attentional pooling (CoCa) are not supported")
     if not getattr(visual.transformer, "batch_first", True):
         raise NotImplementedError("the engine expects batch_first transformers (open_clip >= 2.24)")
     problem = block_problem(visual.transformer.resblocks[-1])
@@ -245,7 +257,7 @@ def last_block(visual: nn.Module) -> LastBlock:
     """The :class:`LastBlock` view of ``visual`` (checked with :func:`check_supported`, built once per model)."""
     view = _views.get(visual)
     if view is None:
-        check_supported(visual)
+        check_class_token_tower(visual)
         block = visual.transformer.resblocks[-1]
         attn = block.attn
         weight, bias = _fused_qkv(attn)
