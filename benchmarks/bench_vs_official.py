@@ -12,6 +12,12 @@ machine may be shared. Writes ``benchmarks/results/vs_official.md`` and ``.json`
 
     python benchmarks/bench_vs_official.py                      # 224 and 448, N = 1, 10 (+100 where allowed)
     python benchmarks/bench_vs_official.py --sizes 224 --masks 1 10 --official-runs 1 --rounds 1
+    python benchmarks/bench_vs_official.py --siglip --sizes 224 --masks 10   # attention-pooled tower
+
+``--siglip``: ViT-B-16-SigLIP (random init), the attention-pooled map of :mod:`worker.engine.attn_pool`. The
+package is called once per mask (its batched SigLIP call gives every mask the same map, hence the same LET; its
+time and LETs are reported beside), with the same empty-prompt vector on both sides. Writes
+``benchmarks/results/vs_official_siglip.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from PIL import Image
 
 from benchmarks.bench_inversion import random_masks
 from worker.engine.engine import MaskInversionEngine
-from worker.engine.models import load_clip
+from worker.engine.models import clip_from_model, load_clip
 from worker.engine.preprocess import mask_to_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +123,85 @@ def floor_macs(n: int, d: int, m: int) -> float:
     return 2.0 * n * m * d + 2.0 * n * n * d
 
 
+SIGLIP_RUNNER = REPO / "tests" / "worker" / "engine" / "official_siglip.py"
+
+
+def siglip_main(args: argparse.Namespace, venv_python: Path) -> None:
+    """The attention-pooled rows: per size and mask count, the package once per mask (and its batched call) against
+    our engine cold and warm, best of ``--runs``; LETs compared by cosine."""
+    import open_clip
+
+    threads = torch.get_num_threads()
+    load_start = uptime_load()
+    model_name = "ViT-B-16-SigLIP" if args.model == "ViT-B-16" else args.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = open_clip.create_model(model_name, pretrained=None)
+    clip = clip_from_model(model, model_name, None, f"{model_name}/random-seed{args.seed}")
+    empty = torch.randn(clip.embed_dim, generator=torch.Generator().manual_seed(args.seed))
+    engine = MaskInversionEngine(clip, empty_prompt_embedding=empty)
+    rng = np.random.default_rng(args.seed)
+    img = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    masks_all = random_masks(max(args.masks), 480, 640, seed=args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="maskinv-vs-official-siglip-"))
+    rows = []
+    for size in args.sizes:
+        engine.invert(img, masks_all[:1], size=size, steps=1)  # warm-up: pos-embed resample, allocator
+        for n in args.masks:
+            masks = masks_all[:n]
+            targets = torch.from_numpy(np.stack([mask_to_target(mk, size) for mk in masks])).float()
+            torch.save({"visual": model.visual.state_dict(), "pixels": engine._pixels(img, size).cpu(),
+                        "masks": targets, "empty": empty, "probes": torch.zeros(0, clip.embed_dim)},
+                       tmp / "inputs.pt")
+            spec = {"threads": threads, "inputs": str(tmp / "inputs.pt"), "model": model_name, "steps": args.steps,
+                    "out": str(tmp / "out.pt"), "batched": True}
+            (tmp / "spec.json").write_text(json.dumps(spec))
+            subprocess.run([str(venv_python), str(SIGLIP_RUNNER), str(tmp / "spec.json")], check=True,
+                           capture_output=True)
+            official = torch.load(tmp / "out.pt")
+            cold_t, warm_t = [], []
+            for _ in range(args.runs):
+                engine.cache.clear()
+                t = time.perf_counter()
+                engine.invert(img, masks, size=size, steps=args.steps, final_loss=False)
+                cold_t.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                warm = engine.invert(img, masks, size=size, steps=args.steps, final_loss=False)
+                warm_t.append(time.perf_counter() - t)
+            batched = official.get("batched_lets")
+            row = {"size": size, "N": n, "K": args.steps, "official_per_mask_s": float(official["times"].sum()),
+                   "official_batched_s": official.get("batched_time"), "cold_s": min(cold_t), "warm_s": min(warm_t),
+                   "cold_runs": cold_t, "warm_runs": warm_t,
+                   "min_cos": F.cosine_similarity(official["lets"], warm.lets).min().item(),
+                   "batched_min_cos": None if batched is None else
+                   F.cosine_similarity(batched, official["lets"]).min().item()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    load_end = uptime_load()
+    lines = [f"# This engine vs the official MaskInversion package — {model_name} (random init, seed {args.seed}), "
+             f"K={args.steps}", "",
+             f"CPU, {threads} threads, torch {torch.__version__} both sides; official = maskinversion-torch 1.1 + "
+             "legrad-torch 1.1 + open_clip 2.23.0 in .venv-official, called once per mask (its batched SigLIP call "
+             "gives every mask the same map); same weights, pixels, mask targets and empty-prompt vector. "
+             f"Load average (1/5/15 min) at start: {load_start}; at end: {load_end}. Ours: best of {args.runs}; "
+             "official: one run.",
+             "cold = image-state cache empty (tower forward + K steps); warm = cached image (K steps). "
+             "batched cos: the package's one call over all masks against its per-mask LETs.", "",
+             "| size | N | official per mask, total s | official batched s | ours cold s | ours warm s | warm × | "
+             "cold × | min cos(LET) | batched min cos |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        off = r["official_per_mask_s"]
+        lines.append(f"| {r['size']} | {r['N']} | {off:.2f} | {r['official_batched_s'] or float('nan'):.2f} | "
+                     f"{r['cold_s']:.2f} | {r['warm_s']:.3f} | {off / r['warm_s']:.0f}× | {off / r['cold_s']:.1f}× | "
+                     f"{r['min_cos']:.6f} | {r['batched_min_cos'] or float('nan'):.3f} |")
+    out = Path(args.out if args.out != str(RESULTS / "vs_official.md") else RESULTS / "vs_official_siglip.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"load_start": load_start, "load_end": load_end,
+                                                    "threads": threads, "rows": rows}, indent=1))
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-16")
@@ -131,6 +216,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2,
                     help="rounds per size, alternating which side runs first (best of all rounds per side) [2]")
     ap.add_argument("--out", default=str(RESULTS / "vs_official.md"))
+    ap.add_argument("--siglip", action="store_true", help="the attention-pooled tower (ViT-B-16-SigLIP) instead")
     args = ap.parse_args()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -138,6 +224,8 @@ def main() -> None:
 
     subprocess.run(["bash", str(REPO / "scripts" / "official_env.sh")], check=True)
     venv_python = Path(os.environ.get("OFFICIAL_VENV", REPO / ".venv-official")) / "bin" / "python"
+    if args.siglip:
+        return siglip_main(args, venv_python)
 
     load_start = uptime_load()
     clip = load_clip(args.model, "none", "cpu", seed=args.seed)

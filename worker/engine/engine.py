@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 
@@ -172,7 +173,7 @@ class MaskInversionEngine:
                                                self.empty_unit(), self.cpu_gemm)
         return legrad.build_image_state(self.visual, self._pixels(img, size), self.pos.get(size), self.cpu_gemm)
 
-    def image_state(self, image: ImageLike, size: int = 448) -> tuple[ImageState, bool, str, object]:
+    def image_state(self, image: ImageLike, size: int = 448) -> tuple[ImageState, bool, str, Image.Image]:
         """The cached forward-pass state of an image: ``(state, cache_hit, sha256, pil_image)``."""
         self._check_size(size)
         img, digest = open_image(image)
@@ -408,8 +409,10 @@ class MaskInversionEngine:
             raise ValueError(f"crop kind must be 'crop' or 'masked_crop', got {kind!r}")
         size = self.native_size if size is None else int(size)
         img = open_image(image)[0]
-        fill = tuple(int(round(c * 255)) for c in self.clip.mean)
-        crops, where, errors = [], [], [None] * len(masks)
+        r, g, b = (int(round(c * 255)) for c in self.clip.mean)
+        fill = (r, g, b)
+        crops, where = [], []
+        errors: list[str | None] = [None] * len(masks)
         for i, m in enumerate(masks):
             try:
                 crops.append(img.crop(mask_box(m, img.size)) if kind == "crop" else masked_crop(img, m, fill))

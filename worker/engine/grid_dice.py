@@ -72,15 +72,15 @@ class GridDice:
         if h != grid * patch or w != grid * patch:
             raise ValueError(f"targets must be [N, {grid * patch}, {grid * patch}], got {list(targets.shape)}")
         i0, i1, lam1 = bilinear_weights(grid, patch)
-        u, extremes = _matrix_of(i0, i1, lam1, grid, targets.dtype, targets.device)
+        u, extreme_rows = _matrix_of(i0, i1, lam1, grid, targets.dtype, targets.device)
         self.grid, self.smooth = grid, float(smooth)
         # Uᵀ M U [N, g, g], one mask at a time: a mask's loss never depends on the other masks of its batch
         self.down = torch.stack([u.T @ m @ u for m in targets]) if n else targets.new_zeros(0, grid, grid)
         self.mask_sum = targets.sum(dim=(1, 2))  # [N]
         self.col = u.sum(dim=0)  # [g]: Uᵀ 1
         # the extreme samples' two source indices and weights (interpolated by gathers: elementwise per mask)
-        self.i0, self.i1 = i0[extremes.cpu()].to(targets.device), i1[extremes.cpu()].to(targets.device)
-        self.w1 = lam1[extremes.cpu()].to(dtype=targets.dtype, device=targets.device)
+        self.i0, self.i1 = i0[extreme_rows.cpu()].to(targets.device), i1[extreme_rows.cpu()].to(targets.device)
+        self.w1 = lam1[extreme_rows.cpu()].to(dtype=targets.dtype, device=targets.device)
         self.area = float(h * w)
 
     def __call__(self, rel: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,13 @@
 """Runs the public MaskInversion package on an attention-pooled tower, in the official venv (argv: spec.json).
 
 Reads ``inputs`` (visual state dict, pixels [1, 3, S, S], mask targets [N, S, S], empty-prompt vector [D], probe
-embeddings [P, D]); writes the LETs of each mask, each inverted in its own call, and the map of each probe.
+embeddings [P, D]); writes the map of each probe and the LETs of each mask, each inverted in its own call (with
+their times), and with ``batched`` the package's one call over all masks. Used by
+tests/worker/engine/test_attn_pool_official.py and benchmarks/bench_vs_official.py --siglip.
 """
 import json
 import sys
+import time
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -28,12 +31,13 @@ if len(data["probes"]):
                              for p in data["probes"]])
 lets, times = [], []
 for i in range(masks.shape[0]):
-    import time
     t0 = time.perf_counter()
     lets.append(mi.compute_maskinversion(pixels, masks[i:i + 1], iterations=spec["steps"]).detach())
     times.append(time.perf_counter() - t0)
-if spec.get("batched") and masks.shape[0] > 1:
+if spec.get("batched") and masks.shape[0] > 1:  # the package's own batched call (one map for all masks)
+    t0 = time.perf_counter()
     out["batched_lets"] = mi.compute_maskinversion(pixels, masks, iterations=spec["steps"]).detach()
+    out["batched_time"] = time.perf_counter() - t0
 out["lets"] = torch.cat(lets)
 out["times"] = torch.tensor(times)
 torch.save(out, spec["out"])
