@@ -2,7 +2,7 @@
 # Set up everything the test suite needs (idempotent) and run it.
 #   bash scripts/test.sh            # all tests, end-to-end against a real Label Studio included
 #   bash scripts/test.sh -m "not e2e" -x   # extra arguments go to pytest
-# `ruff check .` runs before pytest and fails the run on any finding.
+# `ruff check .` and `mypy` run before pytest and fail the run on any finding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -36,5 +36,7 @@ fi
 
 # Lint first (rules in pyproject.toml's [tool.ruff]); any finding fails the run.
 .venv/bin/python -m ruff check .
+# Type check the contract, the backend and the job entry points ([tool.mypy] in pyproject.toml); any error fails.
+.venv/bin/python -m mypy
 
 exec .venv/bin/python -m pytest -ra "$@"
