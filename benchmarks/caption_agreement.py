@@ -16,7 +16,7 @@ and one caption per captioner variant, given that label:
 **Correct** (the measure of ``benchmarks/localized_captions.py``): CLIP's text encoder matches the caption best to
 the object's own phrase among the phrases of all objects in its scene; **exact**: the caption is that phrase.
 
-    nice python -m benchmarks.caption_agreement         # -> benchmarks/results/caption_agreement.{md,json}
+    nice python -m benchmarks.caption_agreement         # -> benchmarks/results/captions_label_agreement.{md,json}
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from worker.text.label_agreement import mentions_label, words
 from worker.text.labels import LabelScorer
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "caption_agreement"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "captions_label_agreement"
 EMBEDDINGS = ("LET α=0", f"LET α=0 + masked crop (w {DEFAULT_CROP_WEIGHT:g}, the product)")
 TARGET_CONTRADICTION = 5.0
 
