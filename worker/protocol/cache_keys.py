@@ -15,6 +15,9 @@ JOB_META_KEY = "maskinv_cache"
 #: Key in an RQ job's ``meta``: ``{"prefix": str, "ttl_s": int}``, where the worker keeps LETs in Redis
 #: (``worker.jobs.let_cache``; keys ``{prefix}:let:{sha256(model | image | mask | size | steps | lr | alpha)}``)
 LET_META_KEY = "maskinv_let_cache"
+#: The answer format: raised whenever what a cached answer holds for the same inputs changes (2: captions agree
+#: with the region's label), so answers written before are not served again
+ANSWER_FORMAT = 2
 
 
 def params_digest(params: Mapping[str, Any], labels: Iterable[str]) -> str:
@@ -40,9 +43,9 @@ def answer_digest(params: Mapping[str, Any], labels: Iterable[str], prototypes: 
                   captions: str | None = None) -> str:
     """Digest of what a region's answer depends on besides model, image and mask: the inversion parameters
     (templates, views and crop weight included), the label set, the example prototypes' content and the
-    worker's caption mode."""
+    worker's caption mode, and the :data:`ANSWER_FORMAT`."""
     blob = json.dumps({"params": params_digest(params, labels), "examples": prototypes_digest(prototypes),
-                       "captions": captions}, sort_keys=True)
+                       "captions": captions, "format": ANSWER_FORMAT}, sort_keys=True)
     return sha256_hex(blob.encode())
 
 
