@@ -47,7 +47,8 @@ def test_lets_and_maps_match_the_package_per_mask(tmp_path, size):
     gen = torch.Generator().manual_seed(1)
     empty, probes = torch.randn(clip.embed_dim, generator=gen), torch.randn(2, clip.embed_dim, generator=gen)
     engine = MaskInversionEngine(clip, empty_prompt_embedding=empty)  # the package's vector on both sides
-    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    blocks = np.random.default_rng(2).integers(0, 256, (12, 16, 3), dtype=np.uint8)  # colour blocks: LETs move
+    image = Image.fromarray(blocks).resize((320, 240), Image.Resampling.NEAREST)
     masks = _masks(2, 240, 320)
     steps = 3
     targets = torch.from_numpy(np.stack([mask_to_target(m, size) for m in masks])).float()
@@ -60,6 +61,7 @@ def test_lets_and_maps_match_the_package_per_mask(tmp_path, size):
     official = torch.load(tmp_path / "out.pt")
 
     ours = engine.invert(image, masks, size=size, steps=steps, final_loss=False)
+    assert F.cosine_similarity(ours.lets, ours.global_embedding[None]).max() < 0.99  # the LETs moved
     assert F.cosine_similarity(ours.lets, official["lets"]).min() >= 0.999
     maps = engine.explain(image, probes, size=size)
     torch.testing.assert_close(maps, official["maps"], atol=1e-3, rtol=0)
