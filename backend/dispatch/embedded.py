@@ -37,6 +37,19 @@ def call_job(function: str, *args: Any) -> Any:
     return import_attribute(function)(*args)
 
 
+#: what a person can do when the model does not load (said by /health, /setup and /predict)
+OFFLINE_HINT = ("Without network access, set MASKINV_PRETRAINED to a local checkpoint file, or run the offline demo "
+                "with the shipped model: MASKINV_MODEL=maskinv-scene-tiny "
+                "MASKINV_PRETRAINED=assets/tiny_scene_clip/maskinv-scene-tiny.safetensors MASKINV_SIZE=112 "
+                "MASKINV_CAPTIONER=assets/tiny_clipcap bash scripts/run.sh (README, Offline demo).")
+
+
+def model_load_error(exc: BaseException) -> str:
+    """The message for a model that failed to load: the error, the variables that choose the model, the hint."""
+    return (f"the model (MASKINV_MODEL / MASKINV_PRETRAINED) could not be loaded: {exc.__class__.__name__}: {exc}. "
+            f"{OFFLINE_HINT}")
+
+
 class EmbeddedDispatcher(Dispatcher):
     """Runs the worker's job functions in this process, one job at a time, in a background thread."""
 
@@ -67,11 +80,11 @@ class EmbeddedDispatcher(Dispatcher):
                 return dict(self._model)
         try:
             info = dict(call_job(job_function("warm_up")))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any load failure is said to the user (health, setup, predict)
             with self._lock:
-                self._model_error = f"{exc.__class__.__name__}: {exc}"
+                self._model_error = model_load_error(exc)
             log.error("embedded model failed to load: %s", self._model_error)
-            raise
+            raise DispatchError(self._model_error) from None
         with self._lock:
             self._model, self._model_error = info, None
         return info
@@ -100,8 +113,10 @@ class EmbeddedDispatcher(Dispatcher):
 
     def _call(self, function: str, payload: dict, limited: bool = True) -> Any:
         """Run job ``function`` on ``payload`` after the model has loaded, within MASKINV_JOB_TIMEOUT if
-        ``limited``."""
+        ``limited``; a model that failed to load answers its error at once (a restart loads it again)."""
         if self._model is None:
+            if self._model_error is not None:
+                raise DispatchError(self._model_error)
             self._load_model()
         if not limited:
             return call_job(function, payload)

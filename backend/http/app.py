@@ -149,16 +149,22 @@ def setup_view():
     log.info("setup for project %s: controls %s", str(data.get("project"))[:100],
              {n: len(c.labels) for n, c in cfg.region_controls.items()})
     service.prepare_labels(cfg)  # text prototypes built in the background, before the first /predict
+    version = service.project_version(cfg, project=data.get("project"))
+    failed = service.health().get("model_error")
+    if failed and not service.health().get("ready"):
+        raise PredictError(503, str(failed))  # Label Studio shows this when the model is connected
     # Label Studio asks /setup for the version before every Retrieve predictions and skips the tasks that hold a
     # prediction of it: with examples, that is the version /predict answers (it names the example set)
-    return jsonify({"model_version": service.project_version(cfg, project=data.get("project"))})
+    return jsonify({"model_version": version})
 
 
 def health_view():
     """``GET /health`` and ``GET /``: open (container health checks), but without valid credentials, when basic
-    auth is on, it says only whether the backend is up and ready; model, device, caches need credentials."""
+    auth is on, it says only whether the backend is up and ready; model, device, caches need credentials. DOWN
+    (503) while Redis is unreachable in queue mode or the model failed to load in embedded mode."""
     info = _service().health()
-    down = info.get("mode") == "queue" and info.get("redis") != "ok"
+    down = (info.get("mode") == "queue" and info.get("redis") != "ok") or \
+        bool(info.get("model_error") and not info.get("ready"))
     status = 503 if down else 200
     settings = _service().settings
     if (settings.basic_auth_user and not _authorized()) or (settings.url_secret and not request.environ.get(SECRET_OK)):
