@@ -54,7 +54,11 @@ def optimise_lets(map_fn: MapFn | None, global_emb: torch.Tensor, masks: torch.T
         raise ValueError("give exactly one of map_fn and dice_fn")
 
     def loss_of(e: torch.Tensor) -> torch.Tensor:
-        dice = dice_fn(e) if dice_fn is not None else soft_dice_loss(map_fn(e), masks)
+        if dice_fn is not None:
+            dice = dice_fn(e)
+        else:
+            assert map_fn is not None  # exactly one of the two is given
+            dice = soft_dice_loss(map_fn(e), masks)
         return regularised(dice, e, global_emb, alpha)
 
     lets = global_emb.detach()[None].repeat(masks.shape[0], 1).requires_grad_(True)

@@ -235,16 +235,17 @@ def _attention_forward(ctx, g_of, n_u: int, state: ImageState, heads: int, dtype
         sl = slice(s0, s0 + k)
         g = g_of(sl)
         p = None if prod is None else (prod[sl] if keep_mask else prod[:k])
-        if onednn:
+        if v_rows is not None:  # onednn
             gk = g.view(k, n, heads, dh)
             total = torch.zeros(k, n - 1, dtype=acc, device=device)
             for h in range(heads):
                 ph = cpu_gemm.linear(gk[:, :, h, :].reshape(k * n, dh), v_rows[h]).view(k, n, n - 1)
                 total += ph.clamp_(min=0).sum(dim=1, dtype=acc)
-                if keep_mask:
+                if p is not None:  # keep_mask
                     torch.sign(ph, out=p[:, h])  # 0/1 (ph >= 0 after the clamp)
             rel[sl] = total
             continue
+        assert p is not None  # the batched-matmul path always has its buffer
         torch.matmul(g.view(k, n, heads, dh).transpose(1, 2), vt, out=p)
         rel[sl] = p.clamp_(min=0).sum(dim=(1, 2), dtype=acc)
         if keep_mask:
@@ -269,6 +270,7 @@ def _attention_backward(ctx, grad_rel: torch.Tensor, shared: bool, pull) -> None
         k = min(step, n_masks - s0)
         sl = slice(s0, s0 + k)
         if ctx.onednn:  # per head (and mask) one oneDNN product with the weight (c ⊙ V)ᵀ = Vᵀ diag(c) [., n-1]
+            assert vt is not None
             gh = torch.empty(k, n, heads, dh, dtype=dtype, device=grad_rel.device)
             for h in range(heads):
                 if shared:  # one pattern: the k masks' weights stacked, [k·dh, n-1]

@@ -41,7 +41,7 @@ def open_image(image: ImageLike, max_pixels: int | None = None) -> tuple[Image.I
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
+                img: Image.Image = Image.open(io.BytesIO(data))
                 if img.width * img.height > limit:
                     raise ValueError(f"image is {img.width}x{img.height} pixels, more than the limit of {limit} "
                                      "(MASKINV_MAX_IMAGE_PIXELS)")
@@ -86,7 +86,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def image_to_tensor(img: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...],
                     device: torch.device) -> torch.Tensor:
     """RGB image -> normalised pixels ``[1, 3, S, S]`` (bicubic resize to S×S)."""
-    arr = np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    arr = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
     t = torch.from_numpy(arr).permute(2, 0, 1)
     t = (t - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     return t[None].to(device)
@@ -108,7 +108,7 @@ def mask_to_target(mask: np.ndarray, size: int) -> np.ndarray:
     m = binarize(mask)
     if not m.any():
         raise RegionError("empty mask: the region covers no pixel")
-    pil = Image.fromarray(m.astype(np.uint8) * 255, mode="L").resize((size, size), Image.BILINEAR)
+    pil = Image.fromarray(m.astype(np.uint8) * 255, mode="L").resize((size, size), Image.Resampling.BILINEAR)
     target = np.asarray(pil, dtype=np.float32) / 255.0
     if not target.any():
         raise RegionError(f"mask vanishes at input size {size}")
@@ -132,7 +132,7 @@ def masked_crop(img: Image.Image, mask: np.ndarray, fill: tuple[int, int, int]) 
     m = binarize(mask)
     m_img = Image.fromarray(m.astype(np.uint8) * 255, mode="L")
     if m_img.size != img.size:
-        m_img = m_img.resize(img.size, Image.NEAREST)
+        m_img = m_img.resize(img.size, Image.Resampling.NEAREST)
     canvas = Image.new("RGB", img.size, fill)
     canvas.paste(img, mask=m_img)
     return canvas.crop(mask_box(mask, img.size))

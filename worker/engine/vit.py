@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,6 +30,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from worker.engine import attn_pool, trunk
+
+Tower = Any  # an open_clip vision tower (read by attribute: open_clip's modules are typed as nn.Module)
 
 
 def resample_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> torch.Tensor:
@@ -43,7 +47,7 @@ def resample_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: t
 class PosEmbedCache:
     """Position embeddings of one ViT per input size, computed once per size."""
 
-    def __init__(self, visual: nn.Module):
+    def __init__(self, visual: Tower):
         self.visual = visual
         self._by_size: dict[int, torch.Tensor] = {}
 
@@ -59,7 +63,7 @@ class PosEmbedCache:
         return self._by_size[size]
 
 
-def patch_size_of(visual: nn.Module) -> int:
+def patch_size_of(visual: Tower) -> int:
     p = visual.patch_size
     return int(p[0] if isinstance(p, (tuple, list)) else p)
 
@@ -89,7 +93,7 @@ def _out_projection(attn: nn.Module) -> nn.Linear | None:
     return None
 
 
-def block_problem(block: nn.Module, which: str = "the last block") -> str | None:
+def block_problem(block: Any, which: str = "the last block") -> str | None:
     """Why ``block`` is not a ResidualAttentionBlock of the supported shape (fused qkv, plain attention, LayerNorms,
     MLP c_fc -> activation -> c_proj), or None when it is. ``which`` names it in the message."""
     attn = getattr(block, "attn", None)
@@ -122,7 +126,7 @@ def block_problem(block: nn.Module, which: str = "the last block") -> str | None
     return None
 
 
-def onednn_parts(block: nn.Module) -> trunk.BlockParts | None:
+def onednn_parts(block: Any) -> trunk.BlockParts | None:
     """The pieces :mod:`worker.engine.trunk` needs to run ``block`` through oneDNN, or None when it cannot: the shape
     the
     engine supports (:func:`block_problem`) with ``nn.MultiheadAttention`` (no added key/value biases) and
@@ -138,7 +142,7 @@ def onednn_parts(block: nn.Module) -> trunk.BlockParts | None:
                             ln_2=block.ln_2, ls_1=block.ls_1, ls_2=block.ls_2)
 
 
-def check_supported(visual: nn.Module) -> None:
+def check_supported(visual: Tower) -> None:
     """Raise a clear ``NotImplementedError`` for open_clip vision towers the engine cannot decompose: open_clip
     ViTs of the shape :class:`LastBlock` reads, and attention-pooled timm towers (SigLIP) of the shape
     :func:`worker.engine.attn_pool.tower_problem` accepts."""
@@ -148,7 +152,7 @@ def check_supported(visual: nn.Module) -> None:
     check_class_token_tower(visual)
 
 
-def check_class_token_tower(visual: nn.Module) -> None:
+def check_class_token_tower(visual: Tower) -> None:
     """Raise ``NotImplementedError`` unless ``visual`` is an open_clip ViT whose last block :class:`LastBlock`
     reads (the class-token / mean-token path of :mod:`worker.engine.legrad`)."""
     if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
@@ -253,24 +257,26 @@ class LastBlockActivations:
 _views: "weakref.WeakKeyDictionary[nn.Module, LastBlock]" = weakref.WeakKeyDictionary()
 
 
-def last_block(visual: nn.Module) -> LastBlock:
+def last_block(visual: Tower) -> LastBlock:
     """The :class:`LastBlock` view of ``visual`` (checked with :func:`check_supported`, built once per model)."""
     view = _views.get(visual)
     if view is None:
         check_class_token_tower(visual)
         block = visual.transformer.resblocks[-1]
         attn = block.attn
-        weight, bias = _fused_qkv(attn)
+        qkv, out_proj = _fused_qkv(attn), _out_projection(attn)
+        assert qkv is not None and out_proj is not None  # check_class_token_tower checked both
+        weight, bias = qkv
         view = LastBlock(heads=int(attn.num_heads), width=int(weight.shape[1]),
                          mlp_width=int(block.mlp.c_fc.out_features), qkv_weight=weight, qkv_bias=bias,
-                         out_proj=_out_projection(attn), ln_1=block.ln_1, ln_2=block.ln_2, ls_1=block.ls_1,
+                         out_proj=out_proj, ln_1=block.ln_1, ln_2=block.ln_2, ls_1=block.ls_1,
                          ls_2=block.ls_2, c_fc=block.mlp.c_fc, act=block.mlp.gelu, c_proj=block.mlp.c_proj,
                          ln_post=visual.ln_post, proj=visual.proj)
         _views[visual] = view
     return view
 
 
-def trunk_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor, gemm: str = "onednn") -> torch.Tensor:
+def trunk_forward(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor, gemm: str = "onednn") -> torch.Tensor:
     """Tokens entering the last block, ``[B, n, width]`` (n = 1 + grid²), from pixels ``[B, 3, S, S]``. ``gemm``
     ("onednn" | "blas", MASKINV_CPU_GEMM): under "onednn", without gradients, fp32 on the CPU, the blocks' linear
     layers go through oneDNN with packed weights (:mod:`worker.engine.trunk`)."""
@@ -282,7 +288,7 @@ def trunk_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor, ge
     return trunk.run_blocks(visual.transformer.resblocks[:-1], x, gemm, parts_of=onednn_parts)
 
 
-def tokens_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor, gemm: str = "onednn") -> torch.Tensor:
+def tokens_forward(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor, gemm: str = "onednn") -> torch.Tensor:
     """The last block's output tokens ``[B, n, width]`` for pixels ``[B, 3, S, S]`` (``gemm``: see
     :func:`trunk_forward`)."""
     view = last_block(visual)
@@ -291,7 +297,7 @@ def tokens_forward(visual: nn.Module, pixels: torch.Tensor, pos: torch.Tensor, g
     return view.after_attention(x, attn, values).out
 
 
-def global_embedding(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def global_embedding(visual: Tower, tokens: torch.Tensor) -> torch.Tensor:
     """The model's own image embedding ``[B, D]`` (class token after ln_post and proj for CLIP ViTs)."""
     pool = getattr(visual, "_pool", None) or getattr(visual, "_global_pool")
     pooled, _ = pool(tokens)
@@ -299,7 +305,7 @@ def global_embedding(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def last_block_keys(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def last_block_keys(visual: Tower, tokens: torch.Tensor) -> torch.Tensor:
     """Patch keys ``[B, g², d]`` (heads concatenated, class token dropped) of the last block for the tokens
     ``[B, 1 + g², d]`` entering it (:func:`trunk_forward`'s output)."""
     view = last_block(visual)
