@@ -45,12 +45,14 @@ def tiny_runtime():
 
 
 @pytest.fixture
-def make_client(tiny_runtime):
-    """``make_client(**env)``: a Flask test client of the backend in embedded mode (FAST settings + ``env``)."""
+def make_client(tiny_runtime, tmp_path):
+    """``make_client(**env)``: a Flask test client of the backend in embedded mode (FAST settings + ``env``); its
+    MASKINV_DATA_DIR (example store) is the test's own unless ``env`` names one, so no test sees another's examples."""
     from backend.http.app import create_app
     from backend.settings import Settings
 
     def make(**env):
+        env.setdefault("MASKINV_DATA_DIR", tmp_path / "maskinv-data")
         settings = Settings.from_env({**FAST, **{k: str(v) for k, v in env.items()}})
         return create_app(settings).test_client()
     return make

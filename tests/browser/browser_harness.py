@@ -101,7 +101,8 @@ class DemoBackend:
     def start(self, timeout_s: float = START_TIMEOUT_S) -> "DemoBackend":
         self.port = self.port or free_port()
         env = dict(_base_env(), **DEMO_ENV, LABEL_STUDIO_URL=self.ls_url, LABEL_STUDIO_API_KEY=self.token,
-                   MASKINV_URL_SECRET=self.secret, MASKINV_HOST="127.0.0.1", MASKINV_PORT=str(self.port))
+                   MASKINV_URL_SECRET=self.secret, MASKINV_HOST="127.0.0.1", MASKINV_PORT=str(self.port),
+                   MASKINV_DATA_DIR=str(self.log_path.parent / "maskinv-data"))  # not the repository's
         self.process = ManagedProcess("maskinv-backend (scripts/run.sh)", ["bash", "scripts/run.sh"], env,
                                       self.log_path, cwd=REPO_ROOT).start()
         try:

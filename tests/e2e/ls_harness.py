@@ -420,7 +420,9 @@ class BackendServer:
     def start(self, timeout_s: float = START_TIMEOUT_S, wait_ready: bool = True) -> "BackendServer":
         self.port = self.port or free_port()
         env = _base_env()
-        env.update({"MASKINV_HOST": "127.0.0.1", "MASKINV_PORT": str(self.port), "PYTHONUNBUFFERED": "1"})
+        env.update({"MASKINV_HOST": "127.0.0.1", "MASKINV_PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+                    # its own example store beside its log, never the repository's ./maskinv-data
+                    "MASKINV_DATA_DIR": str(self.log_path.parent / f"maskinv-data-{self.port}")})
         env.update(self.env)
         self.process = ManagedProcess("maskinv-backend", [str(backend_bin())], env, self.log_path).start()
         try:
