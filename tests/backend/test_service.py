@@ -56,7 +56,7 @@ def test_batch_labels_annotations_then_predictions_and_scores_by_weakest_region(
         task(4, 4),
     ]
     sent = copy.deepcopy(tasks)
-    resp = predict(client, "brush", tasks, maskinv={"proposals": False})  # proposals: tests/backend/test_propose.py
+    resp = predict(client, "brush", tasks, maskinv={"proposals": False})  # proposals: predict/test_propose.py
     assert resp.status_code == 200, resp.get_json()
     res = resp.get_json()["results"]
     assert len(res) == 4
@@ -163,7 +163,7 @@ def test_setup_health_webhook_versions(client):
     assert resp.status_code == 400 and "no region control" in resp.get_json()["error"]
     health = client.get("/health").get_json()
     assert health["status"] == "UP" and health["mode"] == "embedded" and health["model_class"] == "MaskInversionModel"
-    # annotation events are learnt from (tests/backend/test_learning.py); one without a project is refused
+    # annotation events are learnt from (tests/backend/learning/test_learner.py); one without a project is refused
     resp = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {}})
     assert resp.status_code == 422 and "project" in resp.get_json()["error"]
     resp = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}})

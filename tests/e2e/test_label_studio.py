@@ -252,7 +252,7 @@ def test_batch_predictions_for_annotated_tasks(ls: LabelStudioClient, request, b
         ls.create_annotation(task["id"], regions)
         drawn[task["id"]] = regions
         annotations_before[task["id"]] = copy.deepcopy(ls.annotations(task["id"]))
-    # the backend learns from these annotations (webhook, issue 14), and the model version names the example set:
+    # the backend learns from these annotations (webhook), and the model version names the example set:
     # let the example set settle, so that both Retrieve actions below ask for the same version
     wait_for_examples(backend_for(request, backend_mode).url, project["id"], n_tasks)
 

@@ -1,5 +1,5 @@
-"""The worker side of the text limits: bounded text caches (case 8) and its own re-check of labels and templates
-for jobs that did not come through the backend (cases 4-6)."""
+"""The worker side of the text limits: bounded text caches, and its own re-check of labels and templates for jobs
+that did not come through the backend."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def clip():
     return load_clip(MODEL, "none", "cpu")
 
 
-def test_case8_prototype_cache_stays_within_entries_and_bytes(clip):
+def test_prototype_cache_stays_within_entries_and_bytes(clip):
     from worker.text.labels import LabelScorer
 
     scorer = LabelScorer(clip, max_entries=8, max_bytes=64 * 1024)
@@ -31,7 +31,7 @@ def test_case8_prototype_cache_stays_within_entries_and_bytes(clip):
     assert np.allclose(scorer.prototypes(["w0-a", "w0-b"], ["a {}."]), one)  # recomputed after eviction: same
 
 
-def test_case8_byte_bound_holds_for_large_vocabularies(clip):
+def test_byte_bound_holds_for_large_vocabularies(clip):
     from worker.text.labels import LabelScorer
 
     scorer = LabelScorer(clip, max_entries=1000, max_bytes=20_000)
@@ -49,7 +49,7 @@ def _letters(n: int) -> str:
             return out
 
 
-def test_case8_tokenizer_memo_is_bounded_and_keeps_special_tokens(clip):
+def test_tokenizer_memo_is_bounded_and_keeps_special_tokens(clip):
     from worker.text.labels import LabelScorer, bound_tokenizer_cache
     from worker.text.token_memo import BoundedMemo
 
@@ -68,7 +68,7 @@ def test_case8_tokenizer_memo_is_bounded_and_keeps_special_tokens(clip):
     assert tok(["zqxj blorf"]).tolist() == reference  # evicted words tokenise the same
 
 
-def test_case8_caption_phrase_banks_are_bounded(clip):
+def test_caption_phrase_banks_are_bounded(clip):
     from worker.text.captions import RetrievalCaptioner
     from worker.text.labels import LabelScorer
 
@@ -81,7 +81,7 @@ def test_case8_caption_phrase_banks_are_bounded(clip):
         assert len(captioner._banks) <= 5
 
 
-def test_case8_runtime_reads_the_cache_bounds_from_the_environment(monkeypatch):
+def test_runtime_reads_the_cache_bounds_from_the_environment(monkeypatch):
     from worker.settings import WorkerSettings, WorkerSettingsError
 
     s = WorkerSettings.from_env({})
@@ -110,7 +110,7 @@ def _job(labels, templates=("a photo of a {}.",)):
     return job
 
 
-def test_case4_worker_refuses_a_hand_enqueued_job_with_an_overlong_label(tiny_runtime, monkeypatch):
+def test_worker_refuses_a_hand_enqueued_job_with_an_overlong_label(tiny_runtime, monkeypatch):
     from worker.jobs import regions as jobs
 
     rt = jobs.get_runtime()
@@ -127,14 +127,14 @@ def test_case4_worker_refuses_a_hand_enqueued_job_with_an_overlong_label(tiny_ru
 
 
 @pytest.mark.parametrize("template", ["{}{}", "{} {x}", "{{}}{:x>4000}", "{0}"])
-def test_case5_case6_worker_refuses_bad_templates_in_hand_enqueued_jobs(tiny_runtime, template):
+def test_worker_refuses_bad_templates_in_hand_enqueued_jobs(tiny_runtime, template):
     from worker.jobs import regions as jobs
 
     result = jobs.label_regions(_job(["car", "tree"], templates=["a {}.", template]))
     assert "template" in result["error"] and result["regions"][0]["labels"] == []
 
 
-def test_case5_worker_template_length_cap(tiny_runtime, monkeypatch):
+def test_worker_template_length_cap(tiny_runtime, monkeypatch):
     from worker.jobs import regions as jobs
 
     rt = jobs.get_runtime()

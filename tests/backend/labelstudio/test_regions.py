@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from backend.labelstudio.label_config import parse_label_config
 from backend.labelstudio.regions import Region, RegionError, collect_regions, region_mask
 
-CONFIGS = Path(__file__).resolve().parents[2] / "label_config"
+CONFIGS = Path(__file__).resolve().parents[3] / "label_config"
 W, H = 90, 70
 
 

@@ -14,7 +14,7 @@ from backend.labelstudio.predictions import alternatives_text, region_results, t
 from backend.labelstudio.regions import collect_regions
 from worker.protocol import LabelScore, RegionResult
 
-CONFIGS = Path(__file__).resolve().parents[2] / "label_config"
+CONFIGS = Path(__file__).resolve().parents[3] / "label_config"
 SHIPPED = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels"}
 GEOMETRY = {
     "brush": {"format": "rle", "rle": mask2rle(np.pad(np.ones((4, 4), np.uint8) * 255, 3))},

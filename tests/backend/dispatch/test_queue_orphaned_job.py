@@ -18,7 +18,7 @@ from worker.queue_worker import WorkerRegistry
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CONFIG = (ROOT / "label_config" / "rectangle.xml").read_text()
 TINY = {"name": "maskinv-test-tiny", "pretrained": "none", "id": "maskinv-test-tiny/random-seed0"}
 

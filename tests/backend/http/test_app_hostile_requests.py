@@ -84,7 +84,7 @@ def test_task_and_region_limits(limited):
     ({"templates": ["a {}."] * 4}, "MASKINV_MAX_TEMPLATES=3"),
     ({"templates": ["x" * 2000 + "{}"]}, "at most 1000 characters"),
     ({"labels": [f"l{i}" for i in range(21)]}, "MASKINV_MAX_LABELS=20"),
-    ({"labels": ["x" * 1001]}, "at most 200 characters"),  # MASKINV_MAX_LABEL_CHARS (security wave 2)
+    ({"labels": ["x" * 1001]}, "at most 200 characters"),  # MASKINV_MAX_LABEL_CHARS
     ({"labels": "cat"}, "non-empty list"),
     ({"exec": "rm -rf /"}, "unknown key"),
     ("not an object", "must be an object"),

@@ -25,7 +25,7 @@ CONFIGS = {config(n): parse_label_config(config(n)) for n in CONFIG_NAMES}
 ENV = {"MASKINV_SIZE": "32", "MASKINV_STEPS": "1", "MASKINV_MAX_STEPS": "2", "MASKINV_MAX_SIZE": "64",
        "MASKINV_MAX_IMAGE_PIXELS": "1000000", "MASKINV_FETCH_TIMEOUT": "2", "MASKINV_TIMEOUT": "60",
        "MASKINV_BATCH_TIMEOUT": "60", "MASKINV_MAX_TASKS": "4", "MASKINV_MAX_REGIONS": "6",
-       "MASKINV_PROPOSALS": "off"}  # proposals for region-less tasks are tested in tests/backend/test_propose.py
+       "MASKINV_PROPOSALS": "off"}  # proposals for region-less tasks: tests/backend/predict/test_propose.py
 
 
 def _images() -> list[str]:

@@ -25,7 +25,7 @@ from backend_support import (REDIS_URL, WorkerProcess, client_for, data_uri, del
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CONFIG = (ROOT / "label_config" / "rectangle.xml").read_text()
 W, H = 80, 60
 

@@ -1,10 +1,9 @@
-"""Issue 12 (security wave 2): the ten holes an attacker found, one test (or more) each.
-
-Cases: 1 credential sent to another host through a parser differential; 2 /setup token paired with the wrong
-host; 3 one corrupt brush RLE fails the whole request; 4 unbounded config labels; 5 template amplification;
-6 templates with several fields; 7 '..' in d=/filepath= without local roots; 8 (worker: see
-tests/worker/test_labels_security.py); 9 /health details and paths without credentials; 10 image cache without
-expiry. Every server here listens on 127.0.0.1 only.
+"""Credentials and hostile inputs at the backend's edges, one test (or more) for each way an attacker tried:
+the API key sent to another host through a parser differential or a redirect; a /setup token paired with the
+wrong host; one corrupt brush RLE failing the whole request; unbounded config labels; template amplification and
+templates with several fields; '..' in d=/filepath= without local roots; /health details and paths without
+credentials; an image cache without expiry (the worker side: tests/worker/text/test_labels_bounds.py). Every server
+here listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -89,9 +88,9 @@ def sites():
     b.close()
 
 
-# -- case 1: the Label Studio key never leaves for another host -----------------------------------------
+# -- the Label Studio key never leaves for another host -----------------------------------------
 
-def test_case1_backslash_url_does_not_send_the_key_to_another_port(sites):
+def test_backslash_url_does_not_send_the_key_to_another_port(sites):
     """LABEL_STUDIO_URL on P1 with a key, P2 allow-listed: ``http://127.0.0.1:P2\\@127.0.0.1:P1/base.png``
     reached P2 with ``Authorization: Token <key>`` (urllib.parse read P1, the connection went to P2)."""
     ls, other = sites
@@ -114,7 +113,7 @@ def test_case1_backslash_url_does_not_send_the_key_to_another_port(sites):
     assert fetcher.fetch(f"{other.url}/plain.png") == IMAGE and other.authorizations() == []
 
 
-def test_case1_redirect_hop_to_another_port_never_carries_the_key(sites):
+def test_redirect_hop_to_another_port_never_carries_the_key(sites):
     """A redirect from Label Studio itself to a backslash URL, or to the allow-listed host, drops the key."""
     ls, other = sites
     fetcher = ImageFetcher(ls.url, TOKEN, allowed_hosts=parse_allow_list(f"127.0.0.1:{other.port}"))
@@ -126,7 +125,7 @@ def test_case1_redirect_hop_to_another_port_never_carries_the_key(sites):
     assert ls.authorizations() == [f"Token {TOKEN}"] * 2, ls.seen  # both first hops went to Label Studio
 
 
-def test_case1_through_predict(sites, make_client):
+def test_through_predict(sites, make_client):
     """The documented settings of the report, end to end through /predict."""
     ls, other = sites
     client = make_client(LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=TOKEN,
@@ -157,7 +156,7 @@ def test_case1_through_predict(sites, make_client):
     "http://",
     "https://a.example:99999/",
 ])
-def test_case1_ambiguous_urls_are_refused(url):
+def test_ambiguous_urls_are_refused(url):
     with pytest.raises(UnsafeURL):
         parse_http_url(url)
 
@@ -169,14 +168,14 @@ def test_case1_ambiguous_urls_are_refused(url):
     ("http://[::1]:8080/a.png", ("http", "::1", 8080)),
     ("http://ls.example./a.png", ("http", "ls.example", 80)),
 ])
-def test_case1_plain_urls_parse_the_same_everywhere(url, expected):
+def test_plain_urls_parse_the_same_everywhere(url, expected):
     p = parse_http_url(url)
     assert (p.scheme, p.host, p.port) == expected
 
 
-# -- case 2: /setup hostname and token are one pair --------------------------------------------------------
+# -- /setup hostname and token are one pair --------------------------------------------------------
 
-def test_case2_setup_token_is_never_sent_to_a_later_host(sites, make_client):
+def test_setup_token_is_never_sent_to_a_later_host(sites, make_client):
     a, b = sites
     client = make_client(MASKINV_ALLOWED_HOSTS="127.0.0.1")  # loopback stands in for public Label Studio hosts
     t = task(1)
@@ -195,14 +194,14 @@ def test_case2_setup_token_is_never_sent_to_a_later_host(sites, make_client):
     assert b.authorizations() == ["Token T-for-B"] and a.seen == []
 
 
-def test_case2_setup_hostname_that_parsers_read_differently_is_400(make_client):
+def test_setup_hostname_that_parsers_read_differently_is_400(make_client):
     client = make_client()
     resp = client.post("/setup", json={"schema": config("rectangle"), "hostname": "http://a:1\\@b:2",
                                        "access_token": "T"})
     assert resp.status_code == 400 and "hostname" in resp.get_json()["error"]
 
 
-# -- case 3: every region parser error is a per-region error ----------------------------------------------
+# -- every region parser error is a per-region error ----------------------------------------------
 
 def _valid_rle(mask: np.ndarray) -> list[int]:
     from label_studio_sdk.converter.brush import mask2rle
@@ -231,7 +230,7 @@ def _overflowing_rle(width: int, height: int) -> list[int]:
     raise AssertionError("no overflowing RLE found")
 
 
-def test_case3_corrupt_brush_rle_is_a_region_error_and_the_good_region_is_labelled(make_client):
+def test_corrupt_brush_rle_is_a_region_error_and_the_good_region_is_labelled(make_client):
     client = make_client()
     brush_cfg = ('<View><Image name="image" value="$image"/><BrushLabels name="label" toName="image">'
                  '<Label value="car"/><Label value="tree"/></BrushLabels>'
@@ -266,7 +265,7 @@ _BASE_RLE = _valid_rle(_BASE_MASK)
 @given(edits=st.lists(st.tuples(st.integers(4, len(_BASE_RLE) - 1), st.integers(0, 255)), min_size=1, max_size=8),
        cut=st.one_of(st.none(), st.integers(4, len(_BASE_RLE))),
        extra=st.lists(st.integers(0, 255), max_size=6))
-def test_case3_fuzz_mutated_rle_content_gives_a_mask_or_a_region_error(edits, cut, extra):
+def test_fuzz_mutated_rle_content_gives_a_mask_or_a_region_error(edits, cut, extra):
     """Mutates the CONTENT of a valid RLE (declared length kept): the parser returns a mask or a RegionError."""
     rle = list(_BASE_RLE)
     for i, v in edits:
@@ -287,7 +286,7 @@ def test_case3_fuzz_mutated_rle_content_gives_a_mask_or_a_region_error(edits, cu
                                           st.none()), min_size=0, max_size=3), max_size=8),
        box=st.dictionaries(st.sampled_from(["x", "y", "width", "height", "rotation"]),
                            st.one_of(st.floats(), st.integers(-10**400, 10**400), st.text(max_size=3), st.none())))
-def test_case3_fuzz_polygons_and_rectangles_give_a_mask_or_a_region_error(points, box):
+def test_fuzz_polygons_and_rectangles_give_a_mask_or_a_region_error(points, box):
     for item in ({"id": "p", "from_name": "label", "to_name": "image", "type": "polygonlabels", "original_width": W,
                   "original_height": H, "value": {"points": points}},
                  {"id": "r", "from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": W,
@@ -299,7 +298,7 @@ def test_case3_fuzz_polygons_and_rectangles_give_a_mask_or_a_region_error(points
         assert mask.dtype == bool and mask.any()
 
 
-def test_case3_a_crashing_parser_is_still_a_region_error(monkeypatch):
+def test_a_crashing_parser_is_still_a_region_error(monkeypatch):
     """Any exception a (future) parser raises on a region's content is that region's RegionError."""
     import backend.labelstudio.regions as regions
 
@@ -320,7 +319,7 @@ def _config_with_label(value: str) -> str:
             f'<Label value="car"/><Label value="{value}"/></RectangleLabels></View>')
 
 
-def test_case4_a_100000_character_config_label_is_400_naming_it(make_client):
+def test_a_100000_character_config_label_is_400_naming_it(make_client):
     client = make_client()
     cfg = _config_with_label("q" * 100_000)
     requests = (lambda: client.post("/setup", json={"schema": cfg}),
@@ -333,7 +332,7 @@ def test_case4_a_100000_character_config_label_is_400_naming_it(make_client):
         assert "MASKINV_MAX_LABEL_CHARS=200" in error and "'qqqqqqqqqq" in error and len(error) < 400
 
 
-def test_case4_vocabulary_byte_cap_and_label_cap_are_settings(make_client):
+def test_vocabulary_byte_cap_and_label_cap_are_settings(make_client):
     client = make_client(MASKINV_MAX_VOCAB_BYTES="100", MASKINV_MAX_LABEL_CHARS="12")
     labels = [f"label-{i:05d}" for i in range(20)]  # 11 characters each, 220 bytes
     resp = predict(client, "rectangle", [task(1)], context={"result": [rect("a")]}, maskinv={"labels": labels})
@@ -346,7 +345,7 @@ def test_case4_vocabulary_byte_cap_and_label_cap_are_settings(make_client):
     assert resp.status_code == 400 and "MASKINV_MAX_LABEL_CHARS=12" in resp.get_json()["error"]
 
 
-def test_case5_template_amplification_is_refused_without_formatting():
+def test_template_amplification_is_refused_without_formatting():
     from worker.protocol import InversionParams, PayloadError
 
     for template in ("{{}}{:x>40000000}", "{:>9999999}", "{!r:^99999}", "{0:{1}}"):
@@ -356,7 +355,7 @@ def test_case5_template_amplification_is_refused_without_formatting():
 
 @pytest.mark.parametrize("template", ["{{}}{:x>4000}", "{}{}", "{} {x}", "{0}", "{.real}", "{[0]}", "{!s}", "{",
                                       "}", "no field", "{} }", "y" * 301 + "{}"])
-def test_case5_case6_bad_templates_are_400_naming_the_template(make_client, template):
+def test_bad_templates_are_400_naming_the_template(make_client, template):
     client = make_client()
     resp = predict(client, "rectangle", [task(1)], context={"result": [rect("a")]},
                    maskinv={"templates": ["a photo of a {}.", template]})
@@ -365,7 +364,7 @@ def test_case5_case6_bad_templates_are_400_naming_the_template(make_client, temp
     assert "template" in error and repr(template[:40] + ("..." if len(template) > 40 else "")) in error
 
 
-def test_case6_literal_braces_are_fine_and_become_single_braces(make_client):
+def test_literal_braces_are_fine_and_become_single_braces(make_client):
     from worker.protocol import fill_template
 
     assert fill_template("{{a}} photo of a {}.", "cat") == "{a} photo of a cat."
@@ -376,7 +375,7 @@ def test_case6_literal_braces_are_fine_and_become_single_braces(make_client):
     assert resp.status_code == 200, resp.get_json()
 
 
-# -- case 7: '..' refused in d= and filepath= without local roots ----------------------------------------
+# -- '..' refused in d= and filepath= without local roots ----------------------------------------
 
 @pytest.mark.parametrize("path", [
     "/data/local-files/?d=../../etc/passwd",
@@ -389,7 +388,7 @@ def test_case6_literal_braces_are_fine_and_become_single_braces(make_client):
     "/storage-data/uploaded/?filepath=upload/1/../../../etc/passwd",
     "/storage-data/uploaded/?filepath=%2E%2E%2F%2E%2E%2Fetc%2Fpasswd",
 ])
-def test_case7_traversal_in_query_is_refused_without_local_roots(sites, path):
+def test_traversal_in_query_is_refused_without_local_roots(sites, path):
     ls, _ = sites
     fetcher = ImageFetcher(ls.url, TOKEN)  # LOCAL_FILES_DOCUMENT_ROOT and MASKINV_MEDIA_ROOT unset
     with pytest.raises(ImageError, match=r"contains '\.\.'"):
@@ -397,7 +396,7 @@ def test_case7_traversal_in_query_is_refused_without_local_roots(sites, path):
     assert ls.seen == []  # not forwarded to Label Studio (with the key)
 
 
-def test_case7_ordinary_query_paths_still_reach_label_studio(sites):
+def test_ordinary_query_paths_still_reach_label_studio(sites):
     ls, _ = sites
     fetcher = ImageFetcher(ls.url, TOKEN)
     assert fetcher.fetch("/data/local-files/?d=photos/a..b.png") == IMAGE
@@ -405,9 +404,9 @@ def test_case7_ordinary_query_paths_still_reach_label_studio(sites):
     assert len(ls.seen) == 2
 
 
-# -- case 9: /health without credentials; path-free model_version ----------------------------------------
+# -- /health without credentials; path-free model_version ----------------------------------------
 
-def test_case9_health_without_credentials_says_only_up_and_ready(make_client):
+def test_health_without_credentials_says_only_up_and_ready(make_client):
     client = make_client(BASIC_AUTH_USER="ann", BASIC_AUTH_PASS="s3cret")
     for route in ("/health", "/"):
         resp = client.get(route)
@@ -421,7 +420,7 @@ def test_case9_health_without_credentials_says_only_up_and_ready(make_client):
     assert "mode" in open_client.get("/health").get_json()
 
 
-def test_case9_model_version_is_short_and_names_no_path():
+def test_model_version_is_short_and_names_no_path():
     from backend.service import short_model_id
 
     assert short_model_id({"id": "ViT-B-16/openai"}) == "ViT-B-16/openai"
@@ -431,7 +430,7 @@ def test_case9_model_version_is_short_and_names_no_path():
     assert legacy.startswith("scene/id-") and "/home" not in legacy and len(legacy) < 40
 
 
-def test_case9_checkpoint_identity_is_its_content_not_its_path(tmp_path):
+def test_checkpoint_identity_is_its_content_not_its_path(tmp_path):
     from worker.engine.models import _checkpoint_identity
 
     a = tmp_path / "one" / "weights.pt"
@@ -445,9 +444,9 @@ def test_case9_checkpoint_identity_is_its_content_not_its_path(tmp_path):
     assert str(tmp_path) not in _checkpoint_identity(a) and len(_checkpoint_identity(a)) <= 24
 
 
-# -- case 10: the URL-keyed image cache expires ------------------------------------------------------------
+# -- the URL-keyed image cache expires ------------------------------------------------------------
 
-def test_case10_image_cache_entries_expire_after_the_ttl(sites):
+def test_image_cache_entries_expire_after_the_ttl(sites):
     site, _ = sites
     now = [1000.0]
     fetcher = ImageFetcher(None, None, allowed_hosts=parse_allow_list("127.0.0.1"), cache_ttl_s=60.0,
@@ -462,7 +461,7 @@ def test_case10_image_cache_entries_expire_after_the_ttl(sites):
     assert fetcher._cache.bytes == sum(len(k) + len(v) for k, v in fetcher._cache.items())
 
 
-def test_case10_ttl_is_a_setting():
+def test_ttl_is_a_setting():
     from backend.settings import Settings, SettingsError
 
     assert Settings.from_env({}).image_cache_ttl_s == 300.0
@@ -471,7 +470,7 @@ def test_case10_ttl_is_a_setting():
         Settings.from_env({"MASKINV_IMAGE_CACHE_TTL": "-1"})
 
 
-def test_case1_the_connection_itself_refuses_to_carry_the_key_elsewhere(sites, monkeypatch):
+def test_the_connection_itself_refuses_to_carry_the_key_elsewhere(sites, monkeypatch):
     """Defence in depth: even if the routing decision were wrong, the connection compares its own scheme, host
     and port with the Label Studio origin before the headers go out."""
     from backend.images.policy import Route
@@ -490,7 +489,7 @@ def test_case1_the_connection_itself_refuses_to_carry_the_key_elsewhere(sites, m
     assert other.seen == []
 
 
-def test_case7_absolute_label_studio_urls_with_traversal_are_refused_too(sites):
+def test_absolute_label_studio_urls_with_traversal_are_refused_too(sites):
     """The same paths spelled as absolute URLs of the Label Studio origin (they would carry the key)."""
     ls, _ = sites
     fetcher = ImageFetcher(ls.url, TOKEN)
@@ -501,7 +500,7 @@ def test_case7_absolute_label_studio_urls_with_traversal_are_refused_too(sites):
     assert ls.seen == []
 
 
-def test_case1_label_studio_url_must_parse_unambiguously():
+def test_label_studio_url_must_parse_unambiguously():
     from backend.settings import Settings, SettingsError
 
     for bad in ("http://ls:8080\\@evil:80", "http://user@ls:8080", "http://ls\t:8080"):
