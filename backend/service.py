@@ -231,7 +231,7 @@ class Service:
         return getattr(self.dispatcher, "registry", None)
 
     def open_example_store(self) -> ExampleStore:
-        """The example store of MASKINV_EXAMPLE_STORE (queue mode: on the dispatcher's Redis)."""
+        """The example store: SQLite under MASKINV_DATA_DIR in embedded mode, the dispatcher's Redis in queue mode."""
         return make_example_store(self.settings, self.queue_connection())
 
     @property

@@ -1,4 +1,4 @@
-"""Backend settings, read once from environment variables (every variable is documented in docs/service.md).
+"""Backend settings, read once from environment variables (every variable is in docs/configuration.md).
 
 Nothing here imports torch. A malformed value raises :class:`SettingsError` naming the variable.
 """

@@ -49,7 +49,7 @@ def test_every_variable_the_code_reads_is_in_the_configuration_table_and_compose
                r"|REDIS_URL)\b")
     internal = {"MASKINV_SERVICE", "MASKINV_INSTALLED"}  # Flask app.config keys, not environment variables
     read = set()
-    for path in list((ROOT / "backend").glob("*.py")) + list((ROOT / "worker").glob("*.py")):
+    for path in list((ROOT / "backend").rglob("*.py")) + list((ROOT / "worker").rglob("*.py")):
         read |= set(re.findall(pattern, path.read_text()))
     compose = set(re.findall(pattern, (ROOT / "docker-compose.yml").read_text()))
     missing = sorted(n for n in (read | compose) - internal if f"`{n}`" not in doc)
