@@ -14,6 +14,9 @@ from worker.protocol.params import (DEFAULT_CROP_WEIGHT, DEFAULT_MAX_SIZE, DEFAU
 from worker.protocol.payloads import (EMBED_DTYPES, MAX_PREPARE_LABEL_SETS, MAX_PREPARE_LABELS, EmbedRegionsJob,
                                       LabelRegionsJob, PrepareLabelsJob, ProposeRegionsJob, payload_region_ids,
                                       region_ids)
+from worker.protocol.prompts import (MAX_PROMPT_COORD, MAX_PROMPT_POINTS, POINT_DISC_RADIUS, REFINED_BY, RegionPrompt,
+                                     box_mask, payload_region_digest, points_mask, prompt_mask, prompt_region,
+                                     region_digest, region_prompt)
 from worker.protocol.prototypes import ExamplePrototypes
 from worker.protocol.registry import RedisKeys, RegistryReader, delete_namespace
 from worker.protocol.result_cache import (MemoryResultCache, RedisResultCache, ResultCache, cache_value,
@@ -43,6 +46,9 @@ __all__ = [
     # payloads and example prototypes
     "EMBED_DTYPES", "MAX_PREPARE_LABEL_SETS", "MAX_PREPARE_LABELS", "EmbedRegionsJob", "LabelRegionsJob",
     "PrepareLabelsJob", "ProposeRegionsJob", "payload_region_ids", "region_ids", "ExamplePrototypes",
+    # region prompts (box or clicks) and their refinement
+    "MAX_PROMPT_COORD", "MAX_PROMPT_POINTS", "POINT_DISC_RADIUS", "REFINED_BY", "RegionPrompt", "box_mask",
+    "payload_region_digest", "points_mask", "prompt_mask", "prompt_region", "region_digest", "region_prompt",
     # results
     "JobResult", "LabelScore", "RegionResult",
     # Redis layout, registry, result cache

@@ -40,12 +40,16 @@ def prototypes_digest(prototypes: Prototypes) -> str:
 
 
 def answer_digest(params: Mapping[str, Any], labels: Iterable[str], prototypes: Prototypes = None,
-                  captions: str | None = None) -> str:
-    """Digest of what a region's answer depends on besides model, image and mask: the inversion parameters
-    (templates, views and crop weight included), the label set, the example prototypes' content and the
-    worker's caption mode, and the :data:`ANSWER_FORMAT`."""
-    blob = json.dumps({"params": params_digest(params, labels), "examples": prototypes_digest(prototypes),
-                       "captions": captions, "format": ANSWER_FORMAT}, sort_keys=True)
+                  captions: str | None = None, refine: str | None = None) -> str:
+    """Digest of what a region's answer depends on besides model, image and region: the inversion parameters
+    (templates, views and crop weight included), the label set, the example prototypes' content, the
+    worker's caption mode, its refinement method and settings (``model["refine"]``, when it reports one) and
+    the :data:`ANSWER_FORMAT`."""
+    doc: dict[str, Any] = {"params": params_digest(params, labels), "examples": prototypes_digest(prototypes),
+                           "captions": captions, "format": ANSWER_FORMAT}
+    if refine:
+        doc["refine"] = refine
+    blob = json.dumps(doc, sort_keys=True)
     return sha256_hex(blob.encode())
 
 
@@ -58,12 +62,14 @@ def region_key(prefix: str, model_id: str, image_sha256: str, mask_sha256: str, 
 def result_keys(prefix: str, model: Mapping[str, Any], image_sha256: str, mask_sha256s: Iterable[str],
                 params: Mapping[str, Any], labels: Iterable[str],
                 prototypes: Prototypes = None) -> dict[str, str]:
-    """The result-cache key of each mask digest: the one key function of the cache, used by the worker that
+    """The result-cache key of each region digest: the one key function of the cache, used by the worker that
     writes (:func:`~worker.protocol.result_cache.entries_from_result`) and the backend that reads
     (``backend.dispatch``).
 
-    A key covers the model id, the image and mask digests and :func:`answer_digest` (parameters, labels,
-    example prototypes, the model's caption mode), so an answer scored with one project's examples is never
-    served to another project, nor to a request without examples."""
-    digest = answer_digest(params, labels, prototypes, model.get("captions"))
+    A region's digest is its mask digest, or :func:`worker.protocol.prompts.region_digest` of mask, prompt and
+    ``refine`` when it carries a prompt (the two agree for a region without one). A key covers the model id,
+    the image and region digests and :func:`answer_digest` (parameters, labels, example prototypes, the model's
+    caption mode and refinement settings), so an answer scored with one project's examples is never served to
+    another project, nor to a request without examples, and a refined answer never to an unrefined region."""
+    digest = answer_digest(params, labels, prototypes, model.get("captions"), model.get("refine"))
     return {sha: region_key(prefix, str(model.get("id")), image_sha256, sha, digest) for sha in mask_sha256s}

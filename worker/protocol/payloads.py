@@ -15,6 +15,7 @@ import numpy as np
 from worker.protocol.codec import encode_image, encode_mask
 from worker.protocol.errors import PROTOCOL_VERSION, PayloadError, check_payload_version
 from worker.protocol.params import DEFAULT_TEMPLATES, InversionParams
+from worker.protocol.prompts import RegionPrompt, prompt_region
 from worker.protocol.prototypes import ExamplePrototypes
 from worker.protocol.vocabulary import MAX_EMBED_LABELS, check_labels
 
@@ -58,11 +59,16 @@ class LabelRegionsJob:
     Wire format (``to_dict``; version 1 is the first format plus ``"v"``, which older workers ignore)::
 
         {"v": 1, "image": {"sha256": str, "data_b64": str},
-         "regions": [{"id": str, "mask": {"shape": [H, W], "bits_b64": str, "sha256": str}}, ...],
+         "regions": [{"id": str, "mask": {"shape": [H, W], "bits_b64": str, "sha256": str},
+                      "prompt": {"box": [x0, y0, x1, y1]} | {"points": [[x, y], ...]},   # optional
+                      "refine": bool}, ...],                                             # optional, false
          "labels": [str, ...], "params": InversionParams.to_dict(),
          "prototypes": ExamplePrototypes.to_dict()}   # optional: the project's example prototypes
 
-    ``regions`` are kept as sent (``from_dict`` does not decode masks: a bad mask fails only its region);
+    A region's ``prompt`` and ``refine`` (:mod:`worker.protocol.prompts`, caps there): with ``refine`` the worker
+    turns the prompt into an object mask, inverts on it and returns it in the region's ``meta["mask"]`` with
+    ``meta["refined_by"]``.
+    ``regions`` are kept as sent (``from_dict`` does not decode masks: a bad mask or prompt fails only its region);
     ``prototypes`` is checked as far as a document shows (:meth:`ExamplePrototypes.from_dict`), its vectors by
     the worker that scores with them.
     """
@@ -79,10 +85,14 @@ class LabelRegionsJob:
     @classmethod
     def build(cls, image_bytes: bytes, regions: Iterable[tuple[str, np.ndarray | Mapping[str, Any]]],
               labels: Sequence[str], params: InversionParams,
-              prototypes: ExamplePrototypes | Mapping[str, Any] | None = None) -> "LabelRegionsJob":
-        """From image bytes and ``(region_id, mask [H, W] or encoded mask)`` pairs."""
+              prototypes: ExamplePrototypes | Mapping[str, Any] | None = None,
+              prompts: Mapping[str, tuple[RegionPrompt, bool]] | None = None) -> "LabelRegionsJob":
+        """From image bytes and ``(region_id, mask [H, W] or encoded mask)`` pairs; ``prompts`` maps a region id
+        to its ``(prompt, refine)``."""
+        prompts = prompts or {}
         return cls(image=encode_image(image_bytes),
-                   regions=tuple({"id": str(rid), "mask": m if isinstance(m, Mapping) else encode_mask(m)}
+                   regions=tuple(prompt_region(str(rid), m if isinstance(m, Mapping) else encode_mask(m),
+                                               *prompts.get(str(rid), (None, False)))
                                  for rid, m in regions),
                    labels=tuple(labels), params=params, prototypes=ExamplePrototypes.optional(prototypes))
 

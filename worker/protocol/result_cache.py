@@ -10,6 +10,7 @@ from collections import OrderedDict
 from typing import Any, Mapping, Protocol
 
 from worker.protocol.cache_keys import result_keys
+from worker.protocol.prompts import payload_region_digest
 from worker.protocol.results import JobResult, RegionResult
 
 
@@ -36,14 +37,15 @@ def region_from_cache(region_id: str, value: Mapping[str, Any]) -> RegionResult:
 def entries_from_result(prefix: str, job: Mapping[str, Any], result: Mapping[str, Any] | JobResult) -> dict[str, dict]:
     """Cache entries ``{key: value}`` for every successful region of a finished ``label_regions`` job.
 
-    ``job`` is the payload (:class:`LabelRegionsJob` format): its regions' mask digests, parameters, labels and
-    example prototypes give the keys (:func:`result_keys`).
+    ``job`` is the payload (:class:`LabelRegionsJob` format): its regions' digests (mask, and prompt when sent:
+    :func:`~worker.protocol.prompts.payload_region_digest`), parameters, labels and example prototypes give the
+    keys (:func:`result_keys`).
     """
     res = result if isinstance(result, JobResult) else JobResult.from_dict(result)
     model_id, image_sha = res.model.get("id"), res.image_sha256
     if not model_id or not image_sha or res.error:
         return {}
-    mask_sha = {str(r.get("id")): (r.get("mask") or {}).get("sha256") for r in job.get("regions") or []}
+    mask_sha = {str(r.get("id")): payload_region_digest(r) for r in job.get("regions") or [] if isinstance(r, dict)}
     keys = result_keys(prefix, res.model, image_sha, {s for s in mask_sha.values() if s}, job.get("params") or {},
                        job.get("labels") or [], job.get("prototypes"))
     out = {}
