@@ -23,6 +23,15 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
   $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium
 fi
 
+# The region-search store tests run against PostgreSQL + pgvector (docs/search.md); apt only when the server is
+# local and has no pgvector yet (Debian trixie and the PostgreSQL apt repository ship postgresql-15-pgvector; where
+# apt has none, tests/backend/search says why they skip the pgvector cases).
+if command -v pg_config >/dev/null 2>&1 && [ ! -f "$(pg_config --sharedir)/extension/vector.control" ] \
+    && command -v apt-get >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get install -y -q postgresql-15-pgvector || echo "postgresql-15-pgvector not available from apt"
+fi
+
 # Label Studio lives in its own virtual environment (its pins clash with label-studio-ml's).
 if [ -f scripts/label_studio_env.sh ]; then
   bash scripts/label_studio_env.sh

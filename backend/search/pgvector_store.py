@@ -1,0 +1,207 @@
+"""The server region store: PostgreSQL + pgvector, for deployments that outgrow one machine.
+
+One table per vector width, ``<prefix>_d<D>`` (``vec vector(D)``, the record's columns, unique on model, project,
+task, annotation, region), a B-tree on (model, project) and, once a width holds :data:`INDEX_AT` rows, an
+``ivfflat`` index (inner product, ``lists = sqrt(N)``) searched with ``ivfflat.iterative_scan = relaxed_order``
+so that a filter which drops most candidates of the probed lists makes the scan probe more (pgvector >= 0.8).
+Below that the scan is exact. Every query names its model: two models never mix. Connections: one per store, by
+psycopg 3, in autocommit with explicit transactions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+import psycopg
+
+from backend.search.records import RegionRecord, SearchFilter, SearchHit, SearchInputError, check_records, unit_rows
+
+#: rows of one width from which an ivfflat index is built (below: exact scans)
+INDEX_AT = 50_000
+#: lists probed per query (before the iterative scan widens it)
+PROBES = 32
+_COLS = "model, project, task, annotation, region, label, score, source, image_sha256, box"
+
+
+def _vec(x: np.ndarray) -> str:
+    return "[" + ",".join(f"{v:.7g}" for v in x.tolist()) + "]"
+
+
+class PgvectorStore:
+    """:class:`backend.search.store.RegionStore` on PostgreSQL + pgvector (see the module docstring)."""
+
+    def __init__(self, url: str, table_prefix: str = "maskinv_regions"):
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", table_prefix):
+            raise ValueError(f"table prefix must be a lower-case SQL name, got {table_prefix!r}")
+        self.prefix = table_prefix
+        self._lock = threading.RLock()
+        self._db = psycopg.connect(url, autocommit=True)
+        self._db.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        self._dims: set[int] = set()
+        for (name,) in self._db.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE %s",
+                                        (f"{self.prefix}_d%",)).fetchall():
+            m = re.fullmatch(re.escape(self.prefix) + r"_d(\d+)", name)
+            if m:
+                self._dims.add(int(m.group(1)))
+
+    def _table(self, dim: int) -> str:
+        name = f"{self.prefix}_d{int(dim)}"
+        if dim not in self._dims:
+            self._db.execute(
+                f"CREATE TABLE IF NOT EXISTS {name} (id bigserial PRIMARY KEY, model text NOT NULL, "
+                "project text NOT NULL, task bigint NOT NULL, annotation text NOT NULL, region text NOT NULL, "
+                "label text NOT NULL, score real NOT NULL, source text NOT NULL, image_sha256 text NOT NULL, "
+                f"box jsonb NOT NULL, vec vector({int(dim)}) NOT NULL, "
+                "UNIQUE (model, project, task, annotation, region))")
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {name}_mp ON {name} (model, project)")
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {name}_pt ON {name} (project, task)")
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {name}_pa ON {name} (project, annotation)")
+            self._dims.add(dim)
+        return name
+
+    def upsert(self, records: Sequence[RegionRecord], vectors: np.ndarray) -> int:
+        if not records:
+            return 0
+        x = check_records(records, vectors)
+        table = self._table(int(x.shape[1]))
+        rows = [(r.model, r.project, r.task, r.annotation, r.region, r.label, float(r.score), r.source,
+                 r.image_sha256, json.dumps(list(r.box)), _vec(v)) for r, v in zip(records, x)]
+        with self._lock, self._db.transaction(), self._db.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO {table} ({_COLS}, vec) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::vector) "
+                "ON CONFLICT (model, project, task, annotation, region) DO UPDATE SET label = EXCLUDED.label, "
+                "score = EXCLUDED.score, source = EXCLUDED.source, image_sha256 = EXCLUDED.image_sha256, "
+                "box = EXCLUDED.box, vec = EXCLUDED.vec", rows)
+        return len(records)
+
+    def _delete(self, project: str, column: str, values: list[Any]) -> int:
+        if not values:
+            return 0
+        n = 0
+        with self._lock, self._db.transaction():
+            for dim in sorted(self._dims):
+                cur = self._db.execute(f"DELETE FROM {self.prefix}_d{dim} WHERE project = %s AND {column} = ANY(%s)",
+                                       (project, values))
+                n += cur.rowcount
+        return n
+
+    def delete_tasks(self, project: str, tasks: Sequence[int]) -> int:
+        return self._delete(project, "task", [int(t) for t in tasks])
+
+    def delete_annotations(self, project: str, annotations: Sequence[str]) -> int:
+        return self._delete(project, "annotation", [str(a) for a in annotations if str(a)])
+
+    def build_index(self, model: str, dim: int) -> bool:
+        """Create the width's ivfflat index if it has :data:`INDEX_AT` rows and none yet; whether one exists."""
+        table = self._table(dim)
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", (f"{table}_ivf",)).fetchone():
+                return True
+            n = int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # type: ignore[index]
+            if n < INDEX_AT:
+                return False
+            lists = max(16, int(math.sqrt(n)))
+            self._db.execute("SET maintenance_work_mem = '1GB'")
+            self._db.execute(f"CREATE INDEX {table}_ivf ON {table} USING ivfflat (vec vector_ip_ops) "
+                             f"WITH (lists = {lists})")
+            self._db.execute(f"ANALYZE {table}")
+            return True
+
+    def _where(self, flt: SearchFilter) -> tuple[str, list[Any]]:
+        sql, args = "model = %s AND project = ANY(%s)", list[Any]([flt.model, list(flt.projects)])
+        if flt.labels:
+            sql, args = sql + " AND label = ANY(%s)", args + [list(flt.labels)]
+        if flt.sources:
+            sql, args = sql + " AND source = ANY(%s)", args + [list(flt.sources)]
+        if flt.min_score is not None:
+            sql, args = sql + " AND score >= %s", args + [flt.min_score]
+        if flt.max_score is not None:
+            sql, args = sql + " AND score <= %s", args + [flt.max_score]
+        return sql, args
+
+    def _dim_of(self, model: str) -> int | None:
+        for dim in sorted(self._dims):
+            if self._db.execute(f"SELECT 1 FROM {self.prefix}_d{dim} WHERE model = %s LIMIT 1", (model,)).fetchone():
+                return dim
+        return None
+
+    @staticmethod
+    def _record(row: Sequence[Any]) -> RegionRecord:
+        box = row[9] if isinstance(row[9], list) else json.loads(row[9])
+        return RegionRecord(model=row[0], project=row[1], task=int(row[2]), annotation=row[3], region=row[4],
+                            label=row[5], score=float(row[6]), source=row[7], image_sha256=row[8],
+                            box=tuple(float(b) for b in box))  # type: ignore[arg-type]
+
+    def search(self, query: np.ndarray, flt: SearchFilter, k: int) -> list[SearchHit]:
+        with self._lock:
+            dim = self._dim_of(flt.model)
+            if dim is None:
+                return []
+            q = unit_rows(query, dim)[0]
+            self.build_index(flt.model, dim)
+            where, args = self._where(flt)
+            with self._db.transaction():
+                self._db.execute(f"SET LOCAL ivfflat.probes = {PROBES}")
+                self._db.execute("SET LOCAL ivfflat.iterative_scan = relaxed_order")
+                rows = self._db.execute(
+                    f"SELECT {_COLS}, (vec <#> %s::vector) * -1 AS sim FROM {self.prefix}_d{dim} WHERE {where} "
+                    "ORDER BY vec <#> %s::vector LIMIT %s", [_vec(q)] + args + [_vec(q), k]).fetchall()
+        hits = [SearchHit(self._record(r), float(r[10])) for r in rows]
+        return sorted(hits, key=lambda h: -h.similarity)
+
+    def fetch(self, flt: SearchFilter, limit: int) -> tuple[list[RegionRecord], np.ndarray]:
+        with self._lock:
+            dim = self._dim_of(flt.model)
+            if dim is None:
+                return [], np.zeros((0, 0), np.float32)
+            where, args = self._where(flt)
+            rows = self._db.execute(f"SELECT {_COLS}, vec::text FROM {self.prefix}_d{dim} WHERE {where} "
+                                    "ORDER BY id LIMIT %s", args + [limit]).fetchall()
+        if not rows:
+            return [], np.zeros((0, dim), np.float32)
+        vecs = np.array([json.loads(r[10]) for r in rows], dtype=np.float32)
+        return [self._record(r) for r in rows], vecs
+
+    def count(self, model: str | None = None, project: str | None = None) -> int:
+        n = 0
+        with self._lock:
+            for dim in sorted(self._dims):
+                sql, args = f"SELECT COUNT(*) FROM {self.prefix}_d{dim} WHERE TRUE", list[str]()
+                if model is not None:
+                    sql, args = sql + " AND model = %s", args + [model]
+                if project is not None:
+                    sql, args = sql + " AND project = %s", args + [project]
+                n += int(self._db.execute(sql, args).fetchone()[0])  # type: ignore[index]
+        return n
+
+    def stats(self, dim: int) -> dict[str, float]:
+        """Bytes of the width's table and indexes, and the resident set of this connection's server process."""
+        with self._lock:
+            size = self._db.execute("SELECT pg_total_relation_size(%s)", (f"{self.prefix}_d{dim}",)).fetchone()
+            pid = self._db.execute("SELECT pg_backend_pid()").fetchone()
+        rss = 0.0
+        try:
+            with open(f"/proc/{int(pid[0])}/status") as f:  # type: ignore[index]
+                rss = next(float(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+        except (OSError, StopIteration):
+            pass
+        return {"bytes": float(size[0]), "backend_rss_mb": round(rss, 1)}  # type: ignore[index]
+
+    def drop_all(self) -> None:
+        """Drop every table of this prefix (benchmarks and tests)."""
+        with self._lock:
+            for dim in sorted(self._dims):
+                self._db.execute(f"DROP TABLE IF EXISTS {self.prefix}_d{dim}")
+            self._dims.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+__all__ = ["PgvectorStore", "SearchInputError"]

@@ -1,0 +1,139 @@
+"""The region-store interface, the same checks on every store: the embedded FAISS + SQLite store, and
+PostgreSQL + pgvector on the real server at MASKINV_TEST_PG_URL (default 127.0.0.1:5432, user postgres)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from backend.search.faiss_store import FaissSqliteStore
+from backend.search.records import RegionRecord, SearchFilter
+from backend.search.store import RegionStore, open_store
+
+PG_URL = os.environ.get("MASKINV_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+DIM = 16
+
+
+def _pg_store() -> RegionStore:
+    import psycopg
+
+    from backend.search.pgvector_store import PgvectorStore
+
+    try:
+        with psycopg.connect(PG_URL, connect_timeout=3) as conn:
+            if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone() is None:
+                pytest.skip("PostgreSQL at MASKINV_TEST_PG_URL has no pgvector extension "
+                            "(scripts/test.sh installs it)")
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server at MASKINV_TEST_PG_URL: {exc}")
+    return PgvectorStore(PG_URL, table_prefix=f"test_regions_{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(params=["faiss_sqlite", "pgvector"])
+def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[RegionStore]:
+    s: RegionStore = FaissSqliteStore(tmp_path / "search") if request.param == "faiss_sqlite" else _pg_store()
+    yield s
+    if request.param == "pgvector":
+        s.drop_all()  # type: ignore[attr-defined]
+    s.close()
+
+
+def _data(n: int = 60, seed: int = 0) -> tuple[list[RegionRecord], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, DIM)).astype(np.float32)
+    recs = [RegionRecord(model="m1", project=f"p{i % 3}", task=i // 6, region=f"r{i}", label=("cat", "dog")[i % 2],
+                         score=i / n, source=("human", "suggested", "proposed")[i % 3 if i % 5 else 0],
+                         annotation=f"a{i // 6}" if i % 3 == 0 else "", image_sha256=f"img{i // 6}",
+                         box=(1.0, 2.0, 3.0, 4.0)) for i in range(n)]
+    return recs, x
+
+
+def _exact(recs: list[RegionRecord], x: np.ndarray, q: np.ndarray, flt: SearchFilter, k: int) -> list[str]:
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    order = np.argsort(-(xn @ (q / np.linalg.norm(q))))
+    return [recs[i].region for i in order if flt.accepts(recs[i])][:k]
+
+
+def test_search_returns_the_exact_top_k_within_the_filter(store: RegionStore) -> None:
+    recs, x = _data()
+    assert store.upsert(recs, x) == len(recs)
+    for q_i, flt in [(0, SearchFilter(model="m1", projects=("p0",))),
+                     (1, SearchFilter(model="m1", projects=("p0", "p2"))),
+                     (2, SearchFilter(model="m1", projects=("p0", "p1", "p2"), labels=("dog",))),
+                     (3, SearchFilter(model="m1", projects=("p1",), sources=("human",))),
+                     (4, SearchFilter(model="m1", projects=("p2",), min_score=0.2, max_score=0.7))]:
+        hits = store.search(x[q_i] + 0.1, flt, 5)
+        assert [h.record.region for h in hits] == _exact(recs, x, x[q_i] + 0.1, flt, 5)
+        assert all(flt.accepts(h.record) for h in hits)
+        sims = [h.similarity for h in hits]
+        assert sims == sorted(sims, reverse=True) and all(-1.0001 <= s <= 1.0001 for s in sims)
+
+
+def test_records_come_back_as_written(store: RegionStore) -> None:
+    recs, x = _data()
+    store.upsert(recs, x)
+    hit = store.search(x[3], SearchFilter(model="m1", projects=("p0",)), 1)[0]
+    assert hit.record == recs[3]
+    assert hit.similarity == pytest.approx(1.0, abs=1e-2)
+
+
+def test_models_never_mix(store: RegionStore) -> None:
+    recs, x = _data()
+    store.upsert(recs, x)
+    other = [RegionRecord(model="m2", project=r.project, task=r.task, region=r.region) for r in recs]
+    store.upsert(other, -x)
+    hits = store.search(x[0], SearchFilter(model="m2", projects=("p0",)), 50)
+    assert hits and all(h.record.model == "m2" for h in hits)
+    assert hits[-1].record.region == "r0"  # m2 holds -x: the region is the farthest there
+    assert store.count(model="m1") == len(recs) and store.count(model="m2") == len(recs)
+    assert store.search(x[0], SearchFilter(model="m3", projects=("p0",)), 5) == []
+
+
+def test_upsert_replaces_a_region_with_the_same_key(store: RegionStore) -> None:
+    recs, x = _data()
+    store.upsert(recs, x)
+    moved = RegionRecord(model="m1", project="p0", task=0, region="r0", annotation="a0", label="bird", source="human")
+    store.upsert([moved], x[5:6])
+    assert store.count(model="m1") == len(recs)
+    hit = store.search(x[5], SearchFilter(model="m1", projects=("p0",), labels=("bird",)), 3)
+    assert [h.record.region for h in hit] == ["r0"]
+
+
+def test_deleting_tasks_and_annotations_removes_their_regions(store: RegionStore) -> None:
+    recs, x = _data()
+    store.upsert(recs, x)
+    in_task_1 = [r for r in recs if r.project == "p0" and r.task == 1]
+    assert store.delete_tasks("p0", [1]) == len(in_task_1)
+    flt = SearchFilter(model="m1", projects=("p0",))
+    assert all(h.record.task != 1 for h in store.search(x[6], flt, 50))
+    in_a0 = [r for r in recs if r.project == "p0" and r.annotation == "a0"]
+    assert store.delete_annotations("p0", ["a0"]) == len(in_a0)
+    assert all(h.record.annotation != "a0" for h in store.search(x[0], flt, 50))
+    assert store.count() == len(recs) - len(in_task_1) - len(in_a0)
+    assert store.delete_tasks("nope", [1]) == 0
+
+
+def test_fetch_returns_the_filtered_regions_and_their_vectors(store: RegionStore) -> None:
+    recs, x = _data()
+    store.upsert(recs, x)
+    flt = SearchFilter(model="m1", projects=("p1",), labels=("cat",))
+    got, vecs = store.fetch(flt, 100)
+    want = [r for r in recs if flt.accepts(r)]
+    assert sorted(r.region for r in got) == sorted(r.region for r in want)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    by_region = {r.region: i for i, r in enumerate(recs)}
+    for rec, v in zip(got, vecs):
+        np.testing.assert_allclose(v, xn[by_region[rec.region]], atol=2e-3)
+    assert len(store.fetch(flt, 2)[0]) == 2
+
+
+def test_open_store_picks_the_store_by_url(tmp_path) -> None:
+    s = open_store("embedded", str(tmp_path))
+    assert isinstance(s, FaissSqliteStore) and (tmp_path / "search" / "regions.sqlite3").exists()
+    s.close()
+    with pytest.raises(ValueError, match="MASKINV_SEARCH_STORE"):
+        open_store("mysql://x", str(tmp_path))
