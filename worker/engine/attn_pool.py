@@ -1,22 +1,24 @@
-"""LeGrad over attention-pooled vision towers (SigLIP: a timm ViT trunk whose image embedding is one learned
-query attending over the patch tokens), decomposed per image like the class-token path of
+"""LeGrad over attention-pooled vision towers (SigLIP / SigLIP 2: a timm ViT trunk whose image embedding is one
+learned query attending over the patch tokens; PE-Core: a timm Eva trunk with a class token and rotary position
+embeddings, the same pool and a linear projection after it), decomposed per image like the class-token path of
 :mod:`worker.engine.legrad`.
 
 The map (the public ``legrad-torch`` 1.1 ``compute_legrad_siglip``, one score per mask). Shapes: n = g² patch
-tokens (no class token), width d, heads H, head width dh = d/H, MLP width m, embedding dim D (= d, the head is
-empty):
+tokens (after ``p`` prefix tokens: 0 for SigLIP, the class token for PE-Core), width d, heads H, head width
+dh = d/H, MLP width m, embedding dim D (= d when the head is empty; PE-Core projects d -> D by ``W_h``):
 
 * ``Y`` ``[n, d]``: the last block's output, read *before* the trunk's final norm (as the package reads it; the
   image embedding itself, :attr:`PooledImageState.global_embedding`, is the model's own, after that norm);
-* the pool: ``K, V = kv(Y)``; ``A_h = softmax(q_h K_hᵀ / √dh)`` ``[H, 1, n]``; ``x = W_p concat_h(A_h V_h) + b_p``;
-  ``z = x + mlp(norm(x))`` ``[D]``; the score ``s = <u, z / |z|>``, ``u = normalize(LET)``;
-* ``rel = mean_h relu(∂s/∂A_h)`` ``[n]``; cells where the min-max normalised map of the empty prompt
-  (:data:`EMPTY_PROMPT`, threshold :data:`EMPTY_THRESHOLD`) exceeds 0.8 set to 0; min-max on the ``[g, g]`` grid;
-  bilinear upsampling by the patch size (:func:`relevance_to_map`).
+* the pool: ``K, V = kv(Y)``; ``A_h = softmax(q_h K_hᵀ / √dh)`` ``[H, 1, p + n]``;
+  ``x = W_p concat_h(A_h V_h) + b_p``; ``z = W_h (x + mlp(norm(x))) + b_h`` ``[D]``; the score ``s = <u, z / |z|>``,
+  ``u = normalize(LET)``;
+* ``rel = mean_h relu(∂s/∂A_h)`` over the n patch columns (prefix columns dropped) ``[n]``; cells where the
+  min-max normalised map of the empty prompt (:data:`EMPTY_PROMPT`, threshold :data:`EMPTY_THRESHOLD`) exceeds
+  0.8 set to 0; min-max on the ``[g, g]`` grid; bilinear upsampling by the patch size (:func:`relevance_to_map`).
 
 Decomposition. ``A`` does not depend on the LET, and ``z`` depends on ``A`` only through ``o_h = A_h V_h``, so
 
-    ∂s/∂A_h[j] = <g_o_h, V_h[j]>,   g_o = W_pᵀ (I + J_mlp(x))ᵀ (I − ẑẑᵀ) u / |z|,
+    ∂s/∂A_h[j] = <g_o_h, V_h[j]>,   g_o = W_pᵀ (I + J_mlp(x))ᵀ W_hᵀ (I − ẑẑᵀ) u / |z|,
 
 with ``J_mlp(x)ᵀ g = norm'(x)ᵀ W_fc1ᵀ (act'(pre) ⊙ W_fc2ᵀ g)`` at the image's fixed ``x``. ``g_o`` is linear in ``u``;
 one forward pass of the image freezes ``ẑ, |z|``, the norm's statistics, ``act'(pre)`` and ``V``
@@ -26,6 +28,11 @@ order. :func:`autograd_relevance` is the reference (autograd of ``s`` w.r.t. ``A
 
 One score per mask: the package's batched call sums the whole ``[N, N]`` similarity matrix, so every mask of a
 call gets the map of the sum of all LETs; here mask i's map is ``∂<u_i, ẑ>/∂A`` whatever the batch.
+
+PE-Core (no rule in the public package; the same rule, chosen here): the feature is the pool and projection over
+the last block's output before the trunk's final norm, as for SigLIP; the pool attends over the class token and
+the patches, the map keeps the patch columns; position embeddings (absolute and rotary) are rebuilt for each
+input size.
 """
 
 from __future__ import annotations
@@ -55,28 +62,48 @@ def is_attention_pooled(visual: Tower) -> bool:
     return getattr(getattr(visual, "trunk", None), "attn_pool", None) is not None
 
 
+def head_linears(visual: Tower) -> list[nn.Linear]:
+    """The linear layers after the pool, in order (the trunk's ``head``, then open_clip's ``head``): empty for
+    SigLIP, the projection d -> D for PE-Core. Only Linear, Dropout and Identity are read (:func:`tower_problem`)."""
+    out = []
+    for module in (visual.trunk.head, visual.head):
+        for m in (module if isinstance(module, nn.Sequential) else [module]):
+            if isinstance(m, nn.Linear):
+                out.append(m)
+    return out
+
+
+def _head_problem(visual: Tower) -> str | None:
+    for where, module in (("the trunk's head", visual.trunk.head), ("the projection head", visual.head)):
+        for m in (module if isinstance(module, nn.Sequential) else [module]):
+            if not isinstance(m, (nn.Linear, nn.Dropout, nn.Identity)):
+                return f"{where} after the attention pool must be linear, got {type(m).__name__}"
+    return None
+
+
 def tower_problem(visual: Tower) -> str | None:
-    """Why the attention-pooled ``visual`` cannot be decomposed here, or None when it can: a timm ViT trunk
-    without class or register tokens, a pool with one latent query, no qk-norm and no position embedding,
-    MLP fc1 -> act -> fc2, and no projection head after it."""
+    """Why the attention-pooled ``visual`` cannot be decomposed here, or None when it can: a timm ViT or Eva trunk
+    (class or register tokens, absolute and rotary position embeddings allowed), a pool with one latent query, no
+    qk-norm and no position embedding of its own, MLP fc1 -> act -> fc2, and only linear layers after it."""
     trunk_ = getattr(visual, "trunk", None)
     pool = getattr(trunk_, "attn_pool", None)
     if trunk_ is None or pool is None:
         return f"{type(visual).__name__} has no attention-pooled timm trunk"
-    for name in ("patch_embed", "pos_embed", "blocks", "norm"):
+    for name in ("patch_embed", "blocks", "norm", "head"):
         if getattr(trunk_, name, None) is None:
             return f"the trunk ({type(trunk_).__name__}) has no {name}"
-    if int(getattr(trunk_, "num_prefix_tokens", 0)):
-        return "trunks with class or register tokens are not supported under an attention pool"
     if not isinstance(getattr(trunk_.patch_embed, "proj", None), nn.Conv2d):
         return "the patch embedding must be one Conv2d"
-    for name in ("norm_pre", "fc_norm", "head"):
-        if not _is_identity(getattr(trunk_, name, None)):
-            return f"the trunk's {name} must be empty"
-    if not _is_identity(getattr(trunk_.patch_embed, "norm", None)):
-        return "a norm after the patch embedding is not supported"
-    if not _is_identity(getattr(visual, "head", None)):
-        return "a projection head after the attention pool is not supported"
+    if getattr(trunk_, "rope_mixed", False):
+        return "depth-dependent (mixed) rotary position embeddings are not supported"
+    rope = getattr(trunk_, "rope", None)
+    if rope is not None and not hasattr(rope, "get_embed"):
+        return f"rotary position embeddings of type {type(rope).__name__} are not supported"
+    if not _is_identity(getattr(trunk_, "fc_norm", None)):
+        return "a norm after the attention pool (fc_norm) is not supported"
+    problem = _head_problem(visual)
+    if problem is not None:
+        return problem
     for name in ("q", "kv", "proj"):
         if not isinstance(getattr(pool, name, None), nn.Linear):
             return f"the attention pool has no {name} Linear"
@@ -106,45 +133,111 @@ def patch_size_of(visual: Tower) -> int:
     return int(p[0] if isinstance(p, (tuple, list)) else p)
 
 
+def n_prefix(visual: Tower) -> int:
+    """p: the class and register tokens before the patch tokens (0 for SigLIP, 1 for PE-Core)."""
+    return int(getattr(visual.trunk, "num_prefix_tokens", 0) or 0)
+
+
 class PosEmbedCache:
-    """Position embeddings ``[1, (S/p)², d]`` of one pooled tower per input size ``S``: timm's
-    ``resample_abs_pos_embed`` from the trunk's own grid, as the trunk does for dynamic sizes; the model is never
-    mutated."""
+    """Absolute position embeddings of one pooled tower per input size ``S`` (``[1, p' + (S/p)², d]``, ``p'`` the
+    prefix tokens that carry one, or None when the trunk has none): timm's ``resample_abs_pos_embed`` from the
+    trunk's own grid, as the trunk does for dynamic sizes; the model is never mutated."""
 
     def __init__(self, visual: Tower):
         self.visual = visual
-        self._by_size: dict[int, torch.Tensor] = {}
+        self._by_size: dict[int, torch.Tensor | None] = {}
 
-    def get(self, size: int) -> torch.Tensor:
+    def get(self, size: int) -> torch.Tensor | None:
         if size not in self._by_size:
             p = patch_size_of(self.visual)
             if size % p:
                 raise ValueError(f"input size {size} is not a multiple of the patch size {p}")
             trunk_ = self.visual.trunk
-            pos = trunk_.pos_embed.detach()
+            pos = trunk_.pos_embed.detach() if getattr(trunk_, "pos_embed", None) is not None else None
             old = list(trunk_.patch_embed.grid_size)
-            if old != [size // p] * 2:
-                pos = resample_abs_pos_embed(pos, new_size=[size // p] * 2, old_size=old, num_prefix_tokens=0)
+            if pos is not None and old != [size // p] * 2:
+                prefix = 0 if getattr(trunk_, "no_embed_class", False) else n_prefix(self.visual)
+                pos = resample_abs_pos_embed(pos, new_size=[size // p] * 2, old_size=old, num_prefix_tokens=prefix)
             self._by_size[size] = pos
         return self._by_size[size]
 
 
-def tokens_forward(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor, gemm: str = "onednn") -> torch.Tensor:
-    """The last block's output ``Y`` ``[B, n, d]`` (before the trunk's final norm) for pixels ``[B, 3, S, S]``."""
+def rope_embed(visual: Tower, grid: tuple[int, int]) -> torch.Tensor | None:
+    """The trunk's rotary position embedding for a ``grid`` of patches (None without one): its own cached embedding
+    at its own grid, rebuilt from its frequency bands at another (as timm does for dynamic sizes)."""
+    rope = getattr(visual.trunk, "rope", None)
+    if rope is None:
+        return None
+    own = getattr(rope, "feat_shape", None)
+    if own is None or tuple(own) == tuple(grid) or not getattr(rope, "_use_cached_embed", False):
+        return rope.get_embed(shape=list(grid))
+    return rope._build_embed_cat(list(grid), rope.bands)
+
+
+def _embed_tokens(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens entering the first block ``[B, p + n, d]`` and the rotary embedding (or None), as the trunk's own
+    ``patch_embed``, ``_pos_embed`` and ``norm_pre``."""
     trunk_ = visual.trunk
-    proj = trunk_.patch_embed.proj
-    x = proj(pixels.to(proj.weight.dtype)).flatten(2).transpose(1, 2)
-    x = x + pos.to(x.dtype)
-    return trunk.run_blocks(trunk_.blocks, x, gemm, parts_of=lambda _block: None)
+    pe = trunk_.patch_embed
+    x = pe.proj(pixels.to(pe.proj.weight.dtype))
+    grid = (int(x.shape[-2]), int(x.shape[-1]))
+    x = pe.norm(x.flatten(2).transpose(1, 2))
+    prefix = [t.expand(x.shape[0], -1, -1) for t in (getattr(trunk_, "cls_token", None),
+                                                    getattr(trunk_, "reg_token", None)) if t is not None]
+    if getattr(trunk_, "no_embed_class", False):
+        x = x + pos.to(x.dtype) if pos is not None else x
+        x = torch.cat(prefix + [x], dim=1) if prefix else x
+    else:
+        x = torch.cat(prefix + [x], dim=1) if prefix else x
+        x = x + pos.to(x.dtype) if pos is not None else x
+    return trunk_.norm_pre(x), rope_embed(visual, grid)
+
+
+def _run_blocks(blocks: Any, x: torch.Tensor, rope: torch.Tensor | None, gemm: str) -> torch.Tensor:
+    if rope is None:
+        return trunk.run_blocks(blocks, x, gemm, parts_of=lambda _block: None)
+    for block in blocks:
+        x = block(x, rope=rope)
+    return x
+
+
+def tokens_forward(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor | None, gemm: str = "onednn"
+                   ) -> torch.Tensor:
+    """The last block's output ``Y`` ``[B, p + n, d]`` (before the trunk's final norm) for pixels ``[B, 3, S, S]``."""
+    x, rope = _embed_tokens(visual, pixels, pos)
+    return _run_blocks(visual.trunk.blocks, x, rope, gemm)
+
+
+@torch.no_grad()
+def patch_keys(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor | None, gemm: str = "onednn"
+               ) -> torch.Tensor:
+    """The last block's patch keys ``[B, n, d]`` (heads concatenated, prefix tokens dropped, before any rotary
+    embedding: the tokens' content, not their position) for pixels ``[B, 3, S, S]``."""
+    x, rope = _embed_tokens(visual, pixels, pos)
+    blocks = visual.trunk.blocks
+    x = blocks[-1].norm1(_run_blocks(blocks[:-1], x, rope, gemm))
+    attn = blocks[-1].attn
+    d = x.shape[-1]
+    qkv = getattr(attn, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        bias = qkv.bias[d:2 * d] if qkv.bias is not None else None
+        keys = F.linear(x, qkv.weight[d:2 * d], bias)
+    elif isinstance(getattr(attn, "k_proj", None), nn.Linear):
+        keys = attn.k_proj(x)
+    else:
+        raise NotImplementedError(f"the last block's attention ({type(attn).__name__}) has no qkv or k_proj Linear")
+    return keys[:, n_prefix(visual):]
 
 
 def global_embedding(visual: Tower, tokens: torch.Tensor) -> torch.Tensor:
-    """The model's own image embedding ``[B, D]``: the pool over the trunk's final norm of ``tokens`` ``[B, n, d]``."""
+    """The model's own image embedding ``[B, D]``: the trunk's final norm, pool and head, then open_clip's head, on
+    the last block's output ``tokens`` ``[B, p + n, d]``."""
     trunk_ = visual.trunk
-    return visual.head(trunk_.attn_pool(trunk_.norm(tokens)))
+    return visual.head(trunk_.forward_head(trunk_.norm(tokens)))
 
 
-def embed(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor, gemm: str = "onednn") -> torch.Tensor:
+def embed(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor | None, gemm: str = "onednn") -> torch.Tensor:
     """Image embeddings ``[B, D]`` of pixels ``[B, 3, S, S]``."""
     return global_embedding(visual, tokens_forward(visual, pixels, pos, gemm))
 
@@ -159,11 +252,18 @@ def _pool_attention(pool: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, torc
     return attn, v
 
 
-def _pool_output(pool: Any, attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """The pooled feature ``z`` ``[B, D]`` from attention ``[B, H, 1, n]`` and values ``[B, H, n, dh]``."""
+def _apply_head(visual: Tower, z: torch.Tensor) -> torch.Tensor:
+    for lin in head_linears(visual):
+        z = lin(z)
+    return z
+
+
+def _pool_output(visual: Tower, attn: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The map's feature ``z`` ``[B, D]`` from the pool's attention ``[B, H, 1, t]`` and values ``[B, H, t, dh]``."""
+    pool = visual.trunk.attn_pool
     b, heads, _, dh = attn.shape[0], attn.shape[1], attn.shape[2], values.shape[-1]
     x = pool.proj((attn @ values).transpose(1, 2).reshape(b, 1, heads * dh))
-    return (x + pool.mlp(pool.norm(x)))[:, 0]
+    return _apply_head(visual, (x + pool.mlp(pool.norm(x)))[:, 0])
 
 
 @dataclass
@@ -176,7 +276,7 @@ class PooledImageState:
     norm_xhat: torch.Tensor  # [d] the pool MLP's LayerNorm input x, normalised
     norm_rstd: torch.Tensor  # [] its 1/std
     act_grad: torch.Tensor  # [m] act'(fc1(norm(x)))
-    values: torch.Tensor  # [H, n, dh] the pool's values
+    values: torch.Tensor  # [H, n, dh] the pool's values of the patch tokens
     keep: torch.Tensor  # [n] 1.0 where the empty-prompt map is at most EMPTY_THRESHOLD, else 0.0
     grid: int  # g, patches per side
     size: int  # input size S
@@ -198,7 +298,7 @@ def _ln_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def build_image_state(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor, empty_unit: torch.Tensor | None,
+def build_image_state(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor | None, empty_unit: torch.Tensor | None,
                       gemm: str = "onednn") -> PooledImageState:
     """Run the tower once on ``pixels`` ``[1, 3, S, S]`` and freeze what the decomposed map needs. ``empty_unit``
     ``[D]``: the normalised embedding of :data:`EMPTY_PROMPT` (None: no correction, every cell kept)."""
@@ -211,15 +311,16 @@ def build_image_state(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor, em
     with torch.enable_grad():  # elementwise activation derivative, whatever the activation is
         pre = pool.mlp.fc1(pool.norm(x)).detach().requires_grad_(True)
         act_grad, = torch.autograd.grad(pool.mlp.act(pre).sum(), pre)
-    z = x + pool.mlp(pool.norm(x))
+    z = _apply_head(visual, x + pool.mlp(pool.norm(x)))
     z_norm = z.norm()
-    n = values.shape[2]
+    patches = values[0, :, n_prefix(visual):].contiguous()
+    n = patches.shape[1]
     grid = int(round(n ** 0.5))
     if grid * grid != n:
         raise ValueError(f"{n} tokens do not form a square grid")
     state = PooledImageState(global_embedding=global_embedding(visual, tokens[:1])[0], z_unit=z / z_norm,
                              z_norm=z_norm, norm_xhat=xhat, norm_rstd=rstd.squeeze(-1), act_grad=act_grad.detach(),
-                             values=values[0].contiguous(), keep=torch.ones(n, dtype=x.dtype, device=x.device),
+                             values=patches, keep=torch.ones(n, dtype=x.dtype, device=x.device),
                              grid=grid, size=pixels.shape[-1])
     if empty_unit is not None:
         state.keep = empty_prompt_keep(visual, state, empty_unit)
@@ -237,6 +338,8 @@ def _pool_output_cotangent(visual: Tower, state: PooledImageState, u: torch.Tens
     """``g_o`` ``[N, d]``: ∂s/∂(concat_h A_h V_h) for unit embeddings ``u`` ``[N, D]`` (linear in ``u``)."""
     pool = visual.trunk.attn_pool
     g_z = (u - (u @ state.z_unit)[:, None] * state.z_unit) / state.z_norm  # s = <u, z/|z|>
+    for lin in reversed(head_linears(visual)):  # back through the projection after the pool: [N, D] -> [N, d]
+        g_z = g_z @ lin.weight
     t = (g_z @ pool.mlp.fc2.weight) * state.act_grad  # [N, m] at fc1's output
     g = (t @ pool.mlp.fc1.weight) * pool.norm.weight  # [N, d] at the norm's output, times its gain
     xhat = state.norm_xhat
@@ -258,7 +361,7 @@ def decomposed_relevance(visual: Tower, state: PooledImageState, emb: torch.Tens
     return raw_relevance(visual, state, F.normalize(emb, dim=-1)) * state.keep
 
 
-def autograd_relevance(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor, emb: torch.Tensor,
+def autograd_relevance(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor | None, emb: torch.Tensor,
                        keep: torch.Tensor | None = None) -> torch.Tensor:
     """Reference relevance ``[N, n]``: the pool's attention repeated per embedding, ∂s_i/∂A_i by autograd with
     ``create_graph=True`` (differentiable w.r.t. ``emb``), times ``keep`` ``[n]`` when given."""
@@ -269,10 +372,10 @@ def autograd_relevance(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor, e
     n_emb = emb.shape[0]
     attn = attn.expand(n_emb, -1, -1, -1).detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        z = F.normalize(_pool_output(pool, attn, values.expand(n_emb, -1, -1, -1)), dim=-1)
+        z = F.normalize(_pool_output(visual, attn, values.expand(n_emb, -1, -1, -1)), dim=-1)
         s = (F.normalize(emb, dim=-1) * z).sum(-1)
         grad, = torch.autograd.grad(s.sum(), attn, create_graph=torch.is_grad_enabled() and emb.requires_grad)
-    rel = grad.clamp(min=0).mean(dim=1)[:, 0]
+    rel = grad.clamp(min=0).mean(dim=1)[:, 0, n_prefix(visual):]
     return rel if keep is None else rel * keep
 
 

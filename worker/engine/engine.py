@@ -171,7 +171,23 @@ class MaskInversionEngine:
         if self.pooled:
             return attn_pool.build_image_state(self.visual, self._pixels(img, size), self.pos.get(size),
                                                self.empty_unit(), self.cpu_gemm)
-        return legrad.build_image_state(self.visual, self._pixels(img, size), self.pos.get(size), self.cpu_gemm)
+        return legrad.build_image_state(self.visual, self._pixels(img, size), self._vit_pos(size), self.cpu_gemm)
+
+    def _vit_pos(self, size: int) -> torch.Tensor:
+        """The class-token tower's position embedding at ``size`` (it always has one)."""
+        pos = self.pos.get(size)
+        assert pos is not None  # vit.PosEmbedCache never answers None
+        return pos
+
+    @torch.no_grad()
+    def patch_keys(self, image: ImageLike, size: int = 448) -> tuple[torch.Tensor, int]:
+        """The last block's patch keys ``[g², d]`` of ``image`` at ``size`` (heads concatenated, class and other
+        prefix tokens dropped) and the grid side g, for either tower kind (one trunk forward, not cached): the
+        affinities MaskCut and the key-seed proposals cut."""
+        self._check_size(size)
+        keys = vit.patch_keys(self.visual, self._pixels(open_image(image)[0], size), self.pos.get(size),
+                              self.cpu_gemm)[0]
+        return keys, size // self.patch
 
     def image_state(self, image: ImageLike, size: int = 448) -> tuple[ImageState, bool, str, Image.Image]:
         """The cached forward-pass state of an image: ``(state, cache_hit, sha256, pil_image)``."""
@@ -341,7 +357,7 @@ class MaskInversionEngine:
             assert pixels is not None  # the autograd method's plan carries the image's pixels
 
             def map_fn(e: torch.Tensor) -> torch.Tensor:
-                return legrad.relevance_to_map(legrad.autograd_relevance(self.visual, pixels, self.pos.get(plan.size),
+                return legrad.relevance_to_map(legrad.autograd_relevance(self.visual, pixels, self._vit_pos(plan.size),
                                                                          e), state.grid, self.patch)
         with self._step_precision() if plan.method == "decomposed" else contextlib.nullcontext():
             return optimise_lets(map_fn, state.global_embedding, tgt, steps=plan.steps, lr=plan.lr, alpha=plan.alpha,
@@ -387,7 +403,7 @@ class MaskInversionEngine:
             if self.pooled:
                 out.append(attn_pool.embed(self.visual, pix, self.pos.get(size), self.cpu_gemm))
             else:
-                tokens = vit.tokens_forward(self.visual, pix, self.pos.get(size), self.cpu_gemm)
+                tokens = vit.tokens_forward(self.visual, pix, self._vit_pos(size), self.cpu_gemm)
                 out.append(vit.global_embedding(self.visual, tokens))
             self.stats.vit_forwards += pix.shape[0]
         return torch.cat(out) if out else torch.zeros(0, self.clip.embed_dim, device=self.clip.device)

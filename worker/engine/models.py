@@ -61,10 +61,17 @@ class ClipModel:
 
     @property
     def embed_dim(self) -> int:
-        """D: the vision tower's output dim (the trunk's width for a timm tower without a projection head)."""
+        """D: the vision tower's output dim (a timm tower: its last Linear after the pool, e.g. PE-Core's
+        projection, else the trunk's width)."""
         visual = self.model.visual
         dim = getattr(visual, "output_dim", None)
-        return int(dim if dim is not None else visual.trunk.num_features)
+        if dim is not None:
+            return int(dim)
+        for module in (visual.head, visual.trunk.head):
+            linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+            if linears:
+                return int(linears[-1].out_features)
+        return int(visual.trunk.num_features)
 
 
 def tower_patch_size(visual: Any) -> int:

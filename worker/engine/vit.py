@@ -314,6 +314,18 @@ def last_block_keys(visual: Tower, tokens: torch.Tensor) -> torch.Tensor:
     return F.linear(view.ln_1(tokens), view.qkv_weight[d:2 * d], bias)[:, 1:]
 
 
+def patch_keys(visual: Tower, pixels: torch.Tensor, pos: torch.Tensor | None, gemm: str = "onednn") -> torch.Tensor:
+    """The last block's patch keys ``[B, g², d]`` (heads concatenated, prefix tokens dropped) of pixels
+    ``[B, 3, S, S]`` for either tower kind: :func:`last_block_keys` for class-token ViTs,
+    :func:`worker.engine.attn_pool.patch_keys` for attention-pooled towers (``pos`` from the tower's
+    ``PosEmbedCache``)."""
+    if attn_pool.is_attention_pooled(visual):
+        return attn_pool.patch_keys(visual, pixels, pos, gemm)
+    assert pos is not None  # class-token towers always have a position embedding
+    with torch.no_grad():
+        return last_block_keys(visual, trunk_forward(visual, pixels, pos, gemm))
+
+
 def grid_side(n_tokens: int) -> int:
     g = math.isqrt(n_tokens - 1)
     if g * g != n_tokens - 1:

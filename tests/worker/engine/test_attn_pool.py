@@ -104,10 +104,10 @@ def test_grid_dice_equals_the_dice_of_the_map(tower):
 
 def test_tower_problems_are_named(tower):
     assert attn_pool.tower_problem(tower) is None
-    with_class = TinyPooledTower()
-    with_class.trunk.num_prefix_tokens = 1
-    with pytest.raises(NotImplementedError, match="class or register tokens"):
-        vit.check_supported(with_class)
+    with_qk_norm = TinyPooledTower()
+    with_qk_norm.trunk.attn_pool.q_norm = nn.LayerNorm(8)
+    with pytest.raises(NotImplementedError, match="qk-norm"):
+        vit.check_supported(with_qk_norm)
 
 
 @pytest.fixture(scope="module")
