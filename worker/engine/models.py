@@ -98,10 +98,13 @@ def _checkpoint_identity(path: Path) -> str:
 
 
 def load_clip(name: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED,
-              device: str | torch.device | None = None, seed: int = 0) -> ClipModel:
+              device: str | torch.device | None = None, seed: int = 0,
+              config_overrides: dict[str, Any] | None = None) -> ClipModel:
     """Create a frozen CLIP model from an open_clip name and a pretrained tag, local path or random init.
 
     ``device`` None: cuda when available, else cpu; ``seed`` seeds random init (ignored for pretrained weights).
+    ``config_overrides``: top-level keys of the model's config replaced (``vision_cfg``, ``text_cfg`` ...), for
+    tests and benchmarks of large towers with fewer layers; the identity then says so (``.../random-seed0+cfg``).
     """
     name = name or DEFAULT_MODEL
     pretrained = (DEFAULT_PRETRAINED if pretrained is None else pretrained).strip()
@@ -113,7 +116,7 @@ def load_clip(name: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED,
                          f"or add a config JSON to {PROJECT_CONFIG_DIR}")
     random_init = pretrained.lower() in RANDOM_INIT
     if random_init:
-        identity = f"{name}/random-seed{seed}"
+        identity = f"{name}/random-seed{seed}" + ("+cfg" if config_overrides else "")
     elif Path(pretrained).expanduser().is_file():
         pretrained = str(Path(pretrained).expanduser())
         identity = f"{name}/{_checkpoint_identity(Path(pretrained))}"
@@ -129,7 +132,7 @@ def load_clip(name: str = DEFAULT_MODEL, pretrained: str = DEFAULT_PRETRAINED,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, _, _ = open_clip.create_model_and_transforms(
-            name, pretrained=None if random_init else pretrained, device=dev)
+            name, pretrained=None if random_init else pretrained, device=dev, **(config_overrides or {}))
     tokenizer = open_clip.get_tokenizer(name)
     log.info("model loaded: %s (%s) on %s", name, pretrained or "random init", dev)
     return clip_from_model(model, name, tokenizer, identity, pretrained or "none", dev)
