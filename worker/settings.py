@@ -35,7 +35,10 @@ Variables (defaults in brackets; README's configuration tables and docker-compos
     MASKINV_PROPOSAL_MIN_SCORE      best-label probability a proposal needs [0.2]
     MASKINV_PROPOSAL_SOURCES        default proposal sources [maskcut,keyseeds,text]
     MASKINV_PROPOSAL_REFINE         snap proposals to SLIC superpixels [0]
-    MASKINV_SAM_CHECKPOINT          local SAM checkpoint for the "sam" source [unset]
+    MASKINV_SAM_CHECKPOINT          local SAM checkpoint for the "sam" source and refinement [unset]
+    MASKINV_REFINE_METHOD           prompt -> mask for regions sent with refine: auto, grabcut, seeds or sam [auto:
+                                    sam with a checkpoint, else grabcut]
+    MASKINV_REFINE_BOXES            refine annotators' rectangles before inversion: off or sam [off]
     REDIS_URL                       Redis of the queue [redis://127.0.0.1:6379/0]
     MASKINV_QUEUE                   RQ queue served [maskinv]
     MASKINV_REDIS_PREFIX            key prefix of the registry and result cache [maskinv]
@@ -130,6 +133,33 @@ class ProposalSettings:
                    sam_checkpoint=sam)
 
 
+#: prompt -> mask methods (worker.refine.chooser) and the rectangle refinements
+REFINE_METHODS = ("auto", "grabcut", "seeds", "sam")
+REFINE_BOXES = ("off", "sam")
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Prompts to masks (``worker.refine``): the method for regions sent with ``refine``, whether rectangles are
+    refined by SAM before inversion, and the SAM checkpoint (shared with the proposals)."""
+
+    method: str = "auto"
+    boxes: str = "off"
+    sam_checkpoint: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None,
+                 error: type[Exception] = WorkerSettingsError) -> "RefineSettings":
+        env = process_env() if env is None else env
+        method = env_choice(env, "MASKINV_REFINE_METHOD", cls.method, REFINE_METHODS, error=error)
+        boxes = env_choice(env, "MASKINV_REFINE_BOXES", cls.boxes, REFINE_BOXES, error=error)
+        sam = env_str(env, "MASKINV_SAM_CHECKPOINT", "") or None
+        for var, value in (("MASKINV_REFINE_METHOD", method), ("MASKINV_REFINE_BOXES", boxes)):
+            if value == "sam" and sam is None:
+                raise error(f"{var} is 'sam' but MASKINV_SAM_CHECKPOINT is not set")
+        return cls(method=method, boxes=boxes, sam_checkpoint=sam)
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """Everything the worker reads from the environment."""
@@ -160,6 +190,7 @@ class WorkerSettings:
     # captions and region proposals
     captioner: CaptionerSettings = CaptionerSettings()
     proposals: ProposalSettings = ProposalSettings()
+    refine: RefineSettings = RefineSettings()
     # queue process
     redis_url: str = DEFAULT_REDIS_URL
     queue: str = "maskinv"
@@ -203,6 +234,7 @@ class WorkerSettings:
             let_ttl_s=env_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0, error=err),
             captioner=captioner,
             proposals=ProposalSettings.from_env(env),
+            refine=RefineSettings.from_env(env),
             redis_url=env_str(env, "REDIS_URL", DEFAULT_REDIS_URL),
             queue=env_str(env, "MASKINV_QUEUE", "maskinv"),
             redis_prefix=env_str(env, "MASKINV_REDIS_PREFIX", "maskinv"),

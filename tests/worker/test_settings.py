@@ -91,3 +91,16 @@ def test_the_runtime_is_built_from_the_settings(monkeypatch):
     assert rt.settings is s and rt.clip.id == "maskinv-test-tiny/random-seed3"
     assert rt.engine.chunk_memory_bytes == 2 * 2**20 and rt.captioner.mode == "retrieval"
     assert preprocess._default_max_pixels == 12345
+
+
+def test_refine_settings_name_their_variable():
+    from worker.settings import RefineSettings, WorkerSettings, WorkerSettingsError
+
+    assert WorkerSettings.from_env({}).refine == RefineSettings()
+    s = RefineSettings.from_env({"MASKINV_REFINE_METHOD": "Seeds", "MASKINV_SAM_CHECKPOINT": "/m/sam"})
+    assert s.method == "seeds" and s.boxes == "off" and s.sam_checkpoint == "/m/sam"
+    for env, var in (({"MASKINV_REFINE_METHOD": "magic"}, "MASKINV_REFINE_METHOD"),
+                     ({"MASKINV_REFINE_BOXES": "sam"}, "MASKINV_REFINE_BOXES"),
+                     ({"MASKINV_REFINE_METHOD": "sam"}, "MASKINV_REFINE_METHOD")):
+        with pytest.raises(WorkerSettingsError, match=var):
+            RefineSettings.from_env(env)

@@ -13,6 +13,8 @@ import torch
 
 from worker.jobs.embed import job_let_cache, parse_prototypes, region_lets, score_regions
 from worker.jobs.runtime import Runtime, check_text_limits, get_runtime
+from worker.engine.preprocess import open_image
+from worker.refine.apply import refine_regions
 from worker.protocol import (JobResult, LabelRegionsJob, LabelScore, PayloadError, PrepareLabelsJob, RegionResult,
                              check_label_caps, check_limits, check_templates, decode_image, decode_region_masks,
                              payload_region_ids)
@@ -28,8 +30,10 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
     """Label and caption every region of one image (payload: protocol.LabelRegionsJob; result: JobResult).
 
     Returns per-region top-k labels, caption and error. A malformed job or an undecodable image yields a
-    result with a top-level ``"error"`` (and that error on every region); a bad region (empty mask, ...)
-    only sets that region's ``"error"``.
+    result with a top-level ``"error"`` (and that error on every region); a bad region (empty mask, bad
+    prompt, ...) only sets that region's ``"error"``. A region whose prompt is refined (``worker.refine``) is
+    inverted on the refined mask, and its ``meta`` says so (``"refined_by"``, and ``"mask"`` when it was sent with
+    ``refine``).
     """
     rt = get_runtime()
     t0 = time.perf_counter()
@@ -45,6 +49,9 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
         prototypes = parse_prototypes(payload.prototypes, labels, int(rt.clip.embed_dim)) if labels else None
         cache, prefix = job_let_cache(rt.let_cache)
         with rt.lock:
+            refined = (refine_regions(rt.refiner, open_image(image_bytes)[0], regions, masks, region_errors,
+                                      params.size)
+                       if any(isinstance(r, dict) and ("prompt" in r or "refine" in r) for r in regions) else {})
             # LETs come from the LET cache when this region was inverted before (whatever its labels were)
             res = region_lets(rt, image_bytes, digest, masks, params, cache, prefix, region_errors) if masks else None
             errors = list(res.errors) if res else []
@@ -74,7 +81,7 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
             caption=caption,
             caption_mode=rt.captioner.mode if caption is not None else None,
             error=errors[k],
-            meta=region_meta[j] if j is not None and region_meta else {}))
+            meta={**(region_meta[j] if j is not None and region_meta else {}), **refined.get(k, {})}))
     total = time.perf_counter() - t0
     timings = {"total_s": total, "forward_s": res.timings["forward_s"] if res else 0.0,
                "inversion_s": res.timings["inversion_s"] if res else 0.0}

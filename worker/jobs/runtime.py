@@ -20,6 +20,7 @@ from worker.settings import WorkerSettings
 if TYPE_CHECKING:
     from worker.engine.engine import MaskInversionEngine
     from worker.engine.models import ClipModel
+    from worker.refine.chooser import Refiner
     from worker.text.captions import RetrievalCaptioner
     from worker.text.clipcap import ClipCapCaptioner
     from worker.text.labels import LabelScorer
@@ -39,11 +40,17 @@ class Runtime:
     settings: WorkerSettings = WorkerSettings()
     #: embedded mode's LET cache (queue jobs use Redis when the backend names it, worker.jobs.embed.job_let_cache)
     let_cache: MemoryLetCache | None = None
+    #: prompts to masks (worker.refine); None: regions sent with ``refine`` fail
+    refiner: Refiner | None = None
 
     def model_info(self) -> dict[str, str]:
-        """The model's identity as results report it: name, weights, id, device and caption mode."""
-        return {"name": self.clip.name, "pretrained": getattr(self.clip, "weights", "") or self.clip.pretrained,
+        """The model's identity as results report it: name, weights, id, device, caption mode and refinement
+        (``worker.refine.chooser.Refiner.signature``, part of the result-cache keys)."""
+        info = {"name": self.clip.name, "pretrained": getattr(self.clip, "weights", "") or self.clip.pretrained,
                 "id": self.clip.id, "device": str(self.clip.device), "captions": self.captioner.mode}
+        if self.refiner is not None:
+            info["refine"] = self.refiner.signature()
+        return info
 
 
 _runtime: Runtime | None = None
@@ -64,6 +71,7 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
 
     from worker.engine import preprocess
     from worker.engine.models import load_clip
+    from worker.refine.chooser import Refiner
     from worker.text.captions import RetrievalCaptioner
     from worker.text.clipcap import load_captioner
     from worker.text.labels import LabelScorer
@@ -75,8 +83,10 @@ def build_runtime(settings: WorkerSettings) -> Runtime:
                          max_bytes=settings.prototype_cache_bytes)
     captioner = load_captioner(scorer, settings.captioner) or RetrievalCaptioner(scorer)
     let_cache = MemoryLetCache(settings.let_cache_entries, settings.let_cache_bytes, settings.let_ttl_s)
-    rt = Runtime(clip=clip, engine=build_engine(clip, settings), scorer=scorer, captioner=captioner,
-                 lock=threading.Lock(), settings=settings, let_cache=let_cache)
+    engine = build_engine(clip, settings)
+    rt = Runtime(clip=clip, engine=engine, scorer=scorer, captioner=captioner, lock=threading.Lock(),
+                 settings=settings, let_cache=let_cache,
+                 refiner=Refiner.from_settings(settings.refine, engine, clip.device))
     gemm = ""
     if str(clip.device).startswith("cpu"):
         gemm = (f", CPU GEMMs through {rt.engine.cpu_gemm} (MASKINV_CPU_GEMM={settings.cpu_gemm}, CPU "
