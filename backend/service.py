@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from typing import Any
@@ -19,6 +20,7 @@ from backend.images.fetch import ImageFetcher
 from backend.labelstudio.label_config import ConfigCache, LabelConfigError, ProjectConfig
 from backend.learning.examples import ExampleStore, make_example_store
 from backend.learning.learner import Learner
+from backend.search.index import RegionIndex
 from backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,9 @@ class Service:
         self._setup: dict[str, Any] = {}
         self._versions: BoundedCache[str, None] = BoundedCache(RECENT_VERSIONS)  # version -> None, newest last
         self._learner: Learner | None = None
+        #: region search (MASKINV_SEARCH_STORE; None: off); the store opens on first use
+        self.search_index = (RegionIndex(settings.search_store, os.path.expanduser(settings.data_dir))
+                             if settings.search_store != "off" else None)
         self._lock = threading.Lock()
 
     def config(self, xml: object) -> ProjectConfig:
@@ -242,4 +247,5 @@ class Service:
                 self._learner = Learner(self.settings, self.dispatcher,
                                         self.fetcher, self.config, self.setup_fallbacks, self.worker_model,
                                         open_store=self.open_example_store)
+                self._learner.search_index = self.search_index
             return self._learner

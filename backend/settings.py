@@ -159,6 +159,8 @@ class Settings:
     learn: bool = True
     example_views: int = 2  # views (InversionParams.views) of examples and of predictions that use examples
     data_dir: str = "./maskinv-data"
+    # region search (backend.search): "off", "embedded" (FAISS + SQLite under MASKINV_DATA_DIR) or a postgresql:// URL
+    search_store: str = "embedded"
     let_ttl_s: int = 7 * 24 * 3600
     max_examples: int = 20000
     # Proposals (batch mode): "auto" = tasks without any region get proposed regions; "off" = never
@@ -306,12 +308,23 @@ def _queue(env: Mapping[str, str], redis_url: str | None) -> dict[str, Any]:
     )
 
 
+def _search_store(env: Mapping[str, str], name: str) -> str:
+    """``off``, ``embedded`` or a ``postgresql://`` URL."""
+    raw = _str(env, name, "embedded").strip()
+    if raw.lower() in ("off", "embedded"):
+        return raw.lower()
+    if not raw.startswith(("postgresql://", "postgres://")):
+        raise SettingsError(f"{name} must be 'off', 'embedded' or a postgresql:// URL, got {redact_url(raw)!r}")
+    return raw
+
+
 def _learning(env: Mapping[str, str]) -> dict[str, Any]:
     """Learning from annotations: on or off, the views of examples, where examples live and how many."""
     return dict(
         learn=_bool(env, "MASKINV_LEARN", True),
         example_views=_int(env, "MASKINV_EXAMPLE_VIEWS", 2, 1, 2),
         data_dir=_str(env, "MASKINV_DATA_DIR", "./maskinv-data"),
+        search_store=_search_store(env, "MASKINV_SEARCH_STORE"),
         let_ttl_s=_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0),
         max_examples=_int(env, "MASKINV_MAX_EXAMPLES", 20000, 1),
     )

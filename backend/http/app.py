@@ -32,6 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.dispatch import DispatchError
 from backend.labelstudio.label_config import LabelConfigError
+from backend.search import api as search_api
 from backend.service import PredictError, Service
 from backend.settings import Settings
 from backend.http.torchless import import_label_studio_ml
@@ -254,6 +255,17 @@ def examples_view():
                     "annotations": len(store.annotation_ids(pid))})
 
 
+def search_view():
+    """POST /search: regions of projects by text, example regions, a label's examples or coverage
+    (backend.search.api; caps in docs/security.md, "Region search")."""
+    try:
+        return jsonify(search_api.answer(_service(), _json_body()))
+    except search_api.SearchInputError as exc:
+        raise PredictError(400, str(exc)) from None
+    except search_api.SearchUnavailable as exc:
+        raise PredictError(404, str(exc)) from None
+
+
 VIEWS = {"_predict": predict_view, "_setup": setup_view, "health": health_view, "webhook": webhook_view,
          "_train": train_view, "_is_training": is_training_view, "get_version": versions_view}
 
@@ -364,6 +376,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         app.add_url_rule("/versions", "get_version", methods=["GET"])  # LS 1.23 asks with GET; 1.0.9 has POST
         app.add_url_rule("/runs", "runs", _guarded(runs_view), methods=["GET"])
         app.add_url_rule("/examples", "examples", _guarded(examples_view), methods=["GET"])
+        app.add_url_rule("/search", "search", _guarded(search_view), methods=["POST"])
         app.before_request(_check_auth)
         app.register_error_handler(HTTPException, _http_error)
         app.wsgi_app = SecretPrefix(app, app.wsgi_app)

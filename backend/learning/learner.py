@@ -52,6 +52,7 @@ from backend.learning.examples import Example, ExampleStore, ExampleStoreError, 
 from backend.labelstudio.label_config import LabelConfigError, ProjectConfig
 from backend.learning.fit import FIT_VERSION, fit_prototypes, vision_prototypes
 from backend.labelstudio.regions import Region, RegionError, collect_regions, region_mask
+from backend.search.index import RegionIndex, index_examples
 
 if TYPE_CHECKING:
     from backend.images.fetch import ImageFetcher
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 DELETE_EVENTS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")
+#: project events that only remove regions from the search index (backend.search.index)
+TASK_DELETE_EVENTS = ("TASKS_DELETED",)
 TRAIN_EVENTS = ("START_TRAINING",)
 #: value keys of a region result item that hold its labels
 LABEL_KEYS = ("brushlabels", "polygonlabels", "rectanglelabels", "ellipselabels", "keypointlabels", "labels")
@@ -201,6 +204,8 @@ class Learner:
             CACHE_ENTRIES, CACHE_BYTES, lambda k, v: v[0].nbytes + len(repr(k)))
         self._protos: BoundedCache[tuple, dict | None] = BoundedCache(CACHE_ENTRIES, CACHE_BYTES, _doc_bytes)
         self._lock = threading.Lock()
+        #: the region search index the examples also go to (None: MASKINV_SEARCH_STORE=off)
+        self.search_index: RegionIndex | None = None
 
     @property
     def store(self) -> ExampleStore:
@@ -229,6 +234,10 @@ class Learner:
         """One webhook body (see the module docstring)."""
         action = data.get("action") if isinstance(data.get("action"), str) else None
         log.info("webhook %s (payload keys: %s)", str(action)[:60], ", ".join(sorted(map(str, data))[:20]))
+        if action in TASK_DELETE_EVENTS and self.search_index is not None:
+            tasks = [t.get("id") for t in data.get("tasks") or [] if isinstance(t, dict)]
+            removed = self.search_index.remove_tasks(project_id(data.get("project")), tasks)
+            return EventOutcome(action, project_id(data.get("project")), "deleted" if removed else "unchanged")
         if action not in ANNOTATION_EVENTS + DELETE_EVENTS + TRAIN_EVENTS:
             return EventOutcome(action, None, "ignored", reason="not an annotation or training event")
         project = project_id(data.get("project"))
@@ -238,6 +247,8 @@ class Learner:
             anns = data.get("annotations") if action == "ANNOTATIONS_DELETED" else [data.get("annotation")]
             ids = [str(a.get("id")) for a in anns or [] if isinstance(a, dict) and a.get("id") is not None]
             removed = sum(self.store.delete_annotation(project, i) for i in ids)
+            if self.search_index is not None:
+                self.search_index.remove_annotations(project, ids)
             log.info("project %s: %d annotation(s) deleted, %d had examples", project, len(ids), removed)
             return EventOutcome(action, project, "deleted" if removed else "unchanged", annotations=removed)
         cfg = self._config((data.get("project") or {}).get("label_config") if isinstance(data.get("project"), dict)
@@ -264,6 +275,7 @@ class Learner:
             except AnnotationSkipped:
                 continue
             changed += self.store.replace_annotation(project, str(ann["id"]), examples)
+            index_examples(self.search_index, project, ann, task, examples)
             n_examples += len(examples)
         log.info("project %s: %s -> %d example(s), %d annotation(s) changed, %d skipped", project, action, n_examples,
                  changed, len(allowance.skipped) + allowance.skipped_more)
@@ -405,10 +417,13 @@ class Learner:
                     finally:
                         outcome.skipped_more = allowance.skipped_more
                     self.store.replace_annotation(project, str(ann["id"]), examples)
+                    index_examples(self.search_index, project, ann, t, examples)
                     n_ann += bool(examples)
                     n_ex += len(examples)
         for stale in self.store.annotation_ids(project) - seen:
             self.store.delete_annotation(project, stale)
+            if self.search_index is not None:
+                self.search_index.remove_annotations(project, [stale])
         log.info("project %s: examples rebuilt from Label Studio: %d annotation(s), %d example(s)", project, n_ann,
                  n_ex)
         outcome.annotations, outcome.examples = n_ann, n_ex

@@ -328,7 +328,8 @@ class FaissSqliteStore:
             hits.sort(key=lambda h: -h.similarity)
             return hits[:k]
 
-    def fetch(self, flt: SearchFilter, limit: int) -> tuple[list[RegionRecord], np.ndarray]:
+    def fetch(self, flt: SearchFilter, limit: int, tasks: Sequence[int] | None = None
+              ) -> tuple[list[RegionRecord], np.ndarray]:
         with self._lock:
             names: dict[int, str] = {}
             recs: list[RegionRecord] = []
@@ -338,7 +339,8 @@ class FaissSqliteStore:
                 pid = self._pid(project, create=False)
                 if pid is None:
                     continue
-                cur = self._db.execute(f"SELECT {_COLS}, vec, dim FROM regions WHERE model = ? AND pid = ? "
+                only = "" if tasks is None else f" AND task IN ({','.join(str(int(t)) for t in tasks) or 'NULL'})"
+                cur = self._db.execute(f"SELECT {_COLS}, vec, dim FROM regions WHERE model = ? AND pid = ?{only} "
                                        "ORDER BY id", (flt.model, pid))
                 for row in cur:
                     rec = self._record(row, names)

@@ -154,12 +154,15 @@ class PgvectorStore:
         hits = [SearchHit(self._record(r), float(r[10])) for r in rows]
         return sorted(hits, key=lambda h: -h.similarity)
 
-    def fetch(self, flt: SearchFilter, limit: int) -> tuple[list[RegionRecord], np.ndarray]:
+    def fetch(self, flt: SearchFilter, limit: int, tasks: Sequence[int] | None = None
+              ) -> tuple[list[RegionRecord], np.ndarray]:
         with self._lock:
             dim = self._dim_of(flt.model)
             if dim is None:
                 return [], np.zeros((0, 0), np.float32)
             where, args = self._where(flt)
+            if tasks is not None:
+                where, args = where + " AND task = ANY(%s)", args + [[int(t) for t in tasks]]
             rows = self._db.execute(f"SELECT {_COLS}, vec::text FROM {self.prefix}_d{dim} WHERE {where} "
                                     "ORDER BY id LIMIT %s", args + [limit]).fetchall()
         if not rows:

@@ -37,8 +37,9 @@ class RegionStore(Protocol):
         """The ``k`` regions passing ``flt`` with the highest inner product with ``query [D]``, best first."""
         ...
 
-    def fetch(self, flt: SearchFilter, limit: int) -> tuple[list[RegionRecord], np.ndarray]:
-        """Up to ``limit`` regions passing ``flt`` and their vectors ``[N, D]`` (in index order)."""
+    def fetch(self, flt: SearchFilter, limit: int, tasks: Sequence[int] | None = None
+              ) -> tuple[list[RegionRecord], np.ndarray]:
+        """Up to ``limit`` regions passing ``flt`` (and of ``tasks``, when given) and their vectors ``[N, D]``."""
         ...
 
     def count(self, model: str | None = None, project: str | None = None) -> int:
