@@ -1,0 +1,131 @@
+"""Index an existing Label Studio project: every task's annotated regions (``human``) and predicted regions
+(``suggested``, or ``proposed`` for a region the backend proposed), embedded as the product scores them.
+
+Resumable: a task that already has regions of the current model in the index is skipped (``force`` re-indexes
+it). Predicted regions get the region id ``p<prediction id>:<region id>`` and no annotation, so they never
+collide with a person's regions; their label and score are the prediction's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from label_studio_sdk.core.api_error import ApiError
+
+from backend.labelstudio.label_config import ProjectConfig
+from backend.learning.learner import Allowance, AnnotationSkipped, Learner, label_studio_errors
+from backend.search.api import current_model
+from backend.search.index import RegionIndex, index_examples, region_box
+from backend.search.records import RegionRecord, SearchFilter
+from backend.service import Service
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackfillReport:
+    """What a backfill did, per task outcome."""
+
+    project: str
+    tasks: int = 0
+    indexed_tasks: int = 0
+    skipped_tasks: int = 0
+    human: int = 0
+    predicted: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"project": self.project, "tasks": self.tasks, "indexed_tasks": self.indexed_tasks,
+                "skipped_tasks": self.skipped_tasks, "human_regions": self.human,
+                "predicted_regions": self.predicted, "failed": self.failed[:100], "failed_count": len(self.failed)}
+
+
+def project_tasks(client: Any, project: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
+    """Every task of ``project`` with its annotations and predictions (label-studio-sdk, page by page; a page
+    past the end answers 404 in Label Studio 1.23)."""
+    page = 1
+    while True:
+        try:
+            items = client.tasks.list(project=project, fields="all", page=page, page_size=page_size).items or []
+        except ApiError as exc:
+            if page > 1 and getattr(exc, "status_code", None) == 404:
+                return
+            raise
+        for task in items:
+            yield task.model_dump() if hasattr(task, "model_dump") else dict(task)
+        if len(items) < page_size:
+            return
+        page += 1
+
+
+def _predictions(client: Any, task: dict[str, Any]) -> list[dict[str, Any]]:
+    preds = task.get("predictions")
+    if isinstance(preds, list) and all(isinstance(p, dict) for p in preds):
+        return preds
+    listed = client.predictions.list(task=int(task["id"]))
+    return [p.model_dump() if hasattr(p, "model_dump") else dict(p) for p in listed]
+
+
+def _prediction_records(learner: Learner, cfg: ProjectConfig, project: str, task: dict[str, Any],
+                        pred: dict[str, Any]) -> tuple[list[RegionRecord], np.ndarray]:
+    items = [it for it in pred.get("result") or [] if isinstance(it, dict)]
+    pseudo = {"id": f"p{pred.get('id')}", "result": items, "was_cancelled": False}
+    examples = learner.annotation_examples(cfg, pseudo, task, Allowance(learner.settings.max_mask_pixels), project)
+    by_id = {str(it.get("id")): it for it in items}
+    seen: dict[str, tuple[RegionRecord, np.ndarray]] = {}
+    for ex in examples:
+        if ex.region_id in seen:
+            continue
+        item: dict[str, Any] = by_id.get(ex.region_id) or {}
+        meta = item["meta"] if isinstance(item.get("meta"), dict) else {}
+        score = item.get("score", pred.get("score"))
+        rec = RegionRecord(model=ex.model_key, project=project, task=int(task["id"]),
+                           region=f"p{pred.get('id')}:{ex.region_id}", label=ex.label,
+                           score=float(score) if isinstance(score, (int, float)) else 0.0,
+                           source="proposed" if meta.get("proposed") else "suggested", box=region_box(item))
+        seen[ex.region_id] = (rec, np.asarray(ex.let, np.float32))
+    if not seen:
+        return [], np.zeros((0, 0), np.float32)
+    return [r for r, _ in seen.values()], np.stack([v for _, v in seen.values()])
+
+
+def backfill_project(service: Service, index: RegionIndex, project: str, client: Any, force: bool = False,
+                     tasks: Iterable[dict[str, Any]] | None = None,
+                     progress: Callable[[BackfillReport], None] | None = None) -> BackfillReport:
+    """Index every task of ``project`` (see the module docstring); one task's failure is reported, not fatal."""
+    report = BackfillReport(project)
+    learner = service.learner
+    model = current_model(service)
+    with label_studio_errors(project):
+        proj = client.projects.get(id=int(project))
+        cfg = service.config(getattr(proj, "label_config", None))
+        for task in tasks if tasks is not None else project_tasks(client, int(project)):
+            report.tasks += 1
+            tid = int(task["id"])
+            if not force and index.store.fetch(SearchFilter(model=model, projects=(project,)), 1, [tid])[0]:
+                report.skipped_tasks += 1
+            else:
+                try:
+                    index.store.delete_tasks(project, [tid])
+                    for ann in task.get("annotations") or []:
+                        if not isinstance(ann, dict) or ann.get("id") is None:
+                            continue
+                        try:
+                            examples = learner.annotation_examples(cfg, ann, task, None, project)
+                        except AnnotationSkipped:
+                            continue
+                        report.human += index_examples(index, project, ann, task, examples)
+                    for pred in _predictions(client, task):
+                        recs, vecs = _prediction_records(learner, cfg, project, task, pred)
+                        if recs:
+                            report.predicted += index.store.upsert(recs, vecs)
+                    report.indexed_tasks += 1
+                except Exception as exc:  # noqa: BLE001 - one task's failure is reported, the run goes on
+                    report.failed.append({"task": tid, "error": f"{exc.__class__.__name__}: {exc}"[:300]})
+            if progress:
+                progress(report)
+    return report
