@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from worker.protocol import (InversionParams, JobResult, LabelRegionsJob, PrepareLabelsJob, ProtocolError,
-                             RegionResult, ResultCache, allowed_functions, answer_digest, encode_mask, job_function,
-                             sha256_hex)
+                             RegionPrompt, RegionResult, ResultCache, allowed_functions, answer_digest, encode_mask,
+                             job_function, region_digest, sha256_hex)
 
 from backend.dispatch.result_cache import cached_regions, lookup
 from backend.settings import Settings
@@ -48,7 +48,8 @@ class QueueUnavailable(DispatchError, ConnectionError):
 
 @dataclass
 class LabelRequest:
-    """All regions of one image that share a label set. ``masks``: one bool ``[H, W]`` per region."""
+    """All regions of one image that share a label set. ``masks``: one bool ``[H, W]`` per region; ``prompts``:
+    empty, or per mask ``{}`` or ``{"prompt": {"box" | "points": ...}, "refine": bool}`` (worker.protocol.prompts)."""
 
     image: bytes
     masks: list[np.ndarray]
@@ -56,6 +57,7 @@ class LabelRequest:
     params: InversionParams
     image_sha256: str = ""
     prototypes: dict | None = None  # the project's example prototypes for these labels (backend.learning.learner)
+    prompts: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.image_sha256:
@@ -194,12 +196,17 @@ class Dispatcher:
         return self._run(items, timeout_s) if items else []
 
     def _prepare(self, req: LabelRequest, model: dict[str, Any] | None) -> PreparedJob:
-        shas: list[str] = []
+        shas: list[str] = []  # per mask: its region digest (the mask's digest, with its prompt when it has one)
         encoded: dict[str, dict] = {}
-        for m in req.masks:
+        prompts: dict[str, tuple[RegionPrompt, bool]] = {}
+        for k, m in enumerate(req.masks):
             enc = encode_mask(np.asarray(m, dtype=bool))
-            shas.append(enc["sha256"])
-            encoded.setdefault(enc["sha256"], enc)
+            extra = req.prompts[k] if k < len(req.prompts) else {}
+            key = region_digest(enc["sha256"], extra.get("prompt"), bool(extra.get("refine", False)))
+            if extra.get("prompt") is not None:
+                prompts[key] = (RegionPrompt.from_dict(extra["prompt"]), bool(extra.get("refine", False)))
+            shas.append(key)
+            encoded.setdefault(key, enc)
         # the job's identity: everything its answer depends on (the examples' content included) but the model
         pdigest = answer_digest(req.params.to_dict(), req.labels, req.prototypes)
         p = PreparedJob(req, shas, encoded, pdigest)
@@ -209,7 +216,8 @@ class Dispatcher:
         missing = [sha for sha in encoded if sha not in p.hits]
         if missing:
             p.payload = LabelRegionsJob.build(req.image, [(sha, encoded[sha]) for sha in missing], req.labels,
-                                              req.params, prototypes=req.prototypes or None).to_dict()
+                                              req.params, prototypes=req.prototypes or None,
+                                              prompts=prompts).to_dict()
             p.job_id = job_id(self.settings.queue, req.image_sha256, pdigest, *sorted(missing))
         return p
 

@@ -4,6 +4,10 @@
   open vocabulary) and the plain tools ``Brush``, ``Polygon``, ``Rectangle``. A plain tool takes its
   vocabulary from a generic ``<Labels>`` control on the same image if there is one (predictions are then
   written as that control's merged ``<tool>labels`` result), else from ``MASKINV_LABELS``;
+* prompt controls: a ``Rectangle(Labels)`` or ``KeyPoint(Labels)`` with ``smartOnly="true"`` on an image that also
+  has a ``PolygonLabels`` / ``BrushLabels`` (or plain ``Polygon`` / ``Brush``) control. Label Studio 1.23 has no
+  smart polygon tool, so a box or clicks drawn with its smart tools mark the object, and the answer is a region
+  of that polygon/brush control (its vocabulary, its result type) outlining the object;
 * the optional per-region caption field: a ``<TextArea perRegion="true">`` on the same image;
 * the ``<Image>`` objects and the task data key each one reads (``value="$image"`` -> ``image``).
 """
@@ -23,6 +27,11 @@ REGION_TAGS = {
 }
 #: geometry kind -> result type of a labelled region of that kind
 LABELLED_TYPE = {"brush": "brushlabels", "polygon": "polygonlabels", "rectangle": "rectanglelabels"}
+#: control tags (lower case) that can mark an object for a polygon/brush control (``smartOnly="true"``) -> kind
+PROMPT_TAGS = {"rectanglelabels": "rectangle", "rectangle": "rectangle",
+               "keypointlabels": "keypoint", "keypoint": "keypoint"}
+#: region kinds a prompt control's answer can take, in order of preference
+PROMPTED_KINDS = ("polygon", "brush")
 
 
 class LabelConfigError(ValueError):
@@ -39,10 +48,18 @@ class RegionControl:
     to_name: str  # the <Image> it draws on
     labels: tuple[str, ...]  # vocabulary (may be empty for a plain tool without <Labels>)
     labels_control: str | None  # name of the control whose result carries the label (None: cannot carry one)
+    #: prompt controls only: the polygon/brush control whose region answers a box or clicks drawn with this one
+    answers_as: RegionControl | None = None
 
     @property
     def labelled_type(self) -> str:
         return LABELLED_TYPE[self.kind]
+
+    @property
+    def output(self) -> RegionControl:
+        """The control whose region type, vocabulary and labels control the answer takes (itself, or the
+        polygon/brush control a prompt control marks objects for)."""
+        return self.answers_as or self
 
 
 @dataclass(frozen=True)
@@ -132,6 +149,7 @@ def parse_label_config(xml: str, extra_labels: tuple[str, ...] = ()) -> ProjectC
         labels = tuple(dict.fromkeys(lab for lab in labels if lab and lab.strip()))
         controls[c.name] = RegionControl(c.name, tag, kind, to_name, labels, labels_control)
 
+    controls.update(_prompt_controls(li, images, controls))
     if not controls:
         raise LabelConfigError(
             "the label config has no region control on an <Image>: use BrushLabels, PolygonLabels or "
@@ -141,6 +159,25 @@ def parse_label_config(xml: str, extra_labels: tuple[str, ...] = ()) -> ProjectC
             "no label vocabulary: add <Label value=...> children to the region control (or a <Labels> "
             "control on the same image), or set MASKINV_LABELS")
     return ProjectConfig(xml, controls, captions, images, li)
+
+
+def _prompt_controls(li: object, images: dict[str, ImageObject], controls: dict[str, RegionControl]
+                     ) -> dict[str, RegionControl]:
+    """``smartOnly`` rectangle / keypoint controls on an image with a polygon or brush control, each answering as
+    the first such control (polygon before brush) of its image."""
+    out: dict[str, RegionControl] = {}
+    for c in li.controls:  # type: ignore[attr-defined]
+        tag = c.tag.lower()
+        if tag not in PROMPT_TAGS or str(c.attr.get("smartOnly", "")).lower() != "true":
+            continue
+        for to_name in (t for t in (c.to_name or []) if t in images):
+            target = next((t for kind in PROMPTED_KINDS for t in controls.values()
+                           if t.kind == kind and t.to_name == to_name and t.answers_as is None), None)
+            if target is not None:
+                out[c.name] = RegionControl(c.name, tag, PROMPT_TAGS[tag], to_name, target.labels,
+                                            target.labels_control, answers_as=target)
+                break
+    return out
 
 
 class ConfigCache:

@@ -10,7 +10,14 @@ Every labelled region is returned with the id, geometry and type it came with:
   with the same id whose text is the caption.
 
 A plain tool without any labels control (vocabulary from MASKINV_LABELS) keeps its type and gets the label
-only in ``meta.text`` (and the caption). The task-level ``score`` is the lowest region score, so Label
+only in ``meta.text`` (and the caption).
+
+A box or clicks drawn with a prompt control (a ``smartOnly`` Rectangle / KeyPoint in a polygon or brush project)
+are answered as a region of that polygon/brush control, with the same id (accepting the suggestion replaces the
+box): its geometry outlines the object mask the worker refined from the prompt (``meta["mask"]``), or, from a
+worker that sent none, the box itself (a 4-point polygon) or the clicks' discs. ``meta.refined_by`` says which.
+
+The task-level ``score`` is the lowest region score, so Label
 Studio's active-learning ordering puts uncertain tasks first.
 """
 
@@ -22,8 +29,8 @@ from typing import Any
 from worker.protocol import LabelScore, RegionResult, decode_mask
 
 from backend.labelstudio.label_config import ProjectConfig, RegionControl
-from backend.labelstudio.region_output import geometry_value
-from backend.labelstudio.regions import Region
+from backend.labelstudio.region_output import OutputError, box_polygon_value, geometry_value
+from backend.labelstudio.regions import Region, RegionError, rectangle_corners, region_geometry, region_mask
 
 #: value keys that hold labels rather than geometry
 LABEL_VALUE_KEYS = frozenset({"brushlabels", "polygonlabels", "rectanglelabels", "labels", "text", "choices"})
@@ -75,10 +82,39 @@ def region_results(region: Region, res: RegionResult, cfg: ProjectConfig) -> lis
     """Result items for one successfully labelled region (``res``: labels best-first, caption)."""
     item = region.item
     frame = {k: item[k] for k in FRAME_KEYS if k in item}
-    geometry = {k: v for k, v in item["value"].items() if k not in LABEL_VALUE_KEYS}
     meta: dict[str, Any] = {"text": [alternatives_text(res.labels)]}
     meta.update(uncertainty_meta(res.meta))
-    return _labelled_items(region.control, cfg, res, region.id, geometry, float(res.labels[0].score), meta, frame)
+    if region.control.answers_as is not None:
+        geometry, refined_by = outlined_geometry(region, res)
+        meta["refined_by"] = refined_by
+        meta["text"].append(f"outlined by MaskInversion from the {region.kind} ({refined_by})")
+    else:
+        geometry = {k: v for k, v in item["value"].items() if k not in LABEL_VALUE_KEYS}
+    return _labelled_items(region.control.output, cfg, res, region.id, geometry, float(res.labels[0].score), meta,
+                           frame)
+
+
+def outlined_geometry(region: Region, res: RegionResult) -> tuple[dict[str, Any], str]:
+    """The polygon/brush value (geometry only) answering a prompt control's box or clicks, and how it was made:
+    the worker's refined mask (``meta["mask"]``, ``meta["refined_by"]``), else ``"box"`` (the box's corners as a
+    polygon, the box's or the clicks' mask as a brush). Raises RegionError when neither can be written."""
+    kind = region.control.output.kind
+    mask = res.meta.get("mask")
+    if isinstance(mask, Mapping):
+        try:
+            full = decode_mask(dict(mask))
+            width, height = region_geometry(region, (full.shape[1], full.shape[0]))
+            refined_by = str(res.meta.get("refined_by") or "?")
+            return geometry_value(kind, full, width, height), refined_by
+        except (ValueError, KeyError, TypeError, OutputError):  # malformed or empty: the prompt itself
+            pass
+    width, height = region_geometry(region, None)
+    if kind == "polygon" and region.kind == "rectangle":
+        return box_polygon_value(rectangle_corners(region.value, 100, 100)), "box"
+    try:
+        return geometry_value(kind, region_mask(region, None, max(width, height)), width, height), "box"
+    except OutputError as exc:
+        raise RegionError(f"cannot outline the {region.kind}: {exc}") from None
 
 
 def proposal_score(res: RegionResult) -> float:

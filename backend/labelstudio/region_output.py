@@ -8,6 +8,10 @@
 
 A proposal's mask may come at any resolution (the worker's S×S input frame): it covers the whole image, so
 percent coordinates are read directly from it; brush masks are resized to the natural size first.
+
+A box drawn with a prompt control (a smart rectangle in a polygon/brush project) is answered with the object's
+mask the worker refined from it (:func:`geometry_value`); a worker that sent none leaves the box itself, as a
+4-point polygon (:func:`box_polygon_value`) or a brush mask of the box.
 """
 
 from __future__ import annotations
@@ -98,6 +102,14 @@ def geometry_value(kind: str, mask: np.ndarray, width: int, height: int) -> dict
     if kind == "rectangle":
         return rectangle_value(mask)
     raise OutputError(f"unknown region kind {kind!r}; known: brush, polygon, rectangle")
+
+
+def box_polygon_value(corners: list[tuple[float, float]]) -> dict[str, Any]:
+    """``{"points": [[x%, y%], ...]}``: a (possibly rotated) box's corners, given in percent, clipped to the image."""
+    if len(corners) != 4:
+        raise OutputError(f"a box has 4 corners, got {len(corners)}")
+    return {"points": [[round(min(100.0, max(0.0, float(x))), 4), round(min(100.0, max(0.0, float(y))), 4)]
+                       for x, y in corners]}
 
 
 def _pct(v: float, total: int) -> float:

@@ -7,7 +7,14 @@ Conventions (Label Studio image results):
   around the top-left corner (on screen, y pointing down);
 * polygons: ``points`` = ``[[x, y], ...]`` (closed, at least 3 points);
 * brush: ``format: "rle"``, ``rle`` = Label Studio's RLE of the RGBA image ``[H, W, 4]`` (the mask is the alpha
-  channel), decoded with label-studio-sdk's brush helpers.
+  channel), decoded with label-studio-sdk's brush helpers;
+* keypoints (only of a prompt control, backend.labelstudio.label_config): ``x, y`` percentages; Label Studio's
+  smart keypoint tool sends every keypoint drawn with it since the last accept/reject (``is_positive`` false for
+  an Alt-click), so the positive keypoints of one control form one region whose id is the first keypoint's, and
+  whose mask is a disc of ``KEYPOINT_RADIUS`` around each click.
+
+A region of a prompt control also has a prompt (:func:`region_prompt`): the box (``{"box": [x0, y0, x1, y1]}``)
+or the clicks (``{"points": [[x, y], ...]}``) in pixels of the image, from which the worker outlines the object.
 
 Polygons and rectangles are rasterised with Pillow. Masks larger than ``max_side`` on their long side are
 rasterised (or, for brush masks, downscaled) to ``max_side``: the worker resizes every mask to the model
@@ -23,7 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from backend.labelstudio.label_config import REGION_TAGS, ProjectConfig, RegionControl
+from worker.protocol import MAX_PROMPT_POINTS
+
+from backend.labelstudio.label_config import PROMPT_TAGS, REGION_TAGS, ProjectConfig, RegionControl
 
 #: accepted range of positions (polygon points, rectangle x/y), percent of the frame: Label Studio keeps them in
 #: [0, 100]; a little slack absorbs round-off
@@ -37,6 +46,10 @@ MAX_POLYGON_POINTS = 100_000
 MAX_RLE_BYTES = 4 * 1024 * 1024
 #: default cap on a region frame's pixels (= the image pixel cap, MASKINV_MAX_IMAGE_PIXELS)
 DEFAULT_MAX_PIXELS = 50_000_000
+#: radius of a click's disc in the mask sent with a keypoint prompt, share of the frame's long side
+KEYPOINT_RADIUS = 0.02
+#: result type (lower case) -> geometry kind, prompt controls' types included
+CONTROL_KINDS = {**REGION_TAGS, **PROMPT_TAGS}
 
 #: result types that carry no geometry of their own (per-region attributes, classification, relations)
 ATTRIBUTE_TYPES = frozenset({"textarea", "choices", "rating", "number", "datetime", "taxonomy", "labels",
@@ -54,6 +67,7 @@ class Region:
     id: str
     control: RegionControl
     item: dict[str, Any]  # the geometry result item, as received
+    members: tuple[dict[str, Any], ...] = ()  # keypoint prompts: the further keypoints of the same object
 
     @property
     def kind(self) -> str:
@@ -94,27 +108,55 @@ def collect_regions(results: Any, cfg: ProjectConfig) -> tuple[list[Region], lis
         if rid is None:
             problems.append(RegionProblem(None, f"result item {k} ({rtype or 'no type'}) has no region id"))
             continue
-        if rtype not in REGION_TAGS:
+        if rtype not in CONTROL_KINDS:
             problems.append(RegionProblem(rid, f"unsupported region type {rtype or '(missing)'!r}: supported are "
                                                "brushlabels, polygonlabels, rectanglelabels, brush, polygon, "
-                                               "rectangle"))
+                                               "rectangle (and keypoints of a smartOnly KeyPoint control)"))
             continue
         control = _control_for(item, rtype, cfg)
         if control is None:
+            hint = (": keypoints are labelled only as prompts, from a KeyPoint(Labels) control with "
+                    'smartOnly="true" on an image that has a PolygonLabels or BrushLabels control'
+                    if CONTROL_KINDS[rtype] == "keypoint" else "")
             problems.append(RegionProblem(rid, f"region control {item.get('from_name')!r} of type {rtype!r} is not in "
-                                               "the label config"))
+                                               f"the label config{hint}"))
             continue
         if not isinstance(item.get("value"), dict):
             problems.append(RegionProblem(rid, "region has no 'value' object"))
+            continue
+        if control.kind == "keypoint":
+            _add_keypoint(regions, problems, rid, control, item)
             continue
         regions.setdefault(rid, Region(rid, control, item))
     return list(regions.values()), problems
 
 
+def _positive(item: dict[str, Any]) -> bool:
+    """Whether a keypoint is a positive click (Label Studio marks an Alt-click ``is_positive: false``)."""
+    return item.get("is_positive") is not False
+
+
+def _add_keypoint(regions: dict[str, Region], problems: list[RegionProblem], rid: str, control: RegionControl,
+                  item: dict[str, Any]) -> None:
+    """Add a keypoint to its control's region (the first positive keypoint of that control opens it); negative
+    clicks are left out (the prompt holds positive clicks only)."""
+    key = f"keypoints of {control.name}"
+    if not _positive(item):
+        return
+    first = regions.get(key)
+    if first is None:
+        regions[key] = Region(rid, control, item)
+    elif len(first.members) + 1 >= MAX_PROMPT_POINTS:
+        problems.append(RegionProblem(rid, f"more than {MAX_PROMPT_POINTS} keypoints mark one object; "
+                                           "this one is left out"))
+    else:
+        regions[key] = Region(first.id, control, first.item, (*first.members, item))
+
+
 def _control_for(item: dict, rtype: str, cfg: ProjectConfig) -> RegionControl | None:
     from_name = item.get("from_name")
     control = cfg.control(from_name) if isinstance(from_name, str) else None
-    kind = REGION_TAGS[rtype]
+    kind = CONTROL_KINDS[rtype]
     if control is not None:
         return control if control.kind == kind else None
     # merged result of a generic <Labels> control + plain tool: from_name is the Labels control
@@ -181,6 +223,8 @@ def _region_mask(region: Region, image_size: tuple[int, int] | None, max_side: i
     else:
         scale = min(1.0, max_side / max(width, height))
         w, h = max(1, round(width * scale)), max(1, round(height * scale))
+        if region.kind == "keypoint":
+            return _discs([(x * w / width, y * h / height) for x, y in keypoints(region, width, height)], w, h)
         if region.kind == "polygon":
             pts = polygon_points(region.value, width, height)
         else:
@@ -207,6 +251,52 @@ def polygon_points(value: dict, width: int, height: int) -> list[tuple[float, fl
     if len(out) < 3:
         raise RegionError(f"polygon needs at least 3 points, got {len(out)}")
     return out
+
+
+def keypoints(region: Region, width: int, height: int) -> list[tuple[float, float]]:
+    """The clicks of a keypoint region (its first keypoint and its members) in pixels of a ``width`` x ``height``
+    frame."""
+    out = []
+    for k, item in enumerate((region.item, *region.members)):
+        value = item.get("value")
+        if not isinstance(value, dict):
+            raise RegionError(f"keypoint {k} has no 'value' object")
+        out.append((_num(value.get("x"), f"keypoint {k} x", 0.0, 100.0) * width / 100.0,
+                    _num(value.get("y"), f"keypoint {k} y", 0.0, 100.0) * height / 100.0))
+    return out
+
+
+def _discs(points: list[tuple[float, float]], width: int, height: int) -> np.ndarray:
+    """Bool ``[height, width]``: a disc of ``KEYPOINT_RADIUS`` of the long side (at least 2 px) around each point."""
+    r = max(2.0, KEYPOINT_RADIUS * max(width, height))
+    canvas = Image.new("1", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for x, y in points:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def region_prompt(region: Region, image_size: tuple[int, int] | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any] | None:
+    """The prompt a region gives the worker, in pixels of the image (``image_size`` = (W, H); default: the
+    region's frame): ``{"box": [x0, y0, x1, y1]}`` for a rectangle (the bounding box of a rotated one, clipped
+    to the image), ``{"points": [[x, y], ...]}`` for keypoints, None for polygons and brush strokes.
+    Raises RegionError for malformed geometry."""
+    if region.kind not in ("rectangle", "keypoint"):
+        return None
+    width, height = region_geometry(region, image_size, max_pixels)
+    sx, sy = (image_size[0] / width, image_size[1] / height) if image_size and min(image_size) > 0 else (1.0, 1.0)
+    bound_w, bound_h = width * sx, height * sy
+    if region.kind == "keypoint":
+        return {"points": [[round(min(bound_w, x * sx), 3), round(min(bound_h, y * sy), 3)]
+                           for x, y in keypoints(region, width, height)]}
+    corners = rectangle_corners(region.value, width, height)
+    xs = [min(bound_w, max(0.0, x * sx)) for x, _ in corners]
+    ys = [min(bound_h, max(0.0, y * sy)) for _, y in corners]
+    box = [round(min(xs), 3), round(min(ys), 3), round(max(xs), 3), round(max(ys), 3)]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise RegionError(f"the rectangle covers no pixel of the {width} x {height} image")
+    return {"box": box}
 
 
 def rectangle_corners(value: dict, width: int, height: int) -> list[tuple[float, float]]:

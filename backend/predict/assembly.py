@@ -13,6 +13,7 @@ from worker.protocol import ProtocolError, RegionResult
 from backend.dispatch import LabelOutcome
 from backend.labelstudio.label_config import ProjectConfig
 from backend.labelstudio.predictions import region_results, task_prediction
+from backend.labelstudio.regions import RegionError
 from backend.predict.plan import TaskPlan
 from backend.service import PredictError
 
@@ -52,7 +53,11 @@ def task_answer(plan: TaskPlan, outcomes: list[LabelOutcome], cfg: ProjectConfig
             if res.error or not res.labels:
                 plan.error(r.id, res.error or "no label scores for this region", outcome.kind or "rejected")
                 continue
-            results.extend(region_results(r, res, cfg))
+            try:
+                results.extend(region_results(r, res, cfg))
+            except RegionError as exc:  # a prompt's outline that cannot be written (backend.labelstudio.predictions)
+                plan.error(r.id, str(exc), "region")
+                continue
             scores.append(float(res.labels[0].score))
     diagnostics = {"source": plan.source, "regions": plan.n_regions, "labelled": len(scores),
                    "errors": plan.errors, "jobs": jobs, "model": model}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.dispatch import QUEUE_UNAVAILABLE
-from backend.labelstudio.regions import Region
+from backend.labelstudio.regions import Region, region_prompt
 from backend.learning.learner import LearningError, project_id
 from backend.service import PredictError
 from backend.settings import Settings
@@ -32,6 +32,18 @@ class TaskPlan:
             self.errors.append({"region": region, "error": message, "kind": "failed", "code": QUEUE_UNAVAILABLE})
             return
         self.errors.append({"region": region, "error": message, "kind": kind})
+
+
+def job_prompt(region: Region, image_size: tuple[int, int] | None, max_pixels: int) -> dict[str, Any]:
+    """What a region adds to its entry in the label job besides id and mask: ``{}`` for polygons and brush
+    strokes; ``{"prompt": {"box": ...} | {"points": ...}, "refine": bool}`` for rectangles and keypoints (pixels of
+    the ``image_size`` = (W, H) image). ``refine`` is true for a prompt control's box or clicks (the worker turns
+    them into the object's mask, which the answer outlines) and false for a rectangle labelled as drawn (a worker
+    may still refine it before inversion; its geometry is never changed). Raises RegionError."""
+    prompt = region_prompt(region, image_size, max_pixels)
+    if prompt is None:
+        return {}
+    return {"prompt": prompt, "refine": region.control.answers_as is not None}
 
 
 def check_tasks(tasks: Any, settings: Settings) -> list[dict[str, Any]]:

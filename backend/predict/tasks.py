@@ -39,7 +39,8 @@ from backend.labelstudio.label_config import ProjectConfig
 from backend.labelstudio.regions import Region, RegionError, collect_regions, region_mask
 from backend.predict.assembly import STATUS, SEVERITY, interactive_failure, task_answer
 from backend.predict.fetch import ImageFetch, fetch_all
-from backend.predict.plan import TaskPlan, check_tasks, example_project, is_interactive, task_data, task_regions
+from backend.predict.plan import (TaskPlan, check_tasks, example_project, is_interactive, job_prompt, task_data,
+                                  task_regions)
 from backend.predict.propose import decide, propose_answers, split_override, untouched
 from backend.service import PredictError, Service
 from backend.settings import Settings
@@ -134,7 +135,7 @@ def _label_requests(settings: Settings, fetches: list[ImageFetch], params: Inver
             for r in f.regions:
                 f.plan.error(r.id, f.error, f.error_kind)
             continue
-        masks, ok = [], []
+        masks, ok, prompts = [], [], []
         for r in f.regions:
             if mask_pixels >= settings.max_mask_pixels:
                 f.plan.error(r.id, f"the request's masks exceed MASKINV_MAX_MASK_MPIX="
@@ -142,7 +143,9 @@ def _label_requests(settings: Settings, fetches: list[ImageFetch], params: Inver
                              "limit")
                 continue
             try:
+                prompt = job_prompt(r, f.size, settings.max_image_pixels)  # box or clicks (RegionError first)
                 masks.append(region_mask(r, f.size, settings.mask_max_side, settings.max_image_pixels))
+                prompts.append(prompt)
                 ok.append(r)
                 mask_pixels += masks[-1].size
             except RegionError as exc:
@@ -151,7 +154,7 @@ def _label_requests(settings: Settings, fetches: list[ImageFetch], params: Inver
                 log.exception("region %s of task %s", r.id, f.plan.task_id)
                 f.plan.error(r.id, f"malformed {r.kind} region: {exc.__class__.__name__}: {str(exc)[:200]}", "region")
         if ok:
-            requests.append(LabelRequest(f.blob, masks, list(f.vocab), params))
+            requests.append(LabelRequest(f.blob, masks, list(f.vocab), params, prompts=prompts))
             f.plan.groups.append((len(requests) - 1, ok))
     return requests
 

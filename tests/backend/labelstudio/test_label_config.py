@@ -34,7 +34,10 @@ def test_all_shipped_configs_are_tested():
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_config_parses(name):
     cfg = parse_label_config((CONFIGS / f"{name}.xml").read_text())
-    assert list(cfg.region_controls) == ["label"]
+    assert [n for n, c in cfg.region_controls.items() if c.answers_as is None] == ["label"]
+    # polygon and brush projects: Label Studio's smart box and keypoint mark objects for the labelled control
+    prompts = {n: c.answers_as.name for n, c in cfg.region_controls.items() if c.answers_as is not None}
+    assert prompts == ({} if name == "rectangle" else {"box": "label", "point": "label"})
     control = cfg.control("label")
     assert control.tag == SHIPPED[name] and control.to_name == "image" and control.labels_control == "label"
     assert len(control.labels) >= 5 and "dog" in control.labels
