@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
+
+from worker.proposals.pipeline import image_keys as pipeline_image_keys
 
 from worker.protocol.prompts import RegionPrompt, box_mask, prompt_mask
 from worker.refine.grabcut import grabcut
@@ -87,6 +90,8 @@ class Refiner:
         self.sam = sam
         self.engine = engine
         self.sam_name = sam_name
+        #: the patch keys of the last image and size the seeds were computed on (a job's regions share an image)
+        self._keys: tuple[Image.Image, int, tuple[torch.Tensor, int]] | None = None
 
     @classmethod
     def from_settings(cls, settings: RefineSettings, engine: Any, device: Any = "cpu") -> "Refiner":
@@ -118,6 +123,12 @@ class Refiner:
             sig += f";sam={self.sam_name}"
         return sig + (";boxes=sam" if self.boxes == "sam" else "")
 
+    def image_keys(self, image: Image.Image, size: int) -> tuple[torch.Tensor, int]:
+        """The image's last-block patch keys and grid side at ``size``, computed once per image object."""
+        if self._keys is None or self._keys[0] is not image or self._keys[1] != size:
+            self._keys = (image, size, pipeline_image_keys(self.engine, image, size))
+        return self._keys[2]
+
     def run(self, method: str, image: Image.Image, prompt: RegionPrompt, size: int) -> np.ndarray:
         """One method's mask ``[H, W]`` for the prompt (no fallback)."""
         shape = (image.height, image.width)
@@ -128,7 +139,7 @@ class Refiner:
         if method == "seeds":
             if self.engine is None:
                 return np.zeros(shape, bool)
-            return seed_mask(self.engine, image, prompt, size)
+            return seed_mask(self.engine, image, prompt, size, keys=self.image_keys(image, size))
         if method == "grabcut":
             rgb = np.asarray(image.convert("RGB"))
             if prompt.box is not None:

@@ -67,19 +67,20 @@ def is_background(region: np.ndarray) -> bool:
 
 
 @torch.no_grad()
-def seed_mask(engine, image: ImageLike, prompt: RegionPrompt, size: int,
-              taus: Sequence[float] = TAUS) -> np.ndarray:
-    """Bool mask ``[H, W]`` of the object the prompt points at, from key-affinity seed regions at input ``size``
-    (one extra trunk forward); empty when no region fits."""
+def seed_mask(engine, image: ImageLike, prompt: RegionPrompt, size: int, taus: Sequence[float] = TAUS,
+              keys: tuple[torch.Tensor, int] | None = None) -> np.ndarray:
+    """Bool mask ``[H, W]`` of the object the prompt points at, from key-affinity seed regions at input ``size``;
+    empty when no region fits. ``keys``: the image's ``(patch keys [g², d], g)`` at ``size`` when known
+    (:func:`worker.proposals.pipeline.image_keys`, one extra trunk forward, otherwise made here)."""
     img, _ = open_image(image)
     shape = (img.height, img.width)
-    keys, g = image_keys(engine, img, size)
+    k, g = keys if keys is not None else image_keys(engine, img, size)
     if prompt.box is not None:
         bmask = box_mask(prompt.box, shape)
         if not bmask.any():
             return bmask
         best, best_fit = np.zeros(shape, bool), 0.0
-        for _, region in maskcut.seed_regions(keys, (g, g), taus, box_cells(prompt.box, shape, g)):
+        for _, region in maskcut.seed_regions(k, (g, g), taus, box_cells(prompt.box, shape, g)):
             if is_background(region):
                 continue
             pix = grid_to_image(region, shape)
@@ -90,7 +91,7 @@ def seed_mask(engine, image: ImageLike, prompt: RegionPrompt, size: int,
     out = np.zeros(shape, bool)
     seeds = [cell_of(x, y, shape, g) for x, y in prompt.points]
     by_seed: dict[int, np.ndarray] = {}
-    for seed, region in maskcut.seed_regions(keys, (g, g), taus, seeds):
+    for seed, region in maskcut.seed_regions(k, (g, g), taus, seeds):
         if seed not in by_seed and not is_background(region):
             by_seed[seed] = region
     for region in by_seed.values():
