@@ -4,6 +4,7 @@
     maskinv-search query --project 3 --project 7 --label valve --sources suggested proposed --max-score 0.5
     maskinv-search query --project 3 --example 3/12/a1b2 --example 3/15/c3d4     # project/task/region
     maskinv-search query --project 3 --coverage -k 50      # regions least like anything labelled
+    maskinv-search query --project 3 --text valve --to-label-studio  # hits as prediction set search:<digest>
     maskinv-search backfill 3 7 [--force] [--no-progress]  # index projects 3 and 7 from Label Studio
 
 It uses the backend's settings (``MASKINV_SEARCH_STORE``, ``MASKINV_DATA_DIR``, the model variables, and
@@ -26,7 +27,7 @@ from typing import Any, Sequence
 
 from backend.dispatch import DispatchError
 from backend.learning.learner import LearningError, project_id
-from backend.search.api import SearchUnavailable, answer
+from backend.search.api import LabelStudioAPIError, SearchUnavailable, answer
 from backend.search.backfill import BackfillReport, backfill_project
 from backend.search.records import SOURCES, SearchInputError
 from backend.service import Service
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--min-score", type=float)
     q.add_argument("--max-score", type=float)
     q.add_argument("--json", action="store_true", help="print the answer as JSON (default: a table)")
+    q.add_argument("--to-label-studio", action="store_true",
+                   help="also write the hits as prediction set search:<digest> of each project in Label Studio")
     b = sub.add_parser("backfill", help="index projects' annotations and predictions from Label Studio")
     b.add_argument("projects", nargs="+", help="Label Studio project ids")
     b.add_argument("--force", action="store_true", help="re-index tasks already in the index")
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def query_body(a: argparse.Namespace) -> dict[str, Any]:
-    body: dict[str, Any] = {"projects": a.project, "k": a.k}
+    body: dict[str, Any] = {"projects": a.project, "k": a.k, "to_label_studio": a.to_label_studio}
     if a.text is not None:
         body["text"] = a.text
     elif a.label is not None:
@@ -122,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.command == "query":
             doc = answer(service, query_body(a))
             print(json.dumps(doc, indent=1) if a.json else table(doc))
+            for written in doc.get("label_studio") or []:
+                print(f"Label Studio project {written['project']}: {written['regions']} region(s) in "
+                      f"{written['tasks']} task(s) as {written['model_version']} ({written['already']} already "
+                      f"there, {len(written['missing'])} missing)", file=sys.stderr)
             return 0
         status = 0
         client = service.learner._client()
@@ -132,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(rep.to_dict()))
             status = status or (1 if rep.failed else 0)
         return status
-    except (LearningError, DispatchError) as exc:  # LearningError before ValueError: it is one
+    except (LearningError, DispatchError, LabelStudioAPIError) as exc:  # LearningError is a ValueError
         print(f"maskinv-search: {exc}", file=sys.stderr)
         return 3
     except (SearchInputError, SearchUnavailable, ValueError) as exc:

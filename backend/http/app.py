@@ -266,6 +266,19 @@ def search_view():
         raise PredictError(404, str(exc)) from None
 
 
+def search_view():
+    """POST /search: regions of projects by text, example regions, a label's examples or coverage
+    (backend.search.api; caps in docs/security.md, "Region search")."""
+    try:
+        return jsonify(search_api.answer(_service(), _json_body()))
+    except search_api.SearchInputError as exc:
+        raise PredictError(400, str(exc)) from None
+    except search_api.SearchUnavailable as exc:
+        raise PredictError(404, str(exc)) from None
+    except search_api.LabelStudioAPIError as exc:
+        raise PredictError(502, str(exc)) from None
+
+
 VIEWS = {"_predict": predict_view, "_setup": setup_view, "health": health_view, "webhook": webhook_view,
          "_train": train_view, "_is_training": is_training_view, "get_version": versions_view}
 

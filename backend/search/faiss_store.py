@@ -99,6 +99,8 @@ class FaissSqliteStore:
         self._db.executescript(_SCHEMA)
         self._indexes: dict[str, _ModelIndex] = {}
         self._pids: dict[str, int] = {}
+        #: lists probed per IVF query (None: max(MIN_NPROBE, nlist / PROBE_DIVISOR))
+        self.nprobe: int | None = None
 
     # ------------------------------------------------------------------------------------------- writes
     def _pid(self, project: str, create: bool) -> int | None:
@@ -297,7 +299,7 @@ class FaissSqliteStore:
     def _params(self, mi: _ModelIndex, pid: int) -> Any:
         sel = faiss.IDSelectorRange(pid << PROJECT_SHIFT, (pid + 1) << PROJECT_SHIFT)
         if mi.trained_n:
-            nprobe = max(MIN_NPROBE, int(mi.index.nlist) // PROBE_DIVISOR)
+            nprobe = self.nprobe or max(MIN_NPROBE, int(mi.index.nlist) // PROBE_DIVISOR)
             return _faiss.SearchParametersIVF(sel=sel, nprobe=min(nprobe, int(mi.index.nlist))), sel
         return _faiss.SearchParameters(sel=sel), sel
 

@@ -1,0 +1,258 @@
+"""Region stores at scale: build time, disk, RSS, project-filtered top-10 latency (p50/p95) and recall@10 against
+exact search, for 10^4, 10^5, 10^6 regions of 512-d synthetic vectors.
+
+Vectors: unit rows of a mixture of 2000 Gaussian clusters (cluster centre + noise of the same norm), the way
+region embeddings group by what they show; seed 0. Regions belong to 10 projects, the largest holding 40 %;
+every query asks for the top 10 of that largest project (the hardest filter for an exact scan, and for graph
+indexes the one that prunes least). 200 queries from the same distribution, not in the index. Exact top-10 by
+numpy over the project's rows. Each (store, size) runs in its own process, so RSS (peak resident set of that
+process: data generation in chunks of 50 000 rows included) is the store's.
+
+    nice -n 10 .venv/bin/python benchmarks/search_stores.py --sizes 10000 100000 1000000
+        [--stores faiss_sqlite sqlite_vec pgvector] [--pg postgresql://postgres@127.0.0.1:5432/postgres]
+
+Writes benchmarks/results/search_stores.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backend.search.faiss_store import FaissSqliteStore  # noqa: E402
+from backend.search.records import RegionRecord, SearchFilter  # noqa: E402
+
+DIM = 512
+CLUSTERS = 2000
+PROJECTS = 10
+BIG_SHARE = 0.4
+QUERIES = 200
+K = 10
+CHUNK = 50_000
+MODEL = "bench-512"
+OUT = ROOT / "benchmarks" / "results"
+
+
+def _centres() -> np.ndarray:
+    c = np.random.default_rng(0).normal(size=(CLUSTERS, DIM)).astype(np.float32)
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def _draw(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
+    noise = rng.normal(size=(n, DIM)).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    x = centres[rng.integers(0, CLUSTERS, n)] + noise
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def chunks(n: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, project numbers [B], vectors [B, D]) of the n regions, deterministic."""
+    centres = _centres()
+    for start in range(0, n, CHUNK):
+        rng = np.random.default_rng(1000 + start // CHUNK)
+        b = min(CHUNK, n - start)
+        other = rng.integers(1, PROJECTS, b)
+        proj = np.where(rng.random(b) < BIG_SHARE, 0, other)
+        yield start, proj, _draw(rng, centres, b)
+
+
+def queries() -> np.ndarray:
+    return _draw(np.random.default_rng(7), _centres(), QUERIES)
+
+
+def exact(n: int) -> np.ndarray:
+    """Ids [Q, K] of the exact top-K within project 0."""
+    q = queries()
+    best_s = np.full((QUERIES, K), -np.inf, np.float32)
+    best_i = np.zeros((QUERIES, K), np.int64)
+    for start, proj, x in chunks(n):
+        ids = np.nonzero(proj == 0)[0]
+        s = q @ x[ids].T
+        s_all = np.concatenate([best_s, s], axis=1)
+        i_all = np.concatenate([best_i, ids[None, :].repeat(QUERIES, 0) + start], axis=1)
+        top = np.argsort(-s_all, axis=1)[:, :K]
+        best_s, best_i = np.take_along_axis(s_all, top, 1), np.take_along_axis(i_all, top, 1)
+    return best_i
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------------------------- stores
+def run_faiss_sqlite(n: int, work: Path) -> tuple[Callable[[np.ndarray], list[int]], dict[str, Any]]:
+    store = FaissSqliteStore(work)
+    for start, proj, x in chunks(n):
+        recs = [RegionRecord(model=MODEL, project=str(int(p)), task=start + i, region=str(start + i))
+                for i, p in enumerate(proj)]
+        store.upsert(recs, x)
+    store.search(queries()[0], SearchFilter(model=MODEL, projects=("0",)), K)  # builds the index
+    store.flush()
+    flt = SearchFilter(model=MODEL, projects=("0",))
+
+    def query(q: np.ndarray) -> list[int]:
+        return [h.record.task for h in store.search(q, flt, K)]
+
+    def set_nprobe(n: int | None) -> None:
+        store.nprobe = n
+    return query, {"disk_bytes": dir_bytes(work), "_nprobe": set_nprobe,
+                   "nlist": int(getattr(store._indexes[MODEL].index, "nlist", 0))}
+
+
+def run_sqlite_vec(n: int, work: Path) -> tuple[Callable[[np.ndarray], list[int]], dict[str, Any]]:
+    import sqlite3
+
+    import sqlite_vec
+
+    db = sqlite3.connect(work / "vec.sqlite3")
+    db.enable_load_extension(True)
+    sqlite_vec.load(db)
+    db.execute(f"CREATE VIRTUAL TABLE v USING vec0(project INTEGER PARTITION KEY, embedding float[{DIM}] "
+               "distance_metric=cosine)")
+    for start, proj, x in chunks(n):
+        db.executemany("INSERT INTO v (rowid, project, embedding) VALUES (?, ?, ?)",
+                       [(start + i, int(p), x[i].tobytes()) for i, p in enumerate(proj)])
+        db.commit()
+
+    def query(q: np.ndarray) -> list[int]:
+        rows = db.execute("SELECT rowid FROM v WHERE embedding MATCH ? AND k = ? AND project = 0",
+                          (q.astype(np.float32).tobytes(), K)).fetchall()
+        return [int(r[0]) for r in rows]
+    return query, {"disk_bytes": dir_bytes(work)}
+
+
+def run_pgvector(n: int, work: Path, url: str) -> tuple[Callable[[np.ndarray], list[int]], dict[str, Any]]:
+    from backend.search.pgvector_store import PgvectorStore
+
+    store = PgvectorStore(url, table_prefix="bench_regions")
+    store.drop_all()
+    for start, proj, x in chunks(n):
+        recs = [RegionRecord(model=MODEL, project=str(int(p)), task=start + i, region=str(start + i))
+                for i, p in enumerate(proj)]
+        store.upsert(recs, x)
+    store.build_index(MODEL, DIM)
+    flt = SearchFilter(model=MODEL, projects=("0",))
+
+    def query(q: np.ndarray) -> list[int]:
+        return [h.record.task for h in store.search(q, flt, K)]
+    stats = store.stats(DIM)
+    return query, {"disk_bytes": stats["bytes"], "server_rss_mb": stats["backend_rss_mb"],
+                   "_close": store.drop_all}
+
+
+def measure(query: Callable[[np.ndarray], list[int]], truth: np.ndarray) -> dict[str, float]:
+    lat, recall = [], []
+    for i, q in enumerate(queries()):
+        t = time.perf_counter()
+        got = query(q)
+        lat.append((time.perf_counter() - t) * 1000)
+        recall.append(len(set(got) & set(int(v) for v in truth[i])) / K)
+    return {"p50_ms": round(float(np.percentile(lat, 50)), 2), "p95_ms": round(float(np.percentile(lat, 95)), 2),
+            "recall10": round(float(np.mean(recall)), 4)}
+
+
+def one(store: str, n: int, pg: str, sweep: list[int]) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix=f"search-{store}-"))
+    try:
+        t0 = time.perf_counter()
+        if store == "faiss_sqlite":
+            query, info = run_faiss_sqlite(n, work)
+        elif store == "sqlite_vec":
+            query, info = run_sqlite_vec(n, work)
+        else:
+            query, info = run_pgvector(n, work, pg)
+        build_s = time.perf_counter() - t0
+        truth = exact(n)
+        close = info.pop("_close", None)
+        set_nprobe = info.pop("_nprobe", None)
+        sweep_rows = []
+        if set_nprobe and info.get("nlist"):
+            for nprobe in sweep:
+                set_nprobe(nprobe)
+                sweep_rows.append({"nprobe": nprobe, **measure(query, truth)})
+            set_nprobe(None)
+        out = {"store": store, "regions": n, "build_s": round(build_s, 1),
+               "disk_mb": round(info["disk_bytes"] / 2**20, 1), "rss_mb": round(rss_mb(), 1), **measure(query, truth)}
+        if info.get("nlist"):
+            out["nlist"] = info["nlist"]
+        if sweep_rows:
+            out["nprobe_sweep"] = sweep_rows
+        if "server_rss_mb" in info:
+            out["server_rss_mb"] = info["server_rss_mb"]
+        if close:
+            close()
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write(results: list[dict[str, Any]]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    doc = {"setup": {"dim": DIM, "clusters": CLUSTERS, "projects": PROJECTS, "filtered_project_share": BIG_SHARE,
+                     "queries": QUERIES, "k": K, "host": os.environ.get("BENCH_HOST", "2-core Xeon (AVX-512)")},
+           "results": results}
+    (OUT / "search_stores.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = ["| store | regions | build s | disk MB | RSS MB | p50 ms | p95 ms | recall@10 |", "|---" * 8 + "|"]
+    for r in results:
+        lines.append(f"| {r['store']} | {r['regions']:,} | {r['build_s']} | {r['disk_mb']} | {r['rss_mb']}"
+                     f"{' (+server ' + str(r['server_rss_mb']) + ')' if 'server_rss_mb' in r else ''} | {r['p50_ms']}"
+                     f" | {r['p95_ms']} | {r['recall10']:.3f} |")
+    for r in results:
+        for sw in r.get("nprobe_sweep", []):
+            lines.append(f"| {r['store']} (nprobe {sw['nprobe']} of {r['nlist']}) | {r['regions']:,} | | | | "
+                         f"{sw['p50_ms']} | {sw['p95_ms']} | {sw['recall10']:.3f} |")
+    (OUT / "search_stores.md").write_text(
+        "# Region stores at scale\n\nProject-filtered top-10 over 512-d synthetic region vectors (the filtered "
+        f"project holds {int(BIG_SHARE * 100)} % of the regions), {QUERIES} queries, recall@10 against exact "
+        f"search; {doc['setup']['host']}. Made by `benchmarks/search_stores.py`.\n\n" + "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--stores", nargs="+", default=["faiss_sqlite", "sqlite_vec"])
+    p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--sweep", type=int, nargs="*", default=[8, 16, 32, 64, 128],
+                   help="also measure the IVF store at these lists probed per query")
+    p.add_argument("--one", nargs=2, metavar=("STORE", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]), args.pg, args.sweep)))
+        return 0
+    prev = OUT / "search_stores.json"
+    results = json.loads(prev.read_text())["results"] if prev.exists() else []
+    for n in args.sizes:
+        for store in args.stores:
+            proc = subprocess.run([sys.executable, __file__, "--one", store, str(n), "--pg", args.pg, "--sweep",
+                                   *map(str, args.sweep)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{store} at {n}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(row, flush=True)
+            results = [r for r in results if (r["store"], r["regions"]) != (store, n)] + [row]
+            write(sorted(results, key=lambda r: (r["regions"], r["store"])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
