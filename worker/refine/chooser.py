@@ -4,7 +4,7 @@ fallbacks, and the signature of the choice that the result cache keys on.
 * ``refine: true`` regions: ``MASKINV_REFINE_METHOD`` (``auto``: SAM when a checkpoint is loaded, else
   :data:`DEFAULT_METHOD`, chosen by ``benchmarks/box_to_mask.py``);
 * rectangles sent with ``refine: false``: SAM before inversion when ``MASKINV_REFINE_BOXES=sam``;
-* a method that finds nothing usable (:func:`usable`) falls back to the next of :data:`FALLBACKS`, and in the
+* a method that fails or finds nothing usable (:func:`usable`) falls back to the next of :data:`FALLBACKS`, and in the
   end to the prompt's own mask (``refined_by: "box"``).
 
 Clicks have no box: GrabCut runs in the box of the clicks' seed region grown by :data:`CLICK_BOX_GROW` (a square
@@ -13,6 +13,7 @@ of :data:`CLICK_BOX_SHARE` of the image around the clicks when there is none).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -22,11 +23,14 @@ from PIL import Image
 
 from worker.proposals.pipeline import image_keys as pipeline_image_keys
 
+from worker.protocol.deadline import JobTimeout
 from worker.protocol.prompts import RegionPrompt, box_mask, prompt_mask
 from worker.refine.grabcut import grabcut
 from worker.refine.sam import SamRefiner
 from worker.refine.seeds import seed_mask
 from worker.settings import RefineSettings
+
+log = logging.getLogger(__name__)
 
 #: the method ``auto`` picks without SAM (benchmarks/results/box_to_mask.md)
 DEFAULT_METHOD = "grabcut"
@@ -153,7 +157,13 @@ class Refiner:
         """The prompt's object mask by ``method``, else by its fallbacks, else the prompt's own mask."""
         shape = (image.height, image.width)
         for m in (method, *FALLBACKS.get(method, ())):
-            mask = self.run(m, image, prompt, size)
+            try:
+                mask = self.run(m, image, prompt, size)
+            except JobTimeout:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a method that fails (e.g. SAM out of memory) is skipped
+                log.warning("refinement by %s failed, trying the next method: %s", m, exc)
+                continue
             if usable(mask, prompt, shape):
                 return Refined(mask.astype(bool), m)
         return Refined(prompt_mask(prompt, shape), "box")

@@ -66,6 +66,27 @@ def test_an_unusable_mask_falls_back_to_the_next_method_then_to_the_prompt():
     assert {"grabcut", "seeds", "sam", "box"} == set(REFINED_BY)
 
 
+class BrokenSam:
+    def __call__(self, image, prompt):
+        raise RuntimeError("CUDA out of memory")
+
+
+def test_a_failing_method_is_skipped_but_a_timeout_stops_the_job():
+    from worker.protocol.deadline import JobTimeout
+
+    img, obj = disc_scene()
+    done = Refiner("sam", sam=BrokenSam()).refine(Image.fromarray(img), BOX, "sam", 32)
+    assert done.refined_by == "grabcut" and iou(done.mask, obj) > 0.9
+    r = Refiner()
+
+    def late(*args):
+        raise JobTimeout("past the limit", 1.0)
+
+    r.run = late  # type: ignore[method-assign,assignment]
+    with pytest.raises(JobTimeout):
+        r.refine(Image.fromarray(img), BOX, "grabcut", 32)
+
+
 def test_usable_and_boxes():
     shape = (50, 60)
     tiny = np.zeros(shape, bool)
