@@ -18,6 +18,7 @@ from backend.dispatch import Dispatcher, make_dispatcher
 from backend.images.policy import FetchRefused, Origin
 from backend.images.fetch import ImageFetcher
 from backend.labelstudio.label_config import ConfigCache, LabelConfigError, ProjectConfig
+from backend.learning.events import MemoryEvents, RedisEvents
 from backend.learning.examples import ExampleStore, make_example_store
 from backend.learning.learner import Learner
 from backend.search.index import RegionIndex
@@ -77,6 +78,7 @@ class Service:
         #: region search (MASKINV_SEARCH_STORE; None: off); the store opens on first use
         self.search_index = (RegionIndex(settings.search_store, os.path.expanduser(settings.data_dir))
                              if settings.search_store != "off" else None)
+        self._events: MemoryEvents | RedisEvents | None = None
         self._lock = threading.Lock()
 
     def config(self, xml: object) -> ProjectConfig:
@@ -149,15 +151,36 @@ class Service:
 
     def project_version(self, cfg: ProjectConfig, params: InversionParams | None = None,
                         labels: list[str] | None = None, project: Any = None) -> str:
-        """The ``model_version`` of a project's predictions: :meth:`model_version` plus the ``-ex<digest>`` suffix
-        naming the project's example set (none without a project, with learning off, or without examples).
+        """The ``model_version`` of a project's predictions: :meth:`model_version` (model, inversion parameters,
+        label sets), the same whatever the project's examples, so accepting an annotation does not make Label
+        Studio treat every prediction as stale, and its score column keeps showing them. The example set a
+        prediction was scored with is in its regions' ``meta.examples_state`` (:meth:`examples_state`).
 
         ``/setup``, ``/predict``, background runs and ``maskinv-annotate`` all answer this string, so Label
         Studio's *Retrieve predictions* skips exactly the tasks that hold a prediction of the current version.
+        ``project`` is accepted for the callers' symmetry and does not change the answer.
         """
-        params = params or self.settings.params
-        suffix = self.learner.version_suffix(project, params) if project is not None and self.settings.learn else ""
-        return self.model_version(cfg, params, labels) + suffix
+        return self.model_version(cfg, params or self.settings.params, labels)
+
+    def examples_state(self, project: Any, params: InversionParams | None = None) -> str:
+        """``ex<8 hex>`` naming ``project``'s example set for the model and ``params`` (``""`` without examples or
+        with learning off): what the predictions carry in their regions' ``meta.examples_state``, so a curator
+        can tell predictions made before the latest examples (docs/learning.md, "Refreshing predictions")."""
+        if project is None or not self.settings.learn:
+            return ""
+        return self.learner.version_suffix(project, params or self.settings.params).lstrip("-")
+
+    def stamp_examples(self, answers: list[Any], state: str) -> list[Any]:
+        """Write ``state`` (:meth:`examples_state`) into every region's ``meta.examples_state`` of the predictions
+        in ``answers`` (in place; error answers and ``[]`` unchanged); returns ``answers``."""
+        if not state:
+            return answers
+        for answer in answers:
+            items = answer.get("result") if isinstance(answer, dict) else None
+            for item in items if isinstance(items, list) else []:
+                if isinstance(item, dict) and isinstance(item.get("meta", {}), dict):
+                    item.setdefault("meta", {})["examples_state"] = state
+        return answers
 
     def versions(self) -> list[str]:
         """Versions answered recently (newest first), for ``/versions``."""
@@ -214,7 +237,30 @@ class Service:
         return params, labels
 
     def health(self) -> dict[str, Any]:
-        return self.dispatcher.health()
+        """The dispatcher's health, plus the webhook events' outcome counts once an event came
+        (backend.learning.events)."""
+        info = self.dispatcher.health()
+        with self._lock:
+            events = self._events
+        if events is not None:
+            try:
+                info["webhooks"] = events.counts()
+            except Exception as exc:  # noqa: BLE001 - health must answer; Redis trouble is reported above
+                info["webhooks"] = {"error": exc.__class__.__name__}
+        return info
+
+    @property
+    def events(self) -> MemoryEvents | RedisEvents:
+        """The queue of webhook events handled after the answer (backend.learning.events), started on first use."""
+        learner = self.learner
+        with self._lock:
+            if self._events is None:
+                if self.settings.embedded:
+                    self._events = MemoryEvents(learner.handle_event, self.settings.webhook_queue)
+                else:
+                    self._events = RedisEvents(learner.handle_event, self.queue_connection(),
+                                               self.settings.redis_prefix, self.settings.webhook_queue)
+            return self._events
 
     def prepare_labels(self, cfg: ProjectConfig) -> None:
         """After ``/setup``: have the worker build the text prototypes of ``cfg``'s label sets in the background

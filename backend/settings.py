@@ -163,6 +163,12 @@ class Settings:
     search_store: str = "embedded"
     let_ttl_s: int = 7 * 24 * 3600
     max_examples: int = 20000
+    # regions submitted untouched from a prediction: projects whose ones are examples ("*": every project)
+    learn_predicted: tuple[str, ...] = ()
+    # webhook events waiting for their examples in this process (embedded mode; 0: handled before answering)
+    webhook_queue: int = 100
+    # make the backend's model version the project's prediction source in Label Studio (needs the API key)
+    select_version: bool = True
     # Proposals (batch mode): "auto" = tasks without any region get proposed regions; "off" = never
     proposals: str = "auto"
     max_proposals: int = 20
@@ -327,7 +333,24 @@ def _learning(env: Mapping[str, str]) -> dict[str, Any]:
         search_store=_search_store(env, "MASKINV_SEARCH_STORE"),
         let_ttl_s=_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0),
         max_examples=_int(env, "MASKINV_MAX_EXAMPLES", 20000, 1),
+        learn_predicted=_project_ids(env, "MASKINV_LEARN_PREDICTED"),
+        webhook_queue=_int(env, "MASKINV_WEBHOOK_QUEUE", 100, 0, 100000),
+        select_version=_bool(env, "MASKINV_SELECT_VERSION", True),
     )
+
+
+def _project_ids(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """``0``/``off``/empty: none; ``1``/``on``/``all``: every project (``("*",)``); else comma-separated
+    Label Studio project ids."""
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "off", "false", "no", "none"):
+        return ()
+    if raw in ("1", "on", "true", "yes", "all"):
+        return ("*",)
+    ids = tuple(x.strip() for x in raw.split(",") if x.strip())
+    if not ids or not all(x.isascii() and x.isdigit() and len(x) <= 18 for x in ids):
+        raise SettingsError(f"{name}={env.get(name, '')[:60]!r}: expected on, off or comma-separated project ids")
+    return ids
 
 
 def _proposals(env: Mapping[str, str]) -> dict[str, Any]:

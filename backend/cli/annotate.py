@@ -10,8 +10,9 @@ MASKINV_PROPOSALS=off says otherwise (``--proposals auto``, the default, leaves 
 MASKINV_PROPOSALS; ``on``/``off`` overrides both).
 
 It uses the backend's own settings (the same MASKINV_* environment as ``maskinv-backend``, so the model version it
-writes is the one ``/setup`` answers for the project, examples' ``-ex...`` suffix included): with REDIS_URL set it
-sends the jobs to the RQ queue served by ``maskinv-worker`` processes, else it runs the model in this process. Re-
+writes is the one ``/setup`` answers for the project): with REDIS_URL set it sends the jobs to the RQ queue served
+by ``maskinv-worker`` processes, else it runs the model in this process. Either way its run shows in ``GET /runs``
+of a backend with the same settings (Redis, or ``runs.sqlite3`` under MASKINV_DATA_DIR). Re-
 running it is safe: tasks that hold a prediction of the current model version are skipped; a killed run loses only
 the tasks it had in flight. Tasks that failed for a permanent reason (unusable image, bad geometry) are remembered
 in a small state file (``--state-dir``) and skipped by later runs unless ``--retry-failed``; transient failures
@@ -233,9 +234,11 @@ def _open_project(args: argparse.Namespace, settings: Any) -> tuple[Any, Any, An
 
 
 def _run_backend(service: Any, settings: Any, workers: int | None) -> tuple[Any, int]:
-    """The run store and the tasks in flight: embedded mode loads the model here (memory store, 2 tasks); queue
-    mode needs live workers that serve one model (Redis store, 2 tasks per worker)."""
-    from backend.runs.store import MemoryRunStore, RedisRunStore
+    """The run store and the tasks in flight: embedded mode loads the model here (SQLite store under
+    MASKINV_DATA_DIR, 2 tasks); queue mode needs live workers that serve one model (Redis store, 2 tasks per
+    worker). Both stores are the ones ``GET /runs`` of a backend with the same settings reads."""
+    from backend.runs.file_store import embedded_run_store
+    from backend.runs.store import RedisRunStore
 
     if settings.embedded:
         print("maskinv-annotate: embedded mode (REDIS_URL unset): loading the model in this process ...",
@@ -244,7 +247,8 @@ def _run_backend(service: Any, settings: Any, workers: int | None) -> tuple[Any,
             service.dispatcher.warm_up().result()
         except Exception as exc:  # noqa: BLE001
             raise CliFailure(3, f"the model failed to load: {exc}") from None
-        return MemoryRunStore(settings.max_run_records), workers or 2
+        # SQLite under MASKINV_DATA_DIR: the embedded backend's GET /runs shows this run
+        return embedded_run_store(settings.data_dir, settings.max_run_records), workers or 2
     registry = service.worker_registry()
     live = registry.live_models() if registry is not None else {}
     if not live:

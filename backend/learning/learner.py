@@ -22,7 +22,8 @@ a live run, ``tests/e2e/test_active_learning.py``):
 
 For every labelled region of a submitted annotation, its LET (``embed_regions`` job) is recorded as an example of
 each of its labels. Cancelled (skipped) annotations and unlabelled regions give no examples; predictions are
-never read.
+never read, and a region submitted exactly as a prediction proposed it (``origin: "prediction"``,
+backend.learning.origin) is no example unless the project opts in (MASKINV_LEARN_PREDICTED).
 
 An event obeys the limits of a /predict request: at most MASKINV_MAX_TASKS annotations, MASKINV_MAX_REGIONS
 regions per annotation, MASKINV_MAX_MASK_MPIX rasterised mask pixels in all; a region's labels must be labels
@@ -51,6 +52,7 @@ from backend.bounded_cache import BoundedCache
 from backend.learning.examples import Example, ExampleStore, ExampleStoreError, make_example_store
 from backend.labelstudio.label_config import LabelConfigError, ProjectConfig
 from backend.learning.fit import FIT_VERSION, fit_prototypes, vision_prototypes
+from backend.learning.origin import learns_untouched, untouched
 from backend.labelstudio.regions import Region, RegionError, collect_regions, region_mask
 from backend.search.index import RegionIndex, index_examples
 
@@ -136,10 +138,11 @@ class EventOutcome:
     reason: str = ""
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"annotation", "region", "error", "kind"}
     skipped_more: int = 0  # skipped beyond the SKIPPED_LISTED listed
+    untouched: int = 0  # regions submitted as a prediction proposed them (no examples, backend.learning.origin)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v not in ("", None, [])
-                and not (k == "skipped_more" and v == 0)}
+                and not (k in ("skipped_more", "untouched") and v == 0)}
 
 
 @dataclass
@@ -152,6 +155,7 @@ class Allowance:
     mask_pixels: int
     skipped: list[dict[str, Any]] = field(default_factory=list)
     skipped_more: int = 0
+    untouched: int = 0  # regions left out because they were submitted as predicted
 
     def skip(self, annotation: Any, region: str | None, error: str, kind: str) -> None:
         """Record (and log) what was left out: ``kind`` "limit" (a request limit), "label" or "region"."""
@@ -271,7 +275,7 @@ class Learner:
                 continue
             task = by_id.get(ann.get("task")) or (tasks[0] if len(tasks) == 1 and isinstance(tasks[0], dict) else None)
             try:
-                examples = self.annotation_examples(cfg, ann, task, allowance)
+                examples = self.annotation_examples(cfg, ann, task, allowance, project)
             except AnnotationSkipped:
                 continue
             changed += self.store.replace_annotation(project, str(ann["id"]), examples)
@@ -281,7 +285,8 @@ class Learner:
                  changed, len(allowance.skipped) + allowance.skipped_more)
         status = "stored" if changed else "skipped" if allowance.skipped else "unchanged"
         return EventOutcome(action, project, status, annotations=changed, examples=n_examples,
-                            skipped=allowance.skipped, skipped_more=allowance.skipped_more)
+                            skipped=allowance.skipped, skipped_more=allowance.skipped_more,
+                            untouched=allowance.untouched)
 
     def _config(self, xml: Any) -> ProjectConfig:
         if not isinstance(xml, str) or not xml.strip():
@@ -311,8 +316,10 @@ class Learner:
 
     # ------------------------------------------------------------------ annotations -> examples
     def annotation_examples(self, cfg: ProjectConfig, ann: dict[str, Any], task: dict[str, Any] | None,
-                            allowance: Allowance | None = None) -> list[Example]:
-        """Examples of one annotation: every labelled region's LET, once per label; none for a cancelled one.
+                            allowance: Allowance | None = None, project: str | None = None) -> list[Example]:
+        """Examples of one annotation: every labelled region's LET, once per label; none for a cancelled one,
+        none for a region submitted untouched from a prediction unless ``project`` opts in (MASKINV_LEARN_PREDICTED;
+        counted in the allowance's ``untouched``).
 
         Within ``allowance`` (default: one /predict request's); what is left out is recorded there. Raises
         AnnotationSkipped when the annotation is over a limit (MASKINV_MAX_REGIONS, MASKINV_MAX_MASK_MPIX).
@@ -332,7 +339,11 @@ class Learner:
         for p in problems:
             allowance.skip(ann.get("id"), p.id, p.error, "region")
         labelled = []
+        keep_untouched = learns_untouched(self.settings.learn_predicted, project)
         for r in regions:
+            if not keep_untouched and untouched(items, r.id):
+                allowance.untouched += 1
+                continue
             labs, refused = self.region_examples_labels(items, r)
             if refused:
                 allowance.skip(ann.get("id"), r.id, refused, "label")
@@ -411,11 +422,12 @@ class Learner:
                     seen.add(str(ann["id"]))
                     allowance = Allowance(self.settings.max_mask_pixels, outcome.skipped, outcome.skipped_more)
                     try:
-                        examples = self.annotation_examples(cfg, ann, t, allowance)
+                        examples = self.annotation_examples(cfg, ann, t, allowance, project)
                     except AnnotationSkipped:
                         continue
                     finally:
                         outcome.skipped_more = allowance.skipped_more
+                        outcome.untouched += allowance.untouched
                     self.store.replace_annotation(project, str(ann["id"]), examples)
                     index_examples(self.search_index, project, ann, t, examples)
                     n_ann += bool(examples)
@@ -514,6 +526,7 @@ class Learner:
                    "means": encode_vectors(means[has], "float32"), "counts": [int(c) for c in counts[has]]}
         self._protos.put(key, doc)
         return doc
+
 
 
 @contextlib.contextmanager

@@ -18,9 +18,10 @@ on; never with the hostname and token /setup sends), a batch ``/predict``
    Studio stores nothing for them);
 3. starts a background run (backend.runs.project_run) on those tasks: their jobs keep running (queue mode: the same
    deterministic job ids; embedded mode: the same in-process jobs), and each prediction is written into Label
-   Studio as it finishes, with the model version /setup answers for the project (examples' ``-ex...`` suffix
-   included), so a repeated *Retrieve predictions* skips those tasks. Tasks a live run holds are answered with
-   an error naming that run (never labelled twice). ``GET /runs`` shows the progress.
+   Studio as it finishes, with the model version /setup answers for the project (the example set it was
+   scored with in its regions' ``meta.examples_state``), so a repeated *Retrieve predictions* skips those
+   tasks. Tasks a live run holds are answered with an error naming that run (never labelled twice). ``GET
+   /runs`` shows the progress (embedded mode: also the runs of ``maskinv-annotate``, backend.runs.file_store).
 
 What a run writes is Label Studio's, not the request's: the run belongs to the request's project (its
 ``project`` field, ``"<id>.<timestamp>"``), labels each task as Label Studio has it (re-read through the API;
@@ -52,7 +53,8 @@ from backend.labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 from backend.predict.tasks import predict_tasks
 from backend.runs.project_run import ProjectRun, run_version
 from backend.predict.propose import split_override
-from backend.runs.store import ALIVE_TTL_S, MemoryRunStore, RedisRunStore, ResumeRecord, RunStore, claim_key, new_run_id
+from backend.runs.file_store import embedded_run_store
+from backend.runs.store import ALIVE_TTL_S, RedisRunStore, ResumeRecord, RunStore, claim_key, new_run_id
 from backend.service import PredictError, Service
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,8 @@ class RunManager:
     def __init__(self, service: Service):
         self.service = service
         settings = service.settings
-        if settings.embedded:
-            self.store: RunStore = MemoryRunStore(settings.max_run_records)
+        if settings.embedded:  # SQLite under MASKINV_DATA_DIR: maskinv-annotate's runs show too
+            self.store: RunStore = embedded_run_store(settings.data_dir, settings.max_run_records)
         else:
             self.store = RedisRunStore(service.queue_connection(), settings.redis_prefix,
                                        settings.job_timeout_s + 3600, settings.max_run_records)

@@ -157,7 +157,8 @@ def existing_versions(task: dict[str, Any]) -> set[str]:
 
 def run_version(service: Service, cfg: ProjectConfig, project: Any) -> str:
     """The model version ``/setup`` and ``/predict`` answer for ``project`` with its label config ``cfg``: the
-    service's version of the environment's parameters plus the project's example-set suffix (``-ex...``)."""
+    service's version of the environment's parameters (the same whatever the project's examples; the example set
+    a prediction used is in its regions' ``meta.examples_state``)."""
     return service.project_version(cfg, service.settings.params, None, project)
 
 
@@ -434,6 +435,7 @@ class ProjectRun:
             if self._has_version(tid):
                 return TaskOutcome(tid, "skipped", "a prediction of this model version was written meanwhile",
                                    "predicted")
+            self.service.stamp_examples([answer], self.service.examples_state(self.project_id))
             try:
                 self.api.create_prediction(tid, answer["result"], answer.get("score"), self.version)
             except LabelStudioAPIError as exc:

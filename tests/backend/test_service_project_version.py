@@ -1,5 +1,6 @@
 """One model version per project: /setup, /predict's top-level ``model_version``, background runs and
-maskinv-annotate answer the same string (Service.project_version), examples' ``-ex...`` suffix included."""
+maskinv-annotate answer the same string (Service.project_version), whatever the project's examples; the example
+set is named apart (Service.examples_state), in the predictions' regions' ``meta.examples_state``."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def service(monkeypatch) -> Service:
 
 @pytest.mark.parametrize("project, suffix", [("1.1700000000", SUFFIX), ("2.1700000000", "")])
 def test_setup_predict_background_and_annotate_answer_one_version(service, project, suffix):
+    """The version is the same with examples (project 1) as without (project 2): accepting annotations never makes
+    Label Studio treat the project's predictions as stale."""
     xml = config("rectangle")
     cfg = service.config(xml)
     client = create_app(service=service).test_client()
@@ -48,8 +51,9 @@ def test_setup_predict_background_and_annotate_answer_one_version(service, proje
     annotate = project_run.run_version(service, cfg, project.split(".")[0])
     params, labels = service.params(None)
     batch = service.project_version(cfg, params, labels, background._project_id(project))
-    assert setup.startswith("maskinversion-ViT-B-16/openai-") and setup.endswith(suffix)
-    assert predicted["model_version"] == annotate == batch == setup
+    assert setup.startswith("maskinversion-ViT-B-16/openai-") and "-ex" not in setup
+    assert predicted["model_version"] == annotate == batch == setup == service.model_version(cfg)
+    assert service.examples_state(project) == suffix.lstrip("-")
 
 
 def test_overrides_change_the_version_of_predict_and_background_alike(service):
@@ -60,4 +64,14 @@ def test_overrides_change_the_version_of_predict_and_background_alike(service):
     predicted = client.post("/predict", json=body).get_json()["model_version"]
     params, labels = service.params({"steps": 3})
     assert predicted == service.project_version(cfg, params, labels, "1") != service.project_version(cfg, project="1")
-    assert predicted.endswith(SUFFIX)
+    assert "-ex" not in predicted
+
+
+def test_stamp_examples_names_the_example_set_in_every_region_meta(service):
+    answers = [{"result": [{"id": "a", "meta": {"margin": 0.5}}, {"id": "b"}], "score": 0.4},
+               {"error": "image unreadable"}, []]
+    service.stamp_examples(answers, "ex12345678")
+    assert [r["meta"]["examples_state"] for r in answers[0]["result"]] == ["ex12345678"] * 2
+    assert answers[0]["result"][0]["meta"]["margin"] == 0.5 and answers[1] == {"error": "image unreadable"}
+    untouched = [{"result": [{"id": "a", "meta": {}}]}]
+    assert service.stamp_examples(untouched, "") == [{"result": [{"id": "a", "meta": {}}]}]

@@ -1,5 +1,6 @@
 """``maskinv-annotate`` (backend.cli.annotate) writes only into tasks of ``--project`` and under the model version
-``/setup`` answers for that project (examples' ``-ex...`` suffix included)."""
+``/setup`` answers for that project (the same with examples), and in embedded mode records its run under
+MASKINV_DATA_DIR, where the backend's ``GET /runs`` reads it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from backend.cli import annotate as annotate_cli
 from backend.learning import learner as learning
 
 from backend.runs import project_run
+from backend.runs.file_store import embedded_run_store
 from backend_support import FAST, TINY_MODEL_ENV, config, rect
 from fake_label_studio import FakeLabelStudio
 
@@ -30,6 +32,7 @@ def test_annotate_writes_only_the_projects_tasks_with_the_setup_version(monkeypa
     for k, v in {**FAST, **TINY_MODEL_ENV, "MASKINV_MODEL_VERSION": "maskinversion-cli-v1"}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("MASKINV_DATA_DIR", str(tmp_path / "data"))
     done: Future = Future()
     done.set_result(None)
     monkeypatch.setattr("backend.dispatch.embedded.EmbeddedDispatcher.warm_up", lambda self: done)
@@ -44,8 +47,10 @@ def test_annotate_writes_only_the_projects_tasks_with_the_setup_version(monkeypa
     code = annotate_cli.main(["--url", "http://ls.test", "--token", "t", "--project", "1", "--tasks", "1,2,50",
                               "--no-progress", "--state-dir", str(tmp_path), "--summary-json", str(summary)])
     assert code == 1  # task 50 failed: another project's
-    version = "maskinversion-cli-v1-ex12345678"
+    version = "maskinversion-cli-v1"
     assert api.preds == {1: [version], 2: [version]}
     out = json.loads(summary.read_text())
     assert out["model_version"] == version and out["labelled"] == 2 and out["failed"] == 1
     assert "task 50 belongs to project 2, not to project 1" in out["failures"][0]["reason"]
+    (run,) = embedded_run_store(str(tmp_path / "data"), 200).runs()
+    assert run["kind"] == "annotate" and run["state"] == "done" and run["done"] == 2 and run["failed"] == 1

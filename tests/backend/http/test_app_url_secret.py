@@ -24,7 +24,7 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 @pytest.fixture
 def secret_client(make_client, tmp_path):
-    return make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_URL_SECRET=SECRET)
+    return make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", MASKINV_URL_SECRET=SECRET)
 
 
 def test_bare_routes_are_404_and_store_nothing(secret_client):
@@ -59,8 +59,8 @@ def test_bare_health_says_only_up_and_ready(secret_client):
 
 
 def test_basic_auth_still_applies_but_webhooks_need_only_the_secret(make_client, tmp_path):
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_URL_SECRET=SECRET, BASIC_AUTH_USER="ls",
-                    BASIC_AUTH_PASS="pw")
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", MASKINV_URL_SECRET=SECRET,
+                    BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="pw")
     # Label Studio's annotation webhooks carry no credentials (webhooks/utils.py run_webhook_sync)
     hook = c.post(f"/{SECRET}/webhook", json=EVENT)
     assert hook.status_code == 200 and hook.get_json()["status"] == "stored", hook.get_json()
@@ -71,6 +71,6 @@ def test_basic_auth_still_applies_but_webhooks_need_only_the_secret(make_client,
 
 
 def test_without_a_secret_the_bare_routes_are_served(make_client, tmp_path):
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"))
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0")
     assert c.post("/webhook", json=EVENT).get_json()["status"] == "stored"
     assert predict(c, "rectangle", [task(5, annotations=[{"id": 9, "result": [rect("r")]}])]).status_code == 200

@@ -28,7 +28,7 @@ def examples(client, project: int = 1) -> dict:
 
 @pytest.fixture
 def learn_client(make_client, tmp_path):
-    return make_client(MASKINV_DATA_DIR=str(tmp_path / "data"))
+    return make_client(MASKINV_DATA_DIR=str(tmp_path / "data"), MASKINV_WEBHOOK_QUEUE="0")
 
 
 def test_created_annotation_records_each_labelled_region(learn_client):
@@ -76,7 +76,14 @@ def test_projects_are_isolated_and_other_events_ignored(learn_client):
     assert bad.status_code == 400 and "project id" in bad.get_json()["error"]
 
 
-def test_prediction_uses_examples_with_new_version_and_meta(learn_client):
+def state(prediction: dict) -> str | None:
+    """The example set a prediction was scored with (its regions' ``meta.examples_state``; one for all)."""
+    states = {(r.get("meta") or {}).get("examples_state") for r in prediction["result"]}
+    assert len(states) == 1, states
+    return states.pop()
+
+
+def test_prediction_uses_examples_keeps_the_version_and_names_the_example_set(learn_client):
     target = [rect("r1", labels=("car",))]
     before = predict(learn_client, "rectangle", [task(5, seed=3, annotations=[{"id": 99, "result": target}])]
                      ).get_json()
@@ -92,27 +99,29 @@ def test_prediction_uses_examples_with_new_version_and_meta(learn_client):
     after = predict(learn_client, "rectangle", [task(5, seed=3, annotations=[{"id": 99, "result": target}])]
                     ).get_json()
     pred = after["results"][0]
-    assert pred["model_version"] != v0 and pred["model_version"].startswith(v0 + "-ex")
+    # the version Label Studio compares stays; the example set is named where Label Studio compares nothing
+    assert pred["model_version"] == v0 and state(before["results"][0]) is None
+    assert state(pred).startswith("ex") and len(state(pred)) == 10
     best = pred["result"][0]
     assert best["value"]["rectanglelabels"] == ["dog"]
     assert best["meta"]["examples"] == 3
-    # a project without examples is scored by text alone (its version has no example suffix)
+    # a project without examples is scored by text alone (no example set named)
     body = {"tasks": [task(5, seed=3, annotations=[{"id": 99, "result": target}])],
             "label_config": config("rectangle"), "project": "8.1700000000"}
     other = learn_client.post("/predict", json=body).get_json()
-    assert other["results"][0]["model_version"] == v0
+    assert other["results"][0]["model_version"] == v0 and state(other["results"][0]) is None
 
 
 def test_examples_survive_a_restart(make_client, tmp_path):
     data = str(tmp_path / "data")
-    c1 = make_client(MASKINV_DATA_DIR=data)
+    c1 = make_client(MASKINV_DATA_DIR=data, MASKINV_WEBHOOK_QUEUE="0")
     c1.post("/webhook", json=created(11, [rect("a", labels=("car",))]))
-    c2 = make_client(MASKINV_DATA_DIR=data)
+    c2 = make_client(MASKINV_DATA_DIR=data, MASKINV_WEBHOOK_QUEUE="0")
     assert examples(c2)["labels"] == {"car": 1}
 
 
 def test_learning_can_be_turned_off(make_client, tmp_path):
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_LEARN="false")
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", MASKINV_LEARN="false")
     resp = c.post("/webhook", json=created(11, [rect("a", labels=("car",))]))
     assert resp.get_json()["status"] == "ignored"
 
@@ -121,7 +130,7 @@ def test_learning_can_be_turned_off(make_client, tmp_path):
 def test_examples_and_their_predictions_share_the_views(make_client, tmp_path, views):
     """MASKINV_EXAMPLE_VIEWS: examples are embedded from that many views, and a prediction that uses them is made
     the same way (a prototype only matches embeddings made like its examples); zero-shot predictions use one."""
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_EXAMPLE_VIEWS=views)
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", MASKINV_EXAMPLE_VIEWS=views)
     service = c.application.config["MASKINV_SERVICE"]
     sent: list = []
     label = service.dispatcher.label
@@ -134,18 +143,19 @@ def test_examples_and_their_predictions_share_the_views(make_client, tmp_path, v
     assert "views" not in key  # one- and two-view examples mix: a change of MASKINV_EXAMPLE_VIEWS keeps them
     after = predict(c, "rectangle", [task(5, seed=3, annotations=[{"id": 99, "result": target}])]).get_json()
     assert sent == [1, int(views)]
-    assert "-ex" in after["results"][0]["model_version"]
+    assert state(after["results"][0]).startswith("ex")
 
 
-def test_changing_the_views_keeps_the_examples_and_changes_the_version(make_client, tmp_path):
+def test_changing_the_views_keeps_the_examples_and_changes_the_example_state(make_client, tmp_path):
     data = str(tmp_path / "data")
     target = [rect("r1", labels=("car",))]
-    one = make_client(MASKINV_DATA_DIR=data, MASKINV_EXAMPLE_VIEWS="1")
+    one = make_client(MASKINV_DATA_DIR=data, MASKINV_WEBHOOK_QUEUE="0", MASKINV_EXAMPLE_VIEWS="1")
     one.post("/webhook", json=created(11, [rect("a", labels=("car",))]))
-    v1 = predict(one, "rectangle", [task(5, seed=3, annotations=[{"id": 99, "result": target}])]
-                 ).get_json()["results"][0]["model_version"]
-    two = make_client(MASKINV_DATA_DIR=data, MASKINV_EXAMPLE_VIEWS="2")  # restarted with two views
+    p1 = predict(one, "rectangle", [task(5, seed=3, annotations=[{"id": 99, "result": target}])]
+                 ).get_json()["results"][0]
+    two = make_client(MASKINV_DATA_DIR=data, MASKINV_WEBHOOK_QUEUE="0", MASKINV_EXAMPLE_VIEWS="2")  # restarted
     assert examples(two)["labels"] == {"car": 1}
-    v2 = predict(two, "rectangle", [task(5, seed=3, annotations=[{"id": 99, "result": target}])]
-                 ).get_json()["results"][0]["model_version"]
-    assert "-ex" in v1 and "-ex" in v2 and v1 != v2
+    p2 = predict(two, "rectangle", [task(5, seed=3, annotations=[{"id": 99, "result": target}])]
+                 ).get_json()["results"][0]
+    assert p1["model_version"] == p2["model_version"]
+    assert state(p1).startswith("ex") and state(p2).startswith("ex") and state(p1) != state(p2)

@@ -36,7 +36,7 @@ def skipped(answer: dict, kind: str) -> list[dict]:
 
 
 def test_an_annotation_over_max_regions_is_skipped_and_keeps_what_was_stored(make_client, tmp_path):
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_MAX_REGIONS="3")
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", MASKINV_MAX_REGIONS="3")
     first = c.post("/webhook", json=event([ann(11, [rect("a", labels=("car",))])], [task(1)], "ANNOTATION_CREATED"))
     assert first.get_json()["status"] == "stored"
     many = [rect(f"r{i}", x=2 + 5 * i, w=5, labels=("dog",)) for i in range(4)]
@@ -49,7 +49,7 @@ def test_an_annotation_over_max_regions_is_skipped_and_keeps_what_was_stored(mak
 
 
 def test_annotations_beyond_max_tasks_in_one_event_are_skipped(make_client, tmp_path):
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_MAX_TASKS="2")
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", MASKINV_MAX_TASKS="2")
     anns = [ann(10 + i, [rect("a", labels=("car",))], task_id=i + 1) for i in range(3)]
     body = c.post("/webhook", json=event(anns, [task(i + 1, seed=i) for i in range(3)])).get_json()
     assert body["annotations"] == 2
@@ -72,7 +72,7 @@ def _full_frame(rid: str, side: int = 1024) -> dict:
 
 def test_mask_pixels_of_one_event_are_bounded(make_client, tmp_path):
     """One full-frame mask of 1024 x 1024 fills MASKINV_MAX_MASK_MPIX=1: the next annotation is skipped whole."""
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_MAX_MASK_MPIX="1")
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", MASKINV_MAX_MASK_MPIX="1")
     anns = [ann(20, [_full_frame("a")], task_id=1), ann(21, [_full_frame("b")], task_id=2)]
     body = c.post("/webhook", json=event(anns, [_big_task(1), _big_task(2)])).get_json()
     (limit,) = skipped(body, "limit")
@@ -81,7 +81,7 @@ def test_mask_pixels_of_one_event_are_bounded(make_client, tmp_path):
 
 
 def test_labels_outside_the_vocabulary_are_not_examples(make_client, tmp_path):
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"))
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0")
     long_label = "x" * 100_000
     regions = [rect("a", labels=("car", "zebra")), rect("b", x=50, w=20, labels=(long_label,)),
                rect("c", x=5, w=10, labels=("dog",))]
@@ -94,7 +94,7 @@ def test_labels_outside_the_vocabulary_are_not_examples(make_client, tmp_path):
 
 
 def test_a_region_carries_a_bounded_number_of_labels(make_client, tmp_path):
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"))
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0")
     labels = tuple(f"label {i}" for i in range(19_991))
     body = c.post("/webhook", json=event([ann(11, [rect("a", labels=labels)])], [task(1)],
                                          "ANNOTATION_CREATED")).get_json()
@@ -106,7 +106,7 @@ def test_a_region_carries_a_bounded_number_of_labels(make_client, tmp_path):
 def test_extra_labels_belong_to_the_vocabulary(make_client, tmp_path):
     """A control without <Label> children takes its vocabulary from MASKINV_LABELS."""
     xml = '<View><Image name="image" value="$image"/><Rectangle name="label" toName="image"/></View>'
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_LABELS="zebra,okapi")
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", MASKINV_LABELS="zebra,okapi")
     region = rect("a", labels=())
     region["type"] = "rectangle"
     region["value"].pop("rectanglelabels")

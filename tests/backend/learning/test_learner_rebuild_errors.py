@@ -49,7 +49,7 @@ def fake_ls() -> Iterator[str]:
 
 @pytest.fixture
 def ls_client(make_client, tmp_path, fake_ls):
-    return make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), LABEL_STUDIO_URL=fake_ls,
+    return make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", LABEL_STUDIO_URL=fake_ls,
                        LABEL_STUDIO_API_KEY="token-xyz")
 
 

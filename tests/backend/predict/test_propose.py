@@ -126,13 +126,15 @@ def test_proposal_score_is_the_workers_ranking_score():
 def test_proposals_of_a_project_with_examples_use_them(make_client, tmp_path):
     """Proposals are labelled like drawn regions of their project: with its examples' prototypes (one view,
     MASKINV_EXAMPLE_VIEWS applies to drawn regions), the regions' meta say how many examples back their label,
-    and the prediction carries the project's ``-ex`` model version (what /setup answers)."""
+    and the prediction carries the project's model version (what /setup answers, the same with examples) and
+    its example set in the regions' ``meta.examples_state``."""
     from backend_support import rect
 
-    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), **SLOW_OK)
+    c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", **SLOW_OK)
     before = predict(c, "rectangle", [task(1, 1)]).get_json()["results"][0]
     assert "-ex" not in before["model_version"]
     assert all("examples" not in r["meta"] for r in before["result"] if r["type"] == "rectanglelabels")
+    assert all("examples_state" not in r.get("meta", {}) for r in before["result"])
     labels = parse_label_config(config("rectangle")).control("label").labels
     project = {"id": 1, "label_config": config("rectangle")}
     for i, lab in enumerate(labels):
@@ -146,7 +148,8 @@ def test_proposals_of_a_project_with_examples_use_them(make_client, tmp_path):
     run_jobs = service.dispatcher.run_jobs
     service.dispatcher.run_jobs = lambda fn, reqs, t: sent.extend(p for _, p in reqs) or run_jobs(fn, reqs, t)
     after = predict(c, "rectangle", [task(1, 1)]).get_json()["results"][0]
-    assert "-ex" in after["model_version"]
+    assert after["model_version"] == before["model_version"]
+    assert all(r["meta"]["examples_state"].startswith("ex") for r in after["result"])
     setup = c.post("/setup", json={"project": "1.1700000000", "schema": config("rectangle")}).get_json()
     assert setup["model_version"] == after["model_version"]
     (payload,) = sent

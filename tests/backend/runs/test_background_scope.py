@@ -163,15 +163,16 @@ def test_runs_at_once_are_capped_per_backend(monkeypatch, stub):
 
 
 def test_runs_write_the_model_version_setup_answers_for_the_project(monkeypatch, stub):
-    """With examples the project's version carries ``-ex...``; a run writes exactly that string."""
+    """With examples the project's version stays the one /setup answers; a run writes exactly that string."""
     from backend.learning import learner as learning
 
     monkeypatch.setattr(learning.Learner, "version_suffix",
                         lambda self, project, params: "-exabcdef12" if str(project).split(".")[0] == "1" else "")
     service, api = backend_with(monkeypatch)
     cfg = service.config(config("polygon"))
-    setup = service.model_version(cfg) + service.learner.version_suffix("1.1700000000", service.settings.params)
-    assert project_run.run_version(service, cfg, "1") == setup == VERSION + "-exabcdef12"
+    setup = service.project_version(cfg, project="1.1700000000")
+    assert project_run.run_version(service, cfg, "1") == setup == VERSION
+    assert service.examples_state("1") == "exabcdef12"
     request(service, [forged(1), forged(2)])
     wait_runs(service)
     assert api.preds == {1: [setup], 2: [setup]}

@@ -465,6 +465,9 @@ def test_a_live_run_keeps_its_resume_record_until_it_finishes(resuming, stub_pre
     run, taken, busy = mgr.start("1", [2, 3], api)
     assert len(taken) == 2 and busy == []
     assert mgr.store.resumable() == []  # alive: not for another backend to take
+    deadline = time.monotonic() + 10
+    while not stub_predict["calls"] and time.monotonic() < deadline:  # its heartbeat began (before any task)
+        time.sleep(0.01)
     mgr.store.end(run.run_id)  # as if its heartbeat had stopped: its record is there to be resumed
     assert mgr.store.resumable() == [run.run_id]
     release.set()

@@ -1,0 +1,52 @@
+"""The backend's model version becomes the project's prediction source in Label Studio (backend.runs
+.prediction_source) when the project's source is empty, an ML backend's title or an earlier version of ours; a
+source a curator chose otherwise is left alone."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from backend.labelstudio.api import LabelStudioAPI
+from backend.runs.prediction_source import select_later, select_version, should_select
+
+V = "maskinversion-ViT-B-16/openai-1234abcd"
+
+
+@pytest.mark.parametrize("current, show, expected", [
+    ("", True, True), ("MaskInversion", True, True), ("maskinversion-ViT-B-16/openai-0000aaaa", True, True),
+    (V, True, False), ("uploaded-v3", True, False), ("", False, False)])
+def test_which_sources_are_replaced(current, show, expected):
+    project = {"model_version": current, "show_collab_predictions": show}
+    assert should_select(project, {"MaskInversion"}, V) is expected
+
+
+class FakeClient:
+    def __init__(self, current: str):
+        self.project = SimpleNamespace(model_version=current, show_collab_predictions=True)
+        self.patches: list[dict] = []
+        self.projects = SimpleNamespace(get=lambda id: self.project, update=self._update)
+        self.ml = SimpleNamespace(list=lambda project: [SimpleNamespace(title="MaskInversion")])
+
+    def _update(self, id: int, **fields):
+        self.patches.append({"id": id, **fields})
+        self.project.model_version = fields["model_version"]
+
+
+def test_the_title_set_on_connecting_is_replaced_once():
+    client = FakeClient("MaskInversion")
+    api = LabelStudioAPI("http://ls.test", "t", client=client)
+    assert select_version(api, 3, V) is True
+    assert client.patches == [{"id": 3, "model_version": V}]
+    assert select_version(api, 3, V) is False  # already the source
+
+
+def test_select_later_asks_once_per_project_and_version():
+    client = FakeClient("")
+    api = LabelStudioAPI("http://ls.once", "t", client=client)
+    first = select_later(api, 4, V, delay_s=0)
+    assert first is not None
+    first.join(10)
+    assert select_later(api, 4, V, delay_s=0) is None
+    assert client.patches == [{"id": 4, "model_version": V}]
