@@ -18,8 +18,10 @@ When (documented in docs/proposals.md; the variables in docs/configuration.md):
 What: the first region control of the config that has a vocabulary (and can carry a label) decides the output
 type — BrushLabels (RLE), PolygonLabels (contour, percent points) or RectangleLabels (box); see
 :mod:`backend.labelstudio.region_output`. Each proposal is a result item with its label, ``score``, ``meta.text``
-("proposed by MaskInversion (maskcut) · top-3 ...") and ``meta.proposed = true``, plus a caption in the per-region
-TextArea if the config has one. At most ``MASKINV_MAX_PROPOSALS`` proposals per image (the worker caps too).
+("proposed by MaskInversion (maskcut) · top-3 ..."), ``meta.proposed = true`` and ``meta.objectness`` (the
+worker's class-agnostic objectness in [0, 1]: how likely the region covers one whole object, whatever its label;
+:func:`objectness_of`), plus a caption in the per-region TextArea if the config has one. At most
+``MASKINV_MAX_PROPOSALS`` proposals per image (the worker caps too).
 
 Cost: proposals run at ``min(params.size, MASKINV_PROPOSAL_MAX_SIZE)`` (:func:`proposal_params`; the worker caps
 again at ``worker.proposals.pipeline.MAX_PROPOSAL_SIZE``), and a proposal job stops at MASKINV_JOB_TIMEOUT in both
@@ -33,7 +35,7 @@ import logging
 import time
 from typing import Any
 
-from worker.protocol import InversionParams, JobResult, ProposeRegionsJob, ProtocolError
+from worker.protocol import InversionParams, JobResult, ProposeRegionsJob, ProtocolError, RegionResult
 
 from backend.dispatch import DispatchError
 from backend.labelstudio.label_config import ProjectConfig, RegionControl
@@ -188,6 +190,24 @@ def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, 
     return answers
 
 
+def objectness_of(region: RegionResult) -> float | None:
+    """The worker's objectness of a proposed region (``meta.objectness``), None when absent or not in [0, 1]."""
+    value = region.meta.get("objectness")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        return None
+    return float(value)
+
+
+def with_objectness(items: list[dict[str, Any]], objectness: float | None) -> list[dict[str, Any]]:
+    """``items`` (one proposal's result items) with ``meta.objectness`` on those that carry a ``meta``."""
+    if objectness is None:
+        return items
+    for item in items:
+        if isinstance(item.get("meta"), dict):
+            item["meta"]["objectness"] = round(objectness, 4)
+    return items
+
+
 def _proposal_answer(control: RegionControl, cfg: ProjectConfig, f: ImageFetch, raw: dict | None,
                      run_error: str | None, run_kind: str | None, info: dict[str, Any], version: str) -> Any:
     """One task's answer from its proposal job: ``raw`` the job's result (None when it did not finish)."""
@@ -214,7 +234,8 @@ def _proposal_answer(control: RegionControl, cfg: ProjectConfig, f: ImageFetch, 
             continue
         key = f"prop{k}_{(result.image_sha256 or '')[:6]}"
         try:
-            results += proposal_items(control, cfg, region, width, height, key)
+            results += with_objectness(proposal_items(control, cfg, region, width, height, key),
+                                       objectness_of(region))
         except (OutputError, KeyError, ValueError) as exc:
             diagnostics["errors"].append({"region": key, "error": str(exc), "kind": "region"})
             continue

@@ -14,11 +14,14 @@ connected
 * ``sam``     — masks from a SAM automatic mask generator (:mod:`worker.proposals.sam_source`) when one is configured.
 
 Every candidate is then inverted like a drawn region (one LET per mask, one image forward) and labelled by the
-LET's best label. It is ranked by that label's probability times an *objectness* term, ``(1 - d)²`` with ``d``
-the inversion's final Dice loss (how badly the LET's own LeGrad map explains the mask: a background or partial
-candidate that no single concept explains keeps a high loss; chosen on val scenes, see
-benchmarks/results/proposals.md), de-duplicated by mask-IoU NMS in that order, and dropped when the
-probability is below ``score_threshold``; at most ``max_proposals`` survive. With ``refine`` the masks are
+LET's best label. Each gets a class-agnostic *objectness* in [0, 1] (:mod:`worker.proposals.objectness`: a
+logistic regression over the inversion's Dice losses, the LET's cosine to the image, the mask's shape, its
+key-affinity stability and its overlaps with the other candidates, fitted on the scene world's val split; the
+fallback without a fit is ``(1 - d)²`` of the final Dice loss ``d``). Candidates are ranked by
+``probability ** prob_power × objectness`` (the fit's ``prob_power``), de-duplicated by mask-IoU NMS in that
+order, dropped when the probability is below ``min_score`` or the objectness below the fit's threshold (chosen
+on val for a target precision; the fit's ``min_keep`` best-ranked ones are kept whatever their objectness); at
+most ``max_proposals`` survive. With ``refine`` the masks are
 snapped to SLIC superpixels of the image before inversion (:func:`snap_to_superpixels`).
 
 What bounds one image's cost: the ``propose_regions`` job runs at most at :data:`MAX_PROPOSAL_SIZE`
@@ -42,6 +45,7 @@ import numpy as np
 import torch
 
 from worker.proposals import maskcut
+from worker.proposals import objectness as obj
 from worker.protocol.deadline import check_time
 
 from worker.engine import vit
@@ -52,7 +56,7 @@ from worker.settings import PROPOSAL_SOURCES as SOURCES
 #: default probability a proposal's best label needs to be kept (MASKINV_PROPOSAL_MIN_SCORE)
 DEFAULT_MIN_SCORE = 0.2
 #: default cap on proposals returned per image (MASKINV_MAX_PROPOSALS)
-DEFAULT_MAX_PROPOSALS = 20
+DEFAULT_MAX_PROPOSALS = 5
 #: candidates inverted per image at most (after de-duplication), whatever the sources produce
 MAX_CANDIDATES = 64
 #: candidates that reach de-duplication at most (its pairwise IoU holds [N, S²] floats per side: 205 MB at 256 x
@@ -81,7 +85,8 @@ class Candidate:
 @dataclass
 class Proposal:
     """A labelled proposal: mask ``[S, S]`` bool, top-k ``(label, probability)`` best first, its LET ``[D]``,
-    and its objectness in [0, 1] (:func:`objectness`)."""
+    its objectness in [0, 1] (set by :func:`score_objectness` among the image's other candidates), its
+    intrinsic objectness features ``[len(objectness.INTRINSIC)]`` and the ranking's probability exponent."""
 
     mask: np.ndarray
     source: str
@@ -89,6 +94,8 @@ class Proposal:
     let: torch.Tensor
     hint: str | None = None
     objectness: float = 1.0
+    features: np.ndarray | None = None
+    prob_power: float = 1.0
 
     @property
     def score(self) -> float:
@@ -97,8 +104,9 @@ class Proposal:
 
     @property
     def rank(self) -> float:
-        """The ranking score: best-label probability × objectness (NMS order, output order, detection score)."""
-        return self.score * self.objectness
+        """The ranking score: best-label probability ** prob_power × objectness (NMS order, output order,
+        detection score)."""
+        return float(self.score ** self.prob_power * self.objectness)
 
     @property
     def label(self) -> str | None:
@@ -288,8 +296,10 @@ def window_candidates(size: int, grids: Sequence[int] = (2, 3)) -> list[Candidat
 
 def gather_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], templates: Sequence[str], size: int,
                       sources: Sequence[str] = DEFAULT_SOURCES, n_cuts: int = maskcut.N_CUTS,
-                      sam: MaskSource | None = None) -> list[Candidate]:
-    """Candidates of every requested source (``SOURCES``), not yet de-duplicated."""
+                      sam: MaskSource | None = None, keys: tuple[torch.Tensor, int] | None = None
+                      ) -> list[Candidate]:
+    """Candidates of every requested source (``SOURCES``), not yet de-duplicated; ``keys``: the image's
+    :func:`image_keys` when already computed."""
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         raise ValueError(f"unknown proposal source(s) {unknown}; known: {list(SOURCES)}")
@@ -298,12 +308,12 @@ def gather_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], t
     out: list[Candidate] = []
     if "maskcut" in sources or "keyseeds" in sources:
         check_time("the image's keys")
-        keys, grid = image_keys(engine, image, size)
+        k, grid = keys if keys is not None else image_keys(engine, image, size)
         if "maskcut" in sources:
-            out += maskcut_candidates(keys, grid, size, n_cuts=n_cuts)
+            out += maskcut_candidates(k, grid, size, n_cuts=n_cuts)
         if "keyseeds" in sources:
             check_time("the key-seed candidates")
-            out += keyseed_candidates(keys, grid, size)
+            out += keyseed_candidates(k, grid, size)
     if "text" in sources:
         check_time("the text candidates")
         out += text_candidates(engine, scorer, image, labels, templates, size)
@@ -316,12 +326,13 @@ def gather_candidates(engine, scorer, image: ImageLike, labels: Sequence[str], t
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
-#: exponent of (1 - final Dice loss) in the objectness term (1 and 2..3 tried on 40 val scenes: 2 best, by 0.4 AP50)
-OBJECTNESS_POWER = 2.0
+#: exponent of (1 - final Dice loss) in the fallback objectness (1 and 2..3 tried on 40 val scenes: 2 best)
+OBJECTNESS_POWER = obj.FALLBACK_POWER
 
 
 def objectness(final_loss: torch.Tensor | np.ndarray, power: float = OBJECTNESS_POWER) -> np.ndarray:
-    """``(1 - d) ** power`` per mask for the inversion's final Dice losses ``d`` ``[N]`` (clipped to [0, 1])."""
+    """The fallback objectness ``(1 - d) ** power`` per mask for the inversion's final Dice losses ``d`` ``[N]``
+    (clipped to [0, 1])."""
     d = np.clip(np.asarray(final_loss.detach().cpu() if isinstance(final_loss, torch.Tensor) else final_loss,
                            dtype=np.float64), 0.0, 1.0)
     return (1.0 - d) ** power
@@ -333,11 +344,13 @@ ScoreFn = Callable[[torch.Tensor], list[list[tuple[str, float]]]]
 
 def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], labels: Sequence[str],
                      templates: Sequence[str], size: int, steps: int = 10, lr: float = 0.1,
-                     top_k: int = 3, score_fn: ScoreFn | None = None, crop_weight: float = 0.0) -> list[Proposal]:
+                     top_k: int = 3, score_fn: ScoreFn | None = None, crop_weight: float = 0.0,
+                     keys: tuple[torch.Tensor, int] | None = None) -> list[Proposal]:
     """Invert every candidate like a drawn region and attach its top-k labels (``score_fn``, default: text
-    prototypes) and its objectness (from the inversion's final loss); failed inversions are dropped.
-    ``crop_weight > 0``: the candidate's embedding is mixed with its masked crop like a drawn region's
-    (``worker.engine.embedding.mix_crop``)."""
+    prototypes), its intrinsic objectness features (:func:`worker.proposals.objectness.intrinsic_features`;
+    ``keys``: the image's :func:`image_keys` when already computed) and the fallback objectness (the final set's
+    comes from :func:`score_objectness`); failed inversions are dropped. ``crop_weight > 0``: the candidate's
+    embedding is mixed with its masked crop like a drawn region's (``worker.engine.embedding.mix_crop``)."""
     if not cands:
         return []
     check_time(f"inverting {len(cands)} candidates")
@@ -349,18 +362,50 @@ def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], l
     lets = mixed_with_crops(engine, image, [cands[i].mask for i in ok], res.lets[ok], crop_weight)
     check_time("scoring the candidates")
     scored = score_fn(lets) if score_fn is not None else scorer.score(lets, labels, templates, top_k=top_k)
-    obj = objectness(res.losses[-1, ok])
-    return [Proposal(cands[i].mask, cands[i].source, s, lets[j], cands[i].hint, float(o))
-            for j, (i, s, o) in enumerate(zip(ok, scored, obj))]
+    check_time("the candidates' objectness features")
+    k, grid = keys if keys is not None else image_keys(engine, image, size)
+    masks = np.stack([cands[i].mask for i in ok])
+    feats = obj.intrinsic_features(masks, res.losses[-1, ok].cpu().numpy(), res.losses[0, ok].cpu().numpy(),
+                                   obj.let_cosines(res.lets[ok], res.global_embedding),
+                                   np.array([s[0][1] if s else 0.0 for s in scored]), obj.stability(k, grid, masks))
+    fallback = objectness(res.losses[-1, ok])
+    return [Proposal(cands[i].mask, cands[i].source, s, lets[j], cands[i].hint, float(o), feats[j])
+            for j, (i, s, o) in enumerate(zip(ok, scored, fallback))]
+
+
+def score_objectness(proposals: list[Proposal], model: obj.ObjectnessModel | None = None) -> list[Proposal]:
+    """Set every proposal's objectness (and the ranking's probability exponent) from ``model`` (default: the
+    committed fit, :func:`worker.proposals.objectness.default_model`) among the image's other candidates, in
+    place; proposals without features keep theirs. Returns ``proposals``."""
+    model = model if model is not None else obj.default_model()
+    have = [p for p in proposals if p.features is not None]
+    if have:
+        masks = np.stack([p.mask for p in have])
+        x = obj.features(np.stack([p.features for p in have if p.features is not None]), masks,
+                         [p.source for p in have])
+        for p, o in zip(have, model.predict(x)):
+            p.objectness = float(o)
+    for p in proposals:
+        p.prob_power = model.prob_power
+    return proposals
 
 
 def select(proposals: list[Proposal], min_score: float = DEFAULT_MIN_SCORE, max_proposals: int = DEFAULT_MAX_PROPOSALS,
-           nms_iou: float = NMS_IOU) -> list[Proposal]:
-    """NMS in ranking order (:attr:`Proposal.rank`), then the probability threshold, then the cap; best first."""
+           nms_iou: float = NMS_IOU, model: obj.ObjectnessModel | None = None,
+           min_objectness: float | None = None, target_precision: float | None = None) -> list[Proposal]:
+    """Objectness among the image's candidates (:func:`score_objectness` with ``model``), NMS in ranking order
+    (:attr:`Proposal.rank`), then the thresholds (probability >= ``min_score``; objectness >=
+    ``min_objectness``, default the model's threshold for ``target_precision``,
+    :meth:`~worker.proposals.objectness.ObjectnessModel.threshold_for`, except for the model's ``min_keep``
+    best-ranked ones), then the cap; best first."""
     if not proposals:
         return []
+    model = model if model is not None else obj.default_model()
+    score_objectness(proposals, model)
+    floor = model.threshold_for(target_precision) if min_objectness is None else min_objectness
     keep = nms(np.stack([p.mask for p in proposals]), [p.rank for p in proposals], nms_iou)
-    return [proposals[i] for i in keep if proposals[i].score >= min_score][:max_proposals]
+    probable = [proposals[i] for i in keep if proposals[i].score >= min_score]
+    return [p for k, p in enumerate(probable) if k < model.min_keep or p.objectness >= floor][:max_proposals]
 
 
 def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: Sequence[str], size: int = 448,
@@ -368,13 +413,16 @@ def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: 
             min_score: float = DEFAULT_MIN_SCORE, max_proposals: int = DEFAULT_MAX_PROPOSALS,
             refine: bool = False, n_cuts: int = maskcut.N_CUTS, nms_iou: float = NMS_IOU,
             sam: MaskSource | None = None, max_candidates: int = MAX_CANDIDATES,
-            score_fn: ScoreFn | None = None, crop_weight: float = 0.0) -> ProposalResult:
+            score_fn: ScoreFn | None = None, crop_weight: float = 0.0,
+            model: obj.ObjectnessModel | None = None, target_precision: float | None = None) -> ProposalResult:
     """Propose, label, merge and threshold regions of one image (see module docstring). ``score_fn``: how a
     candidate's LET is labelled (default: the text prototypes of ``labels``; the propose job passes the project's
     example prototypes when it has them); ``crop_weight``: see :func:`label_candidates` (the job passes the
-    request's ``params.crop_weight``).
+    request's ``params.crop_weight``); ``model``: the objectness (default: the committed fit);
+    ``target_precision``: picks its keep threshold (MASKINV_PROPOSAL_PRECISION; None: the fit's own).
 
-    Returns at most ``max_proposals`` proposals, best rank (probability × objectness) first, masks ``[size, size]``.
+    Returns at most ``max_proposals`` proposals, best rank first, masks ``[size, size]``, each with its
+    objectness in [0, 1].
     """
     if not labels:
         raise ValueError("proposals need at least one label")
@@ -382,7 +430,9 @@ def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: 
         raise ValueError(f"max_proposals must be >= 1, got {max_proposals}")
     t0 = time.perf_counter()
     img, digest = open_image(image)
-    cands = gather_candidates(engine, scorer, img, labels, templates, size, sources, n_cuts, sam)
+    check_time("the image's keys")
+    keys = image_keys(engine, img, size)
+    cands = gather_candidates(engine, scorer, img, labels, templates, size, sources, n_cuts, sam, keys)
     per_source: dict[str, int] = {}
     for c in cands:
         per_source[c.source] = per_source.get(c.source, 0) + 1
@@ -396,9 +446,9 @@ def propose(engine, scorer, image: ImageLike, labels: Sequence[str], templates: 
     cands = dedupe(cands)[:max_candidates]
     t2 = time.perf_counter()
     labelled = label_candidates(engine, scorer, img, cands, labels, templates, size, steps, lr, top_k, score_fn,
-                                crop_weight)
+                                crop_weight, keys)
     t3 = time.perf_counter()
-    kept = select(labelled, min_score, max_proposals, nms_iou)
+    kept = select(labelled, min_score, max_proposals, nms_iou, model, target_precision=target_precision)
     return ProposalResult(kept, size, digest, per_source,
                           {"candidates_s": t1 - t0, "refine_s": t2 - t1, "inversion_s": t3 - t2,
                            "total_s": time.perf_counter() - t0, "inverted": float(len(cands))})

@@ -15,7 +15,7 @@ def proposal_env():
 
     mp = pytest.MonkeyPatch()
     for k, v in {"MASKINV_PROPOSAL_MIN_SCORE": "0", "MASKINV_PROPOSAL_SOURCES": "maskcut",
-                 "MASKINV_MAX_PROPOSALS": "3"}.items():
+                 "MASKINV_MAX_PROPOSALS": "3", "MASKINV_PROPOSAL_PRECISION": "0"}.items():
         mp.setenv(k, v)
     mp.setattr(jobs, "_runtime", None)  # the worker reads its settings once, when its runtime is built
     yield

@@ -116,18 +116,20 @@ def test_gather_candidates_per_source_and_unknown_source(tiny):
 def test_propose_returns_capped_thresholded_non_overlapping_proposals(tiny):
     engine, scorer = tiny
     res = P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, sources=("maskcut", "text", "window"),
-                    steps=2, min_score=0.0, max_proposals=3)
+                    steps=2, min_score=0.0, max_proposals=3, target_precision=0.0)  # a random model: keep any
     props = res.proposals
     assert 1 <= len(props) <= 3
     assert [p.rank for p in props] == sorted((p.rank for p in props), reverse=True)
-    assert all(0.0 <= p.objectness <= 1.0 and p.rank <= p.score for p in props)
+    assert all(0.0 <= p.objectness <= 1.0 and 0.0 <= p.rank <= 1.0 for p in props)
+    assert all(p.features is not None and p.features.shape == (len(P.obj.INTRINSIC),) for p in props)
     assert all(p.mask.shape == (64, 64) and p.label in LABELS and len(p.labels) == 3 for p in props)
     ious = P.mask_iou(np.stack([p.mask for p in props]), np.stack([p.mask for p in props]))
     assert (ious[~np.eye(len(props), dtype=bool)] <= P.NMS_IOU).all()
     assert set(res.candidates) == {"maskcut", "text", "window"} and res.timings["inverted"] >= len(props)
     high = P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, steps=2, min_score=0.99)
     assert all(p.score >= 0.99 for p in high.proposals)
-    refined = P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, steps=2, min_score=0.0, refine=True)
+    refined = P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, steps=2, min_score=0.0, refine=True,
+                        target_precision=0.0)
     assert refined.proposals and refined.timings["refine_s"] > 0
     with pytest.raises(ValueError, match="max_proposals"):
         P.propose(engine, scorer, _png(), LABELS, TEMPLATES, size=64, max_proposals=0)
@@ -151,7 +153,7 @@ def jobs():
 
     mp = pytest.MonkeyPatch()
     for k, v in {"MASKINV_MODEL": "maskinv-test-tiny", "MASKINV_PRETRAINED": "none", "MASKINV_DEVICE": "cpu",
-                 "MASKINV_MAX_PROPOSALS": "4"}.items():
+                 "MASKINV_MAX_PROPOSALS": "4", "MASKINV_PROPOSAL_PRECISION": "0"}.items():
         mp.setenv(k, v)
     mp.setattr("worker.jobs.runtime._runtime", None)
     yield proposal_jobs
@@ -175,6 +177,7 @@ def test_propose_regions_job_returns_marked_proposals_within_the_cap(jobs):
     for k, r in enumerate(res.regions):
         assert r.id == f"proposal-{k}" and r.ok and len(r.labels) == 2
         assert r.meta["proposed"] is True and r.meta["source"] in ("maskcut", "text", "window")
+        assert 0.0 <= r.meta["objectness"] <= 1.0 and 0.0 <= r.meta["score"] <= 1.0
         m = decode_mask(r.meta["mask"])
         assert m.shape == (64, 64) and m.any() and 0 < r.meta["area"] <= 1
         assert r.caption and r.caption_mode == "retrieval"
@@ -199,11 +202,15 @@ def test_proposal_settings_from_env_name_the_variable():
     from worker.settings import ProposalSettings
 
     s = ProposalSettings.from_env({"MASKINV_MAX_PROPOSALS": "7", "MASKINV_PROPOSAL_SOURCES": "maskcut",
-                                   "MASKINV_PROPOSAL_REFINE": "1", "MASKINV_PROPOSAL_MIN_SCORE": "0.5"})
-    assert (s.max_proposals, s.sources, s.refine, s.min_score) == (7, ("maskcut",), True, 0.5)
+                                   "MASKINV_PROPOSAL_REFINE": "1", "MASKINV_PROPOSAL_MIN_SCORE": "0.5",
+                                   "MASKINV_PROPOSAL_PRECISION": "0.9"})
+    assert (s.max_proposals, s.sources, s.refine, s.min_score, s.target_precision) == (
+        7, ("maskcut",), True, 0.5, 0.9)
     assert ProposalSettings.from_env({}) == ProposalSettings()
+    assert (ProposalSettings().max_proposals, ProposalSettings().target_precision) == (5, 0.8)
     for env, name in [({"MASKINV_MAX_PROPOSALS": "0"}, "MASKINV_MAX_PROPOSALS"),
                       ({"MASKINV_PROPOSAL_MIN_SCORE": "x"}, "MASKINV_PROPOSAL_MIN_SCORE"),
+                      ({"MASKINV_PROPOSAL_PRECISION": "1.5"}, "MASKINV_PROPOSAL_PRECISION"),
                       ({"MASKINV_PROPOSAL_SOURCES": "maskcut,dino"}, "MASKINV_PROPOSAL_SOURCES"),
                       ({"MASKINV_PROPOSAL_REFINE": "maybe"}, "MASKINV_PROPOSAL_REFINE"),
                       ({"MASKINV_PROPOSAL_SOURCES": "sam"}, "MASKINV_SAM_CHECKPOINT")]:
@@ -239,3 +246,45 @@ def test_label_candidates_mix_the_masked_crop_like_drawn_regions(tiny):
     for p, w in zip(mixed, want):
         assert [lab for lab, _ in p.labels] == [lab for lab, _ in w]
         np.testing.assert_allclose([s for _, s in p.labels], [s for _, s in w], rtol=1e-5)
+
+
+def _props_on(size=16):
+    """An object-like block, a near duplicate and a speck, with features saying which is which."""
+    from worker.proposals import objectness as obj
+
+    blocks = [_box(size, 0, 8, 0, 8), _box(size, 0, 8, 0, 7), _box(size, 14, 15, 14, 15)]
+    props = []
+    for k, (m, p, good) in enumerate(zip(blocks, (0.5, 0.9, 0.8), (1.0, 0.3, 0.0))):
+        feats = np.zeros(len(obj.INTRINSIC))
+        feats[obj.INTRINSIC.index("stability")] = good
+        props.append(P.Proposal(m, "keyseeds", [(f"l{k}", p)], torch.zeros(4), features=feats))
+    return props
+
+
+def _stability_model(threshold=0.5, min_keep=0, prob_power=1.0):
+    """Objectness = sigmoid(10 * (stability - 0.5)): a fitted model that reads one feature."""
+    from worker.proposals import objectness as obj
+
+    n = len(obj.FEATURES)
+    coef = np.zeros(n)
+    coef[obj.FEATURES.index("stability")] = 10.0
+    return obj.ObjectnessModel(np.zeros(n), np.ones(n), coef, -5.0, threshold, 0.8, prob_power, min_keep=min_keep,
+                               curve=((0.0, 0.3), (0.4, 0.8), (0.9, 0.95)))
+
+
+def test_select_ranks_by_objectness_and_keeps_above_its_threshold():
+    model = _stability_model()
+    kept = P.select(_props_on(), min_score=0.0, model=model)
+    assert [p.label for p in kept] == ["l0"]  # the duplicate loses NMS, the speck the threshold
+    assert kept[0].objectness == pytest.approx(1 / (1 + np.exp(-5)))
+    assert kept[0].rank == pytest.approx(0.5 * kept[0].objectness)
+    assert [p.label for p in P.select(_props_on(), min_score=0.0, model=model, min_objectness=0.0)] == ["l0", "l2"]
+    assert P.select(_props_on(), min_score=0.6, model=model) == []  # l0 is below the probability threshold
+    # the target precision picks the threshold from the model's val curve
+    assert [p.label for p in P.select(_props_on(), min_score=0.0, model=model, target_precision=0.3)] == ["l0", "l2"]
+    assert [p.label for p in P.select(_props_on(), min_score=0.0, model=model, target_precision=0.95)] == ["l0"]
+    # min_keep: the best-ranked proposal is kept whatever its objectness
+    floor = _stability_model(threshold=0.999, min_keep=1)
+    assert [p.label for p in P.select(_props_on(), min_score=0.0, model=floor)] == ["l0"]
+    assert P.select(_props_on(), min_score=0.0, model=_stability_model(threshold=0.999)) == []
+
