@@ -163,6 +163,7 @@ class Settings:
     search_store: str = "embedded"
     let_ttl_s: int = 7 * 24 * 3600
     max_examples: int = 20000
+    trust_precision: float = 0.95  # precision a verified suggestion must reach (backend.trust)
     # regions submitted untouched from a prediction: projects whose ones are examples ("*": every project)
     learn_predicted: tuple[str, ...] = ()
     # webhook events waiting for their examples in this process (embedded mode; 0: handled before answering)
@@ -333,6 +334,7 @@ def _learning(env: Mapping[str, str]) -> dict[str, Any]:
         search_store=_search_store(env, "MASKINV_SEARCH_STORE"),
         let_ttl_s=_int(env, "MASKINV_LET_TTL", 7 * 24 * 3600, 0),
         max_examples=_int(env, "MASKINV_MAX_EXAMPLES", 20000, 1),
+        trust_precision=_float(env, "MASKINV_TRUST_PRECISION", 0.95, 0.5, 0.999),
         learn_predicted=_project_ids(env, "MASKINV_LEARN_PREDICTED"),
         webhook_queue=_int(env, "MASKINV_WEBHOOK_QUEUE", 100, 0, 100000),
         select_version=_bool(env, "MASKINV_SELECT_VERSION", True),

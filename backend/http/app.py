@@ -134,6 +134,8 @@ def predict_view():
 
     params, labels = service.params(split_override(extra.get("maskinv"))[0])
     version = service.project_version(model.config, params, labels, data.get("project"))
+    # the example set the predictions were scored with: in the regions' meta, where Label Studio compares nothing
+    service.stamp_examples(results, service.examples_state(data.get("project"), params))
     return jsonify({"results": results, "model_version": version})
 
 
@@ -154,18 +156,40 @@ def setup_view():
     failed = service.health().get("model_error")
     if failed and not service.health().get("ready"):
         raise PredictError(503, str(failed))  # Label Studio shows this when the model is connected
+    _select_prediction_source(service, data.get("project"), version)
     # Label Studio asks /setup for the version before every Retrieve predictions and skips the tasks that hold a
-    # prediction of it: with examples, that is the version /predict answers (it names the example set)
+    # prediction of it: the version /predict answers (the same whatever the project's examples)
     return jsonify({"model_version": version})
+
+
+def _select_prediction_source(service: Service, project: Any, version: str) -> None:
+    """Make ``version`` the project's prediction source in Label Studio, in the background
+    (backend.runs.prediction_source; MASKINV_SELECT_VERSION, only with LABEL_STUDIO_URL + LABEL_STUDIO_API_KEY)."""
+    from backend.labelstudio.api import LabelStudioAPI
+    from backend.learning.learner import LearningError, project_id
+    from backend.runs.prediction_source import select_later
+
+    settings = service.settings
+    if not (settings.select_version and settings.label_studio_url and settings.label_studio_api_key):
+        return
+    try:
+        pid = int(project_id(project))
+    except LearningError:
+        return
+    url, token = settings.label_studio_url, settings.label_studio_api_key
+    select_later(lambda: LabelStudioAPI(url, token, timeout_s=settings.fetch_timeout_s), url, pid, version)
 
 
 def health_view():
     """``GET /health`` and ``GET /``: open (container health checks), but without valid credentials, when basic
     auth is on, it says only whether the backend is up and ready; model, device, caches need credentials. DOWN
-    (503) while Redis is unreachable in queue mode or the model failed to load in embedded mode."""
+    (503) while Redis is unreachable in queue mode or the model failed to load in embedded mode; with
+    ``?ready=1`` (the container health check) also while the backend is not ready: no live worker in queue mode,
+    the model still loading in embedded mode."""
     info = _service().health()
     down = (info.get("mode") == "queue" and info.get("redis") != "ok") or \
-        bool(info.get("model_error") and not info.get("ready"))
+        bool(info.get("model_error") and not info.get("ready")) or \
+        (request.args.get("ready") not in (None, "", "0") and not info.get("ready"))
     status = 503 if down else 200
     settings = _service().settings
     if (settings.basic_auth_user and not _authorized()) or (settings.url_secret and not request.environ.get(SECRET_OK)):
@@ -176,7 +200,9 @@ def health_view():
 
 def webhook_view():
     """Label Studio's project events: annotations become the project's examples, *Start training* rebuilds them
-    (backend.learning.learner); acknowledged without effect when MASKINV_LEARN is off."""
+    (backend.learning.learner); acknowledged without effect when MASKINV_LEARN is off. Answered at once: the
+    event is queued and handled after the answer (backend.learning.events; MASKINV_WEBHOOK_QUEUE=0 handles it
+    before answering), a full queue answers 503."""
     try:
         data = _json_body()
     except PredictError as exc:
@@ -188,7 +214,30 @@ def webhook_view():
     if not service.settings.learn:
         log.info("ignoring webhook %s: MASKINV_LEARN is off", action)
         return jsonify({"status": "ignored", "action": action, "reason": "MASKINV_LEARN=false"}), 200
-    return _learning_call(lambda: service.learner.handle_event(data))
+    if service.settings.webhook_queue == 0:
+        return _learning_call(lambda: service.learner.handle_event(data))
+    return _queue_event(service, data, action)
+
+
+def _queue_event(service: Service, data: dict[str, Any], action: str | None):
+    """Queue a learning event for after the answer (others are acknowledged as ignored); a bad project id is 400,
+    a full queue 503, Redis trouble 503."""
+    from backend.learning.events import EventsFull
+    from backend.learning.learner import ANNOTATION_EVENTS, DELETE_EVENTS, TRAIN_EVENTS, LearningError, project_id
+
+    if action not in ANNOTATION_EVENTS + DELETE_EVENTS + TRAIN_EVENTS:
+        return jsonify({"status": "ignored", "action": action, "reason": "not an annotation or training event"}), 200
+    try:
+        project = project_id(data.get("project"))
+    except LearningError as exc:
+        raise PredictError(exc.status, str(exc)) from None
+    try:
+        service.events.put(data)
+    except EventsFull:
+        raise PredictError(503, f"{service.settings.webhook_queue} webhook events are waiting, the most "
+                                "MASKINV_WEBHOOK_QUEUE allows; this one is not learnt from (Start training "
+                                "re-reads every annotation)") from None
+    return jsonify({"status": "queued", "action": action, "project": project}), 200
 
 
 def train_view():
@@ -389,6 +438,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     from backend.runs.background import resume_in_background
 
     resume_in_background(service)  # queue mode: background runs whose backend died are resumed
+    if not settings.embedded and settings.learn and settings.webhook_queue:
+        _ = service.events  # queue mode: webhook events left by a stopped backend are handled now
     log.info("MaskInversion backend ready: %s mode%s", service.dispatcher.mode,
              f", queue {settings.queue!r} on {settings.redis_url_redacted}" if not settings.embedded else "")
     return app

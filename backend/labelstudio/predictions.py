@@ -17,8 +17,10 @@ are answered as a region of that polygon/brush control, with the same id (accept
 box): its geometry outlines the object mask the worker refined from the prompt (``meta["mask"]``), or, from a
 worker that sent none, the box itself (a 4-point polygon) or the clicks' discs. ``meta.refined_by`` says which.
 
-The task-level ``score`` is the lowest region score, so Label
-Studio's active-learning ordering puts uncertain tasks first.
+The task-level ``score`` is the task score of
+:mod:`backend.trust.score` (uncertainty + coverage; low = label first), so Label Studio's ordering by prediction
+score puts first the tasks to label next. A region's ``meta`` also says ``calibrated`` and ``verified``
+(:mod:`backend.trust.verified`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 from worker.protocol import LabelScore, RegionResult, decode_mask
 
 from backend.labelstudio.label_config import ProjectConfig, RegionControl
+from backend.trust.score import prediction_score
 from backend.labelstudio.region_output import OutputError, box_polygon_value, geometry_value
 from backend.labelstudio.regions import Region, RegionError, rectangle_corners, region_geometry, region_mask
 
@@ -145,6 +148,9 @@ def proposal_items(control: RegionControl, cfg: ProjectConfig, res: RegionResult
 
 def task_prediction(results: list[dict[str, Any]], scores: list[float], model_version: str,
                     diagnostics: dict[str, Any]) -> dict[str, Any]:
-    """One task's prediction; ``diagnostics`` go under ``"maskinv"`` (ignored by Label Studio)."""
-    return {"result": results, "score": min(scores) if scores else None, "model_version": model_version,
-            "maskinv": diagnostics}
+    """One task's prediction; ``diagnostics`` go under ``"maskinv"`` (ignored by Label Studio). Its ``score`` is
+    the task score of :func:`backend.trust.score.prediction_score` (uncertainty + coverage of its regions; low =
+    label first), else the lowest of ``scores``."""
+    score = prediction_score(results)
+    return {"result": results, "score": score if score is not None else min(scores) if scores else None,
+            "model_version": model_version, "maskinv": diagnostics}

@@ -52,6 +52,8 @@ from backend.bounded_cache import BoundedCache
 from backend.learning.examples import Example, ExampleStore, ExampleStoreError, make_example_store
 from backend.labelstudio.label_config import LabelConfigError, ProjectConfig
 from backend.learning.fit import FIT_VERSION, fit_prototypes, vision_prototypes
+from backend.trust.calibration import Calibration
+from backend.trust.project import calibrate_examples
 from backend.learning.origin import learns_untouched, untouched
 from backend.labelstudio.regions import Region, RegionError, collect_regions, region_mask
 from backend.search.index import RegionIndex, index_examples
@@ -207,6 +209,8 @@ class Learner:
         self._text: BoundedCache[tuple, tuple[np.ndarray, float]] = BoundedCache(
             CACHE_ENTRIES, CACHE_BYTES, lambda k, v: v[0].nbytes + len(repr(k)))
         self._protos: BoundedCache[tuple, dict | None] = BoundedCache(CACHE_ENTRIES, CACHE_BYTES, _doc_bytes)
+        # calibrations (backend.trust), by the same key as the prototypes plus the target precision
+        self._trust: BoundedCache[tuple, dict | None] = BoundedCache(CACHE_ENTRIES, CACHE_BYTES, _doc_bytes)
         self._lock = threading.Lock()
         #: the region search index the examples also go to (None: MASKINV_SEARCH_STORE=off)
         self.search_index: RegionIndex | None = None
@@ -526,6 +530,33 @@ class Learner:
                    "means": encode_vectors(means[has], "float32"), "counts": [int(c) for c in counts[has]]}
         self._protos.put(key, doc)
         return doc
+
+    def calibration(self, project: str | None, labels: Iterable[str], params: InversionParams
+                    ) -> Calibration | None:
+        """The project's calibration of ``labels`` at MASKINV_TRUST_PRECISION (:mod:`backend.trust.project`: its
+        examples scored out of sample); None without enough examples. Cached like :meth:`prototypes`, by the
+        example version among others: recomputed, once, when the examples change."""
+        if project is None or not self.settings.learn or not self.has_store():
+            return None
+        labels = tuple(labels)
+        params = self.example_params(params)
+        if not self.store.version(project):
+            return None
+        model = self._model_info()
+        mkey = model_key(model, params)
+        target = self.settings.trust_precision
+        key = (project, self.store.version(project), mkey, labels, tuple(params.templates), FIT_VERSION, target)
+        hit, doc = self._trust.lookup(key)
+        if not hit:
+            version, stored = self.store.snapshot(project, mkey)
+            key = (project, version, mkey, labels, tuple(params.templates), FIT_VERSION, target)
+            calib = None
+            if any(e.label in labels for e in stored):
+                text, scale = self.text_prototypes(labels, params, (model or {}).get("id") or "?")
+                calib = calibrate_examples(text, scale, labels, stored, target)
+            doc = calib.to_dict() if calib is not None else None
+            self._trust.put(key, doc)
+        return Calibration.from_dict(doc) if doc is not None else None
 
 
 

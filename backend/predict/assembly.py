@@ -10,12 +10,14 @@ from typing import Any
 
 from worker.protocol import ProtocolError, RegionResult
 
-from backend.dispatch import LabelOutcome
+from backend.dispatch import LabelOutcome, LabelRequest
 from backend.labelstudio.label_config import ProjectConfig
 from backend.labelstudio.predictions import region_results, task_prediction
 from backend.labelstudio.regions import RegionError
 from backend.predict.plan import TaskPlan
-from backend.service import PredictError
+from backend.service import PredictError, Service
+from backend.trust.calibration import Calibration
+from backend.trust.verified import mark_region
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,26 @@ def region_result(value: RegionResult | Mapping[str, Any]) -> RegionResult:
                                    f"malformed region result: {exc}")
 
 
-def task_answer(plan: TaskPlan, outcomes: list[LabelOutcome], cfg: ProjectConfig, version: str) -> Any:
+def request_calibrations(service: Service, project: str | None, requests: list[LabelRequest]
+                         ) -> list[Calibration | None]:
+    """Per label request, the project's calibration of its labels (backend.trust; None: nothing is verified).
+    Never fails a prediction: on trouble nothing is verified (logged)."""
+    out: list[Calibration | None] = []
+    for req in requests:
+        try:
+            out.append(service.learner.calibration(project, req.labels, req.params)
+                       if project is not None and req.prototypes is not None else None)
+        except Exception as exc:  # noqa: BLE001 - unverified suggestions are always a valid answer
+            log.warning("project %s: no calibration (%s: %s)", project, exc.__class__.__name__, exc)
+            out.append(None)
+    return out
+
+
+def task_answer(plan: TaskPlan, outcomes: list[LabelOutcome], cfg: ProjectConfig, version: str,
+                calibrations: list[Calibration | None] | None = None) -> Any:
     """One task's answer from the outcomes of its label requests: a prediction (``model_version`` = ``version``),
-    ``[]`` without regions to label, or ``{"error", "maskinv"}`` when none could be labelled."""
+    ``[]`` without regions to label, or ``{"error", "maskinv"}`` when none could be labelled. ``calibrations``
+    (per request, :func:`request_calibrations`) mark each region ``calibrated`` / ``verified``."""
     results: list[dict[str, Any]] = []
     scores: list[float] = []
     jobs: list[dict[str, Any]] = []
@@ -59,6 +78,8 @@ def task_answer(plan: TaskPlan, outcomes: list[LabelOutcome], cfg: ProjectConfig
                 plan.error(r.id, str(exc), "region")
                 continue
             scores.append(float(res.labels[0].score))
+            mark_region([it for it in results if it.get("id") == r.id], calibrations[idx] if calibrations else None,
+                        res.labels[0].label, float(res.labels[0].score))
     diagnostics = {"source": plan.source, "regions": plan.n_regions, "labelled": len(scores),
                    "errors": plan.errors, "jobs": jobs, "model": model}
     for e in plan.errors:

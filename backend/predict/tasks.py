@@ -37,7 +37,7 @@ from worker.protocol import InversionParams
 from backend.dispatch import DispatchError, LabelOutcome, LabelRequest, QueueUnavailable
 from backend.labelstudio.label_config import ProjectConfig
 from backend.labelstudio.regions import Region, RegionError, collect_regions, region_mask
-from backend.predict.assembly import STATUS, SEVERITY, interactive_failure, task_answer
+from backend.predict.assembly import STATUS, SEVERITY, interactive_failure, request_calibrations, task_answer
 from backend.predict.fetch import ImageFetch, fetch_all
 from backend.predict.plan import (TaskPlan, check_tasks, example_project, is_interactive, job_prompt, task_data,
                                   task_regions)
@@ -86,7 +86,8 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
     outcomes = _label(service, requests, deadline)
     # the string /setup answers for this project (Label Studio skips tasks that hold this version's prediction)
     version = service.project_version(cfg, params, label_override, examples)
-    answers = [task_answer(plan, outcomes, cfg, version) for plan in plans]
+    calibrations = request_calibrations(service, examples, requests)  # backend.trust: verified regions
+    answers = [task_answer(plan, outcomes, cfg, version, calibrations) for plan in plans]
     if propose_for:
         proposed = propose_answers(service, cfg, [tasks[i] for i in propose_for], params, label_override,
                                    proposal_override, deadline, project)

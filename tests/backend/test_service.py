@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from backend.labelstudio.label_config import parse_label_config
+from backend.trust.score import prediction_score, region_priority, task_score
 from backend_support import H, W, brush, config, data_uri, labelled, poly, predict, rect, task
 
 def test_interactive_returns_the_drawn_regions_labelled(client):
@@ -37,7 +38,7 @@ def test_interactive_returns_the_drawn_regions_labelled(client):
         assert 0 < got["score"] <= 1
         assert got["meta"]["text"][0].startswith("MaskInversion top-3: " + label)
         assert captions[d["id"]]["value"]["text"][0].strip()
-    assert pred["score"] == pytest.approx(min(r["score"] for r in labels.values()))
+    assert pred["score"] == pytest.approx(prediction_score(pred["result"]))  # backend.trust.score
     assert pred["maskinv"]["labelled"] == 2 and pred["maskinv"]["errors"] == []
 
 
@@ -69,7 +70,8 @@ def test_batch_labels_annotations_then_predictions_and_scores_by_weakest_region(
     for p in (a, b):
         assert cfg.validate_prediction(p) == []
         scores = [r["score"] for r in p["result"] if r["type"] == "brushlabels"]
-        assert p["score"] == pytest.approx(min(scores))
+        # the task score (backend.trust.score): uncertainty + coverage, low = label first
+        assert p["score"] == pytest.approx(task_score(region_priority(s, 0) for s in scores))
         rle_in = {r["id"]: r["value"]["rle"] for t in sent
                   for ann in t.get("annotations", []) + t.get("predictions", [])
                   for r in ann["result"]}

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from backend.trust.score import prediction_score
 from ls_harness import REPO_ROOT, LabelStudioClient
 
 pytestmark = pytest.mark.e2e
@@ -267,7 +268,7 @@ def test_batch_predictions_for_annotated_tasks(ls: LabelStudioClient, request, b
         assert isinstance(pred["score"], float) and 0.0 < pred["score"] <= 1.0, pred
         labelled = check_labelled(cfg, drawn[task["id"]], pred["result"])
         region_scores = [r["score"] for r in pred["result"] if r.get("type") == cfg.tag]
-        assert pred["score"] == pytest.approx(min(region_scores))
+        assert pred["score"] == pytest.approx(prediction_score(pred["result"]))  # backend.trust.score
         assert len(labelled) == len(drawn[task["id"]])
         versions.add(pred["model_version"])
         # annotations are untouched

@@ -11,6 +11,7 @@ from backend.labelstudio.label_config import parse_label_config
 from backend.predict.propose import split_override, target_control, wanted
 from backend.labelstudio.regions import collect_regions, region_mask
 from backend.service import PredictError
+from backend.trust.score import prediction_score
 from backend_support import H, W, brush, config, predict, task
 
 @pytest.fixture(autouse=True, scope="module")
@@ -62,7 +63,7 @@ def test_task_without_regions_gets_proposals_in_the_config_type(client, name):
     # the geometry reads back as a non-empty mask with the backend's own parser
     parsed, problems = collect_regions(regions, cfg)
     assert not problems and all(region_mask(p, (W, H)).any() for p in parsed)
-    assert pred["maskinv"]["source"] == "proposals" and pred["score"] == pytest.approx(min(r["score"] for r in regions))
+    assert pred["maskinv"]["source"] == "proposals" and pred["score"] == pytest.approx(prediction_score(regions))
     assert tasks == sent
 
 

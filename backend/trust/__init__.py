@@ -1,0 +1,1 @@
+"""Trust in suggestions: calibrated probabilities, verified regions at a target precision, and the task score."""
