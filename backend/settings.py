@@ -172,7 +172,7 @@ class Settings:
     select_version: bool = True
     # Proposals (batch mode): "auto" = tasks without any region get proposed regions; "off" = never
     proposals: str = "auto"
-    max_proposals: int = 20
+    max_proposals: int = 5
     # Budgets of what a request or an event can start (docs/security.md, "Limits")
     url_secret: str | None = None  # secret path prefix every route must carry (MASKINV_URL_SECRET)
     max_run_tasks: int = 10000  # tasks one background run may take
@@ -359,7 +359,7 @@ def _proposals(env: Mapping[str, str]) -> dict[str, Any]:
     """Region proposals in batch mode: when, how many, at what inversion size."""
     return dict(
         proposals=env_choice(env, "MASKINV_PROPOSALS", "auto", ("auto", "off"), error=SettingsError),
-        max_proposals=_int(env, "MASKINV_MAX_PROPOSALS", 20, 1, 1000),
+        max_proposals=_int(env, "MASKINV_MAX_PROPOSALS", 5, 1, 1000),
         proposal_max_size=_int(env, "MASKINV_PROPOSAL_MAX_SIZE", 448, 32, 2048),
     )
 

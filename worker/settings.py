@@ -31,8 +31,9 @@ Variables (defaults in brackets; README's configuration tables and docker-compos
     MASKINV_CAPTION_BEAM            beam width [3]
     MASKINV_CAPTION_MAX_TOKENS      longest caption in tokens [20]
     MASKINV_CAPTION_LENGTH_PENALTY  beam-search length penalty [1.0]
-    MASKINV_MAX_PROPOSALS           region proposals per image at most [20]
+    MASKINV_MAX_PROPOSALS           region proposals per image at most [5]
     MASKINV_PROPOSAL_MIN_SCORE      best-label probability a proposal needs [0.2]
+    MASKINV_PROPOSAL_PRECISION      target precision that picks the objectness keep threshold [0.8]
     MASKINV_PROPOSAL_SOURCES        default proposal sources [maskcut,keyseeds,text]
     MASKINV_PROPOSAL_REFINE         snap proposals to SLIC superpixels [0]
     MASKINV_SAM_CHECKPOINT          local SAM checkpoint for the "sam" source and refinement [unset]
@@ -110,11 +111,12 @@ DEFAULT_PROPOSAL_SOURCES = ("maskcut", "keyseeds", "text")
 class ProposalSettings:
     """Region proposals (``worker.jobs.propose``): cap, score threshold, default sources, SLIC refinement, SAM."""
 
-    max_proposals: int = 20
+    max_proposals: int = 5
     min_score: float = 0.2
     sources: tuple[str, ...] = DEFAULT_PROPOSAL_SOURCES
     refine: bool = False
     sam_checkpoint: str | None = None
+    target_precision: float = 0.8
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None,
@@ -130,7 +132,9 @@ class ProposalSettings:
         return cls(max_proposals=env_int(env, "MASKINV_MAX_PROPOSALS", cls.max_proposals, 1, 1000, error=error),
                    min_score=env_float(env, "MASKINV_PROPOSAL_MIN_SCORE", cls.min_score, 0.0, 1.0, error=error),
                    sources=sources, refine=env_bool(env, "MASKINV_PROPOSAL_REFINE", cls.refine, error=error),
-                   sam_checkpoint=sam)
+                   sam_checkpoint=sam,
+                   target_precision=env_float(env, "MASKINV_PROPOSAL_PRECISION", cls.target_precision, 0.0, 1.0,
+                                              error=error))
 
 
 #: prompt -> mask methods (worker.refine.chooser) and the rectangle refinements

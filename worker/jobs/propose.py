@@ -8,8 +8,9 @@ Payload (``worker.protocol.ProposeRegionsJob.to_dict()``, a plain JSON object li
 
 Result: :class:`worker.protocol.JobResult` (kind ``"propose_regions"``), one :class:`RegionResult` per kept
 proposal, best first, id ``"proposal-<k>"``, with ``meta = {"proposed": True, "source": str, "mask": <packed
-bits, worker.payload.encode_mask, [S, S] over the whole image>, "area": share of the image, "objectness": (1 -
-final Dice loss)², "score": best-label probability × objectness (the ranking; worker.proposals.pipeline)}``.
+bits, worker.payload.encode_mask, [S, S] over the whole image>, "area": share of the image, "objectness": the
+class-agnostic objectness in [0, 1] (worker.proposals.objectness), "score": the ranking score (best-label
+probability ** prob_power × objectness; worker.proposals.pipeline)}``.
 
 Bounds (``worker.proposals.pipeline``): the job runs at ``proposals.proposal_size(params.size)``, at most
 ``MAX_PROPOSAL_SIZE`` (448) whatever the payload asks (a queue job can be forged), and reports that size in its
@@ -19,7 +20,8 @@ MASKINV_JOB_TIMEOUT) the job stops at the first check between its steps past the
 queue worker's job is stopped by RQ at MASKINV_JOB_TIMEOUT.
 
 Worker settings (read once, at the first job; see README):
-    MASKINV_MAX_PROPOSALS       proposals returned per image at most [20]; a job may ask for fewer
+    MASKINV_MAX_PROPOSALS       proposals returned per image at most [5]; a job may ask for fewer
+    MASKINV_PROPOSAL_PRECISION  target precision that picks the objectness keep threshold [0.8]
     MASKINV_PROPOSAL_MIN_SCORE  default best-label probability a proposal needs [0.2]
     MASKINV_PROPOSAL_SOURCES    default sources, comma-separated, of maskcut,keyseeds,text,window,sam
                                 [maskcut,keyseeds,text]
@@ -133,7 +135,8 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
             res = propose(rt.engine, rt.scorer, image_bytes, labels, params.templates, size=params.size,
                           sources=opts.sources, steps=params.steps, lr=params.lr, top_k=params.top_k,
                           min_score=opts.min_score, max_proposals=opts.max_proposals, refine=opts.refine,
-                          sam=sam, score_fn=score_fn, crop_weight=params.crop_weight)
+                          sam=sam, score_fn=score_fn, crop_weight=params.crop_weight,
+                          target_precision=settings.target_precision)
             props = res.proposals
             captions: list[str] = []
             if props and params.caption:
