@@ -22,7 +22,7 @@ def proposal_env():
 
     mp = pytest.MonkeyPatch()
     for k, v in {"MASKINV_PROPOSAL_MIN_SCORE": "0", "MASKINV_PROPOSAL_SOURCES": "maskcut",
-                 "MASKINV_MAX_PROPOSALS": "3"}.items():
+                 "MASKINV_MAX_PROPOSALS": "3", "MASKINV_PROPOSAL_PRECISION": "0"}.items():
         mp.setenv(k, v)
     mp.setattr(jobs, "_runtime", None)  # the worker reads its settings once, when its runtime is built
     yield
@@ -55,6 +55,7 @@ def test_task_without_regions_gets_proposals_in_the_config_type(client, name):
     assert 1 <= len(regions) <= 3  # MASKINV_MAX_PROPOSALS
     for r in regions:
         assert r["meta"]["proposed"] is True and r["meta"]["source"] == "maskcut"
+        assert 0.0 <= r["meta"]["objectness"] <= 1.0  # the worker's class-agnostic objectness
         assert r["meta"]["text"][0].startswith("proposed by MaskInversion")
         (label,) = r["value"][TYPES[name]]
         assert label in cfg.control("label").labels and 0 < r["score"] <= 1
@@ -124,6 +125,21 @@ def test_proposal_score_is_the_workers_ranking_score():
     assert proposal_score(res({"score": True})) == pytest.approx(0.6)
 
 
+def test_proposed_regions_carry_the_objectness_in_their_meta():
+    from backend.predict.propose import objectness_of, with_objectness
+    from worker.protocol import RegionResult
+
+    def res(meta):
+        return RegionResult.from_dict({"id": "p", "labels": [{"label": "car", "score": 0.6}], "meta": meta})
+    assert objectness_of(res({"objectness": 0.25})) == pytest.approx(0.25)
+    assert objectness_of(res({"objectness": 1.5})) is None and objectness_of(res({"objectness": True})) is None
+    assert objectness_of(res({})) is None
+    items = [{"id": "a", "meta": {"proposed": True}}, {"id": "a", "type": "textarea"}]
+    out = with_objectness(items, 0.123456)
+    assert out[0]["meta"] == {"proposed": True, "objectness": 0.1235} and "meta" not in out[1]
+    assert with_objectness([{"meta": {}}], None) == [{"meta": {}}]
+
+
 def test_proposals_of_a_project_with_examples_use_them(make_client, tmp_path):
     """Proposals are labelled like drawn regions of their project: with its examples' prototypes (one view,
     MASKINV_EXAMPLE_VIEWS applies to drawn regions), the regions' meta say how many examples back their label,
@@ -134,8 +150,8 @@ def test_proposals_of_a_project_with_examples_use_them(make_client, tmp_path):
     c = make_client(MASKINV_DATA_DIR=str(tmp_path / "d"), MASKINV_WEBHOOK_QUEUE="0", **SLOW_OK)
     before = predict(c, "rectangle", [task(1, 1)]).get_json()["results"][0]
     assert "-ex" not in before["model_version"]
-    assert all("examples" not in r["meta"] for r in before["result"] if r["type"] == "rectanglelabels")
     assert all("examples_state" not in r.get("meta", {}) for r in before["result"])
+    assert all("examples" not in r["meta"] for r in before["result"] if r["type"] == "rectanglelabels")
     labels = parse_label_config(config("rectangle")).control("label").labels
     project = {"id": 1, "label_config": config("rectangle")}
     for i, lab in enumerate(labels):
