@@ -318,6 +318,8 @@ def search_view():
         raise PredictError(404, str(exc)) from None
     except search_api.LabelStudioAPIError as exc:
         raise PredictError(502, str(exc)) from None
+    except search_api.ModelNotReady as exc:
+        raise PredictError(503, str(exc)) from None
 
 
 VIEWS = {"_predict": predict_view, "_setup": setup_view, "health": health_view, "webhook": webhook_view,

@@ -24,6 +24,8 @@ from backend.search.records import RegionRecord, SearchFilter
 from backend.service import Service
 
 log = logging.getLogger(__name__)
+#: seconds a backfill waits for the model to load (embedded mode) or a worker to announce it (queue mode)
+MODEL_LOAD_S = 600.0
 
 
 @dataclass
@@ -99,7 +101,7 @@ def backfill_project(service: Service, index: RegionIndex, project: str, client:
     """Index every task of ``project`` (see the module docstring); one task's failure is reported, not fatal."""
     report = BackfillReport(project)
     learner = service.learner
-    model = current_model(service)
+    model = current_model(service, MODEL_LOAD_S)
     with label_studio_errors(project):
         proj = client.projects.get(id=int(project))
         cfg = service.config(getattr(proj, "label_config", None))

@@ -104,3 +104,10 @@ def test_search_needs_the_credentials_of_the_other_routes(make_client, tmp_path)
     off = make_client(MASKINV_DATA_DIR=str(tmp_path / "e"), MASKINV_SEARCH_STORE="off")
     resp = off.post("/search", json={"projects": [1], "text": "car"})
     assert resp.status_code == 404 and "MASKINV_SEARCH_STORE" in resp.get_json()["error"]
+
+
+def test_search_before_the_model_is_known_answers_503(indexed, monkeypatch):
+    service = indexed.application.config["MASKINV_SERVICE"]
+    monkeypatch.setattr(service.dispatcher, "model_info", lambda wait_s=0.0: None)
+    resp = search(indexed, text="car")
+    assert resp.status_code == 503 and "not loaded yet" in resp.get_json()["error"]
