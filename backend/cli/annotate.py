@@ -210,9 +210,27 @@ def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) ->
         return 3
     progress.close()
     _report(args, summary, version, run.run_id, state)
+    if summary.labelled and not args.dry_run and settings.select_version:
+        _select_source(api, args.project, version)
     if interrupted:
         raise KeyboardInterrupt
     return 1 if summary.failed else 0
+
+
+def _select_source(api: Any, project: int, version: str) -> None:
+    """Make ``version`` the project's prediction source, as the backend does after /setup
+    (backend.runs.prediction_source), so the Data Manager's score column shows the written predictions."""
+    from backend.labelstudio.api import LabelStudioAPIError
+    from backend.runs.prediction_source import select_version
+
+    if getattr(api, "client", None) is None:  # not label-studio-sdk's client (nothing to ask)
+        return
+    try:
+        if select_version(api, int(project), version):
+            print(f"maskinv-annotate: model version {version} is now project {project}'s prediction source",
+                  file=sys.stderr)
+    except LabelStudioAPIError as exc:
+        _err(f"could not make {version} the project's prediction source: {exc}")
 
 
 def _open_project(args: argparse.Namespace, settings: Any) -> tuple[Any, Any, Any]:

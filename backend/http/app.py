@@ -137,6 +137,8 @@ def predict_view():
     version = service.project_version(model.config, params, labels, data.get("project"))
     # the example set the predictions were scored with: in the regions' meta, where Label Studio compares nothing
     service.stamp_examples(results, service.examples_state(data.get("project"), params))
+    if not (isinstance(context, dict) and context.get("result")):  # batch: Label Studio stores these predictions
+        _select_prediction_source(service, data.get("project"), version)
     if not (isinstance(context, dict) and isinstance(context.get("result"), list) and context["result"]):
         results = with_verified(results)  # batch: verified regions also as a prediction of their own
     return jsonify({"results": results, "model_version": version})

@@ -13,8 +13,9 @@ this module does, through Label Studio's API, after a ``/setup``:
 * only when the project shows predictions (``show_collab_predictions``) and its source is empty, the title of one
   of its ML backends, or an earlier ``maskinversion-`` version: a source a curator chose otherwise (uploaded
   predictions, another model) is left alone;
-* a little after the ``/setup`` (SELECT_DELAY_S): connecting sends ``/setup`` before Label Studio writes the
-  title, which would overwrite an earlier change.
+* a little after a ``/setup`` or a batch ``/predict`` (SELECT_DELAYS_S): connecting sends ``/setup`` before Label
+  Studio writes the title, which would overwrite an earlier change, and Label Studio accepts a version as the
+  source only once a prediction of it is stored (HTTP 400 before), so a refusal is tried again later.
 
 With the version as the source, a task opened in the labelling stream shows its stored prediction of that version
 (Label Studio then asks the backend for none on opening: *Retrieve predictions* or ``maskinv-annotate`` make
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
 from backend.labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 
@@ -37,8 +39,9 @@ _DONE: set[tuple[str, int, str]] = set()
 MAX_DONE = 4096
 _done_lock = threading.Lock()
 
-#: seconds after a /setup before the project's source is read and, if needed, changed
-SELECT_DELAY_S = 3.0
+#: seconds after the /setup (or batch /predict) at which the project's source is read and, if needed, changed,
+#: until one try succeeds or finds nothing to change
+SELECT_DELAYS_S = (3.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 #: the prefix of every model version this backend answers (Service.model_version)
 OWN_PREFIX = "maskinversion"
 
@@ -76,11 +79,14 @@ def _call(what: str, fn: Any, **kwargs: Any) -> Any:
                                   f"{exc.__class__.__name__}", status if isinstance(status, int) else None) from None
 
 
-def select_later(api: LabelStudioAPI, project: int, version: str, delay_s: float = SELECT_DELAY_S
-                 ) -> threading.Thread | None:
-    """:func:`select_version` in a daemon thread after ``delay_s``, once per project and version in this process;
-    failures are logged (the backend works without) and tried again at the next /setup."""
-    key = (api.url, project, version)
+def select_later(api: Callable[[], LabelStudioAPI], url: str, project: int, version: str,
+                 delays_s: tuple[float, ...] = SELECT_DELAYS_S) -> threading.Thread | None:
+    """:func:`select_version` in a daemon thread, tried at each of ``delays_s`` (seconds from now) until it
+    succeeds or finds nothing to change; one thread per Label Studio ``url``, project and version in this process
+    at a time. ``api`` makes the client in that thread (the SDK's import takes seconds, which ``/setup`` must not
+    wait for). Failures are logged (the backend works without); after the last try a later /setup or batch
+    /predict starts again."""
+    key = (url.rstrip("/"), project, version)
     with _done_lock:
         if key in _DONE:
             return None
@@ -89,13 +95,18 @@ def select_later(api: LabelStudioAPI, project: int, version: str, delay_s: float
         _DONE.add(key)
 
     def run() -> None:
-        stop.wait(delay_s)
-        try:
-            select_version(api, project, version)
-        except LabelStudioAPIError as exc:
-            with _done_lock:
-                _DONE.discard(key)
-            log.warning("project %s: could not make %s its prediction source: %s", project, version, exc)
+        start, client, error = time.monotonic(), None, None
+        for delay in delays_s:
+            stop.wait(max(0.0, start + delay - time.monotonic()))
+            try:
+                client = client or api()
+                select_version(client, project, version)
+                return
+            except LabelStudioAPIError as exc:
+                error = exc  # e.g. 400 while no prediction of the version is stored yet
+        with _done_lock:
+            _DONE.discard(key)
+        log.warning("project %s: could not make %s its prediction source: %s", project, version, error)
 
     stop = threading.Event()
     thread = threading.Thread(target=run, name="maskinv-select-version", daemon=True)

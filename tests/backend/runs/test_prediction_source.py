@@ -45,8 +45,25 @@ def test_the_title_set_on_connecting_is_replaced_once():
 def test_select_later_asks_once_per_project_and_version():
     client = FakeClient("")
     api = LabelStudioAPI("http://ls.once", "t", client=client)
-    first = select_later(api, 4, V, delay_s=0)
+    first = select_later(lambda: api, api.url, 4, V, delays_s=(0,))
     assert first is not None
     first.join(10)
-    assert select_later(api, 4, V, delay_s=0) is None
+    assert select_later(lambda: api, api.url, 4, V, delays_s=(0,)) is None
     assert client.patches == [{"id": 4, "model_version": V}]
+
+
+def test_a_refusal_is_tried_again_until_a_prediction_of_the_version_is_stored():
+    client = FakeClient("MaskInversion")
+    calls = []
+
+    def refuse_first(id: int, **fields):
+        calls.append(fields)
+        if len(calls) == 1:  # Label Studio: "Model version doesn't exist either as live model or as static predictions"
+            raise type("ApiError", (Exception,), {"status_code": 400})()
+        client._update(id, **fields)
+
+    client.projects.update = refuse_first
+    api = LabelStudioAPI("http://ls.retry", "t", client=client)
+    thread = select_later(lambda: api, api.url, 5, V, delays_s=(0, 0.1, 0.2))
+    thread.join(10)
+    assert len(calls) == 2 and client.patches == [{"id": 5, "model_version": V}]
