@@ -66,8 +66,9 @@ def project_tasks(client: Any, project: int, page_size: int = 100) -> Iterator[d
 
 def _predictions(client: Any, task: dict[str, Any]) -> list[dict[str, Any]]:
     preds = task.get("predictions")
-    if isinstance(preds, list) and all(isinstance(p, dict) for p in preds):
+    if isinstance(preds, list) and preds and all(isinstance(p, dict) and "result" in p for p in preds):
         return preds
+    # the task list may leave predictions out (or list their ids only): ask for them
     listed = client.predictions.list(task=int(task["id"]))
     return [p.model_dump() if hasattr(p, "model_dump") else dict(p) for p in listed]
 

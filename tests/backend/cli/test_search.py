@@ -29,7 +29,7 @@ def fake_client() -> SimpleNamespace:
         {**rect("c", labels=("car",)), "score": 0.7},
         {**rect("d", x=55, w=20, labels=("dog",)), "score": 0.3, "meta": {"proposed": True}}]}])
     return SimpleNamespace(projects=SimpleNamespace(get=lambda id: SimpleNamespace(label_config=config("rectangle"))),
-                           tasks=FakeTasks([t1, t2]))
+                           tasks=FakeTasks([t1, t2]), predictions=SimpleNamespace(list=lambda task: []))
 
 
 @pytest.fixture
