@@ -325,19 +325,6 @@ def search_view():
         raise PredictError(503, str(exc)) from None
 
 
-def search_view():
-    """POST /search: regions of projects by text, example regions, a label's examples or coverage
-    (backend.search.api; caps in docs/security.md, "Region search")."""
-    try:
-        return jsonify(search_api.answer(_service(), _json_body()))
-    except search_api.SearchInputError as exc:
-        raise PredictError(400, str(exc)) from None
-    except search_api.SearchUnavailable as exc:
-        raise PredictError(404, str(exc)) from None
-    except search_api.LabelStudioAPIError as exc:
-        raise PredictError(502, str(exc)) from None
-
-
 def search_page_view():
     """GET /search: the search page (backend.search.page)."""
     return Response(search_page.PAGE_HTML, mimetype="text/html")
