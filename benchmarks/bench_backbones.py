@@ -5,7 +5,9 @@ colour-block image, random rectangles and ellipses, K AdamW steps at the input s
 off as the job functions call it. Per tower: the weights' memory (vision tower; whole model), the image state the
 cache keeps per image, the working memory of one mask in a chunk (``mask_bytes``) and how many masks the default
 4 GiB chunk budget holds; cold = image-state cache empty (the tower's forward + K steps), warm = cached image
-(K steps), best of ``--runs``. Records the load average: the machine may be shared.
+(K steps), best of ``--runs``. Times are the process's CPU seconds (user + system, ``time.process_time``) on
+``--threads`` threads (default 1), with the wall seconds beside: on a shared machine the wall time grows with the
+other jobs while the CPU time of one thread does not much. Records the load average.
 
     nice -n 10 python -m benchmarks.bench_backbones                       # B/16, L/14, SigLIP B/16, PE-Core B/16
     nice -n 10 python -m benchmarks.bench_backbones --towers ViT-H-14 --masks 1
@@ -79,17 +81,19 @@ def bench_tower(name: str, args: argparse.Namespace, img: Image.Image, masks_all
            "cpu_gemm": eng.cpu_gemm, "steps": args.steps, "rows": []}
     for n in args.masks:
         masks = masks_all[:n]
-        cold, warm = [], []
+        cold, warm, cold_wall, warm_wall = [], [], [], []
         for _ in range(args.runs):
             eng.cache.clear()
-            t = time.perf_counter()
+            t, w = time.process_time(), time.perf_counter()
             eng.invert(img, masks, size=size, steps=args.steps, final_loss=False)
-            cold.append(time.perf_counter() - t)
-            t = time.perf_counter()
+            cold.append(time.process_time() - t)
+            cold_wall.append(time.perf_counter() - w)
+            t, w = time.process_time(), time.perf_counter()
             eng.invert(img, masks, size=size, steps=args.steps, final_loss=False)
-            warm.append(time.perf_counter() - t)
+            warm.append(time.process_time() - t)
+            warm_wall.append(time.perf_counter() - w)
         r = {"N": n, "cold_s": min(cold), "warm_s": min(warm), "warm_per_region_s": min(warm) / n,
-             "cold_runs": cold, "warm_runs": warm}
+             "cold_runs": cold, "warm_runs": warm, "cold_wall_s": min(cold_wall), "warm_wall_s": min(warm_wall)}
         row["rows"].append(r)
         print(json.dumps({"tower": name, **r}), flush=True)
     del eng
@@ -101,19 +105,20 @@ def write(rows: list[dict], meta: dict, out: Path) -> None:
              f"{meta['size']} px)", "",
              f"{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, open_clip {meta['open_clip']}; no GPU "
              f"on this host. Load average (1/5/15 min) at start: {meta['load_start']}; at end: {meta['load_end']}. "
-             f"Best of {meta['runs']}. cold = the tower's forward + K steps; warm = K steps on the cached image; "
+             f"Best of {meta['runs']}. CPU seconds of the process (user + system) on {meta['threads']} thread(s); "
+             "wall seconds in brackets. cold = the tower's forward + K steps; warm = K steps on the cached image; "
              "per region = warm / N. weights: vision tower (whole CLIP with its text tower); state: the cached "
              "image state; mask: working memory of one mask in a chunk; chunk: masks per chunk under the default "
              "MASKINV_CHUNK_MEMORY_MB=4096.", "",
-             "| tower | kind | size | width/heads | D | weights MiB | state MiB | mask MiB | chunk | N | cold s | "
-             "warm s | warm per region s |",
+             "| tower | kind | size | width/heads | D | weights MiB | state MiB | mask MiB | chunk | N | cold CPU s | "
+             "warm CPU s | warm CPU s per region |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in rows:
         for r in t["rows"]:
             lines.append(f"| {t['tower']} | {t['kind']} | {t['size']} | {t['width']}/{t['heads']} | {t['embed_dim']} | "
                          f"{t['vision_mib']:.0f} ({t['model_mib']:.0f}) | {t['state_mib']:.1f} | {t['mask_mib']:.1f} | "
-                         f"{t['masks_per_chunk']} | {r['N']} | {r['cold_s']:.2f} | {r['warm_s']:.2f} | "
-                         f"{r['warm_per_region_s']:.3f} |")
+                         f"{t['masks_per_chunk']} | {r['N']} | {r['cold_s']:.2f} ({r['cold_wall_s']:.1f}) | "
+                         f"{r['warm_s']:.2f} ({r['warm_wall_s']:.1f}) | {r['warm_per_region_s']:.3f} |")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({**meta, "towers": rows}, indent=1))
@@ -128,8 +133,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU time is summed over them)")
     ap.add_argument("--out", default=str(RESULTS / "backbones.md"))
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     # colour blocks: on fine noise a random-init pool's map can be 0 at the image embedding (flat loss)
     img = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((640, 480),
