@@ -90,7 +90,7 @@ def region_results(region: Region, res: RegionResult, cfg: ProjectConfig) -> lis
     if region.control.answers_as is not None:
         geometry, refined_by = outlined_geometry(region, res)
         meta["refined_by"] = refined_by
-        meta["text"].append(f"outlined by MaskInversion from the {region.kind} ({refined_by})")
+        meta["text"] = [f"{meta['text'][0]} · outlined from the {region.kind} ({refined_by})"]
     else:
         geometry = {k: v for k, v in item["value"].items() if k not in LABEL_VALUE_KEYS}
     return _labelled_items(region.control.output, cfg, res, region.id, geometry, float(res.labels[0].score), meta,

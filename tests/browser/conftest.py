@@ -58,9 +58,21 @@ def _project(client: LabelStudioClient, name: str, vocabulary: list[str], tasks:
     # Settings -> Annotation -> "Use predictions to prelabel tasks" off: the task opens without the backend's
     # proposed regions, so the annotator draws on a clean image (docs/browser.md says what the default shows)
     client.request("PATCH", f"/api/projects/{project['id']}/", json={"show_collab_predictions": False})
-    ml = client.connect_ml_backend(project["id"], backend_url, interactive=True)
+    ml = _connect(client, project["id"], backend_url)
     created = client.upload_images(project["id"], [(f"scene{k}.png", t.png) for k, t in enumerate(tasks)])
     return Project(name, project["id"], ml["id"], [t["id"] for t in created], tasks)
+
+
+def _connect(client: LabelStudioClient, project_id: int, backend_url: str, tries: int = 3) -> dict:
+    """README step 3 (*Connect model*). Label Studio gives the backend's ``/setup`` 3 s; on a busy host the first
+    answer can take longer, and a person would click *Validate and Save* again: so does this, up to ``tries``."""
+    for k in range(tries):
+        try:
+            return client.connect_ml_backend(project_id, backend_url, interactive=True)
+        except HarnessError as exc:
+            if k == tries - 1 or "timed out" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
 
 
 def _stop(*servers: object) -> None:

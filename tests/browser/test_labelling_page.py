@@ -1,10 +1,17 @@
 """What an annotator sees on Label Studio 1.23's labelling page with the MaskInversion backend connected.
 
 Each test logs in through the login form, opens a task, turns on *Auto-Annotation* (with *Auto-Accept
-Suggestions* off), picks a label, draws a region with the mouse on one object of the scene and waits for
-what Label Studio shows: the suggestion with its accept/reject controls, then (after accepting) the backend's
-label in the region list and its caption in the region's caption field. Screenshots go to
-``tests/browser/screenshots/``; the payloads Label Studio sent and the timings to ``screenshots/findings.json``.
+Suggestions* off), picks one of the toolbar's *Auto-Detect* tools, marks one object of the scene with the mouse
+and waits for what Label Studio shows: the suggestion with its accept/reject controls, then (after accepting) the
+backend's label in the region list and its caption in the region's caption field. One test per flow:
+
+* rectangle project: a box drawn with the smart rectangle is labelled as drawn;
+* polygon project: a box, or a click, drawn with the smart rectangle / keypoint (``smartOnly`` in
+  ``label_config/polygon.xml``) comes back as a polygon of the object; submitting stores that polygon;
+* brush project: a box drawn with the smart rectangle comes back as the object painted with the brush.
+
+Screenshots go to ``tests/browser/screenshots/``; the payloads Label Studio sent and the timings to
+``screenshots/findings.json``.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from browser_harness import SHOTS, Project, Stack
@@ -60,6 +68,14 @@ def pick_label(page: Any, label: str) -> None:
 def choose_auto_detect(page: Any) -> None:
     """The toolbar's *Auto-Detect* button (shown with Auto-Annotation on) selects the smart tool."""
     page.locator(".lsf-tool", has_text="Auto-Detect").first.click()
+
+
+def choose_smart_tool(page: Any, tool: str) -> None:
+    """Hover *Auto-Detect* (several smart tools: it unfolds them) and click one: ``rectangle-tool``,
+    ``rectangle-3-point-tool`` or ``key-point-tool`` (their ``aria-label``)."""
+    page.locator(".lsf-tool.lsf-tool_smart:not([aria-label])").first.hover()
+    page.locator(f'.lsf-tool_smart[aria-label="{tool}"]').first.click()
+    page.locator(f'.lsf-tool_smart.lsf-tool_active[aria-label="{tool}"]').first.wait_for(state="attached")
 
 
 def page_point(image: Any, size: tuple[int, int], x: float, y: float) -> tuple[float, float]:
@@ -133,6 +149,97 @@ def test_rectangle_suggestion_is_shown_accepted_and_captioned(stack: Stack, page
     assert caption, f"the backend sent no caption: {answer}"
     page.get_by_text(caption, exact=True).first.wait_for(state="visible", timeout=PAGE_TIMEOUT_MS)
     shot(page, "rectangle-accepted")
+
+
+def mark_object(page: Any, image: Any, scene: Any, obj: int, how: str) -> tuple[dict, dict]:
+    """Drag a box around object ``obj`` (``how="box"``) or click its centre (``"click"``) and wait for Label
+    Studio's interactive-annotating call; returns (what the page sent, what it got back)."""
+    with page.expect_response(lambda r: "/interactive-annotating" in r.url, timeout=SUGGESTION_TIMEOUT_MS) as resp:
+        if how == "box":
+            x0, y0, x1, y1 = scene.box(obj)
+            drag(page, page_point(image, scene.size, x0 - 4, y0 - 4), page_point(image, scene.size, x1 + 4, y1 + 4))
+        else:
+            ys, xs = scene.masks[obj].nonzero()
+            inside = np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2)  # the object's pixel nearest its centroid
+            page.mouse.click(*page_point(image, scene.size, float(xs[inside]) + 0.5, float(ys[inside]) + 0.5))
+    return resp.value.request.post_data_json, resp.value.json()
+
+
+def accept_and_check(page: Any, answer: dict, tag: str, name: str) -> tuple[str, str]:
+    """Accept the suggestion shown and check what the annotator sees: one region, titled with the backend's label,
+    whose caption field shows the backend's caption; returns (label, caption)."""
+    accept = page.get_by_test_id("bottombar-accept-suggestions-button")
+    accept.wait_for(state="visible", timeout=SUGGESTION_TIMEOUT_MS)
+    assert page.get_by_test_id("bottombar-reject-suggestions-button").is_visible()
+    shot(page, f"{name}-suggestion")
+    assert "data" in answer, f"Label Studio answered no suggestion: {answer}"
+    label, caption, _ = region_result(answer, tag)
+    accept.click()
+    accept.wait_for(state="hidden", timeout=PAGE_TIMEOUT_MS)
+    region = page.locator(".lsf-outliner-item").first
+    region.wait_for(state="visible", timeout=PAGE_TIMEOUT_MS)
+    assert page.locator(".lsf-outliner-item").count() == 1, "one region: the accepted suggestion (the mark is gone)"
+    assert region.locator(".lsf-outliner-item__title").inner_text().strip() == label
+    region.click()
+    assert caption, f"the backend sent no caption: {answer}"
+    page.get_by_text(caption, exact=True).first.wait_for(state="visible", timeout=PAGE_TIMEOUT_MS)
+    shot(page, f"{name}-accepted")
+    return label, caption
+
+
+def submit(page: Any, stack: Stack, task_id: int) -> dict:
+    """Click *Submit*; returns the annotation Label Studio stored."""
+    page.get_by_test_id("bottombar-submit-button").or_(page.locator('[aria-label="submit"]')).first.click()
+    deadline = time.monotonic() + PAGE_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        annotations = stack.client.annotations(task_id)
+        if annotations:
+            return annotations[-1]
+        time.sleep(0.5)
+    raise AssertionError(f"task {task_id}: no annotation stored after Submit")
+
+
+def marked_object_flow(stack: Stack, page: Any, project: Project, k: int, obj: int, tool: str, how: str,
+                       tag: str) -> None:
+    """Mark object ``obj`` of task ``k`` with a smart tool; the suggestion is a ``tag`` region of the object with
+    the backend's label and caption; accepting and submitting stores exactly that region and caption."""
+    name = f"{project.name}-{how}"
+    scene = project.scenes[k]
+    log_in(page, stack)
+    image = open_task(page, stack, project, k)
+    turn_on_auto_annotation(page)
+    choose_smart_tool(page, tool)
+    sent_before = len(stack.proxy.predicts)
+    request_body, answer = mark_object(page, image, scene, obj, how)
+    stack.record(f"{name}: the labelling page sent (interactive-annotating)", request_body)
+    stack.record(f"{name}: Label Studio sent to /predict", _without_config(stack.proxy.predicts[sent_before:]))
+    marks = request_body["context"]["result"]
+    assert [m["type"] for m in marks] == (["rectangle"] if how == "box" else ["keypoint"])
+    label, caption = accept_and_check(page, answer, tag, name)
+    suggested = next(r for r in answer["data"]["result"] if r["type"] == tag)
+    assert suggested["id"] == marks[0]["id"] and suggested["from_name"] == "label"
+    stack.record(f"{name}: suggestion", {"label": label, "caption": caption, "truth": scene.labels[obj],
+                                        "refined_by": suggested["meta"].get("refined_by")})
+    stored = submit(page, stack, project.task_ids[k])
+    regions = [r for r in stored["result"] if r["type"] == tag]
+    captions = [r for r in stored["result"] if r["type"] == "textarea"]
+    assert [r["value"][tag] for r in regions] == [[label]], stored["result"]
+    assert [c["value"]["text"] for c in captions] == [[caption]], stored["result"]
+    assert not [r for r in stored["result"] if r["type"] in ("rectangle", "keypoint")], "the mark is not stored"
+    if tag == "polygonlabels":
+        assert regions[0]["value"]["points"] == suggested["value"]["points"]
+
+
+def test_polygon_project_box_becomes_a_labelled_captioned_polygon(stack: Stack, page: Any) -> None:
+    marked_object_flow(stack, page, stack.projects["polygon"], 0, 0, "rectangle-tool", "box", "polygonlabels")
+
+
+def test_polygon_project_click_becomes_a_labelled_captioned_polygon(stack: Stack, page: Any) -> None:
+    marked_object_flow(stack, page, stack.projects["polygon"], 1, 1, "key-point-tool", "click", "polygonlabels")
+
+
+def test_brush_project_box_comes_back_painted_labelled_and_captioned(stack: Stack, page: Any) -> None:
+    marked_object_flow(stack, page, stack.projects["brush"], 0, 1, "rectangle-tool", "box", "brushlabels")
 
 
 def _without_config(payloads: list[dict]) -> list[dict]:
