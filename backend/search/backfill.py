@@ -75,7 +75,8 @@ def _predictions(client: Any, task: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _prediction_records(learner: Learner, cfg: ProjectConfig, project: str, task: dict[str, Any],
                         pred: dict[str, Any]) -> tuple[list[RegionRecord], np.ndarray]:
-    items = [it for it in pred.get("result") or [] if isinstance(it, dict)]
+    # a prediction's items say origin "prediction", which makes an annotation's region no example: not here
+    items = [{k: v for k, v in it.items() if k != "origin"} for it in pred.get("result") or [] if isinstance(it, dict)]
     pseudo = {"id": f"p{pred.get('id')}", "result": items, "was_cancelled": False}
     examples = learner.annotation_examples(cfg, pseudo, task, Allowance(learner.settings.max_mask_pixels), project)
     by_id = {str(it.get("id")): it for it in items}
