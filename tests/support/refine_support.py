@@ -1,4 +1,4 @@
-"""Helpers shared by the refinement tests (no tests here; imported as ``refine_support``): a synthetic one-object
+"""What the refinement tests share (no tests here; imported as ``refine_support``): a synthetic one-object
 image, mask IoU, and a tiny random SAM checkpoint."""
 
 from __future__ import annotations
