@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from worker.proposals import objectness as obj
 from worker.proposals import pipeline as P
 from worker.engine.engine import MaskInversionEngine
 from worker.text.labels import LabelScorer
@@ -59,6 +60,9 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 REPO = Path(__file__).resolve().parent.parent
 SCENE_MODEL = "maskinv-scene-tiny"
 SCENE_CHECKPOINT = REPO / "assets" / "tiny_scene_clip" / f"{SCENE_MODEL}.safetensors"
+#: the ground-truth-mask ceiling's selection: the fallback objectness (1 - d)², no threshold, at most 20
+LEGACY = obj.ObjectnessModel.fallback()
+LEGACY_MAX_PROPOSALS = 20
 METHODS = ("text", "maskcut", "keyseeds", "union", "sliding_window", "slic_colour", "gt_masks")
 #: one setting each (no patch-level / refined pair): the baselines and the oracle
 SINGLE_SETTING = ("slic_colour", "sliding_window", "gt_masks")
@@ -185,7 +189,9 @@ def run_setting(engine: MaskInversionEngine, scorer: LabelScorer, items: Sequenc
             cands = per[m]
             mine = [by_id[id(c)] for c in cands if id(c) in by_id]
             if m == "sliding_window":  # the baseline as defined: every window, labelled, no merging (ranked
-                kept = [p for p in mine if p.score >= min_score]  # like the proposals: probability x objectness)
+                kept = [p for p in mine if p.score >= min_score]  # by probability x the fallback objectness)
+            elif m == "gt_masks":  # the labeller's ceiling, as defined before the fitted objectness: p x (1 - d)²
+                kept = P.select(mine, min_score=min_score, max_proposals=LEGACY_MAX_PROPOSALS, model=LEGACY)
             else:
                 kept = P.select(mine, min_score=min_score, max_proposals=max_proposals)
             run.seconds += times[m] + t_inv * len(cands)  # inversion time shared out per candidate
