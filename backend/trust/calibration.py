@@ -28,7 +28,7 @@ MIN_EXAMPLES = 5
 #: held-out suggestions of a label needed for its own curve and threshold (fewer: the shared ones)
 PER_LABEL_MIN = 30
 #: pseudo-counts of the conservative precision: (right) / (suggested + PRIOR_WRONG) must reach the target
-PRIOR_WRONG = 2.0
+PRIOR_WRONG = 0.5
 #: held-out suggestions that must clear a threshold (fewer: no threshold)
 MIN_SUPPORT = 10
 
