@@ -26,7 +26,7 @@ def test_each_order_labels_one_batch_per_round_and_learns():
 
 def test_verified_counts_and_summary_follow_the_schema():
     pool, test = _world(300, 2), _world(100, 3)
-    curves, verified = {o: [] for o in ORDERS}, []
+    curves: dict[str, list] = {o: [] for o in ORDERS}
     for order in ORDERS:
         curve, proj = run_loop(pool, test, np.eye(4, 8), 10.0, order, 0, rounds=4, batch=25)
         curves[order].append(curve)
