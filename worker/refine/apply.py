@@ -23,6 +23,15 @@ def refine_regions(refiner: Refiner | None, image: Image.Image, regions: Sequenc
     region's meta by position: ``{"mask": EncodedMask, "refined_by": str}`` for a region sent with ``refine``,
     ``{"refined_by": "sam"}`` for a rectangle refined by the worker's own setting (its geometry is the
     annotator's and is not sent back)."""
+    try:
+        return _refine_each(refiner, image, regions, masks, errors, size)
+    finally:
+        if refiner is not None:
+            refiner.forget_image()
+
+
+def _refine_each(refiner: Refiner | None, image: Image.Image, regions: Sequence[Any], masks: list[np.ndarray],
+                 errors: dict[int, str], size: int) -> dict[int, dict[str, Any]]:
     meta: dict[int, dict[str, Any]] = {}
     for k, region in enumerate(regions):
         if k in errors or not isinstance(region, Mapping):

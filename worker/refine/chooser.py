@@ -133,6 +133,10 @@ class Refiner:
             self._keys = (image, size, pipeline_image_keys(self.engine, image, size))
         return self._keys[2]
 
+    def forget_image(self) -> None:
+        """Drop the last image's keys (at the end of a job)."""
+        self._keys = None
+
     def run(self, method: str, image: Image.Image, prompt: RegionPrompt, size: int) -> np.ndarray:
         """One method's mask ``[H, W]`` for the prompt (no fallback)."""
         shape = (image.height, image.width)

@@ -104,3 +104,24 @@ def test_refiner_from_settings_loads_sam(tiny_sam):
     done = r.refine(Image.fromarray(img), BOX, "sam", 32)
     assert done.mask.shape == (50, 60) and done.refined_by in REFINED_BY
     assert Refiner.from_settings(RefineSettings(), engine=None).sam is None
+
+
+def test_seed_keys_are_computed_once_per_image(monkeypatch):
+    calls = []
+
+    def keys(engine, image, size):
+        calls.append(size)
+        import torch
+        return torch.randn(16, 8), 4
+
+    monkeypatch.setattr(chooser, "pipeline_image_keys", keys)
+    img, _ = disc_scene()
+    pil = Image.fromarray(img)
+    r = Refiner("seeds", engine=object())
+    for prompt in (BOX, CLICK, BOX):
+        r.run("seeds", pil, prompt, 64)
+    assert calls == [64]
+    r.run("seeds", pil, BOX, 32)
+    r.forget_image()
+    r.run("seeds", pil, BOX, 32)
+    assert calls == [64, 32, 32]
