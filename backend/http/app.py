@@ -229,9 +229,10 @@ def _queue_event(service: Service, data: dict[str, Any], action: str | None):
     """Queue a learning event for after the answer (others are acknowledged as ignored); a bad project id is 400,
     a full queue 503, Redis trouble 503."""
     from backend.learning.events import EventsFull
-    from backend.learning.learner import ANNOTATION_EVENTS, DELETE_EVENTS, TRAIN_EVENTS, LearningError, project_id
+    from backend.learning.learner import (ANNOTATION_EVENTS, DELETE_EVENTS, TASK_DELETE_EVENTS, TRAIN_EVENTS,
+                                          LearningError, project_id)
 
-    if action not in ANNOTATION_EVENTS + DELETE_EVENTS + TRAIN_EVENTS:
+    if action not in ANNOTATION_EVENTS + DELETE_EVENTS + TRAIN_EVENTS + TASK_DELETE_EVENTS:
         return jsonify({"status": "ignored", "action": action, "reason": "not an annotation or training event"}), 200
     try:
         project = project_id(data.get("project"))
