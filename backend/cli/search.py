@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 from backend.dispatch import DispatchError
 from backend.learning.learner import LearningError, project_id
-from backend.search.api import LabelStudioAPIError, SearchUnavailable, answer
-from backend.search.backfill import BackfillReport, backfill_project
+from backend.search.api import LabelStudioAPIError, ModelNotReady, SearchUnavailable, answer
+from backend.search.backfill import MODEL_LOAD_S, BackfillReport, backfill_project
 from backend.search.records import SOURCES, SearchInputError
 from backend.service import Service
 from backend.settings import Settings, SettingsError
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if a.command == "query":
-            doc = answer(service, query_body(a))
+            doc = answer(service, query_body(a), wait_s=MODEL_LOAD_S)
             print(json.dumps(doc, indent=1) if a.json else table(doc))
             for written in doc.get("label_studio") or []:
                 print(f"Label Studio project {written['project']}: {written['regions']} region(s) in "
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(rep.to_dict()))
             status = status or (1 if rep.failed else 0)
         return status
-    except (LearningError, DispatchError, LabelStudioAPIError) as exc:  # LearningError is a ValueError
+    except (LearningError, DispatchError, LabelStudioAPIError, ModelNotReady) as exc:  # LearningError: a ValueError
         print(f"maskinv-search: {exc}", file=sys.stderr)
         return 3
     except (SearchInputError, SearchUnavailable, ValueError) as exc:

@@ -27,12 +27,13 @@ import logging
 import sys
 from typing import Any
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from backend.dispatch import DispatchError
 from backend.labelstudio.label_config import LabelConfigError
 from backend.search import api as search_api
+from backend.search import page as search_page
 from backend.service import PredictError, Service
 from backend.settings import Settings
 from backend.http.torchless import import_label_studio_ml
@@ -228,9 +229,10 @@ def _queue_event(service: Service, data: dict[str, Any], action: str | None):
     """Queue a learning event for after the answer (others are acknowledged as ignored); a bad project id is 400,
     a full queue 503, Redis trouble 503."""
     from backend.learning.events import EventsFull
-    from backend.learning.learner import ANNOTATION_EVENTS, DELETE_EVENTS, TRAIN_EVENTS, LearningError, project_id
+    from backend.learning.learner import (ANNOTATION_EVENTS, DELETE_EVENTS, TASK_DELETE_EVENTS, TRAIN_EVENTS,
+                                          LearningError, project_id)
 
-    if action not in ANNOTATION_EVENTS + DELETE_EVENTS + TRAIN_EVENTS:
+    if action not in ANNOTATION_EVENTS + DELETE_EVENTS + TRAIN_EVENTS + TASK_DELETE_EVENTS:
         return jsonify({"status": "ignored", "action": action, "reason": "not an annotation or training event"}), 200
     try:
         project = project_id(data.get("project"))
@@ -322,6 +324,23 @@ def search_view():
         raise PredictError(502, str(exc)) from None
     except search_api.ModelNotReady as exc:
         raise PredictError(503, str(exc)) from None
+
+
+def search_page_view():
+    """GET /search: the search page (backend.search.page)."""
+    return Response(search_page.PAGE_HTML, mimetype="text/html")
+
+
+def search_crop_view():
+    """GET /search/crop?project=&task=&region=&annotation=: one indexed region's crop as PNG."""
+    try:
+        return Response(search_page.crop_png(_service(), request.args), mimetype="image/png")
+    except search_api.SearchInputError as exc:
+        raise PredictError(400, str(exc)) from None
+    except search_api.ModelNotReady as exc:
+        raise PredictError(503, str(exc)) from None
+    except search_api.LabelStudioAPIError as exc:
+        raise PredictError(502, str(exc)) from None
 
 
 VIEWS = {"_predict": predict_view, "_setup": setup_view, "health": health_view, "webhook": webhook_view,
@@ -435,6 +454,8 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         app.add_url_rule("/runs", "runs", _guarded(runs_view), methods=["GET"])
         app.add_url_rule("/examples", "examples", _guarded(examples_view), methods=["GET"])
         app.add_url_rule("/search", "search", _guarded(search_view), methods=["POST"])
+        app.add_url_rule("/search", "search_page", _guarded(search_page_view), methods=["GET"])
+        app.add_url_rule("/search/crop", "search_crop", _guarded(search_crop_view), methods=["GET"])
         app.before_request(_check_auth)
         app.register_error_handler(HTTPException, _http_error)
         app.wsgi_app = SecretPrefix(app, app.wsgi_app)

@@ -25,13 +25,25 @@ from backend.search.records import SearchInputError
 from backend.service import Service
 
 
+#: seconds a search waits for the embedded model to load before answering 503
+MODEL_WAIT_S = 5.0
+
+
 class SearchUnavailable(RuntimeError):
     """Region search is off (MASKINV_SEARCH_STORE=off)."""
 
 
-def current_model(service: Service) -> str:
-    """The model key regions are indexed under now (model id + inversion size, steps, lr, alpha)."""
-    return model_key(service.worker_model(), service.learner.example_params(service.settings.params))
+class ModelNotReady(RuntimeError):
+    """The model is not known yet (still loading, or no worker): the model key of the index cannot be named."""
+
+
+def current_model(service: Service, wait_s: float = MODEL_WAIT_S) -> str:
+    """The model key regions are indexed under now (model id + inversion size, steps, lr, alpha); ModelNotReady
+    while the model is not known (the index is keyed by it, so no answer can be right before)."""
+    info = service.dispatcher.model_info(wait_s=wait_s)
+    if not info or not info.get("id"):
+        raise ModelNotReady("the model is not loaded yet (or no worker serves the queue): ask again")
+    return model_key(info, service.learner.example_params(service.settings.params))
 
 
 def task_link(service: Service, project: str, task: int) -> str | None:
@@ -49,7 +61,7 @@ def label_studio_api(service: Service) -> LabelStudioAPI:
     return LabelStudioAPI(url, key)
 
 
-def answer(service: Service, body: Any) -> dict[str, Any]:
+def answer(service: Service, body: Any, wait_s: float = MODEL_WAIT_S) -> dict[str, Any]:
     """Answer one search request (see the module docstring); SearchInputError for a bad request."""
     index = service.search_index
     if index is None:
@@ -57,7 +69,7 @@ def answer(service: Service, body: Any) -> dict[str, Any]:
     to_ls = body.get("to_label_studio", False) if isinstance(body, Mapping) else False
     if not isinstance(to_ls, bool):
         raise SearchInputError("to_label_studio must be true or false")
-    model = current_model(service)
+    model = current_model(service, wait_s)
     q = parse_query(body, model)
     params = service.learner.example_params(service.settings.params)
 
@@ -74,4 +86,5 @@ def answer(service: Service, body: Any) -> dict[str, Any]:
     return doc
 
 
-__all__ = ["LabelStudioAPIError", "SearchInputError", "SearchUnavailable", "answer", "current_model"]
+__all__ = ["LabelStudioAPIError", "ModelNotReady", "SearchInputError", "SearchUnavailable", "answer",
+           "current_model"]

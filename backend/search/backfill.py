@@ -24,6 +24,8 @@ from backend.search.records import RegionRecord, SearchFilter
 from backend.service import Service
 
 log = logging.getLogger(__name__)
+#: seconds a backfill waits for the model to load (embedded mode) or a worker to announce it (queue mode)
+MODEL_LOAD_S = 600.0
 
 
 @dataclass
@@ -64,15 +66,17 @@ def project_tasks(client: Any, project: int, page_size: int = 100) -> Iterator[d
 
 def _predictions(client: Any, task: dict[str, Any]) -> list[dict[str, Any]]:
     preds = task.get("predictions")
-    if isinstance(preds, list) and all(isinstance(p, dict) for p in preds):
+    if isinstance(preds, list) and preds and all(isinstance(p, dict) and "result" in p for p in preds):
         return preds
+    # the task list may leave predictions out (or list their ids only): ask for them
     listed = client.predictions.list(task=int(task["id"]))
     return [p.model_dump() if hasattr(p, "model_dump") else dict(p) for p in listed]
 
 
 def _prediction_records(learner: Learner, cfg: ProjectConfig, project: str, task: dict[str, Any],
                         pred: dict[str, Any]) -> tuple[list[RegionRecord], np.ndarray]:
-    items = [it for it in pred.get("result") or [] if isinstance(it, dict)]
+    # a prediction's items say origin "prediction", which makes an annotation's region no example: not here
+    items = [{k: v for k, v in it.items() if k != "origin"} for it in pred.get("result") or [] if isinstance(it, dict)]
     pseudo = {"id": f"p{pred.get('id')}", "result": items, "was_cancelled": False}
     examples = learner.annotation_examples(cfg, pseudo, task, Allowance(learner.settings.max_mask_pixels), project)
     by_id = {str(it.get("id")): it for it in items}
@@ -99,7 +103,7 @@ def backfill_project(service: Service, index: RegionIndex, project: str, client:
     """Index every task of ``project`` (see the module docstring); one task's failure is reported, not fatal."""
     report = BackfillReport(project)
     learner = service.learner
-    model = current_model(service)
+    model = current_model(service, MODEL_LOAD_S)
     with label_studio_errors(project):
         proj = client.projects.get(id=int(project))
         cfg = service.config(getattr(proj, "label_config", None))

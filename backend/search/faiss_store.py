@@ -40,13 +40,13 @@ log = logging.getLogger(__name__)
 #: FAISS's SWIG classes take keyword arguments its stubs do not declare
 _faiss: Any = faiss
 
-#: regions of a model below which the index is exact
-TRAIN_AT = 50_000
+#: regions of a model below which the index is exact (a scan of at most 40 MB of vectors)
+TRAIN_AT = 20_000
 #: retrain the IVF index when the model's regions have grown this many times since it was trained
 RETRAIN_GROWTH = 4
-#: lists probed per query: at least this many, and at least nlist / PROBE_DIVISOR
-MIN_NPROBE = 32
-PROBE_DIVISOR = 16
+#: lists probed per query: at least this many, and at least nlist / PROBE_DIVISOR (benchmarks/search_stores.py)
+MIN_NPROBE = 16
+PROBE_DIVISOR = 64
 #: write the index files after this many unsaved changes (and on close)
 SAVE_EVERY = 200_000
 #: rows read from SQLite per batch when building an index
@@ -200,6 +200,7 @@ class FaissSqliteStore:
         if n == 0:
             return None
         seq = int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM removed").fetchone()[0])
+        faiss.omp_set_num_threads(os.cpu_count() or 1)  # training and adding use every core; queries one
         if n < self.train_at:
             mi = _ModelIndex(self._empty(dim), dim)
         else:
@@ -219,6 +220,7 @@ class FaissSqliteStore:
             mi.last_id = int(fids[-1] & ((1 << PROJECT_SHIFT) - 1))
         mi.last_seq = seq
         mi.unsaved = n
+        faiss.omp_set_num_threads(1)
         log.info("search index of %s built: %d regions (%s)", model, n, "IVF" if mi.trained_n else "exact")
         return mi
 
@@ -309,6 +311,7 @@ class FaissSqliteStore:
             if mi is None:
                 return []
             q = unit_rows(query, mi.dim)
+            faiss.omp_set_num_threads(1)  # one query: threads only wait on each other (more so on a busy host)
             hits: list[SearchHit] = []
             for project in dict.fromkeys(flt.projects):
                 pid = self._pid(project, create=False)

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import threading
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,6 +24,8 @@ from backend.search.records import RegionRecord, SearchFilter, SearchHit, Search
 
 #: rows of one width from which an ivfflat index is built (below: exact scans)
 INDEX_AT = 50_000
+#: seconds between two checks whether a width has grown enough for its index
+INDEX_CHECK_S = 60.0
 #: lists probed per query (before the iterative scan widens it)
 PROBES = 32
 _COLS = "model, project, task, annotation, region, label, score, source, image_sha256, box"
@@ -43,6 +46,8 @@ class PgvectorStore:
         self._db = psycopg.connect(url, autocommit=True)
         self._db.execute("CREATE EXTENSION IF NOT EXISTS vector")
         self._dims: set[int] = set()
+        self._indexed: set[int] = set()  # widths known to have their ivfflat index
+        self._checked: dict[int, float] = {}  # width -> when its row count was last checked (monotonic)
         for (name,) in self._db.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE %s",
                                         (f"{self.prefix}_d%",)).fetchall():
             m = re.fullmatch(re.escape(self.prefix) + r"_d(\d+)", name)
@@ -58,6 +63,8 @@ class PgvectorStore:
                 "label text NOT NULL, score real NOT NULL, source text NOT NULL, image_sha256 text NOT NULL, "
                 f"box jsonb NOT NULL, vec vector({int(dim)}) NOT NULL, "
                 "UNIQUE (model, project, task, annotation, region))")
+            # vectors stay in the row (a 512-d row is over TOAST's 2 kB threshold; out-of-line reads cost a scan)
+            self._db.execute(f"ALTER TABLE {name} ALTER COLUMN vec SET STORAGE PLAIN")
             self._db.execute(f"CREATE INDEX IF NOT EXISTS {name}_mp ON {name} (model, project)")
             self._db.execute(f"CREATE INDEX IF NOT EXISTS {name}_pt ON {name} (project, task)")
             self._db.execute(f"CREATE INDEX IF NOT EXISTS {name}_pa ON {name} (project, annotation)")
@@ -100,7 +107,10 @@ class PgvectorStore:
         """Create the width's ivfflat index if it has :data:`INDEX_AT` rows and none yet; whether one exists."""
         table = self._table(dim)
         with self._lock:
+            if dim in self._indexed:
+                return True
             if self._db.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", (f"{table}_ivf",)).fetchone():
+                self._indexed.add(dim)
                 return True
             n = int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # type: ignore[index]
             if n < INDEX_AT:
@@ -110,6 +120,7 @@ class PgvectorStore:
             self._db.execute(f"CREATE INDEX {table}_ivf ON {table} USING ivfflat (vec vector_ip_ops) "
                              f"WITH (lists = {lists})")
             self._db.execute(f"ANALYZE {table}")
+            self._indexed.add(dim)
             return True
 
     def _where(self, flt: SearchFilter) -> tuple[str, list[Any]]:
@@ -143,7 +154,9 @@ class PgvectorStore:
             if dim is None:
                 return []
             q = unit_rows(query, dim)[0]
-            self.build_index(flt.model, dim)
+            if dim not in self._indexed and time.monotonic() - self._checked.get(dim, -1e9) > INDEX_CHECK_S:
+                self._checked[dim] = time.monotonic()
+                self.build_index(flt.model, dim)
             where, args = self._where(flt)
             with self._db.transaction():
                 self._db.execute(f"SET LOCAL ivfflat.probes = {PROBES}")
@@ -201,6 +214,8 @@ class PgvectorStore:
             for dim in sorted(self._dims):
                 self._db.execute(f"DROP TABLE IF EXISTS {self.prefix}_d{dim}")
             self._dims.clear()
+            self._indexed.clear()
+            self._checked.clear()
 
     def close(self) -> None:
         with self._lock:

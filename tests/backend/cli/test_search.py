@@ -26,10 +26,10 @@ def fake_client() -> SimpleNamespace:
                                  "result": [rect("a", labels=("car",)), rect("b", x=50, w=20, labels=("dog",))]}],
               predictions=[])
     t2 = task(2, 2, annotations=[], predictions=[{"id": 21, "score": 0.4, "result": [
-        {**rect("c", labels=("car",)), "score": 0.7},
+        {**rect("c", labels=("car",)), "score": 0.7, "origin": "prediction"},
         {**rect("d", x=55, w=20, labels=("dog",)), "score": 0.3, "meta": {"proposed": True}}]}])
     return SimpleNamespace(projects=SimpleNamespace(get=lambda id: SimpleNamespace(label_config=config("rectangle"))),
-                           tasks=FakeTasks([t1, t2]))
+                           tasks=FakeTasks([t1, t2]), predictions=SimpleNamespace(list=lambda task: []))
 
 
 @pytest.fixture

@@ -104,3 +104,16 @@ def test_search_needs_the_credentials_of_the_other_routes(make_client, tmp_path)
     off = make_client(MASKINV_DATA_DIR=str(tmp_path / "e"), MASKINV_SEARCH_STORE="off")
     resp = off.post("/search", json={"projects": [1], "text": "car"})
     assert resp.status_code == 404 and "MASKINV_SEARCH_STORE" in resp.get_json()["error"]
+
+
+def test_search_before_the_model_is_known_answers_503(indexed, monkeypatch):
+    service = indexed.application.config["MASKINV_SERVICE"]
+    monkeypatch.setattr(service.dispatcher, "model_info", lambda wait_s=0.0: None)
+    resp = search(indexed, text="car")
+    assert resp.status_code == 503 and "not loaded yet" in resp.get_json()["error"]
+
+
+def test_task_deletion_is_queued_like_annotation_events(make_client, tmp_path):
+    client = make_client(MASKINV_DATA_DIR=str(tmp_path / "q"))  # events handled after the answer
+    resp = client.post("/webhook", json={"action": "TASKS_DELETED", "project": PROJECT, "tasks": [{"id": 2}]})
+    assert resp.status_code == 200 and resp.get_json()["status"] == "queued", resp.get_json()
