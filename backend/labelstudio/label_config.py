@@ -149,7 +149,9 @@ def parse_label_config(xml: str, extra_labels: tuple[str, ...] = ()) -> ProjectC
         labels = tuple(dict.fromkeys(lab for lab in labels if lab and lab.strip()))
         controls[c.name] = RegionControl(c.name, tag, kind, to_name, labels, labels_control)
 
-    controls.update(_prompt_controls(li, images, controls))
+    for name, prompt in _prompt_controls(li, images, controls).items():  # after the controls they answer as
+        controls.pop(name, None)
+        controls[name] = prompt
     if not controls:
         raise LabelConfigError(
             "the label config has no region control on an <Image>: use BrushLabels, PolygonLabels or "

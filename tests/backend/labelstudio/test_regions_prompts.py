@@ -60,6 +60,13 @@ def test_a_smart_only_box_without_polygon_or_brush_is_an_ordinary_rectangle():
     assert cfg.control("r").answers_as is None and cfg.control("r").output is cfg.control("r")
 
 
+def test_prompt_controls_come_after_the_controls_they_answer_as_whatever_the_config_order():
+    cfg = parse_label_config('<View><Image name="image" value="$image"/><Rectangle name="box" toName="image" '
+                             'smartOnly="true"/><PolygonLabels name="p" toName="image"><Label value="a"/>'
+                             '</PolygonLabels></View>')
+    assert list(cfg.region_controls) == ["p", "box"] and cfg.control("box").output is cfg.control("p")
+
+
 def test_a_box_without_smart_only_next_to_polygons_is_labelled_as_drawn():
     cfg = parse_label_config('<View><Image name="image" value="$image"/><PolygonLabels name="p" toName="image">'
                              '<Label value="a"/></PolygonLabels><RectangleLabels name="r" toName="image" smart="true">'
