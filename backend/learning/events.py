@@ -33,6 +33,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+from redis import ConnectionPool, Redis
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class RedisEvents:
         self.handle = handle
         self.connection = connection
         self.capacity = max(1, capacity)
+        self._blocking = blocking_connection(connection, POLL_S + 10)
         self.events_key = f"{prefix}:webhook:events"
         self.counts_key = f"{prefix}:webhook:counts"
         self._taken_prefix = f"{prefix}:webhook:taken:"
@@ -175,7 +177,7 @@ class RedisEvents:
     def step(self, wait_s: float = POLL_S) -> bool:
         """Take one event (waiting up to ``wait_s``), handle it and count its outcome; False when none came."""
         taken = self._taken_prefix + self.consumer
-        raw = self.connection.blmove(self.events_key, taken, max(1, int(wait_s)), "RIGHT", "LEFT")
+        raw = self._blocking.blmove(self.events_key, taken, max(1, int(wait_s)), "RIGHT", "LEFT")
         if raw is None:
             return False
         try:
@@ -190,15 +192,18 @@ class RedisEvents:
         return True
 
     def _loop(self) -> None:
-        recovered_at = 0.0
+        recovered_at, failing = 0.0, False
         while not self._stop.is_set():
             try:
                 if time.monotonic() - recovered_at >= POLL_S:
                     self.recover()
                     recovered_at = time.monotonic()
                 self.step()
+                failing = False
             except RedisError as exc:
-                log.warning("webhook queue: Redis unreachable (%s); retrying", exc)
+                (log.debug if failing else log.warning)("webhook queue: Redis unreachable (%s); retrying every %gs",
+                                                        exc, POLL_S)
+                failing = True
                 self._stop.wait(POLL_S)
 
     def stop(self) -> None:
@@ -209,3 +214,14 @@ class RedisEvents:
         out = {(k.decode() if isinstance(k, bytes) else str(k)): int(v) for k, v in raw.items()}
         out["pending"] = int(self.connection.llen(self.events_key))
         return out
+
+
+def blocking_connection(connection: Any, socket_timeout_s: float) -> Any:
+    """A client on its own pool to the same server as ``connection``, whose read timeout outlasts a blocking
+    ``BLMOVE`` (``connection`` may have a shorter one, and a blocked call would hold one of its pooled
+    connections); ``connection`` itself when it is not a redis-py client (tests' fakes)."""
+    pool = getattr(connection, "connection_pool", None)
+    if not isinstance(pool, ConnectionPool):
+        return connection
+    kwargs = {**pool.connection_kwargs, "socket_timeout": socket_timeout_s}
+    return Redis(connection_pool=ConnectionPool(connection_class=pool.connection_class, **kwargs))
