@@ -114,12 +114,15 @@ def collect_regions(results: Any, cfg: ProjectConfig) -> tuple[list[Region], lis
                                                "rectangle (and keypoints of a smartOnly KeyPoint control)"))
             continue
         control = _control_for(item, rtype, cfg)
+        if control is None and CONTROL_KINDS[rtype] == "keypoint":
+            problems.append(RegionProblem(rid, f"unsupported region type {rtype!r} from {item.get('from_name')!r}: "
+                                               "keypoints are labelled only as prompts, from a KeyPoint(Labels) "
+                                               'control with smartOnly="true" on an image that has a PolygonLabels '
+                                               "or BrushLabels control"))
+            continue
         if control is None:
-            hint = (": keypoints are labelled only as prompts, from a KeyPoint(Labels) control with "
-                    'smartOnly="true" on an image that has a PolygonLabels or BrushLabels control'
-                    if CONTROL_KINDS[rtype] == "keypoint" else "")
             problems.append(RegionProblem(rid, f"region control {item.get('from_name')!r} of type {rtype!r} is not in "
-                                               f"the label config{hint}"))
+                                               "the label config"))
             continue
         if not isinstance(item.get("value"), dict):
             problems.append(RegionProblem(rid, "region has no 'value' object"))
