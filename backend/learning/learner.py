@@ -475,8 +475,8 @@ class Learner:
 
     def version_suffix(self, project: Any, params: InversionParams) -> str:
         """``-ex<digest>`` naming the project's example set for the model and ``params`` ("" without examples, or
-        when learning is off). ``/setup`` and ``/predict`` both answer it, so Label Studio's *Retrieve predictions*
-        skips exactly the tasks that hold a prediction made with the current examples."""
+        when learning is off): what Service.examples_state writes into the predictions' regions
+        (``meta.examples_state``), apart from the model version Label Studio compares."""
         if project is None or not self.settings.learn or not self.has_store():
             return ""
         try:
