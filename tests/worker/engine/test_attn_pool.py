@@ -151,3 +151,15 @@ def test_engine_explain_and_embed(engine):
     assert maps.shape == (3, 32, 32) and maps.min() >= 0 and maps.max() <= 1
     state, *_ = engine.image_state(image, 32)
     torch.testing.assert_close(engine.embed_images([image], size=32)[0], state.global_embedding)
+
+
+def test_patch_keys_of_a_pooled_tower(engine, tower):
+    """The keys MaskCut and the key-seed proposals cut: the last block's qkv keys on the tokens entering it."""
+    image = Image.fromarray(np.random.default_rng(9).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    keys, grid = engine.patch_keys(image, 32)
+    assert keys.shape == (16, 32) and grid == 4
+    last = tower.trunk.blocks[-1]
+    pixels = engine._pixels(image, 32)
+    tokens = tower.trunk.patch_embed.proj(pixels).flatten(2).transpose(1, 2) + engine.pos.get(32)
+    tokens = tower.trunk.blocks[0](tokens)
+    torch.testing.assert_close(keys, last.attn.qkv(last.norm1(tokens))[0, :, 32:64])
