@@ -1,8 +1,9 @@
 """Region stores at scale: build time, disk, RSS, project-filtered top-10 latency (p50/p95) and recall@10 against
 exact search, for 10^4, 10^5, 10^6 regions of 512-d synthetic vectors.
 
-Vectors: unit rows of a mixture of 2000 Gaussian clusters (cluster centre + noise of the same norm), the way
-region embeddings group by what they show; seed 0. Regions belong to 10 projects, the largest holding 40 %;
+Vectors: unit rows of a mixture of 2000 Gaussian clusters (unit cluster centre + isotropic noise of norm 1.5: a
+region's cosine to its cluster's centre is about 0.55, to another member of its cluster about 0.3), the way region
+embeddings group by what they show; seed 0. Regions belong to 10 projects, the largest holding 40 %;
 every query asks for the top 10 of that largest project (the hardest filter for an exact scan, and for graph
 indexes the one that prunes least). 200 queries from the same distribution, not in the index. Exact top-10 by
 numpy over the project's rows. Each (store, size) runs in its own process, so RSS (peak resident set of that
@@ -43,6 +44,7 @@ BIG_SHARE = 0.4
 QUERIES = 200
 K = 10
 CHUNK = 50_000
+NOISE = 1.5
 MODEL = "bench-512"
 OUT = ROOT / "benchmarks" / "results"
 
@@ -55,7 +57,7 @@ def _centres() -> np.ndarray:
 def _draw(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
     noise = rng.normal(size=(n, DIM)).astype(np.float32)
     noise /= np.linalg.norm(noise, axis=1, keepdims=True)
-    x = centres[rng.integers(0, CLUSTERS, n)] + noise
+    x = centres[rng.integers(0, CLUSTERS, n)] + NOISE * noise
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -190,7 +192,8 @@ def one(store: str, n: int, pg: str, sweep: list[int]) -> dict[str, Any]:
                 sweep_rows.append({"nprobe": nprobe, **measure(query, truth)})
             set_nprobe(None)
         out = {"store": store, "regions": n, "build_s": round(build_s, 1),
-               "disk_mb": round(info["disk_bytes"] / 2**20, 1), "rss_mb": round(rss_mb(), 1), **measure(query, truth)}
+               "disk_mb": round(info["disk_bytes"] / 2**20, 1), "rss_mb": round(rss_mb(), 1), **measure(query, truth),
+               "load_avg_1min": round(os.getloadavg()[0], 1)}
         if info.get("nlist"):
             out["nlist"] = info["nlist"]
         if sweep_rows:
@@ -206,7 +209,8 @@ def one(store: str, n: int, pg: str, sweep: list[int]) -> dict[str, Any]:
 
 def write(results: list[dict[str, Any]]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    doc = {"setup": {"dim": DIM, "clusters": CLUSTERS, "projects": PROJECTS, "filtered_project_share": BIG_SHARE,
+    doc = {"setup": {"dim": DIM, "clusters": CLUSTERS, "noise": NOISE, "projects": PROJECTS,
+                     "filtered_project_share": BIG_SHARE,
                      "queries": QUERIES, "k": K, "host": os.environ.get("BENCH_HOST", "2-core Xeon (AVX-512)")},
            "results": results}
     (OUT / "search_stores.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -222,7 +226,9 @@ def write(results: list[dict[str, Any]]) -> None:
     (OUT / "search_stores.md").write_text(
         "# Region stores at scale\n\nProject-filtered top-10 over 512-d synthetic region vectors (the filtered "
         f"project holds {int(BIG_SHARE * 100)} % of the regions), {QUERIES} queries, recall@10 against exact "
-        f"search; {doc['setup']['host']}. Made by `benchmarks/search_stores.py`.\n\n" + "\n".join(lines) + "\n")
+        f"search; {doc['setup']['host']}, shared with other jobs (the 1-minute load average of each run is in the "
+        "JSON: latencies on a loaded host are upper bounds). Made by `benchmarks/search_stores.py`.\n\n"
+        + "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             print(row, flush=True)
+            if prev.exists():  # rows another run wrote meanwhile
+                results = json.loads(prev.read_text())["results"]
             results = [r for r in results if (r["store"], r["regions"]) != (store, n)] + [row]
             write(sorted(results, key=lambda r: (r["regions"], r["store"])))
     return 0
