@@ -365,10 +365,13 @@ def before_after(data: dict, items: Sequence[Item], labels: Sequence[str], model
         ceiling = selection_metrics(gt, items, labels, legacy, 0.0, BEFORE["max_keep"], BEFORE["min_score"],
                                     1.0) if gt is not None else None
         t = model.threshold_for(target_precision)
+        t0 = model.threshold_for(0.0)
         for name, m in (("before", selection_metrics(labs, items, labels, legacy, BEFORE["threshold"],
                                                      BEFORE["max_keep"], BEFORE["min_score"], 1.0)),
                         ("after", selection_metrics(labs, items, labels, model, t, max_keep, min_score,
-                                                    model.prob_power))):
+                                                    model.prob_power)),
+                        ("after, target precision 0", selection_metrics(labs, items, labels, model, t0, max_keep,
+                                                                        min_score, model.prob_power))):
             row = {"setting": setting, "selection": name, **{k: round(v, 2) for k, v in m.items()}}
             if ceiling is not None:
                 row["ceiling_ap50"] = round(ceiling["ap50"], 2)
