@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -60,6 +61,18 @@ def usable(mask: np.ndarray, prompt: RegionPrompt, shape: tuple[int, int]) -> bo
     if prompt.box is None:
         return True
     return mask.sum() >= MIN_BOX_SHARE * max(1, int(box_mask(prompt.box, shape).sum()))
+
+
+def keep_clicked_parts(mask: np.ndarray, points: Sequence[Sequence[float]]) -> np.ndarray:
+    """The connected parts (8-connected) of a bool mask ``[H, W]`` that hold a click ``(x, y)``; the mask itself
+    when no click falls on it. A click means "this object": a neighbour the method also found is not it, and the
+    outline a polygon project gets is the largest part of the mask."""
+    if not len(points) or not mask.any():
+        return mask
+    _, parts = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    h, w = mask.shape
+    hit = {int(parts[int(np.clip(y, 0, h - 1)), int(np.clip(x, 0, w - 1))]) for x, y in points} - {0}
+    return np.isin(parts, sorted(hit)) if hit else mask
 
 
 def bounding_box(mask: np.ndarray, grow: float = 0.0) -> tuple[float, float, float, float] | None:
@@ -168,6 +181,8 @@ class Refiner:
             except Exception as exc:  # noqa: BLE001 - a method that fails (e.g. SAM out of memory) is skipped
                 log.warning("refinement by %s failed, trying the next method: %s", m, exc)
                 continue
+            if prompt.points:
+                mask = keep_clicked_parts(mask.astype(bool), prompt.points)
             if usable(mask, prompt, shape):
                 return Refined(mask.astype(bool), m)
         return Refined(prompt_mask(prompt, shape), "box")

@@ -66,6 +66,19 @@ def test_an_unusable_mask_falls_back_to_the_next_method_then_to_the_prompt():
     assert {"grabcut", "seeds", "sam", "box"} == set(REFINED_BY)
 
 
+def test_a_click_keeps_only_the_part_it_falls_on():
+    """A method that also finds a larger neighbour: the outline is the clicked object, not the neighbour."""
+    img, _ = disc_scene()
+    both = np.zeros((50, 60), bool)
+    both[5:45, 30:58] = True  # the larger neighbour
+    both[18:23, 23:28] = True  # the small clicked object, 5 x 5 around (25, 20)
+    done = Refiner("sam", sam=FakeSam(both)).refine(Image.fromarray(img), CLICK, "sam", 32)
+    assert done.refined_by == "sam" and int(done.mask.sum()) == 25 and done.mask[20, 25]
+    off = RegionPrompt(points=((2.0, 2.0),))  # a click on no part leaves the mask as found
+    assert Refiner("sam", sam=FakeSam(both)).refine(Image.fromarray(img), off, "sam", 32).mask.sum() == both.sum()
+    assert np.array_equal(chooser.keep_clicked_parts(both, ()), both)
+
+
 class BrokenSam:
     def __call__(self, image, prompt):
         raise RuntimeError("CUDA out of memory")
