@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from benchmarks.proposal_ranking import SCORES, Scored, detections
@@ -43,3 +44,32 @@ def test_stability_is_high_for_a_seed_region_and_zero_without_a_seed_inside():
     speck[0, 0] = True  # covers no patch by half
     st = stability(engine, item.image, np.stack([P.upsample_grid(region, 112), speck]), 112)
     assert st.shape == (2,) and 0 < st[0] <= 1 and st[1] == 0
+
+
+def test_before_after_counts_precision_recall_and_the_ceiling_share():
+    from benchmarks.proposal_ranking import Labelled, before_after, select_labelled
+    from worker.proposals import objectness as obj
+
+    gt = np.zeros((2, 16, 16), bool)
+    gt[0, 1:7, 1:7] = True
+    gt[1, 9:15, 9:15] = True
+    fragment = np.zeros((16, 16), bool)
+    fragment[1:3, 1:3] = True
+    masks = np.stack([gt[0], fragment, gt[1]])
+    x = np.zeros((3, len(obj.FEATURES)))
+    x[:, obj.FEATURES.index("stability")] = [1.0, 0.0, 1.0]
+    iou = np.array([[1.0, 0.0], [4 / 36, 0.0], [0.0, 1.0]])
+    lab = Labelled(masks, np.array([0.6, 0.9, 0.5]), np.array([0, 1, 1]), x, iou)
+    truth = Labelled(gt, np.array([0.6, 0.5]), np.array([0, 1]), x[[0, 2]], np.eye(2))
+    item = Item(1, Image.new("RGB", (16, 16)), gt, ["a", "b"])
+    n = len(obj.FEATURES)
+    coef = np.zeros(n)
+    coef[obj.FEATURES.index("stability")] = 10.0
+    model = obj.ObjectnessModel(np.zeros(n), np.ones(n), coef, -5.0, 0.5, 0.8, 1.0, curve=((0.5, 0.9),))
+    assert select_labelled(lab, model.predict(x), 1.0, 0.5, 5, 0.2) == [0, 2]  # the fragment is dropped
+    rows = {r["selection"]: r for r in before_after({"16:refined": [lab], "16:gt": [truth]}, [item], ["a", "b"],
+                                                    model, 0.8, 5, 0.2)}
+    assert rows["before"]["precision"] == pytest.approx(200 / 3, abs=0.01) and rows["before"]["per_image"] == 3
+    assert rows["after"]["precision"] == 100.0 and rows["after"]["recall"] == 100.0
+    assert rows["after"]["per_image"] == 2 and rows["after"]["ceiling_ap50"] == pytest.approx(100.0)
+    assert rows["after"]["share_of_ceiling"] == pytest.approx(rows["after"]["ap50"], abs=0.1)
