@@ -2,7 +2,7 @@
 
 The test makes its own project (the rectangle config with the scene world's vocabulary, Label Studio's default
 *Use predictions to prelabel tasks* on, so the labelling page shows the proposals), imports the three 3-object
-test scenes of the session, and then works as a curator: the Data Manager's select-all checkbox, the tasks'
+test scenes the other browser tests use, and then works as a curator: the Data Manager's select-all checkbox, the tasks'
 actions menu, *Retrieve Predictions*, the confirmation. Each scene must get 1 to 6 proposed rectangles, each with
 its objectness in ``meta``; the labelling page lists them as regions. That most of them lie on an object of the
 scene (box IoU >= 0.5 with the object's ground-truth box) is a test of its own, expected to fail at the offline
@@ -33,7 +33,7 @@ MAX_SHOWN = 6
 # ------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def project(stack: Stack) -> Project:
-    """A rectangle project of its own, connected to the session's backend, with the session's scenes."""
+    """A rectangle project of its own, connected to the running backend, with the shared scenes."""
     scenes = stack.projects["rectangle"].scenes
     client = stack.client
     xml = with_vocabulary((REPO_ROOT / "label_config" / "rectangle.xml").read_text(), stack.vocabulary)
