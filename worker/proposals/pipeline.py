@@ -48,9 +48,8 @@ from worker.proposals import maskcut
 from worker.proposals import objectness as obj
 from worker.protocol.deadline import check_time
 
-from worker.engine import vit
 from worker.engine.embedding import mixed_with_crops
-from worker.engine.preprocess import ImageLike, image_to_tensor, open_image
+from worker.engine.preprocess import ImageLike, open_image
 from worker.settings import DEFAULT_PROPOSAL_SOURCES as DEFAULT_SOURCES
 from worker.settings import PROPOSAL_SOURCES as SOURCES
 #: default probability a proposal's best label needs to be kept (MASKINV_PROPOSAL_MIN_SCORE)
@@ -224,16 +223,9 @@ def snap_to_superpixels(mask: np.ndarray, segments: np.ndarray, min_cover: float
 # ---------------------------------------------------------------------------------------------- sources
 @torch.no_grad()
 def image_keys(engine, image: ImageLike, size: int) -> tuple[torch.Tensor, int]:
-    """Last-block patch keys ``[g², d]`` of one image and the grid side g (one extra trunk forward).
-
-    The engine's cached ImageState does not keep the keys, hence the extra forward.
-    """
-    img, _ = open_image(image)
-    clip = engine.clip
-    pixels = image_to_tensor(img, size, clip.mean, clip.std, clip.device)
-    x = vit.trunk_forward(engine.visual, pixels, engine.pos.get(size), engine.cpu_gemm)
-    keys = vit.last_block_keys(engine.visual, x)[0]
-    return keys, vit.grid_side(x.shape[1])
+    """Last-block patch keys ``[g², d]`` of one image and the grid side g, for either tower kind
+    (``MaskInversionEngine.patch_keys``: one extra trunk forward, the cached ImageState does not keep them)."""
+    return engine.patch_keys(image, size)
 
 
 def maskcut_candidates(keys: torch.Tensor, grid: int, size: int, n_cuts: int = maskcut.N_CUTS,
