@@ -268,6 +268,7 @@ def test_batch_predictions_for_annotated_tasks(ls: LabelStudioClient, request, b
         assert isinstance(pred["score"], float) and 0.0 < pred["score"] <= 1.0, pred
         labelled = check_labelled(cfg, drawn[task["id"]], pred["result"])
         region_scores = [r["score"] for r in pred["result"] if r.get("type") == cfg.tag]
+        assert region_scores and all(0.0 <= s <= 1.0 for s in region_scores), region_scores
         assert pred["score"] == pytest.approx(prediction_score(pred["result"]))  # backend.trust.score
         assert len(labelled) == len(drawn[task["id"]])
         versions.add(pred["model_version"])
