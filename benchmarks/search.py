@@ -160,6 +160,55 @@ def hits_figure(scorer, emb, labels, boxes, images, image_of, queries: Sequence[
     canvas.save(path)
 
 
+#: crop weights the sweep (``--sweep-crop-weight``) tries: unit(LET) + w x unit(crop); 1e6 is the crop alone
+SWEEP_WEIGHTS = (0.0, 0.3, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 1e6)
+
+
+def crop_weight_sweep(scenes: int, steps: int, lr: float, threads: int | None) -> dict:
+    """Class-name mAP of the product embedding at each of :data:`SWEEP_WEIGHTS`, on the val and the test split
+    (the weight a search index would use is the val argmax; test reports it)."""
+    if threads:
+        torch.set_num_threads(threads)
+    clip = load_clip(MODEL, str(CHECKPOINT))
+    size = int(clip.visual.image_size[0])
+    world = SceneWorld(seed=0, image_size=size)
+    engine = MaskInversionEngine(clip)
+    q = text_vectors(LabelScorer(clip), world.class_names)
+    out: dict = {"scenes": scenes, "weights": list(SWEEP_WEIGHTS)}
+    for split in ("val", "test"):
+        lets, crops, labels = [], [], []
+        for i in range(scenes):
+            sc = world.scene(i, split)
+            masks = np.stack([o.mask for o in sc.objects])
+            lets.append(engine.invert(sc.image, masks, size=size, steps=steps, lr=lr).lets.numpy())
+            crops.append(engine.crop_embeddings(sc.image, masks, "masked_crop")[0].numpy())
+            labels += [o.label for o in sc.objects]
+        let_a, crop_a, lab = np.concatenate(lets), np.concatenate(crops), np.array(labels)
+        maps = []
+        for w in SWEEP_WEIGHTS:
+            e = mix_crop(let_a, crop_a, w)
+            sims = (e / np.linalg.norm(e, axis=1, keepdims=True)) @ q.T
+            maps.append(round(100 * float(np.nanmean([average_precision(sims[:, c], lab == name)
+                                                      for c, name in enumerate(world.class_names)])), 1))
+        out[split] = maps
+    best = int(np.argmax(out["val"]))
+    out["chosen_on_val"] = {"weight": SWEEP_WEIGHTS[best], "val": out["val"][best], "test": out["test"][best]}
+    return out
+
+
+def write_sweep(res: dict) -> None:
+    (RESULTS / "search_crop_weight.json").write_text(json.dumps(res, indent=1) + "\n")
+    lines = [f"# Region search: the masked crop's weight in the indexed embedding ({res['scenes']} scenes a split)",
+             "", "Class-name mAP of unit(LET) + w x unit(masked crop) on the scene world; w = 1e6 is the crop alone. "
+             "Made by `python -m benchmarks.search --sweep-crop-weight`.", "",
+             "| w | val mAP | test mAP |", "|---:|---:|---:|"]
+    lines += [f"| {w:g} | {v:.1f} | {t:.1f} |" for w, v, t in zip(res["weights"], res["val"], res["test"])]
+    c = res["chosen_on_val"]
+    lines += ["", f"Chosen on val: w = {c['weight']:g} (val {c['val']:.1f}, test {c['test']:.1f}).", ""]
+    (RESULTS / "search_crop_weight.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenes", type=int, default=300)
@@ -168,7 +217,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--crop-weight", type=float, default=DEFAULT_CROP_WEIGHT)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--sweep-crop-weight", action="store_true",
+                    help="only the crop-weight sweep on val and test (benchmarks/results/search_crop_weight.*)")
     a = ap.parse_args(argv)
+    if a.sweep_crop_weight:
+        res = crop_weight_sweep(a.scenes, a.steps, a.lr, a.threads)
+        write_sweep(res)
+        return res
     clip, scorer, emb, labels, wheres, image_of, boxes, images, classes, seconds = embed_world(
         a.scenes, a.alpha, a.steps, a.lr, a.crop_weight, a.threads)
     res = evaluate(scorer, emb, labels, wheres, image_of, classes)
