@@ -39,6 +39,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 DEMO_ENV = {"MASKINV_MODEL": "maskinv-scene-tiny",
             "MASKINV_PRETRAINED": "assets/tiny_scene_clip/maskinv-scene-tiny.safetensors",
             "MASKINV_SIZE": "112", "MASKINV_CAPTIONER": "assets/tiny_clipcap", "MASKINV_DEVICE": "cpu"}
+#: docs/proposals.md: the setting a curator proposes regions with on the demo model (224 px, masks snapped to
+#: superpixels: the setting the objectness is fitted and measured at)
+CURATING_ENV = {"MASKINV_SIZE": "224", "MASKINV_PROPOSAL_REFINE": "1"}
 #: README.md, "Without Docker": Label Studio 1.23 refuses a backend on a local address without these two
 README_LS_ENV = {"ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false"}
 REGION_TAGS = ("RectangleLabels", "PolygonLabels", "BrushLabels")
@@ -92,6 +95,8 @@ class DemoBackend:
     port: int = 0
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     process: ManagedProcess | None = None
+    #: variables on top of the demo's (e.g. :data:`CURATING_ENV`)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -100,7 +105,8 @@ class DemoBackend:
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> "DemoBackend":
         self.port = self.port or free_port()
-        env = dict(_base_env(), **DEMO_ENV, LABEL_STUDIO_URL=self.ls_url, LABEL_STUDIO_API_KEY=self.token,
+        env = dict(_base_env(), **{**DEMO_ENV, **self.extra_env}, LABEL_STUDIO_URL=self.ls_url,
+                   LABEL_STUDIO_API_KEY=self.token,
                    MASKINV_URL_SECRET=self.secret, MASKINV_HOST="127.0.0.1", MASKINV_PORT=str(self.port),
                    MASKINV_DATA_DIR=str(self.log_path.parent / "maskinv-data"))  # not the repository's
         self.process = ManagedProcess("maskinv-backend (scripts/run.sh)", ["bash", "scripts/run.sh"], env,
