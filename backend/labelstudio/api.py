@@ -97,3 +97,28 @@ class LabelStudioAPI:
         pred = self._call(f"POST prediction for task {task_id}", self.client.predictions.create, task=task_id,
                           result=result, score=score, model_version=model_version)
         return int(getattr(pred, "id", 0) or 0)
+
+
+def sdk_tasks(client: Any, project: int, page_size: int = 100, **filters: Any) -> Iterator[dict[str, Any]]:
+    """Every task of ``project`` with its annotations and predictions, as dicts: label-studio-sdk's
+    ``tasks.list(fields="all", **filters)`` page by page.
+
+    Label Studio 1.23 answers a page past the end with 404 "Invalid page" where the SDK's pager would ask for it
+    (after a full last page), so pages are requested here until one comes back short or 404.
+    """
+    from label_studio_sdk.core.api_error import ApiError
+
+    page = 1
+    while True:
+        try:
+            items = client.tasks.list(project=project, fields="all", page=page, page_size=page_size,
+                                      **filters).items or []
+        except ApiError as exc:
+            if page > 1 and getattr(exc, "status_code", None) == 404:
+                return
+            raise
+        for task in items:
+            yield task.model_dump() if hasattr(task, "model_dump") else dict(task)
+        if len(items) < page_size:
+            return
+        page += 1

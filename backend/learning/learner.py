@@ -50,6 +50,7 @@ from worker.protocol import (EmbedRegionsJob, InversionParams, PayloadError, che
 
 from backend.bounded_cache import BoundedCache
 from backend.learning.examples import Example, ExampleStore, ExampleStoreError, make_example_store
+from backend.labelstudio.api import sdk_tasks
 from backend.labelstudio.label_config import LabelConfigError, ProjectConfig
 from backend.learning.fit import FIT_VERSION, fit_prototypes, vision_prototypes
 from backend.trust.calibration import Calibration
@@ -582,27 +583,8 @@ def label_studio_errors(project: str) -> Iterator[None]:
 
 
 def annotated_tasks(client: Any, project: int, page_size: int = 100) -> Iterable[dict[str, Any]]:
-    """Every task of ``project`` with annotations, as dicts (label-studio-sdk, page by page).
-
-    Label Studio 1.23 answers a page past the end with 404 "Invalid page" where the SDK's pager would ask for it
-    (a full last page), so pages are requested here until one comes back short or 404.
-    """
-    from label_studio_sdk.core.api_error import ApiError
-
-    page = 1
-    while True:
-        try:
-            items = client.tasks.list(project=project, fields="all", only_annotated=True, page=page,
-                                      page_size=page_size).items or []
-        except ApiError as exc:
-            if page > 1 and getattr(exc, "status_code", None) == 404:
-                return
-            raise
-        for task in items:
-            yield task.model_dump() if hasattr(task, "model_dump") else dict(task)
-        if len(items) < page_size:
-            return
-        page += 1
+    """Every task of ``project`` with annotations, as dicts (:func:`backend.labelstudio.api.sdk_tasks`)."""
+    return sdk_tasks(client, project, page_size, only_annotated=True)
 
 
 __all__ = ["Learner", "LearningError", "EventOutcome", "ExampleStoreError", "project_id", "region_labels"]

@@ -14,8 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from label_studio_sdk.core.api_error import ApiError
-
+from backend.labelstudio.api import sdk_tasks
 from backend.labelstudio.label_config import ProjectConfig
 from backend.learning.learner import Allowance, AnnotationSkipped, Learner, label_studio_errors
 from backend.search.api import current_model
@@ -47,21 +46,8 @@ class BackfillReport:
 
 
 def project_tasks(client: Any, project: int, page_size: int = 100) -> Iterator[dict[str, Any]]:
-    """Every task of ``project`` with its annotations and predictions (label-studio-sdk, page by page; a page
-    past the end answers 404 in Label Studio 1.23)."""
-    page = 1
-    while True:
-        try:
-            items = client.tasks.list(project=project, fields="all", page=page, page_size=page_size).items or []
-        except ApiError as exc:
-            if page > 1 and getattr(exc, "status_code", None) == 404:
-                return
-            raise
-        for task in items:
-            yield task.model_dump() if hasattr(task, "model_dump") else dict(task)
-        if len(items) < page_size:
-            return
-        page += 1
+    """Every task of ``project`` with its annotations and predictions (:func:`backend.labelstudio.api.sdk_tasks`)."""
+    return sdk_tasks(client, project, page_size)
 
 
 def _predictions(client: Any, task: dict[str, Any]) -> list[dict[str, Any]]:
