@@ -4,27 +4,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from refine_support import save_tiny_sam
+
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def tiny_sam(tmp_path_factory):
-    import torch
-    from transformers import (SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamModel, SamProcessor,
-                              SamPromptEncoderConfig, SamVisionConfig)
-
-    torch.manual_seed(0)
-    cfg = SamConfig(
-        vision_config=SamVisionConfig(hidden_size=32, output_channels=32, num_hidden_layers=1, num_attention_heads=2,
-                                      image_size=1024, patch_size=64, window_size=4, global_attn_indexes=[0],
-                                      mlp_dim=64, num_pos_feats=16),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=32, image_size=1024, patch_size=64),
-        mask_decoder_config=SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_hidden_layers=1,
-                                                 num_attention_heads=2, iou_head_hidden_dim=32))
-    path = tmp_path_factory.mktemp("tiny-sam")
-    SamModel(cfg).save_pretrained(path)
-    SamProcessor(SamImageProcessor()).save_pretrained(path)
-    return str(path)
+    return save_tiny_sam(tmp_path_factory.mktemp("tiny-sam"))
 
 
 def test_sam_source_gives_masks_in_the_model_frame(tiny_sam):
