@@ -23,9 +23,11 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
   $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium
 fi
 
-# The region-search store tests run against PostgreSQL + pgvector (docs/search.md); apt only when the server is
-# local and has no pgvector yet (Debian trixie and the PostgreSQL apt repository ship postgresql-15-pgvector; where
-# apt has none, tests/backend/search says why they skip the pgvector cases).
+# The region-search store tests run against PostgreSQL + pgvector (docs/search.md): the server at MASKINV_TEST_PG_URL
+# (default 127.0.0.1:5432) when it offers pgvector, else a private PostgreSQL 16 + pgvector 0.6 that the `pgserver`
+# package (test extra above) starts in a temporary directory for the run (tests/backend/search/conftest.py); in CI
+# (CI set) a run with neither fails instead of skipping. apt is tried only for a local server without pgvector
+# (Debian trixie and the PostgreSQL apt repository ship postgresql-15-pgvector; bookworm does not: pgserver's is used).
 if command -v pg_config >/dev/null 2>&1 && [ ! -f "$(pg_config --sharedir)/extension/vector.control" ] \
     && command -v apt-get >/dev/null 2>&1; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)

@@ -2,16 +2,21 @@
 
 One table per vector width, ``<prefix>_d<D>`` (``vec vector(D)``, the record's columns, unique on model, project,
 task, annotation, region), a B-tree on (model, project) and, once a width holds :data:`INDEX_AT` rows, an
-``ivfflat`` index (inner product, ``lists = sqrt(N)``) searched with ``ivfflat.iterative_scan = relaxed_order``
-so that a filter which drops most candidates of the probed lists makes the scan probe more (pgvector >= 0.8).
-Below that the scan is exact. Every query names its model: two models never mix. Connections: one per store, by
-psycopg 3, in autocommit with explicit transactions.
+``ivfflat`` index (inner product, ``lists = sqrt(N)``) searched with ``ivfflat.probes`` lists
+(``MASKINV_SEARCH_PG_PROBES``, default :data:`PROBES`). pgvector >= 0.8 also gets
+``ivfflat.iterative_scan = relaxed_order``: a filter which drops most candidates of the probed lists makes the scan
+probe more. Older pgvector (0.5-0.7, read from ``pg_extension`` once per connection) has no iterative scan: the
+probed lists are filtered as they are, and when fewer than ``k`` rows pass (a small project) the query is answered
+by an exact scan of the filtered rows (B-tree on model, project) instead; so does any version. Below
+:data:`INDEX_AT` the scan is exact. Every query names its model: two models never mix. Connections: one per store,
+by psycopg 3, in autocommit with explicit transactions.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -26,8 +31,10 @@ from backend.search.records import RegionRecord, SearchFilter, SearchHit, Search
 INDEX_AT = 50_000
 #: seconds between two checks whether a width has grown enough for its index
 INDEX_CHECK_S = 60.0
-#: lists probed per query (before the iterative scan widens it)
+#: lists probed per query (before an iterative scan widens it); MASKINV_SEARCH_PG_PROBES overrides
 PROBES = 32
+#: the first pgvector with ``ivfflat.iterative_scan``
+ITERATIVE_SCAN_FROM = (0, 8, 0)
 _COLS = "model, project, task, annotation, region, label, score, source, image_sha256, box"
 
 
@@ -35,16 +42,39 @@ def _vec(x: np.ndarray) -> str:
     return "[" + ",".join(f"{v:.7g}" for v in x.tolist()) + "]"
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """``"0.6.2"`` -> ``(0, 6, 2)`` (missing parts 0)."""
+    parts = [int(p) for p in re.findall(r"\d+", text)[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def _probes(probes: int | None) -> int:
+    """``probes``, else MASKINV_SEARCH_PG_PROBES, else :data:`PROBES`; a whole number from 1 to 10 000."""
+    raw = str(probes) if probes is not None else os.environ.get("MASKINV_SEARCH_PG_PROBES", "").strip()
+    if not raw:
+        return PROBES
+    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        raise ValueError(f"MASKINV_SEARCH_PG_PROBES must be a whole number from 1 to 10000, got {raw!r}")
+    return int(raw)
+
+
 class PgvectorStore:
     """:class:`backend.search.store.RegionStore` on PostgreSQL + pgvector (see the module docstring)."""
 
-    def __init__(self, url: str, table_prefix: str = "maskinv_regions"):
+    def __init__(self, url: str, table_prefix: str = "maskinv_regions", probes: int | None = None):
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", table_prefix):
             raise ValueError(f"table prefix must be a lower-case SQL name, got {table_prefix!r}")
         self.prefix = table_prefix
+        #: ivfflat lists probed per query (MASKINV_SEARCH_PG_PROBES, else PROBES)
+        self.probes = _probes(probes)
         self._lock = threading.RLock()
         self._db = psycopg.connect(url, autocommit=True)
         self._db.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        row = self._db.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+        #: the server's pgvector version, e.g. (0, 6, 2)
+        self.version = _version(str(row[0]) if row else "0")
+        #: whether the server widens a filtered ivfflat scan by itself (pgvector >= 0.8)
+        self.iterative_scan = self.version >= ITERATIVE_SCAN_FROM
         self._dims: set[int] = set()
         self._indexed: set[int] = set()  # widths known to have their ivfflat index
         self._checked: dict[int, float] = {}  # width -> when its row count was last checked (monotonic)
@@ -158,12 +188,20 @@ class PgvectorStore:
                 self._checked[dim] = time.monotonic()
                 self.build_index(flt.model, dim)
             where, args = self._where(flt)
+            table, qv = f"{self.prefix}_d{dim}", _vec(q)
             with self._db.transaction():
-                self._db.execute(f"SET LOCAL ivfflat.probes = {PROBES}")
-                self._db.execute("SET LOCAL ivfflat.iterative_scan = relaxed_order")
+                self._db.execute(f"SET LOCAL ivfflat.probes = {self.probes}")
+                if self.iterative_scan:
+                    self._db.execute("SET LOCAL ivfflat.iterative_scan = relaxed_order")
                 rows = self._db.execute(
-                    f"SELECT {_COLS}, (vec <#> %s::vector) * -1 AS sim FROM {self.prefix}_d{dim} WHERE {where} "
-                    "ORDER BY vec <#> %s::vector LIMIT %s", [_vec(q)] + args + [_vec(q), k]).fetchall()
+                    f"SELECT {_COLS}, (vec <#> %s::vector) * -1 AS sim FROM {table} WHERE {where} "
+                    "ORDER BY vec <#> %s::vector LIMIT %s", [qv] + args + [qv, k]).fetchall()
+            if len(rows) < k and dim in self._indexed:
+                # the probed lists held fewer than k passing rows: score every passing row (OFFSET 0 keeps the
+                # ORDER BY off the ivfflat index, so the filter's B-tree or a scan answers, exactly)
+                rows = self._db.execute(
+                    f"SELECT {_COLS}, sim FROM (SELECT {_COLS}, (vec <#> %s::vector) * -1 AS sim FROM {table} "
+                    f"WHERE {where} OFFSET 0) AS passing ORDER BY sim DESC LIMIT %s", [qv] + args + [k]).fetchall()
         hits = [SearchHit(self._record(r), float(r[10])) for r in rows]
         return sorted(hits, key=lambda h: -h.similarity)
 

@@ -1,9 +1,8 @@
 """The region-store interface, the same checks on every store: the embedded FAISS + SQLite store, and
-PostgreSQL + pgvector on the real server at MASKINV_TEST_PG_URL (default 127.0.0.1:5432, user postgres)."""
+PostgreSQL + pgvector on a real server (``pg_url`` in conftest.py: MASKINV_TEST_PG_URL, or a private one)."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Iterator
 
@@ -14,28 +13,17 @@ from backend.search.faiss_store import FaissSqliteStore
 from backend.search.records import RegionRecord, SearchFilter
 from backend.search.store import RegionStore, open_store
 
-PG_URL = os.environ.get("MASKINV_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 DIM = 16
-
-
-def _pg_store() -> RegionStore:
-    import psycopg
-
-    from backend.search.pgvector_store import PgvectorStore
-
-    try:
-        with psycopg.connect(PG_URL, connect_timeout=3) as conn:
-            if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'").fetchone() is None:
-                pytest.skip("PostgreSQL at MASKINV_TEST_PG_URL has no pgvector extension "
-                            "(scripts/test.sh installs it)")
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL server at MASKINV_TEST_PG_URL: {exc}")
-    return PgvectorStore(PG_URL, table_prefix=f"test_regions_{uuid.uuid4().hex[:8]}")
 
 
 @pytest.fixture(params=["faiss_sqlite", "pgvector"])
 def store(request: pytest.FixtureRequest, tmp_path) -> Iterator[RegionStore]:
-    s: RegionStore = FaissSqliteStore(tmp_path / "search") if request.param == "faiss_sqlite" else _pg_store()
+    if request.param == "faiss_sqlite":
+        s: RegionStore = FaissSqliteStore(tmp_path / "search")
+    else:
+        from backend.search.pgvector_store import PgvectorStore
+
+        s = PgvectorStore(request.getfixturevalue("pg_url"), table_prefix=f"test_regions_{uuid.uuid4().hex[:8]}")
     yield s
     if request.param == "pgvector":
         s.drop_all()  # type: ignore[attr-defined]
@@ -137,3 +125,67 @@ def test_open_store_picks_the_store_by_url(tmp_path) -> None:
     s.close()
     with pytest.raises(ValueError, match="MASKINV_SEARCH_STORE"):
         open_store("mysql://x", str(tmp_path))
+
+
+# ------------------------------------------------------------------------ PostgreSQL + pgvector specifics
+@pytest.fixture
+def pg_store(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[RegionStore]:
+    """A pgvector store that builds its ivfflat index from 100 rows (instead of 50 000)."""
+    from backend.search import pgvector_store
+
+    monkeypatch.setattr(pgvector_store, "INDEX_AT", 100)
+    s = pgvector_store.PgvectorStore(pg_url, table_prefix=f"test_regions_{uuid.uuid4().hex[:8]}")
+    yield s
+    s.drop_all()
+    s.close()
+
+
+def _clustered(n: int, rare_every: int = 0) -> tuple[list[RegionRecord], np.ndarray]:
+    """``n`` regions in 40 tight clusters; every ``rare_every``-th labelled ``rare`` (the others ``common``)."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(40, DIM))
+    x = (centres[rng.integers(0, 40, n)] + 0.1 * rng.normal(size=(n, DIM))).astype(np.float32)
+    recs = [RegionRecord(model="m1", project="p", task=i, region=f"r{i}",
+                         label="rare" if rare_every and i % rare_every == 0 else "common") for i in range(n)]
+    return recs, x
+
+
+def test_pgvector_reads_the_extension_version_and_searches_its_index_on_it(pg_store) -> None:
+    assert pg_store.version >= (0, 5, 0)
+    assert pg_store.iterative_scan == (pg_store.version >= (0, 8, 0))
+    recs, x = _clustered(800)
+    pg_store.upsert(recs, x)
+    assert pg_store.build_index("m1", DIM)  # lists = max(16, sqrt(800))
+    flt = SearchFilter(model="m1", projects=("p",))
+    pg_store.probes = 10_000  # every list: the index scan is exact
+    for q_i in (0, 7, 99):
+        assert [h.record.region for h in pg_store.search(x[q_i], flt, 10)] == _exact(recs, x, x[q_i], flt, 10)
+
+
+def test_pgvector_answers_a_rare_filter_in_full_when_the_probed_lists_miss_it(pg_store) -> None:
+    recs, x = _clustered(3000, rare_every=50)
+    pg_store.upsert(recs, x)
+    assert pg_store.build_index("m1", DIM)
+    # one list of 54 probed: the planner scans the ivfflat index and about one of its rows is rare
+    pg_store.probes = 1
+    flt = SearchFilter(model="m1", projects=("p",), labels=("rare",))
+    for q_i in (0, 1, 2):
+        hits = pg_store.search(x[q_i], flt, 10)
+        assert [h.record.region for h in hits] == _exact(recs, x, x[q_i], flt, 10)
+
+
+def test_pgvector_probes_come_from_the_environment(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backend.search.pgvector_store import PROBES, PgvectorStore
+
+    monkeypatch.setenv("MASKINV_SEARCH_PG_PROBES", "64")
+    s = PgvectorStore(pg_url, table_prefix=f"test_regions_{uuid.uuid4().hex[:8]}")
+    assert s.probes == 64
+    s.close()
+    monkeypatch.setenv("MASKINV_SEARCH_PG_PROBES", "")
+    s = PgvectorStore(pg_url, table_prefix=f"test_regions_{uuid.uuid4().hex[:8]}", probes=None)
+    assert s.probes == PROBES
+    s.close()
+    for bad in ("0", "many", "-3"):
+        monkeypatch.setenv("MASKINV_SEARCH_PG_PROBES", bad)
+        with pytest.raises(ValueError, match="MASKINV_SEARCH_PG_PROBES"):
+            PgvectorStore(pg_url)
