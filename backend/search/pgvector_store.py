@@ -15,6 +15,7 @@ by psycopg 3, in autocommit with explicit transactions.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -31,10 +32,15 @@ from backend.search.records import RegionRecord, SearchFilter, SearchHit, Search
 INDEX_AT = 50_000
 #: seconds between two checks whether a width has grown enough for its index
 INDEX_CHECK_S = 60.0
+#: ivfflat lists per square root of the rows (as the embedded store's nlist; benchmarks/search_stores.py)
+LISTS_PER_SQRT = 4
+#: rebuild a width's index once its rows have grown this many times since the build (lists follow sqrt(N))
+REBUILD_GROWTH = 4
 #: lists probed per query (before an iterative scan widens it); MASKINV_SEARCH_PG_PROBES overrides
 PROBES = 32
 #: the first pgvector with ``ivfflat.iterative_scan``
 ITERATIVE_SCAN_FROM = (0, 8, 0)
+log = logging.getLogger(__name__)
 _COLS = "model, project, task, annotation, region, label, score, source, image_sha256, box"
 
 
@@ -58,6 +64,48 @@ def _probes(probes: int | None) -> int:
     return int(raw)
 
 
+def _lists(n: int) -> int:
+    return max(16, int(LISTS_PER_SQRT * math.sqrt(n)))
+
+
+def _index_lists(db: psycopg.Connection, table: str) -> int | None:
+    """Lists of ``table``'s valid ivfflat index (None: none)."""
+    row = db.execute("SELECT c.reloptions FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid "
+                     "WHERE c.relname = %s AND i.indisvalid", (f"{table}_ivfc",)).fetchone()
+    if row is None:
+        return None
+    opts = dict(str(o).split("=", 1) for o in row[0] or [])
+    return int(opts.get("lists", 100))
+
+
+def _ensure_index(db: psycopg.Connection, table: str) -> bool:
+    """Build ``table``'s ivfflat index (cosine, ``lists = 4 sqrt(N)``) once it holds :data:`INDEX_AT` rows, and
+    build it anew once its rows have grown :data:`REBUILD_GROWTH` times since: ``CREATE INDEX CONCURRENTLY``
+    beside the old one (searches and writes go on), then swapped in. One process builds at a time (an advisory
+    lock); the others go on with the index they have. Whether the table has an index after."""
+    lists = _index_lists(db, table)
+    n = int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # type: ignore[index]
+    if n < INDEX_AT or (lists is not None and _lists(n) < math.sqrt(REBUILD_GROWTH) * lists):
+        return lists is not None
+    if not db.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (table,)).fetchone()[0]:  # type: ignore[index]
+        return lists is not None
+    try:
+        db.execute("SET maintenance_work_mem = '1GB'")
+        db.execute(f"DROP INDEX IF EXISTS {table}_ivfc_next")  # a build cut short
+        # cosine, not inner product: pgvector clusters cosine lists on the sphere (normalised centres); on unit
+        # rows the order is the same
+        db.execute(f"CREATE INDEX CONCURRENTLY {table}_ivfc_next ON {table} USING ivfflat (vec vector_cosine_ops) "
+                   f"WITH (lists = {_lists(n)})")
+        with db.transaction():
+            db.execute(f"DROP INDEX IF EXISTS {table}_ivfc")
+            db.execute(f"DROP INDEX IF EXISTS {table}_ivf")  # the inner-product index of an earlier version
+            db.execute(f"ALTER INDEX {table}_ivfc_next RENAME TO {table}_ivfc")
+        db.execute(f"ANALYZE {table}")
+    finally:
+        db.execute("SELECT pg_advisory_unlock(hashtext(%s))", (table,))
+    return True
+
+
 class PgvectorStore:
     """:class:`backend.search.store.RegionStore` on PostgreSQL + pgvector (see the module docstring)."""
 
@@ -68,6 +116,7 @@ class PgvectorStore:
         #: ivfflat lists probed per query (MASKINV_SEARCH_PG_PROBES, else PROBES)
         self.probes = _probes(probes)
         self._lock = threading.RLock()
+        self._url = url
         self._db = psycopg.connect(url, autocommit=True)
         self._db.execute("CREATE EXTENSION IF NOT EXISTS vector")
         row = self._db.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
@@ -77,6 +126,7 @@ class PgvectorStore:
         self.iterative_scan = self.version >= ITERATIVE_SCAN_FROM
         self._dims: set[int] = set()
         self._indexed: set[int] = set()  # widths known to have their ivfflat index
+        self._builders: dict[int, threading.Thread] = {}  # width -> its last background index build
         self._checked: dict[int, float] = {}  # width -> when its row count was last checked (monotonic)
         for (name,) in self._db.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE %s",
                                         (f"{self.prefix}_d%",)).fetchall():
@@ -134,24 +184,46 @@ class PgvectorStore:
         return self._delete(project, "annotation", [str(a) for a in annotations if str(a)])
 
     def build_index(self, model: str, dim: int) -> bool:
-        """Create the width's ivfflat index if it has :data:`INDEX_AT` rows and none yet; whether one exists."""
+        """Build the width's ivfflat index now if it is due (:func:`_ensure_index`); whether one exists after."""
         table = self._table(dim)
         with self._lock:
-            if dim in self._indexed:
-                return True
-            if self._db.execute("SELECT 1 FROM pg_indexes WHERE indexname = %s", (f"{table}_ivf",)).fetchone():
+            if _ensure_index(self._db, table):
                 self._indexed.add(dim)
-                return True
-            n = int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])  # type: ignore[index]
-            if n < INDEX_AT:
-                return False
-            lists = max(16, int(math.sqrt(n)))
-            self._db.execute("SET maintenance_work_mem = '1GB'")
-            self._db.execute(f"CREATE INDEX {table}_ivf ON {table} USING ivfflat (vec vector_ip_ops) "
-                             f"WITH (lists = {lists})")
-            self._db.execute(f"ANALYZE {table}")
+            return dim in self._indexed
+
+    def index_lists(self, dim: int) -> int | None:
+        """Lists of the width's ivfflat index (None: no index yet, its scans are exact)."""
+        with self._lock:
+            return _index_lists(self._db, f"{self.prefix}_d{int(dim)}")
+
+    def wait_for_index(self, timeout: float | None = None) -> None:
+        """Wait until the index builds running in the background have ended (tests, benchmarks)."""
+        for thread in list(self._builders.values()):
+            thread.join(timeout)
+
+    def _check_index(self, dim: int) -> None:
+        """At most every :data:`INDEX_CHECK_S`: note whether the width has its index (another process may have
+        built it) and let a background thread build or rebuild it when due, so no search waits for a build."""
+        if time.monotonic() - self._checked.get(dim, -1e9) <= INDEX_CHECK_S:
+            return
+        self._checked[dim] = time.monotonic()
+        table = f"{self.prefix}_d{dim}"
+        if _index_lists(self._db, table) is not None:
             self._indexed.add(dim)
-            return True
+        running = self._builders.get(dim)
+        if running is not None and running.is_alive():
+            return
+
+        def build() -> None:
+            try:
+                with psycopg.connect(self._url, autocommit=True) as db:
+                    if _ensure_index(db, table):
+                        self._indexed.add(dim)
+            except psycopg.Error as exc:
+                log.warning("ivfflat index of %s not built: %s", table, exc)
+
+        self._builders[dim] = threading.Thread(target=build, name=f"pgvector-index-{table}", daemon=True)
+        self._builders[dim].start()
 
     def _where(self, flt: SearchFilter) -> tuple[str, list[Any]]:
         sql, args = "model = %s AND project = ANY(%s)", list[Any]([flt.model, list(flt.projects)])
@@ -184,9 +256,7 @@ class PgvectorStore:
             if dim is None:
                 return []
             q = unit_rows(query, dim)[0]
-            if dim not in self._indexed and time.monotonic() - self._checked.get(dim, -1e9) > INDEX_CHECK_S:
-                self._checked[dim] = time.monotonic()
-                self.build_index(flt.model, dim)
+            self._check_index(dim)
             where, args = self._where(flt)
             table, qv = f"{self.prefix}_d{dim}", _vec(q)
             with self._db.transaction():
@@ -194,13 +264,13 @@ class PgvectorStore:
                 if self.iterative_scan:
                     self._db.execute("SET LOCAL ivfflat.iterative_scan = relaxed_order")
                 rows = self._db.execute(
-                    f"SELECT {_COLS}, (vec <#> %s::vector) * -1 AS sim FROM {table} WHERE {where} "
-                    "ORDER BY vec <#> %s::vector LIMIT %s", [qv] + args + [qv, k]).fetchall()
+                    f"SELECT {_COLS}, 1 - (vec <=> %s::vector) AS sim FROM {table} WHERE {where} "
+                    "ORDER BY vec <=> %s::vector LIMIT %s", [qv] + args + [qv, k]).fetchall()
             if len(rows) < k and dim in self._indexed:
                 # the probed lists held fewer than k passing rows: score every passing row (OFFSET 0 keeps the
                 # ORDER BY off the ivfflat index, so the filter's B-tree or a scan answers, exactly)
                 rows = self._db.execute(
-                    f"SELECT {_COLS}, sim FROM (SELECT {_COLS}, (vec <#> %s::vector) * -1 AS sim FROM {table} "
+                    f"SELECT {_COLS}, sim FROM (SELECT {_COLS}, 1 - (vec <=> %s::vector) AS sim FROM {table} "
                     f"WHERE {where} OFFSET 0) AS passing ORDER BY sim DESC LIMIT %s", [qv] + args + [k]).fetchall()
         hits = [SearchHit(self._record(r), float(r[10])) for r in rows]
         return sorted(hits, key=lambda h: -h.similarity)

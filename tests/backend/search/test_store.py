@@ -155,7 +155,7 @@ def test_pgvector_reads_the_extension_version_and_searches_its_index_on_it(pg_st
     assert pg_store.iterative_scan == (pg_store.version >= (0, 8, 0))
     recs, x = _clustered(800)
     pg_store.upsert(recs, x)
-    assert pg_store.build_index("m1", DIM)  # lists = max(16, sqrt(800))
+    assert pg_store.build_index("m1", DIM)  # lists = 4 sqrt(800)
     flt = SearchFilter(model="m1", projects=("p",))
     pg_store.probes = 10_000  # every list: the index scan is exact
     for q_i in (0, 7, 99):
@@ -166,12 +166,34 @@ def test_pgvector_answers_a_rare_filter_in_full_when_the_probed_lists_miss_it(pg
     recs, x = _clustered(3000, rare_every=50)
     pg_store.upsert(recs, x)
     assert pg_store.build_index("m1", DIM)
-    # one list of 54 probed: the planner scans the ivfflat index and about one of its rows is rare
+    # one list of 219 probed: the planner scans the ivfflat index, and few if any of its rows are rare
     pg_store.probes = 1
     flt = SearchFilter(model="m1", projects=("p",), labels=("rare",))
     for q_i in (0, 1, 2):
         hits = pg_store.search(x[q_i], flt, 10)
         assert [h.record.region for h in hits] == _exact(recs, x, x[q_i], flt, 10)
+
+
+def test_pgvector_builds_its_index_in_the_background_and_anew_as_the_rows_grow(
+        pg_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backend.search import pgvector_store
+
+    recs, x = _clustered(3000)
+    flt = SearchFilter(model="m1", projects=("p",))
+    pg_store.upsert(recs[:200], x[:200])
+    assert pg_store.index_lists(DIM) is None
+    assert [h.record.region for h in pg_store.search(x[0], flt, 5)] == _exact(recs[:200], x[:200], x[0], flt, 5)
+    pg_store.wait_for_index(60)  # the search started the build beside it
+    assert pg_store.index_lists(DIM) == 56  # 4 sqrt(200)
+    pg_store.upsert(recs[200:700], x[200:700])
+    assert pg_store.build_index("m1", DIM) and pg_store.index_lists(DIM) == 56  # 3.5 times the rows: kept
+    pg_store.upsert(recs[700:], x[700:])
+    monkeypatch.setattr(pgvector_store, "INDEX_CHECK_S", 0.0)
+    pg_store.search(x[0], flt, 5)
+    pg_store.wait_for_index(60)
+    assert pg_store.index_lists(DIM) == 219  # 15 times the rows: built anew, 4 sqrt(3000)
+    pg_store.probes = 10_000
+    assert [h.record.region for h in pg_store.search(x[1], flt, 10)] == _exact(recs, x, x[1], flt, 10)
 
 
 def test_pgvector_probes_come_from_the_environment(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
