@@ -13,14 +13,14 @@ Answer::
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from backend.labelstudio.api import LabelStudioAPI, LabelStudioAPIError
 from backend.learning.learner import model_key
 from backend.search.label_studio import write_prediction_set
-from backend.search.queries import parse_query, run_query, text_vector
+from backend.search.queries import parse_query, run_query, text_vectors
 from backend.search.records import SearchInputError
 from backend.service import Service
 
@@ -73,8 +73,8 @@ def answer(service: Service, body: Any, wait_s: float = MODEL_WAIT_S) -> dict[st
     q = parse_query(body, model)
     params = service.learner.example_params(service.settings.params)
 
-    def text_embed(text: str) -> np.ndarray:
-        return text_vector(service.dispatcher.run_embed, text, params)
+    def text_embed(texts: Sequence[str]) -> tuple[np.ndarray, float]:
+        return text_vectors(service.dispatcher.run_embed, texts, params)
 
     hits = run_query(index.store, q, text_embed)
     doc: dict[str, Any] = {

@@ -1,7 +1,9 @@
 """Queries over the region index: by text, by example regions, by a label's accepted examples, and coverage.
 
 * **text**: the prompt-ensembled text embedding of the query (the project's templates, an ``embed_regions`` job
-  with the text as its one label), against the regions' embeddings;
+  with the text as its one label); the :data:`TEXT_CANDIDATES` regions closest to it by cosine (and the other
+  regions of their tasks) are ranked by the probability that the query, rather than any label those regions
+  carry, describes them (:mod:`backend.search.contrast`);
 * **examples**: the mean direction of up to :data:`~backend.search.records.MAX_EXAMPLES` indexed regions;
 * **label**: the prototype of a label, the mean direction of its ``human`` regions (accepted examples);
 * **coverage** ("least like anything labelled"): regions whose similarity to the nearest label prototype is
@@ -23,6 +25,7 @@ import numpy as np
 
 from worker.protocol import EmbedRegionsJob, InversionParams, decode_vectors
 
+from backend.search.contrast import contrast_labels, rank_vectors
 from backend.search.records import (MAX_EXAMPLES, MAX_QUERY_CHARS, SOURCES, SearchFilter, SearchHit,
                                     SearchInputError, check_k, unit_rows)
 from backend.search.store import RegionStore
@@ -30,6 +33,8 @@ from backend.search.store import RegionStore
 #: regions a coverage query reads (per query, over all its projects), and human regions it fits prototypes on
 COVERAGE_SCAN = 100_000
 PROTOTYPE_SCAN = 20_000
+#: regions a text query ranks by probability: the closest by cosine (with the other regions of their tasks)
+TEXT_CANDIDATES = 5_000
 #: seconds the text embedding may take
 TEXT_TIMEOUT_S = 60.0
 KINDS = ("text", "examples", "label", "coverage")
@@ -123,16 +128,43 @@ def parse_query(body: Any, model: str, max_projects: int = 20) -> Query:
     return Query(kind, flt, k, raw=body)
 
 
-def text_vector(run_embed: Callable[[dict, float], dict], text: str, params: InversionParams) -> np.ndarray:
-    """The prompt-ensembled text embedding ``[D]`` of ``text`` (an ``embed_regions`` job without regions)."""
-    payload = EmbedRegionsJob.build(None, [], params, labels=[text], dtype="float32")
+#: a text embedder: texts -> (their prompt-ensembled embeddings ``[T, D]``, the model's logit scale)
+TextEmbed = Callable[[Sequence[str]], tuple[np.ndarray, float]]
+
+
+def text_vectors(run_embed: Callable[[dict, float], dict], texts: Sequence[str], params: InversionParams
+                 ) -> tuple[np.ndarray, float]:
+    """The prompt-ensembled text embeddings ``[T, D]`` of ``texts`` and the model's logit scale (an
+    ``embed_regions`` job without regions; the worker caches the prototypes of a label set)."""
+    payload = EmbedRegionsJob.build(None, [], params, labels=list(texts), dtype="float32")
     result = run_embed(payload.to_dict(), TEXT_TIMEOUT_S)
     if result.get("error"):
         raise SearchInputError(f"text: {result['error']}")
-    doc = (result.get("meta") or {}).get("text")
+    meta = result.get("meta") or {}
+    doc = meta.get("text")
     if not doc:
         raise SearchInputError("text: the worker returned no text embedding")
-    return decode_vectors(doc)[0]
+    scale = meta.get("logit_scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise SearchInputError("text: the worker returned no logit scale")
+    return decode_vectors(doc), float(scale)
+
+
+def text_hits(store: RegionStore, q: Query, text_embed: TextEmbed) -> list[SearchHit]:
+    """A text query's hits (module docstring): best first by ``p(query | region)`` (the hit's similarity; its
+    cosine in ``extra``), among the :data:`TEXT_CANDIDATES` closest regions and the other regions of their tasks."""
+    (query,), scale = text_embed((q.text,))
+    near = store.search(query, q.flt, TEXT_CANDIDATES)
+    if not near:
+        return []
+    tasks = sorted({h.record.task for h in near})
+    recs, vecs = store.fetch(q.flt, 4 * TEXT_CANDIDATES, tasks)
+    if not recs:
+        return []
+    names = contrast_labels(q.text, (r.label for r in recs))
+    labels = text_embed(tuple(names))[0] if names else np.zeros((0, vecs.shape[1]), np.float32)
+    order, prob, cos = rank_vectors(unit_rows(vecs), query, labels, scale)
+    return [SearchHit(recs[i], float(prob[i]), {"cosine": round(float(cos[i]), 6)}) for i in order[:q.k]]
 
 
 def _mean_direction(vectors: np.ndarray) -> np.ndarray:
@@ -189,13 +221,13 @@ def coverage(store: RegionStore, flt: SearchFilter, k: int) -> list[SearchHit]:
     return [SearchHit(recs[i], float(best[i]), {"nearest_label": names[int(nearest[i])]}) for i in order]
 
 
-def run_query(store: RegionStore, q: Query, text_embed: Callable[[str], np.ndarray]) -> list[SearchHit]:
-    """Answer ``q``; ``text_embed`` turns a text into its embedding ``[D]`` (the worker's text tower)."""
+def run_query(store: RegionStore, q: Query, text_embed: TextEmbed) -> list[SearchHit]:
+    """Answer ``q``; ``text_embed`` turns texts into embeddings (the worker's text tower, :data:`TextEmbed`)."""
     if q.kind == "coverage":
         return coverage(store, q.flt, q.k)
     if q.kind == "text":
-        vec = text_embed(q.text)
-    elif q.kind == "examples":
+        return text_hits(store, q, text_embed)
+    if q.kind == "examples":
         vec = example_vector(store, q)
     else:
         names, protos = label_prototypes(store, q.flt, (q.label,))
