@@ -20,10 +20,12 @@ import json
 import secrets
 import shutil
 import threading
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import requests
@@ -45,6 +47,18 @@ CURATING_ENV = {"MASKINV_SIZE": "224", "MASKINV_PROPOSAL_REFINE": "1"}
 #: README.md, "Without Docker": Label Studio 1.23 refuses a backend on a local address without these two
 README_LS_ENV = {"ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false"}
 REGION_TAGS = ("RectangleLabels", "PolygonLabels", "BrushLabels")
+
+
+def until(what: str, probe: Callable[[], Any], timeout_s: float, every_s: float = 1.0) -> Any:
+    """``probe()``'s first truthy value, asked every ``every_s`` seconds; AssertionError naming ``what`` after
+    ``timeout_s`` (a safety net against a hang, not a speed check)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"gave up waiting for {what}")
 
 
 def missing_requirement() -> str | None:

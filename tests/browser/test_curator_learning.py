@@ -11,14 +11,13 @@ What Label Studio records per region (``origin`` in the submitted annotation's r
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import requests
 
-from browser_harness import REPO_ROOT, SHOTS, Project, Stack, scenes, with_vocabulary
+from browser_harness import REPO_ROOT, SHOTS, Project, Stack, scenes, until, with_vocabulary
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 
@@ -42,13 +41,7 @@ class Curated:
 
 
 def _until(what: str, probe: Any, timeout_s: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(1.0)
-    raise AssertionError(f"gave up waiting for {what}")
+    return until(what, probe, timeout_s, 1.0)
 
 
 @pytest.fixture(scope="module")

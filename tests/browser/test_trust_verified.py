@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 
-from browser_harness import REPO_ROOT, SHOTS, Stack, with_vocabulary
+from browser_harness import REPO_ROOT, SHOTS, Stack, until, with_vocabulary
 from training.scene_world import SceneWorld
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
@@ -45,13 +44,7 @@ class TrustProject:
 
 
 def _until(what: str, probe: Any, timeout_s: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(2.0)
-    raise AssertionError(f"gave up waiting for {what}")
+    return until(what, probe, timeout_s, 2.0)
 
 
 Box = tuple[int, int, int, int]
