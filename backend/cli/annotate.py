@@ -18,6 +18,9 @@ the tasks it had in flight. Tasks that failed for a permanent reason (unusable i
 in a small state file (``--state-dir``) and skipped by later runs unless ``--retry-failed``; transient failures
 (timeouts, no worker) are always retried.
 
+With a region index (``MASKINV_SEARCH_STORE``, as the backend's) every labelled or proposed region is indexed
+for search as the run labels it (backend.predict.live); the command waits for the last writes before it exits.
+
 Only tasks of ``--project`` are written: ``--tasks`` ids are re-read from Label Studio one by one and a task of
 another project is reported as failed (kind ``project``), never written.
 
@@ -41,6 +44,8 @@ from worker.protocol import sha256_hex
 
 #: failure kinds remembered in the state file (skipped by later runs unless --retry-failed)
 PERMANENT_KINDS = frozenset({"source", "region", "rejected", "limit"})
+#: seconds the command waits at its end for the labelled regions to reach the region index (MASKINV_SEARCH_STORE)
+INDEX_FLUSH_S = 120.0
 
 log = logging.getLogger("maskinv-annotate")
 
@@ -208,6 +213,8 @@ def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) ->
         progress.close()
         _err(str(exc))
         return 3
+    finally:
+        _flush_index(service)
     progress.close()
     _report(args, summary, version, run.run_id, state)
     if summary.labelled and not args.dry_run and settings.select_version:
@@ -215,6 +222,14 @@ def _run(args: argparse.Namespace, settings: Any, task_ids: list[int] | None) ->
     if interrupted:
         raise KeyboardInterrupt
     return 1 if summary.failed else 0
+
+
+def _flush_index(service: Any) -> None:
+    """Wait for the run's labelled regions to reach the region index (written in the background)."""
+    index = getattr(service, "search_index", None)
+    if index is not None and not index.flush(INDEX_FLUSH_S):
+        _err(f"the region index did not take every labelled region within {INDEX_FLUSH_S:.0f} s; "
+             "`maskinv-search backfill` indexes the rest")
 
 
 def _select_source(api: Any, project: int, version: str) -> None:

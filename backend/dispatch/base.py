@@ -49,7 +49,8 @@ class QueueUnavailable(DispatchError, ConnectionError):
 @dataclass
 class LabelRequest:
     """All regions of one image that share a label set. ``masks``: one bool ``[H, W]`` per region; ``prompts``:
-    empty, or per mask ``{}`` or ``{"prompt": {"box" | "points": ...}, "refine": bool}`` (worker.protocol.prompts)."""
+    empty, or per mask ``{}`` or ``{"prompt": {"box" | "points": ...}, "refine": bool}`` (worker.protocol.prompts);
+    ``embedding``: ask for each region's embedding (set when a region index is configured, backend.predict)."""
 
     image: bytes
     masks: list[np.ndarray]
@@ -58,6 +59,7 @@ class LabelRequest:
     image_sha256: str = ""
     prototypes: dict | None = None  # the project's example prototypes for these labels (backend.learning.learner)
     prompts: list[dict[str, Any]] = field(default_factory=list)
+    embedding: bool = False
 
     def __post_init__(self) -> None:
         if not self.image_sha256:
@@ -208,16 +210,16 @@ class Dispatcher:
             shas.append(key)
             encoded.setdefault(key, enc)
         # the job's identity: everything its answer depends on (the examples' content included) but the model
-        pdigest = answer_digest(req.params.to_dict(), req.labels, req.prototypes)
+        pdigest = answer_digest(req.params.to_dict(), req.labels, req.prototypes, embedding=req.embedding)
         p = PreparedJob(req, shas, encoded, pdigest)
         if model and model.get("id") and encoded:
             p.hits = lookup(self.cache, self.settings.redis_prefix, model, req.image_sha256, encoded, req.params,
-                            req.labels, req.prototypes)
+                            req.labels, req.prototypes, req.embedding)
         missing = [sha for sha in encoded if sha not in p.hits]
         if missing:
             p.payload = LabelRegionsJob.build(req.image, [(sha, encoded[sha]) for sha in missing], req.labels,
                                               req.params, prototypes=req.prototypes or None,
-                                              prompts=prompts).to_dict()
+                                              prompts=prompts, embedding=req.embedding).to_dict()
             p.job_id = job_id(self.settings.queue, req.image_sha256, pdigest, *sorted(missing))
         return p
 

@@ -18,10 +18,11 @@ log = logging.getLogger(__name__)
 
 def lookup(cache: ResultCache, prefix: str, model: Mapping[str, Any], image_sha256: str,
            encoded: Mapping[str, dict], params: InversionParams, labels: list[str],
-           prototypes: Mapping[str, Any] | None) -> dict[str, dict]:
-    """The cached values of the masks ``encoded`` (mask sha -> encoded mask) for one image, model and question;
-    returns mask sha -> cached value for the hits. A cache that cannot be read counts as all misses."""
-    keys = result_keys(prefix, model, image_sha256, encoded, params.to_dict(), labels, prototypes)
+           prototypes: Mapping[str, Any] | None, embedding: bool = False) -> dict[str, dict]:
+    """The cached values of the masks ``encoded`` (mask sha -> encoded mask) for one image, model and question
+    (``embedding``: answers that carry the region's embedding); returns mask sha -> cached value for the hits.
+    A cache that cannot be read counts as all misses."""
+    keys = result_keys(prefix, model, image_sha256, encoded, params.to_dict(), labels, prototypes, embedding)
     try:
         values = cache.get_many(list(keys.values()))
     except Exception as exc:  # noqa: BLE001 - a cache read failure only costs recomputation

@@ -14,6 +14,7 @@ from backend.dispatch import LabelOutcome, LabelRequest
 from backend.labelstudio.label_config import ProjectConfig
 from backend.labelstudio.predictions import region_results, task_prediction
 from backend.labelstudio.regions import RegionError
+from backend.predict.live import LiveRegions
 from backend.predict.plan import TaskPlan
 from backend.service import PredictError, Service
 from backend.trust.calibration import Calibration
@@ -54,11 +55,21 @@ def request_calibrations(service: Service, project: str | None, requests: list[L
     return out
 
 
+def take_outcomes(live: LiveRegions | None, requests: list[LabelRequest], outcomes: list[LabelOutcome]) -> None:
+    """Hand each label request's outcome to ``live`` (its embeddings and their similarities); nothing without."""
+    if live is None:
+        return
+    for idx, (req, outcome) in enumerate(zip(requests, outcomes)):
+        if outcome.model and outcome.model.get("id"):
+            live.label_request(idx, outcome.model, req.params, req.image_sha256, outcome.results)
+
+
 def task_answer(plan: TaskPlan, outcomes: list[LabelOutcome], cfg: ProjectConfig, version: str,
-                calibrations: list[Calibration | None] | None = None) -> Any:
+                calibrations: list[Calibration | None] | None = None, live: LiveRegions | None = None) -> Any:
     """One task's answer from the outcomes of its label requests: a prediction (``model_version`` = ``version``),
     ``[]`` without regions to label, or ``{"error", "maskinv"}`` when none could be labelled. ``calibrations``
-    (per request, :func:`request_calibrations`) mark each region ``calibrated`` / ``verified``."""
+    (per request, :func:`request_calibrations`) mark each region ``calibrated`` / ``verified``; ``live``
+    (:func:`take_outcomes` first) gives each region its ``labelled_similarity`` and takes it for the index."""
     results: list[dict[str, Any]] = []
     scores: list[float] = []
     jobs: list[dict[str, Any]] = []
@@ -67,16 +78,19 @@ def task_answer(plan: TaskPlan, outcomes: list[LabelOutcome], cfg: ProjectConfig
         outcome = outcomes[idx]
         model = model or outcome.model
         jobs.append(outcome.info)
-        for r, raw in zip(regs, outcome.regions):
+        for pos, (r, raw) in enumerate(zip(regs, outcome.regions)):
             res = region_result(raw)
             if res.error or not res.labels:
                 plan.error(r.id, res.error or "no label scores for this region", outcome.kind or "rejected")
                 continue
             try:
-                results.extend(region_results(r, res, cfg))
+                items = region_results(r, res, cfg)
             except RegionError as exc:  # a prompt's outline that cannot be written (backend.labelstudio.predictions)
                 plan.error(r.id, str(exc), "region")
                 continue
+            results.extend(items)
+            if live is not None:
+                live.label_region(idx, pos, plan.task_id, r.id, items, res)
             scores.append(float(res.labels[0].score))
             mark_region([it for it in results if it.get("id") == r.id], calibrations[idx] if calibrations else None,
                         res.labels[0].label, float(res.labels[0].score))

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from worker.protocol import InversionParams, JobResult, ProposeRegionsJob, ProtocolError, RegionResult
 
@@ -42,6 +42,7 @@ from backend.labelstudio.label_config import ProjectConfig, RegionControl
 from backend.labelstudio.predictions import proposal_items, proposal_score, task_prediction
 from backend.labelstudio.region_output import OutputError
 from backend.predict.fetch import ImageFetch, fetch_all
+from backend.predict.live import LiveRegions
 from backend.predict.plan import TaskPlan, example_project, task_data
 from backend.service import PredictError, Service
 
@@ -151,11 +152,13 @@ def proposal_prototypes(service: Service, project: str | None, vocab: tuple[str,
 
 def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, Any]], params: InversionParams,
                     label_override: list[str] | None, override: bool | dict[str, Any] | None, deadline: float,
-                    project: Any = None) -> list[Any]:
+                    project: Any = None, live: LiveRegions | None = None) -> list[Any]:
     """One answer per task (a prediction, ``[]`` when nothing was proposed, or ``{"error", "maskinv"}``).
 
     ``params``: the request's; the jobs run with :func:`proposal_params`. The ``model_version`` is the one drawn
-    regions get (Service.project_version), naming the project's example set when its examples scored them."""
+    regions get (Service.project_version), naming the project's example set when its examples scored them.
+    ``live`` (backend.predict.live): the jobs return the proposals' embeddings, each proposal gets its
+    ``labelled_similarity`` and is taken for the region index."""
     control = target_control(cfg)
     if control is None:
         return [[] for _ in tasks]
@@ -179,15 +182,25 @@ def propose_answers(service: Service, cfg: ProjectConfig, tasks: list[dict[str, 
         prototypes = proposal_prototypes(service, pid, f.vocab, job_params)
         used_examples = used_examples or prototypes is not None
         jobs.append((i, f))
-        requests.append((f.blob, ProposeRegionsJob.build(f.blob, f.vocab, job_params, options, prototypes).to_dict()))
+        requests.append((f.blob, ProposeRegionsJob.build(f.blob, f.vocab, job_params, options, prototypes,
+                                                          embedding=live is not None).to_dict()))
     try:
         runs = service.dispatcher.run_jobs(PROPOSE_FUNCTION, requests, max(0.0, deadline - time.monotonic()))
     except DispatchError as exc:
         raise PredictError(503, str(exc)) from None
     version = service.project_version(cfg, params, label_override, pid if used_examples else None)
     for (i, f), run in zip(jobs, runs):
-        answers[i] = _proposal_answer(control, cfg, f, run.result, run.error, run.kind, run.info, version)
+        answers[i] = _proposal_answer(control, cfg, f, run.result, run.error, run.kind, run.info, version, live,
+                                      job_params)
     return answers
+
+
+def ran_with(params: InversionParams, reported: Mapping[str, Any]) -> InversionParams:
+    """``params`` at the size a proposal job reports it ran at (the worker caps it again)."""
+    size = reported.get("size")
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0 and size != params.size:
+        return dataclasses.replace(params, size=size)
+    return params
 
 
 def objectness_of(region: RegionResult) -> float | None:
@@ -209,8 +222,10 @@ def with_objectness(items: list[dict[str, Any]], objectness: float | None) -> li
 
 
 def _proposal_answer(control: RegionControl, cfg: ProjectConfig, f: ImageFetch, raw: dict | None,
-                     run_error: str | None, run_kind: str | None, info: dict[str, Any], version: str) -> Any:
-    """One task's answer from its proposal job: ``raw`` the job's result (None when it did not finish)."""
+                     run_error: str | None, run_kind: str | None, info: dict[str, Any], version: str,
+                     live: LiveRegions | None = None, params: InversionParams | None = None) -> Any:
+    """One task's answer from its proposal job: ``raw`` the job's result (None when it did not finish);
+    ``params``: the job's (for the proposals' model key in the region index)."""
     try:
         result = JobResult.from_dict(raw) if raw is not None else None
     except ProtocolError as exc:
@@ -229,17 +244,22 @@ def _proposal_answer(control: RegionControl, cfg: ProjectConfig, f: ImageFetch, 
     width, height = f.size
     results: list[dict[str, Any]] = []
     scores: list[float] = []
+    answered: list[tuple[str, list[dict[str, Any]], RegionResult]] = []
     for k, region in enumerate(result.regions):
         if region.error or not region.labels:
             continue
         key = f"prop{k}_{(result.image_sha256 or '')[:6]}"
         try:
-            results += with_objectness(proposal_items(control, cfg, region, width, height, key),
-                                       objectness_of(region))
+            items = with_objectness(proposal_items(control, cfg, region, width, height, key), objectness_of(region))
         except (OutputError, KeyError, ValueError) as exc:
             diagnostics["errors"].append({"region": key, "error": str(exc), "kind": "region"})
             continue
+        results += items
+        answered.append((key, items, region))
         scores.append(proposal_score(region))
+    if live is not None and answered and result.model.get("id"):
+        live.proposals(dict(result.model), ran_with(params or InversionParams(), result.params),
+                       result.image_sha256 or "", f.task_id, answered)
     diagnostics.update({"proposed": len(scores), "regions": 0})
     log.info("task %s: %d proposed region(s) as %s", f.task_id, len(scores), control.tag)
     return task_prediction(results, scores, version, diagnostics) if results else []

@@ -15,7 +15,9 @@ parallel on several workers. Per task the answer is
   again) when no region of the task could be labelled.
 
 The steps live in their own modules: backend.predict.plan (validation, each task's regions), backend.predict.fetch
-(images), backend.predict.propose (tasks nobody drew on) and backend.predict.assembly (results -> Label Studio JSON).
+(images), backend.predict.propose (tasks nobody drew on), backend.predict.assembly (results -> Label Studio JSON)
+and backend.predict.live (with a region index: each region's ``meta.labelled_similarity``, and the regions indexed
+after the answer).
 
 Interactive requests whose regions all fail raise :class:`PredictError` with an HTTP status (413 over a limit,
 422 bad region or refused/unusable image, 502 image host or worker failure, 503 no worker / no Redis, 504
@@ -37,8 +39,10 @@ from worker.protocol import InversionParams
 from backend.dispatch import DispatchError, LabelOutcome, LabelRequest, QueueUnavailable
 from backend.labelstudio.label_config import ProjectConfig
 from backend.labelstudio.regions import Region, RegionError, collect_regions, region_mask
-from backend.predict.assembly import STATUS, SEVERITY, interactive_failure, request_calibrations, task_answer
+from backend.predict.assembly import (STATUS, SEVERITY, interactive_failure, request_calibrations, take_outcomes,
+                                      task_answer)
 from backend.predict.fetch import ImageFetch, fetch_all
+from backend.predict.live import LiveRegions
 from backend.predict.plan import (TaskPlan, check_tasks, example_project, is_interactive, job_prompt, task_data,
                                   task_regions)
 from backend.predict.propose import decide, propose_answers, split_override, untouched
@@ -81,18 +85,22 @@ def predict_tasks(service: Service, cfg: ProjectConfig, tasks: Any, context: Any
         fetches += _plan_regions(plans[-1], settings, cfg, task, items, label_override)
 
     fetch_all(service.fetcher, fetches, deadline, settings.max_image_pixels, service.setup_fallbacks())
-    requests = _label_requests(settings, fetches, params)
+    live = LiveRegions.of(service, project, tasks)  # region search: embeddings asked for, regions indexed
+    requests = _label_requests(settings, fetches, params, embedding=live is not None)
     examples = attach_prototypes(service, project, tasks, requests)
     outcomes = _label(service, requests, deadline)
     # the string /setup answers for this project (Label Studio skips tasks that hold this version's prediction)
     version = service.project_version(cfg, params, label_override, examples)
     calibrations = request_calibrations(service, examples, requests)  # backend.trust: verified regions
-    answers = [task_answer(plan, outcomes, cfg, version, calibrations) for plan in plans]
+    take_outcomes(live, requests, outcomes)
+    answers = [task_answer(plan, outcomes, cfg, version, calibrations, live) for plan in plans]
     if propose_for:
         proposed = propose_answers(service, cfg, [tasks[i] for i in propose_for], params, label_override,
-                                   proposal_override, deadline, project)
+                                   proposal_override, deadline, project, live)
         for i, answer in zip(propose_for, proposed):
             answers[i] = answer
+    if live is not None:
+        live.submit()  # written by the index's background writer: the answer does not wait for the store
     log.info("predict: %d task(s), %d job(s), %s mode, %.2fs", len(tasks), len(requests),
              "interactive" if interactive else "batch", time.perf_counter() - t0)
     if interactive and "result" not in answers[0] and plans[0].errors:
@@ -125,9 +133,11 @@ def _plan_regions(plan: TaskPlan, settings: Settings, cfg: ProjectConfig, task: 
             for (image_name, vocab), regs in groups.items()]
 
 
-def _label_requests(settings: Settings, fetches: list[ImageFetch], params: InversionParams) -> list[LabelRequest]:
+def _label_requests(settings: Settings, fetches: list[ImageFetch], params: InversionParams,
+                    embedding: bool = False) -> list[LabelRequest]:
     """One label request per fetched image: its regions rasterised to bool ``[H, W]`` masks, all of the request's
-    masks within MASKINV_MAX_MASK_MPIX; failed fetches and regions become their plan's errors."""
+    masks within MASKINV_MAX_MASK_MPIX; failed fetches and regions become their plan's errors. ``embedding``: ask
+    for the regions' embeddings (backend.predict.live)."""
     requests: list[LabelRequest] = []
     mask_pixels = 0
     for f in fetches:
@@ -155,7 +165,7 @@ def _label_requests(settings: Settings, fetches: list[ImageFetch], params: Inver
                 log.exception("region %s of task %s", r.id, f.plan.task_id)
                 f.plan.error(r.id, f"malformed {r.kind} region: {exc.__class__.__name__}: {str(exc)[:200]}", "region")
         if ok:
-            requests.append(LabelRequest(f.blob, masks, list(f.vocab), params, prompts=prompts))
+            requests.append(LabelRequest(f.blob, masks, list(f.vocab), params, prompts=prompts, embedding=embedding))
             f.plan.groups.append((len(requests) - 1, ok))
     return requests
 

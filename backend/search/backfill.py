@@ -18,7 +18,7 @@ from backend.labelstudio.api import sdk_tasks
 from backend.labelstudio.label_config import ProjectConfig
 from backend.learning.learner import Allowance, AnnotationSkipped, Learner, label_studio_errors
 from backend.search.api import current_model
-from backend.search.index import RegionIndex, index_examples, region_box
+from backend.search.index import RegionIndex, index_examples, predicted_record
 from backend.search.records import RegionRecord, SearchFilter
 from backend.service import Service
 
@@ -71,12 +71,9 @@ def _prediction_records(learner: Learner, cfg: ProjectConfig, project: str, task
         if ex.region_id in seen:
             continue
         item: dict[str, Any] = by_id.get(ex.region_id) or {}
-        meta = item["meta"] if isinstance(item.get("meta"), dict) else {}
         score = item.get("score", pred.get("score"))
-        rec = RegionRecord(model=ex.model_key, project=project, task=int(task["id"]),
-                           region=f"p{pred.get('id')}:{ex.region_id}", label=ex.label,
-                           score=float(score) if isinstance(score, (int, float)) else 0.0,
-                           source="proposed" if meta.get("proposed") else "suggested", box=region_box(item))
+        rec = predicted_record(ex.model_key, project, int(task["id"]), f"p{pred.get('id')}:{ex.region_id}", item,
+                               ex.label, float(score) if isinstance(score, (int, float)) else 0.0)
         seen[ex.region_id] = (rec, np.asarray(ex.let, np.float32))
     if not seen:
         return [], np.zeros((0, 0), np.float32)

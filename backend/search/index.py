@@ -2,29 +2,41 @@
 
 * An annotation's labelled regions (the examples of :mod:`backend.learning.learner`, source ``human``), written
   when an annotation event stores them; the annotation's previous regions are replaced.
+* Every region the product labels, as it labels it: ``/predict`` (interactive suggestions, *Retrieve
+  predictions*, background runs) and ``maskinv-annotate`` runs index their regions (:mod:`backend.predict.live`)
+  as ``suggested`` (a label for a region an annotator drew) or ``proposed`` (a region the backend proposed), each
+  with its top label and score, written in the background (:meth:`RegionIndex.index_later`) after the answer.
 * ``maskinv-search backfill`` indexes a project's existing annotations and predictions
-  (:mod:`backend.cli.search`): predicted regions as ``suggested`` (a label for a region an annotator drew) or
-  ``proposed`` (a region the backend proposed), each with its top label and score.
+  (:mod:`backend.cli.search`) the same way (:func:`predicted_record`).
 * ``ANNOTATIONS_DELETED`` / ``ANNOTATION_DELETED`` remove an annotation's regions, ``TASKS_DELETED`` (a project
   event Label Studio 1.23 sends to the ML backend's webhook, ``{"tasks": [{"id"}]}``) every region of the tasks.
 
-The vector of a region is the one labels are scored on: the ``embed_regions`` LET of the region, mixed with its
-masked crop at ``MASKINV_CROP_WEIGHT``; its model key (model id + inversion size, steps, lr, alpha) goes into
-every row, so a model change indexes anew and never mixes.
+The vector of a region is the one labels are scored on: the ``embed_regions`` LET of the region (or the
+embedding a ``label_regions`` / ``propose_regions`` job returned with its labels), mixed with its masked crop at
+``MASKINV_CROP_WEIGHT``; its model key (model id + inversion size, steps, lr, alpha) goes into every row, so a
+model change indexes anew and never mixes. :meth:`RegionIndex.labelled_similarity` tells how close a region is
+to the nearest ``human`` region of its project and model.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import queue
 import threading
-from typing import Any, Callable, Iterable, Sequence
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from backend.search.records import RegionRecord
+from backend.search.records import RegionRecord, SearchFilter
 from backend.search.store import RegionStore, open_store
 
 log = logging.getLogger(__name__)
+#: seconds a project and model without human regions is believed to stay so (other processes may add some)
+NO_HUMANS_TTL_S = 30.0
+#: seconds the process waits at exit for the background writes still queued
+EXIT_FLUSH_S = 10.0
 
 
 def region_box(item: dict[str, Any]) -> tuple[float, float, float, float]:
@@ -46,6 +58,17 @@ def region_box(item: dict[str, Any]) -> tuple[float, float, float, float]:
     return (0.0, 0.0, 0.0, 0.0)
 
 
+def predicted_record(model: str, project: str, task: int, region: str, item: Mapping[str, Any], label: str,
+                     score: float, image_sha256: str = "") -> RegionRecord:
+    """The record of a region the product labelled: ``proposed`` when its result item says so
+    (``meta.proposed``), else ``suggested``; its box from the item (:func:`region_box`); no annotation."""
+    meta = item.get("meta")
+    meta = meta if isinstance(meta, Mapping) else {}
+    return RegionRecord(model=model, project=project, task=task, region=region, label=label, score=float(score),
+                        source="proposed" if meta.get("proposed") else "suggested", image_sha256=image_sha256,
+                        box=region_box(dict(item)))
+
+
 class RegionIndex:
     """The project's regions in a :class:`backend.search.store.RegionStore` (opened on first use)."""
 
@@ -55,6 +78,9 @@ class RegionIndex:
         self._opener = opener
         self._store: RegionStore | None = None
         self._lock = threading.Lock()
+        self._writes: queue.Queue[tuple[list[RegionRecord], np.ndarray]] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._no_humans: dict[tuple[str, str], float] = {}  # (project, model) -> when none was found
 
     @property
     def store(self) -> RegionStore:
@@ -66,6 +92,70 @@ class RegionIndex:
     def index_records(self, records: Sequence[RegionRecord], vectors: np.ndarray) -> int:
         """Index records (any source) with their vectors ``[N, D]``."""
         return self.store.upsert(records, vectors)
+
+    def index_later(self, records: Sequence[RegionRecord], vectors: np.ndarray) -> None:
+        """Index records (any models) with their vectors ``[N, D]`` in this process's background writer, so the
+        caller (a /predict answer) does not wait for the store; a failed write is logged (:meth:`flush` waits)."""
+        if not records:
+            return
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="region-index-writer", daemon=True)
+                self._writer.start()
+                atexit.register(self.flush, EXIT_FLUSH_S)
+        self._writes.put((list(records), np.asarray(vectors, np.float32)))
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until the background writes queued so far are done (at most ``timeout_s``); False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._writes.unfinished_tasks:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def _write_loop(self) -> None:
+        while True:
+            records, vectors = self._writes.get()
+            try:
+                for model in dict.fromkeys(r.model for r in records):  # a store write holds one model
+                    rows = [i for i, r in enumerate(records) if r.model == model]
+                    self.store.upsert([records[i] for i in rows], vectors[rows])
+                    if any(records[i].source == "human" for i in rows):
+                        self.humans_added(records[rows[0]].project, model)
+            except Exception as exc:  # noqa: BLE001 - the index is derived: a lost write never fails an answer
+                log.warning("%d region(s) of project %s not indexed for search (%s: %s)", len(records),
+                            records[0].project, exc.__class__.__name__, exc)
+            finally:
+                self._writes.task_done()
+
+    def humans_added(self, project: str, model: str) -> None:
+        """Forget that ``project`` had no human regions of ``model`` (an annotation was just indexed)."""
+        self._no_humans.pop((str(project), model), None)
+
+    def labelled_similarity(self, project: str, model: str, vectors: np.ndarray) -> list[float | None]:
+        """Per row of ``vectors`` ``[N, D]``: the largest cosine similarity to a ``human`` region of ``project``
+        indexed under ``model`` (one filtered top-1 query a row), None when there is none. Never raises: on a
+        store failure every row is None (logged)."""
+        n = int(np.asarray(vectors).shape[0]) if np.asarray(vectors).ndim == 2 else 0
+        key = (str(project), model)
+        seen = self._no_humans.get(key)
+        if n == 0 or (seen is not None and time.monotonic() - seen < NO_HUMANS_TTL_S):
+            return [None] * n
+        flt = SearchFilter(model=model, projects=(str(project),), sources=("human",))
+        try:
+            out: list[float | None] = []
+            for row in np.asarray(vectors, np.float32):
+                hits = self.store.search(row, flt, 1)
+                if not hits:  # none for one row: none for any
+                    self._no_humans[key] = time.monotonic()
+                    return [None] * n
+                out.append(float(hits[0].similarity))
+            self._no_humans.pop(key, None)
+            return out
+        except Exception as exc:  # noqa: BLE001 - a similarity is an extra of the answer, never its failure
+            log.warning("project %s: no labelled similarity (%s: %s)", project, exc.__class__.__name__, exc)
+            return [None] * n
 
     def remove_annotations(self, project: str, annotations: Iterable[Any]) -> int:
         n = self.store.delete_annotations(project, [str(a) for a in annotations])
@@ -106,6 +196,7 @@ def index_examples(index: RegionIndex | None, project: str, ann: Any, task: Any,
                                  region=rid, label=", ".join(labs), score=1.0, source="human",
                                  box=region_box(items.get(rid, {}))) for rid, labs, _ in rows]
             n += index.store.upsert(recs, np.stack([v for _, _, v in rows]))
+            index.humans_added(project, model)
         return n
     except Exception as exc:  # noqa: BLE001 - the index is derived; learning must not fail on it
         log.warning("project %s: annotation %s not indexed for search (%s: %s)", project, ann.get("id"),

@@ -10,7 +10,8 @@ Result: :class:`worker.protocol.JobResult` (kind ``"propose_regions"``), one :cl
 proposal, best first, id ``"proposal-<k>"``, with ``meta = {"proposed": True, "source": str, "mask": <packed
 bits, worker.payload.encode_mask, [S, S] over the whole image>, "area": share of the image, "objectness": the
 class-agnostic objectness in [0, 1] (worker.proposals.objectness), "score": the ranking score (best-label
-probability ** prob_power × objectness; worker.proposals.pipeline)}``.
+probability ** prob_power × objectness; worker.proposals.pipeline)}``, and with the payload's ``"embedding":
+true`` the vector it was labelled with (``RegionResult.embedding``: its LET mixed with its masked crop, float16).
 
 Bounds (``worker.proposals.pipeline``): the job runs at ``proposals.proposal_size(params.size)``, at most
 ``MAX_PROPOSAL_SIZE`` (448) whatever the payload asks (a queue job can be forged), and reports that size in its
@@ -43,6 +44,7 @@ from worker.jobs.embed import examples_meta, parse_prototypes, score_regions
 from worker.jobs.runtime import check_text_limits, get_runtime
 from worker.protocol import (JobResult, LabelScore, PayloadError, ProposeRegionsJob, ProtocolError, RegionResult,
                              check_limits, decode_image, encode_mask)
+from worker.protocol.results import embedding_doc
 from worker.settings import ProposalSettings
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,8 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
             caption=captions[k] if captions else None, caption_mode=rt.captioner.mode if captions else None,
             meta={"proposed": True, "source": p.source, "mask": encode_mask(p.mask),
                   "area": float(p.mask.mean()), "objectness": float(p.objectness), "score": float(p.rank),
-                  **example_meta[k]}))
+                  **example_meta[k]},
+            embedding=embedding_doc(p.let.detach().float().cpu().numpy()) if payload.embedding else None))
     total = time.perf_counter() - t0
     timings = {"total_s": total, **{k: float(v) for k, v in res.timings.items()}}
     log.info("proposals: %d kept of %d inverted on image %s in %.2fs (%s)", len(regions),

@@ -18,6 +18,7 @@ from worker.refine.apply import refine_regions
 from worker.protocol import (JobResult, LabelRegionsJob, LabelScore, PayloadError, PrepareLabelsJob, RegionResult,
                              check_label_caps, check_limits, check_templates, decode_image, decode_region_masks,
                              payload_region_ids)
+from worker.protocol.results import embedding_doc
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
     result with a top-level ``"error"`` (and that error on every region); a bad region (empty mask, bad
     prompt, ...) only sets that region's ``"error"``. A region whose prompt is refined (``worker.refine``) is
     inverted on the refined mask, and its ``meta`` says so (``"refined_by"``, and ``"mask"`` when it was sent with
-    ``refine``).
+    ``refine``). With the payload's ``embedding`` flag each labelled region carries the vector its labels were
+    scored on (``RegionResult.embedding``: the LET, views combined, mixed with the masked crop; float16).
     """
     rt = get_runtime()
     t0 = time.perf_counter()
@@ -81,7 +83,9 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
             caption=caption,
             caption_mode=rt.captioner.mode if caption is not None else None,
             error=errors[k],
-            meta={**(region_meta[j] if j is not None and region_meta else {}), **refined.get(k, {})}))
+            meta={**(region_meta[j] if j is not None and region_meta else {}), **refined.get(k, {})},
+            embedding=(embedding_doc(lets_good[j]) if payload.embedding and j is not None and top
+                       and lets_good is not None else None)))
     total = time.perf_counter() - t0
     timings = {"total_s": total, "forward_s": res.timings["forward_s"] if res else 0.0,
                "inversion_s": res.timings["inversion_s"] if res else 0.0}

@@ -40,15 +40,18 @@ def prototypes_digest(prototypes: Prototypes) -> str:
 
 
 def answer_digest(params: Mapping[str, Any], labels: Iterable[str], prototypes: Prototypes = None,
-                  captions: str | None = None, refine: str | None = None) -> str:
+                  captions: str | None = None, refine: str | None = None, embedding: bool = False) -> str:
     """Digest of what a region's answer depends on besides model, image and region: the inversion parameters
     (templates, views and crop weight included), the label set, the example prototypes' content, the
-    worker's caption mode, its refinement method and settings (``model["refine"]``, when it reports one) and
-    the :data:`ANSWER_FORMAT`."""
+    worker's caption mode, its refinement method and settings (``model["refine"]``, when it reports one),
+    whether the answer carries the region's embedding (a payload's ``embedding`` flag) and the
+    :data:`ANSWER_FORMAT`."""
     doc: dict[str, Any] = {"params": params_digest(params, labels), "examples": prototypes_digest(prototypes),
                            "captions": captions, "format": ANSWER_FORMAT}
     if refine:
         doc["refine"] = refine
+    if embedding:
+        doc["embedding"] = True
     blob = json.dumps(doc, sort_keys=True)
     return sha256_hex(blob.encode())
 
@@ -61,7 +64,7 @@ def region_key(prefix: str, model_id: str, image_sha256: str, mask_sha256: str, 
 
 def result_keys(prefix: str, model: Mapping[str, Any], image_sha256: str, mask_sha256s: Iterable[str],
                 params: Mapping[str, Any], labels: Iterable[str],
-                prototypes: Prototypes = None) -> dict[str, str]:
+                prototypes: Prototypes = None, embedding: bool = False) -> dict[str, str]:
     """The result-cache key of each region digest: the one key function of the cache, used by the worker that
     writes (:func:`~worker.protocol.result_cache.entries_from_result`) and the backend that reads
     (``backend.dispatch``).
@@ -70,6 +73,7 @@ def result_keys(prefix: str, model: Mapping[str, Any], image_sha256: str, mask_s
     ``refine`` when it carries a prompt (the two agree for a region without one). A key covers the model id,
     the image and region digests and :func:`answer_digest` (parameters, labels, example prototypes, the model's
     caption mode and refinement settings), so an answer scored with one project's examples is never served to
-    another project, nor to a request without examples, and a refined answer never to an unrefined region."""
-    digest = answer_digest(params, labels, prototypes, model.get("captions"), model.get("refine"))
+    another project, nor to a request without examples, a refined answer never to an unrefined region, and an
+    answer without the region's embedding never to a request that asked for it (``embedding``)."""
+    digest = answer_digest(params, labels, prototypes, model.get("captions"), model.get("refine"), embedding)
     return {sha: region_key(prefix, str(model.get("id")), image_sha256, sha, digest) for sha in mask_sha256s}

@@ -38,6 +38,20 @@ def _with_prototypes(out: dict[str, Any], prototypes: ExamplePrototypes | None) 
     return out
 
 
+def _with_embedding(out: dict[str, Any], embedding: bool) -> dict[str, Any]:
+    if embedding:
+        out["embedding"] = True
+    return out
+
+
+def _embedding_flag(data: Mapping[str, Any]) -> bool:
+    """A payload's ``embedding`` flag (absent: false); PayloadError for anything but a boolean."""
+    flag = data.get("embedding", False)
+    if not isinstance(flag, bool):
+        raise PayloadError(f"embedding must be true or false, got {flag!r}")
+    return flag
+
+
 def _regions_list(data: Mapping[str, Any]) -> tuple[Any, ...]:
     regions = data.get("regions") if data.get("regions") is not None else []
     if not isinstance(regions, list):
@@ -63,14 +77,17 @@ class LabelRegionsJob:
                       "prompt": {"box": [x0, y0, x1, y1]} | {"points": [[x, y], ...]},   # optional
                       "refine": bool}, ...],                                             # optional, false
          "labels": [str, ...], "params": InversionParams.to_dict(),
-         "prototypes": ExamplePrototypes.to_dict()}   # optional: the project's example prototypes
+         "prototypes": ExamplePrototypes.to_dict(),   # optional: the project's example prototypes
+         "embedding": true}                           # optional: return each region's embedding
 
     A region's ``prompt`` and ``refine`` (:mod:`worker.protocol.prompts`, caps there): with ``refine`` the worker
     turns the prompt into an object mask, inverts on it and returns it in the region's ``meta["mask"]`` with
     ``meta["refined_by"]``.
     ``regions`` are kept as sent (``from_dict`` does not decode masks: a bad mask or prompt fails only its region);
     ``prototypes`` is checked as far as a document shows (:meth:`ExamplePrototypes.from_dict`), its vectors by
-    the worker that scores with them.
+    the worker that scores with them. With ``embedding`` (sent by a backend with a region index) each region's
+    result carries the vector its labels were scored on (``RegionResult.embedding``); a payload without the key
+    asks for none.
     """
 
     image: Mapping[str, Any]
@@ -79,6 +96,7 @@ class LabelRegionsJob:
     params: InversionParams = field(default_factory=InversionParams)
     v: int = PROTOCOL_VERSION
     prototypes: ExamplePrototypes | None = None
+    embedding: bool = False
 
     kind = "label_regions"
 
@@ -86,7 +104,8 @@ class LabelRegionsJob:
     def build(cls, image_bytes: bytes, regions: Iterable[tuple[str, np.ndarray | Mapping[str, Any]]],
               labels: Sequence[str], params: InversionParams,
               prototypes: ExamplePrototypes | Mapping[str, Any] | None = None,
-              prompts: Mapping[str, tuple[RegionPrompt, bool]] | None = None) -> "LabelRegionsJob":
+              prompts: Mapping[str, tuple[RegionPrompt, bool]] | None = None,
+              embedding: bool = False) -> "LabelRegionsJob":
         """From image bytes and ``(region_id, mask [H, W] or encoded mask)`` pairs; ``prompts`` maps a region id
         to its ``(prompt, refine)``."""
         prompts = prompts or {}
@@ -94,12 +113,13 @@ class LabelRegionsJob:
                    regions=tuple(prompt_region(str(rid), m if isinstance(m, Mapping) else encode_mask(m),
                                                *prompts.get(str(rid), (None, False)))
                                  for rid, m in regions),
-                   labels=tuple(labels), params=params, prototypes=ExamplePrototypes.optional(prototypes))
+                   labels=tuple(labels), params=params, prototypes=ExamplePrototypes.optional(prototypes),
+                   embedding=embedding)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"v": self.v, "image": dict(self.image), "regions": [dict(r) for r in self.regions],
                "labels": list(self.labels), "params": self.params.to_dict()}
-        return _with_prototypes(out, self.prototypes)
+        return _with_embedding(_with_prototypes(out, self.prototypes), self.embedding)
 
     @classmethod
     def from_dict(cls, data: Any) -> "LabelRegionsJob":
@@ -113,7 +133,7 @@ class LabelRegionsJob:
             raise PayloadError("regions must be a list")
         prototypes = ExamplePrototypes.optional(data.get("prototypes"))
         return cls(image=image, regions=tuple(regions), labels=tuple(labels), params=params, v=v,
-                   prototypes=prototypes)
+                   prototypes=prototypes, embedding=_embedding_flag(data))
 
     def region_ids(self) -> list[str]:
         """Each region's id (its position when it has none)."""
@@ -188,7 +208,8 @@ class ProposeRegionsJob:
 
         {"v": 1, "image": {"sha256", "data_b64"}, "labels": [str, ...], "params": InversionParams.to_dict(),
          "proposals": {"sources": [str, ...], "max_proposals": int, "min_score": float, "refine": bool},
-         "prototypes": ExamplePrototypes.to_dict()}   # optional, as in LabelRegionsJob
+         "prototypes": ExamplePrototypes.to_dict(),   # optional, as in LabelRegionsJob
+         "embedding": true}                           # optional, as in LabelRegionsJob
 
     ``proposals`` (every key optional) is checked by the worker against its own settings
     (``worker.jobs.propose.ProposalOptions``: which sources it has, its cap on proposals).
@@ -200,21 +221,23 @@ class ProposeRegionsJob:
     proposals: Mapping[str, Any] = field(default_factory=dict)
     v: int = PROTOCOL_VERSION
     prototypes: ExamplePrototypes | None = None
+    embedding: bool = False
 
     kind = "propose_regions"
 
     @classmethod
     def build(cls, image_bytes: bytes, labels: Sequence[str], params: InversionParams,
               proposals: Mapping[str, Any] | None = None,
-              prototypes: ExamplePrototypes | Mapping[str, Any] | None = None) -> "ProposeRegionsJob":
+              prototypes: ExamplePrototypes | Mapping[str, Any] | None = None,
+              embedding: bool = False) -> "ProposeRegionsJob":
         return cls(image=encode_image(image_bytes), labels=tuple(labels), params=params,
                    proposals=dict(proposals or {}),
-                   prototypes=ExamplePrototypes.optional(prototypes))
+                   prototypes=ExamplePrototypes.optional(prototypes), embedding=embedding)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"v": self.v, "image": dict(self.image), "labels": list(self.labels), "params": self.params.to_dict(),
                "proposals": dict(self.proposals)}
-        return _with_prototypes(out, self.prototypes)
+        return _with_embedding(_with_prototypes(out, self.prototypes), self.embedding)
 
     @classmethod
     def from_dict(cls, data: Any) -> "ProposeRegionsJob":
@@ -229,7 +252,7 @@ class ProposeRegionsJob:
             raise PayloadError(f"proposals must be an object, got {type(proposals).__name__}")
         prototypes = ExamplePrototypes.optional(data.get("prototypes"))
         return cls(image=_image_object(data), labels=tuple(labels), params=params, proposals=dict(proposals or {}),
-                   v=v, prototypes=prototypes)
+                   v=v, prototypes=prototypes, embedding=_embedding_flag(data))
 
 
 #: most label sets (region controls) and labels in all one ``prepare_labels`` job may name

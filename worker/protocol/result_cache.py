@@ -17,7 +17,8 @@ from worker.protocol.results import JobResult, RegionResult
 def cache_value(region: RegionResult | Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, Any] | None:
     """The cached form of one region result, or None if it must not be cached (error or no labels)::
 
-        {"labels": [{"label", "score"}, ...], "caption", "caption_mode", "model": {"name", "pretrained", "id"}}
+        {"labels": [{"label", "score"}, ...], "caption", "caption_mode", "model": {"name", "pretrained", "id"},
+         "meta": {...}, "embedding": Vectors [1, D]}   # meta and embedding when the result has them
     """
     r = region if isinstance(region, RegionResult) else RegionResult.from_dict({"id": "", **region})
     if r.error is not None or not r.labels:
@@ -26,6 +27,8 @@ def cache_value(region: RegionResult | Mapping[str, Any], model: Mapping[str, An
              "model": {k: model.get(k) for k in ("name", "pretrained", "id")}}
     if r.meta:
         value["meta"] = dict(r.meta)
+    if r.embedding is not None:
+        value["embedding"] = dict(r.embedding)
     return value
 
 
@@ -38,21 +41,23 @@ def entries_from_result(prefix: str, job: Mapping[str, Any], result: Mapping[str
     """Cache entries ``{key: value}`` for every successful region of a finished ``label_regions`` job.
 
     ``job`` is the payload (:class:`LabelRegionsJob` format): its regions' digests (mask, and prompt when sent:
-    :func:`~worker.protocol.prompts.payload_region_digest`), parameters, labels and example prototypes give the
-    keys (:func:`result_keys`).
+    :func:`~worker.protocol.prompts.payload_region_digest`), parameters, labels, example prototypes and
+    ``embedding`` flag give the keys (:func:`result_keys`); a job that asked for embeddings caches only the
+    regions whose result carries one, so a hit under its key always has it.
     """
     res = result if isinstance(result, JobResult) else JobResult.from_dict(result)
     model_id, image_sha = res.model.get("id"), res.image_sha256
     if not model_id or not image_sha or res.error:
         return {}
     mask_sha = {str(r.get("id")): payload_region_digest(r) for r in job.get("regions") or [] if isinstance(r, dict)}
+    embedding = job.get("embedding") is True
     keys = result_keys(prefix, res.model, image_sha, {s for s in mask_sha.values() if s}, job.get("params") or {},
-                       job.get("labels") or [], job.get("prototypes"))
+                       job.get("labels") or [], job.get("prototypes"), embedding)
     out = {}
     for region in res.regions:
         sha = mask_sha.get(region.id)
         value = cache_value(region, res.model)
-        if sha and value is not None:
+        if sha and value is not None and (not embedding or "embedding" in value):
             out[keys[sha]] = value
     return out
 

@@ -4,10 +4,13 @@ Each has ``to_dict`` / ``from_dict`` (validating), so that no other module write
 Region results (one per region, in the job's order)::
 
     {"id": str, "labels": [{"label": str, "score": float}, ...], "caption": str | None,
-     "caption_mode": str | None, "error": str | None, "meta": {...}}
+     "caption_mode": str | None, "error": str | None, "meta": {...},
+     "embedding": {"dtype": "float16" | "float32", "shape": [1, D], "data": str}}   # only when asked for
 
 ``meta`` carries kind-specific, JSON-able extras (e.g. a proposal's mask and source, a label margin); readers
-ignore keys they do not know.
+ignore keys they do not know. ``embedding`` (:func:`worker.protocol.vectors.encode_vectors` of one row) is the
+vector the region's labels were scored on, sent only when the job's payload asked for it (``"embedding": true``)
+and absent otherwise, so results of older workers and jobs stay as they were.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
+
 from worker.protocol.errors import PROTOCOL_VERSION, ProtocolError
+from worker.protocol.vectors import decode_vectors, encode_vectors
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -31,6 +37,34 @@ def _opt_str(data: Mapping[str, Any], key: str, what: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ProtocolError(f"{what}.{key} must be a string or null, got {type(value).__name__}")
     return value
+
+
+#: most dimensions a region's embedding may have (the widest open_clip towers have 1280)
+MAX_EMBEDDING_DIM = 4096
+
+
+def _embedding(data: Mapping[str, Any], what: str) -> Mapping[str, Any] | None:
+    """A region's ``embedding`` as sent (checked as far as its form: one row, dtype, a base64 string), or None."""
+    value = data.get("embedding")
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ProtocolError(f"{what}.embedding must be an object {{dtype, shape, data}}, got {type(value).__name__}")
+    shape, dtype = value.get("shape"), value.get("dtype")
+    if dtype not in ("float16", "float32"):
+        raise ProtocolError(f"{what}.embedding.dtype must be float16 or float32, got {dtype!r}")
+    if (not isinstance(shape, list) or len(shape) != 2 or shape[0] != 1 or isinstance(shape[1], bool)
+            or not isinstance(shape[1], int) or not 1 <= shape[1] <= MAX_EMBEDDING_DIM):
+        raise ProtocolError(f"{what}.embedding.shape must be [1, D] with 1 <= D <= {MAX_EMBEDDING_DIM}, "
+                            f"got {shape!r}")
+    if not isinstance(value.get("data"), str):
+        raise ProtocolError(f"{what}.embedding.data must be a base64 string")
+    return {"dtype": dtype, "shape": [1, int(shape[1])], "data": value["data"]}
+
+
+def embedding_doc(vector: np.ndarray) -> dict[str, Any]:
+    """A region's ``embedding`` on the wire: its vector ``[D]`` as one float16 row (2 bytes a dimension)."""
+    return encode_vectors(np.asarray(vector, np.float32).reshape(1, -1), "float16")
 
 
 @dataclass(frozen=True)
@@ -56,7 +90,8 @@ class LabelScore:
 
 @dataclass(frozen=True)
 class RegionResult:
-    """The result for one region: top-k labels (best first), caption, error, kind-specific ``meta``."""
+    """The result for one region: top-k labels (best first), caption, error, kind-specific ``meta``, and the
+    region's ``embedding`` when the job asked for it (:meth:`vector` decodes it)."""
 
     id: str
     labels: tuple[LabelScore, ...] = ()
@@ -64,6 +99,7 @@ class RegionResult:
     caption_mode: str | None = None
     error: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    embedding: Mapping[str, Any] | None = None
 
     @classmethod
     def failed(cls, region_id: str, message: str) -> "RegionResult":
@@ -73,9 +109,22 @@ class RegionResult:
     def ok(self) -> bool:
         return self.error is None
 
+    def vector(self) -> np.ndarray | None:
+        """The embedding as float32 ``[D]`` (None without one); ProtocolError when it does not decode."""
+        if self.embedding is None:
+            return None
+        try:
+            return decode_vectors(dict(self.embedding))[0]
+        except ValueError as exc:
+            raise ProtocolError(f"region {self.id}: embedding: {exc}") from None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "labels": [s.to_dict() for s in self.labels], "caption": self.caption,
-                "caption_mode": self.caption_mode, "error": self.error, "meta": dict(self.meta)}
+        """The wire form; ``"embedding"`` only when set."""
+        out = {"id": self.id, "labels": [s.to_dict() for s in self.labels], "caption": self.caption,
+               "caption_mode": self.caption_mode, "error": self.error, "meta": dict(self.meta)}
+        if self.embedding is not None:
+            out["embedding"] = dict(self.embedding)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, what: str = "region") -> "RegionResult":
@@ -92,7 +141,7 @@ class RegionResult:
         return cls(id=str(data["id"]),
                    labels=tuple(LabelScore.from_dict(s, f"{what}.labels[{i}]") for i, s in enumerate(labels)),
                    caption=_opt_str(data, "caption", what), caption_mode=_opt_str(data, "caption_mode", what),
-                   error=_opt_str(data, "error", what), meta=dict(meta))
+                   error=_opt_str(data, "error", what), meta=dict(meta), embedding=_embedding(data, what))
 
 
 @dataclass(frozen=True)
