@@ -34,7 +34,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -68,15 +68,19 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(precision[hits].mean())
 
 
-def embed_world(scenes: int, alpha: float, steps: int, lr: float, crop_weight: float, threads: int | None,
-                split: str = "test"):
-    """Every region's embedding per method (and the product at ``alpha``), labels, expressions, image index."""
+def scene_model(threads: int | None) -> tuple[Any, int, SceneWorld, MaskInversionEngine]:
+    """The committed tiny scene CLIP, its native size, the scene world at that size (seed 0) and an engine."""
     if threads:
         torch.set_num_threads(threads)
     clip = load_clip(MODEL, str(CHECKPOINT))
     size = int(clip.visual.image_size[0])
-    world = SceneWorld(seed=0, image_size=size)
-    engine = MaskInversionEngine(clip)
+    return clip, size, SceneWorld(seed=0, image_size=size), MaskInversionEngine(clip)
+
+
+def embed_world(scenes: int, alpha: float, steps: int, lr: float, crop_weight: float, threads: int | None,
+                split: str = "test"):
+    """Every region's embedding per method (and the product at ``alpha``), labels, expressions, image index."""
+    clip, size, world, engine = scene_model(threads)
     emb: dict[str, list[np.ndarray]] = {m: [] for m in METHODS + ("product_alpha",)}
     labels, wheres, image_of, boxes, images = [], [], [], [], []
     t0 = time.perf_counter()
@@ -236,12 +240,7 @@ def crop_weight_sweep(scenes: int, steps: int, lr: float, threads: int | None) -
     """Class-name mAP of the product embedding at each of :data:`SWEEP_WEIGHTS`, on the val and the test split,
     ranked by cosine and by the product's contrast (the weight a search index would use is the val argmax under
     the product's ranking; test reports it)."""
-    if threads:
-        torch.set_num_threads(threads)
-    clip = load_clip(MODEL, str(CHECKPOINT))
-    size = int(clip.visual.image_size[0])
-    world = SceneWorld(seed=0, image_size=size)
-    engine = MaskInversionEngine(clip)
+    clip, size, world, engine = scene_model(threads)
     q = text_vectors(LabelScorer(clip), world.class_names)
     scale = float(clip.model.logit_scale.exp())
     out: dict = {"scenes": scenes, "weights": list(SWEEP_WEIGHTS)}

@@ -311,19 +311,24 @@ def examples_view():
                     "annotations": len(store.annotation_ids(pid))})
 
 
+#: what a search route answers for each error of backend.search (the first matching class wins)
+SEARCH_STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (search_api.SearchInputError, 400), (search_api.SearchUnavailable, 404),
+    (search_api.LabelStudioAPIError, 502), (search_api.ModelNotReady, 503))
+SEARCH_ERRORS = tuple(cls for cls, _ in SEARCH_STATUS)
+
+
+def _search_status(exc: Exception) -> int:
+    return next(status for cls, status in SEARCH_STATUS if isinstance(exc, cls))
+
+
 def search_view():
     """POST /search: regions of projects by text, example regions, a label's examples or coverage
     (backend.search.api; caps in docs/security.md, "Region search")."""
     try:
         return jsonify(search_api.answer(_service(), _json_body()))
-    except search_api.SearchInputError as exc:
-        raise PredictError(400, str(exc)) from None
-    except search_api.SearchUnavailable as exc:
-        raise PredictError(404, str(exc)) from None
-    except search_api.LabelStudioAPIError as exc:
-        raise PredictError(502, str(exc)) from None
-    except search_api.ModelNotReady as exc:
-        raise PredictError(503, str(exc)) from None
+    except SEARCH_ERRORS as exc:
+        raise PredictError(_search_status(exc), str(exc)) from None
 
 
 def search_page_view():
@@ -335,12 +340,8 @@ def search_crop_view():
     """GET /search/crop?project=&task=&region=&annotation=: one indexed region's crop as PNG."""
     try:
         return Response(search_page.crop_png(_service(), request.args), mimetype="image/png")
-    except search_api.SearchInputError as exc:
-        raise PredictError(400, str(exc)) from None
-    except search_api.ModelNotReady as exc:
-        raise PredictError(503, str(exc)) from None
-    except search_api.LabelStudioAPIError as exc:
-        raise PredictError(502, str(exc)) from None
+    except SEARCH_ERRORS as exc:
+        raise PredictError(_search_status(exc), str(exc)) from None
 
 
 VIEWS = {"_predict": predict_view, "_setup": setup_view, "health": health_view, "webhook": webhook_view,
