@@ -15,7 +15,8 @@ import uuid
 import pytest
 
 from backend_support import delete_namespace
-from ls_harness import BACKEND_ENV, BackendServer, HarnessError, LabelStudioClient, LabelStudioServer, WorkerProcess
+from ls_harness import (BACKEND_ENV, BackendServer, HarnessError, LabelStudioClient, LabelStudioServer, WorkerProcess,
+                        started)
 
 
 _servers: list = []
@@ -25,11 +26,7 @@ _servers: list = []
 def ls_server(tmp_path_factory):
     """A running Label Studio with one user (``.username`` / ``.password``) on 127.0.0.1."""
     server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"))
-    try:
-        server.start()
-    except HarnessError as exc:
-        server.stop()
-        pytest.fail(str(exc), pytrace=False)
+    started(server)
     _servers.append(server)
     yield server
     server.stop()
@@ -52,11 +49,7 @@ def ml_backend(ls_server, ls_token, tmp_path_factory):
     """``maskinv-backend`` (embedded, tiny model) pointed at Label Studio with the personal access token."""
     env = dict(BACKEND_ENV, LABEL_STUDIO_URL=ls_server.url, LABEL_STUDIO_API_KEY=ls_token)
     server = BackendServer(tmp_path_factory.mktemp("backend") / "backend.log", env=env)
-    try:
-        server.start()
-    except HarnessError as exc:
-        server.stop()
-        pytest.fail(str(exc), pytrace=False)
+    started(server)
     _servers.append(server)
     yield server
     server.stop()

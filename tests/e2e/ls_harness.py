@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +52,17 @@ BACKEND_ENV = {
 
 class HarnessError(RuntimeError):
     """A server could not be started or Label Studio answered something unexpected."""
+
+
+def started(server: Any) -> Any:
+    """``server`` started (a LabelStudioServer, BackendServer, ...); on failure it is stopped and the test fails
+    with the harness's message (no traceback: the message names what did not come up)."""
+    try:
+        server.start()
+    except HarnessError as exc:
+        server.stop()
+        pytest.fail(str(exc), pytrace=False)
+    return server
 
 
 def free_port() -> int:

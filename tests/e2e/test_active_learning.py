@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ls_harness import BackendServer, HarnessError, LabelStudioClient
+from ls_harness import BackendServer, started, LabelStudioClient
 from test_label_studio import scene_png
 
 pytestmark = pytest.mark.e2e
@@ -85,11 +85,7 @@ def learning_backend(ls_server, ls_token, tmp_path):
                MASKINV_DATA_DIR=str(data_dir), MASKINV_CAPTION="false", MASKINV_URL_SECRET=SECRET,
                BASIC_AUTH_USER=AUTH[0], BASIC_AUTH_PASS=AUTH[1])
     server = BackendServer(tmp_path / "backend.log", env=env)
-    try:
-        server.start()
-    except HarnessError as exc:
-        server.stop()
-        pytest.fail(str(exc), pytrace=False)
+    started(server)
     yield server, data_dir
     server.stop()
 

@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 
 from ls_harness import BACKEND_ENV
-from ls_harness import BackendServer, HarnessError, LabelStudioClient
+from ls_harness import BackendServer, started, LabelStudioClient
 from test_label_studio import drawn_region, new_project, scene_png, shipped_config
 
 pytestmark = pytest.mark.e2e
@@ -27,11 +27,7 @@ PROPOSAL_ENV = {"MASKINV_PROPOSAL_MIN_SCORE": "0", "MASKINV_MAX_PROPOSALS": "3",
 def proposing_backend(ls_server, ls_token, tmp_path_factory):
     env = dict(BACKEND_ENV, LABEL_STUDIO_URL=ls_server.url, LABEL_STUDIO_API_KEY=ls_token, **PROPOSAL_ENV)
     server = BackendServer(tmp_path_factory.mktemp("backend-proposals") / "backend.log", env=env)
-    try:
-        server.start()
-    except HarnessError as exc:
-        server.stop()
-        pytest.fail(str(exc), pytrace=False)
+    started(server)
     yield server
     server.stop()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ls_harness import BackendServer, HarnessError, LabelStudioClient
+from ls_harness import BackendServer, started, LabelStudioClient
 from test_active_learning import BOX, CONFIG, DISC, H, W, region
 from test_label_studio import scene_png
 
@@ -30,11 +30,7 @@ def search_backend(ls_server, ls_token, tmp_path):
     env = dict(BACKEND_ENV, LABEL_STUDIO_URL=ls_server.url, LABEL_STUDIO_API_KEY=ls_token,
                MASKINV_DATA_DIR=str(tmp_path / "data"))
     server = BackendServer(tmp_path / "backend.log", env=env)
-    try:
-        server.start()
-    except HarnessError as exc:
-        server.stop()
-        pytest.fail(str(exc), pytrace=False)
+    started(server)
     yield server, env
     server.stop()
 
