@@ -1,9 +1,11 @@
 """Index an existing Label Studio project: every task's annotated regions (``human``) and predicted regions
 (``suggested``, or ``proposed`` for a region the backend proposed), embedded as the product scores them.
 
-Resumable: a task that already has regions of the current model in the index is skipped (``force`` re-indexes
-it). Predicted regions get the region id ``p<prediction id>:<region id>`` and no annotation, so they never
-collide with a person's regions; their label and score are the prediction's.
+Resumable: a task already indexed under the current model is skipped (``force`` re-indexes it): one with
+annotations once its ``human`` regions are there (regions the product indexed live as it labelled them do not
+count, so a project's older annotations still come in), one without once any of its regions is. Predicted
+regions get the region id ``p<prediction id>:<region id>`` and no annotation, so they never collide with a
+person's regions; their label and score are the prediction's. A task's regions indexed live are replaced.
 """
 
 from __future__ import annotations
@@ -80,6 +82,14 @@ def _prediction_records(learner: Learner, cfg: ProjectConfig, project: str, task
     return [r for r, _ in seen.values()], np.stack([v for _, v in seen.values()])
 
 
+def indexed(index: RegionIndex, model: str, project: str, task: dict[str, Any]) -> bool:
+    """Whether ``task`` is in the index under ``model`` (see the module docstring)."""
+    annotated = any(isinstance(a, dict) and a.get("result") and not a.get("was_cancelled")
+                    for a in task.get("annotations") or [])
+    flt = SearchFilter(model=model, projects=(project,), sources=("human",) if annotated else ())
+    return bool(index.store.fetch(flt, 1, [int(task["id"])])[0])
+
+
 def backfill_project(service: Service, index: RegionIndex, project: str, client: Any, force: bool = False,
                      tasks: Iterable[dict[str, Any]] | None = None,
                      progress: Callable[[BackfillReport], None] | None = None) -> BackfillReport:
@@ -93,7 +103,7 @@ def backfill_project(service: Service, index: RegionIndex, project: str, client:
         for task in tasks if tasks is not None else project_tasks(client, int(project)):
             report.tasks += 1
             tid = int(task["id"])
-            if not force and index.store.fetch(SearchFilter(model=model, projects=(project,)), 1, [tid])[0]:
+            if not force and indexed(index, model, project, task):
                 report.skipped_tasks += 1
             else:
                 try:

@@ -77,6 +77,30 @@ def test_backfill_indexes_annotations_and_predictions_and_resumes(env, capsys):
     assert "human" not in capsys.readouterr().out.split("\n", 2)[2]
 
 
+def test_backfill_still_indexes_annotations_of_tasks_the_product_indexed_live(env, capsys):
+    """A project predicted before its annotations were backfilled: the live ``suggested`` rows of task 1 do not
+    make the backfill skip its annotation."""
+    import numpy as np
+
+    from backend.search.api import current_model
+    from backend.search.records import RegionRecord
+    from backend.service import Service
+    from backend.settings import Settings
+
+    service = Service(Settings.from_env())
+    index = service.search_index
+    model = current_model(service, 600)
+    from worker.jobs.runtime import get_runtime
+
+    dim = int(get_runtime().clip.embed_dim)
+    index.index_records([RegionRecord(model=model, project="1", task=1, region="live", source="suggested")],
+                        np.ones((1, dim), np.float32))
+    index.close()
+    assert cli.main(["backfill", "1", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["indexed_tasks"] == 2 and report["human_regions"] == 2, report
+
+
 def test_a_bad_query_exits_2_and_names_the_field(env, capsys):
     assert cli.main(["query", "--project", "1", "--text", "x" * 201]) == 2
     assert "text" in capsys.readouterr().err
