@@ -10,7 +10,11 @@ numpy over the project's rows. Each (store, size) runs in its own process, so RS
 process: data generation in chunks of 50 000 rows included) is the store's.
 
     nice -n 10 .venv/bin/python benchmarks/search_stores.py --sizes 10000 100000 1000000
-        [--stores faiss_sqlite sqlite_vec pgvector] [--pg postgresql://postgres@127.0.0.1:5432/postgres]
+        [--stores faiss_sqlite sqlite_vec pgvector] [--pg pgserver | postgresql://...]
+
+``--pg pgserver`` (the default) runs the pgvector store against a private PostgreSQL 16 + pgvector 0.6.2 from the
+``pgserver`` package (the test extra), started in a temporary directory for the run and removed after; a URL
+names a server of your own. The IVF stores are also measured at the lists probed per query of ``--sweep``.
 
 Writes benchmarks/results/search_stores.json and .md.
 """
@@ -141,23 +145,53 @@ def run_sqlite_vec(n: int, work: Path) -> tuple[Callable[[np.ndarray], list[int]
     return query, {"disk_bytes": dir_bytes(work)}
 
 
-def run_pgvector(n: int, work: Path, url: str) -> tuple[Callable[[np.ndarray], list[int]], dict[str, Any]]:
+def run_pgvector(n: int, work: Path, url: str, hnsw: bool = False
+                 ) -> tuple[Callable[[np.ndarray], list[int]], dict[str, Any]]:
+    """The PostgreSQL + pgvector store as it is (ivfflat), or with an HNSW index in its place (``hnsw``: m 16,
+    ef_construction 64, swept over ``hnsw.ef_search`` instead of probes)."""
+    from backend.search import pgvector_store
     from backend.search.pgvector_store import PgvectorStore
 
+    if hnsw:
+        pgvector_store.INDEX_AT = 1 << 62  # the store never builds its ivfflat index
     store = PgvectorStore(url, table_prefix="bench_regions")
     store.drop_all()
     for start, proj, x in chunks(n):
         recs = [RegionRecord(model=MODEL, project=str(int(p)), task=start + i, region=str(start + i))
                 for i, p in enumerate(proj)]
         store.upsert(recs, x)
-    store.build_index(MODEL, DIM)
+    t0 = time.perf_counter()
+    if hnsw:
+        table = f"bench_regions_d{DIM}"
+        store._db.execute("SET maintenance_work_mem = '1GB'")
+        store._db.execute(f"CREATE INDEX {table}_hnsw ON {table} USING hnsw (vec vector_cosine_ops) "
+                          "WITH (m = 16, ef_construction = 64)")
+        store._db.execute(f"ANALYZE {table}")
+        store._indexed.add(DIM)  # its exact fallback applies as with the ivfflat index
+    else:
+        store.build_index(MODEL, DIM)
+    index_s = time.perf_counter() - t0
     flt = SearchFilter(model=MODEL, projects=("0",))
+    store.search(queries()[0], flt, K)  # the index check of the first search (nothing is due: built above)
+    store.wait_for_index()
 
     def query(q: np.ndarray) -> list[int]:
         return [h.record.task for h in store.search(q, flt, K)]
+
+    def set_probes(p: int | None) -> None:
+        if hnsw:
+            store._db.execute(f"SET hnsw.ef_search = {int(p or 40)}")
+        else:
+            store.probes = p or default_probes
+    default_probes = 40 if hnsw else store.probes
     stats = store.stats(DIM)
-    return query, {"disk_bytes": stats["bytes"], "server_rss_mb": stats["backend_rss_mb"],
-                   "_close": store.drop_all}
+    server = store._db.execute("SELECT current_setting('server_version')").fetchone()
+    return query, {"disk_bytes": stats["bytes"], "server_rss_mb": stats["backend_rss_mb"], "_close": store.drop_all,
+                   "_nprobe": set_probes, "_sweep": hnsw, "nlist": 0 if hnsw else store.index_lists(DIM) or 0,
+                   "ef_search" if hnsw else "probes": default_probes,
+                   "index_s": round(index_s, 1),
+                   "server": f"PostgreSQL {server[0] if server else '?'}, pgvector "
+                             f"{'.'.join(map(str, store.version))}"}
 
 
 def measure(query: Callable[[np.ndarray], list[int]], truth: np.ndarray) -> dict[str, float]:
@@ -180,13 +214,13 @@ def one(store: str, n: int, pg: str, sweep: list[int]) -> dict[str, Any]:
         elif store == "sqlite_vec":
             query, info = run_sqlite_vec(n, work)
         else:
-            query, info = run_pgvector(n, work, pg)
+            query, info = run_pgvector(n, work, pg, hnsw=store == "pgvector_hnsw")
         build_s = time.perf_counter() - t0
         truth = exact(n)
         close = info.pop("_close", None)
-        set_nprobe = info.pop("_nprobe", None)
+        set_nprobe, sweep_always = info.pop("_nprobe", None), info.pop("_sweep", False)
         sweep_rows = []
-        if set_nprobe and info.get("nlist"):
+        if set_nprobe and (info.get("nlist") or sweep_always):
             for nprobe in sweep:
                 set_nprobe(nprobe)
                 sweep_rows.append({"nprobe": nprobe, **measure(query, truth)})
@@ -198,8 +232,9 @@ def one(store: str, n: int, pg: str, sweep: list[int]) -> dict[str, Any]:
             out["nlist"] = info["nlist"]
         if sweep_rows:
             out["nprobe_sweep"] = sweep_rows
-        if "server_rss_mb" in info:
-            out["server_rss_mb"] = info["server_rss_mb"]
+        for key in ("server_rss_mb", "probes", "ef_search", "index_s", "server"):
+            if key in info:
+                out[key] = info[key]
         if close:
             close()
         return out
@@ -221,8 +256,16 @@ def write(results: list[dict[str, Any]]) -> None:
                      f" | {r['p95_ms']} | {r['recall10']:.3f} |")
     for r in results:
         for sw in r.get("nprobe_sweep", []):
-            lines.append(f"| {r['store']} (nprobe {sw['nprobe']} of {r['nlist']}) | {r['regions']:,} | | | | "
+            knob = {"pgvector": f"probes {sw['nprobe']} of {r['nlist']}", "pgvector_hnsw": f"ef_search {sw['nprobe']}"
+                    }.get(r["store"], f"nprobe {sw['nprobe']} of {r['nlist']}")
+            lines.append(f"| {r['store']} ({knob}) | {r['regions']:,} | | | | "
                          f"{sw['p50_ms']} | {sw['p95_ms']} | {sw['recall10']:.3f} |")
+    servers = sorted({r["server"] for r in results if r.get("server")})
+    if servers:
+        lines += ["", f"pgvector rows: {'; '.join(servers)}; build s includes the index build (`index_s` in the "
+                  "JSON). `pgvector`: the store as it is, ivfflat, 32 lists probed by default; rows *(probes N of "
+                  "L)* query the same index with N of its L lists. `pgvector_hnsw`: the same table with an HNSW "
+                  "index (m 16, ef_construction 64) instead, at `hnsw.ef_search` 40 (rows *(ef_search N)*)."]
     (OUT / "search_stores.md").write_text(
         "# Region stores at scale\n\nProject-filtered top-10 over 512-d synthetic region vectors (the filtered "
         f"project holds {int(BIG_SHARE * 100)} % of the regions), {QUERIES} queries, recall@10 against exact "
@@ -231,11 +274,29 @@ def write(results: list[dict[str, Any]]) -> None:
         + "\n".join(lines) + "\n")
 
 
+def _with_pgserver(args: argparse.Namespace) -> int:
+    """Run :func:`main` with ``--pg`` the URL of a private pgserver (PostgreSQL 16 + pgvector) for the run."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset
+        import pgserver
+    data = tempfile.mkdtemp(prefix="search-pg-")
+    server = pgserver.get_server(data, cleanup_mode="delete")
+    try:
+        return main(["--sizes", *map(str, args.sizes), "--stores", *args.stores, "--pg", server.get_uri(),
+                     "--sweep", *map(str, args.sweep)])
+    finally:
+        server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--stores", nargs="+", default=["faiss_sqlite", "sqlite_vec"])
-    p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--pg", default="pgserver",
+                   help="postgresql:// URL of a server with pgvector, or 'pgserver' (a private one for the run)")
     p.add_argument("--sweep", type=int, nargs="*", default=[8, 16, 32, 64, 128],
                    help="also measure the IVF store at these lists probed per query")
     p.add_argument("--one", nargs=2, metavar=("STORE", "N"), help=argparse.SUPPRESS)
@@ -243,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.pg, args.sweep)))
         return 0
+    if args.pg == "pgserver" and any(s.startswith("pgvector") for s in args.stores):
+        return _with_pgserver(args)
     prev = OUT / "search_stores.json"
     results = json.loads(prev.read_text())["results"] if prev.exists() else []
     for n in args.sizes:
