@@ -1,15 +1,17 @@
 """The server region store: PostgreSQL + pgvector, for deployments that outgrow one machine.
 
 One table per vector width, ``<prefix>_d<D>`` (``vec vector(D)``, the record's columns, unique on model, project,
-task, annotation, region), a B-tree on (model, project) and, once a width holds :data:`INDEX_AT` rows, an
-``ivfflat`` index (inner product, ``lists = sqrt(N)``) searched with ``ivfflat.probes`` lists
-(``MASKINV_SEARCH_PG_PROBES``, default :data:`PROBES`). pgvector >= 0.8 also gets
+task, annotation, region), B-trees on (model, project), (project, task), (project, annotation) and, once a width
+holds :data:`INDEX_AT` rows, an ``ivfflat`` index: cosine (pgvector clusters its lists on the sphere; the rows are
+unit vectors, so the order is the inner product's), ``lists = 4 sqrt(N)``, built beside the searches by a
+background thread and built anew when the rows have grown :data:`REBUILD_GROWTH` times (:func:`_ensure_index`).
+A query probes ``MASKINV_SEARCH_PG_PROBES`` lists (default :data:`PROBES`); pgvector >= 0.8 also gets
 ``ivfflat.iterative_scan = relaxed_order``: a filter which drops most candidates of the probed lists makes the scan
-probe more. Older pgvector (0.5-0.7, read from ``pg_extension`` once per connection) has no iterative scan: the
-probed lists are filtered as they are, and when fewer than ``k`` rows pass (a small project) the query is answered
-by an exact scan of the filtered rows (B-tree on model, project) instead; so does any version. Below
+probe more. Older pgvector (0.5-0.7; the version is read from ``pg_extension`` once per connection) has no
+iterative scan: the probed lists are filtered as they are. With any version, when fewer than ``k`` rows pass (a
+small project, a rare label) the query is answered again by an exact scan of the passing rows. Below
 :data:`INDEX_AT` the scan is exact. Every query names its model: two models never mix. Connections: one per store,
-by psycopg 3, in autocommit with explicit transactions.
+by psycopg 3, in autocommit with explicit transactions (and one per background index build).
 """
 
 from __future__ import annotations
