@@ -33,8 +33,8 @@ from backend.search.records import RegionRecord, SearchFilter
 from backend.search.store import RegionStore, open_store
 
 log = logging.getLogger(__name__)
-#: seconds a project and model without human regions is believed to stay so (other processes may add some)
-NO_HUMANS_TTL_S = 30.0
+#: seconds a project and model found without human regions is believed to stay so (another process may add some)
+NO_HUMANS_TTL_S = 60.0
 #: seconds the process waits at exit for the background writes still queued
 EXIT_FLUSH_S = 10.0
 
@@ -78,9 +78,10 @@ class RegionIndex:
         self._opener = opener
         self._store: RegionStore | None = None
         self._lock = threading.Lock()
-        self._writes: queue.Queue[tuple[list[RegionRecord], np.ndarray]] = queue.Queue()
-        self._writer: threading.Thread | None = None
-        self._no_humans: dict[tuple[str, str], float] = {}  # (project, model) -> when none was found
+        self._work: queue.Queue[Callable[[], None]] = queue.Queue()  # the background writer's jobs
+        self._worker: threading.Thread | None = None
+        #: (project, model) -> (has human regions, when that was learned; None: never)
+        self._humans: dict[tuple[str, str], tuple[bool, float | None]] = {}
 
     @property
     def store(self) -> RegionStore:
@@ -96,63 +97,80 @@ class RegionIndex:
     def index_later(self, records: Sequence[RegionRecord], vectors: np.ndarray) -> None:
         """Index records (any models) with their vectors ``[N, D]`` in this process's background writer, so the
         caller (a /predict answer) does not wait for the store; a failed write is logged (:meth:`flush` waits)."""
-        if not records:
-            return
-        with self._lock:
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, name="region-index-writer", daemon=True)
-                self._writer.start()
-                atexit.register(self.flush, EXIT_FLUSH_S)
-        self._writes.put((list(records), np.asarray(vectors, np.float32)))
+        if records:
+            rows, vecs = list(records), np.asarray(vectors, np.float32)
+            self._later(lambda: self._write(rows, vecs))
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until the background writes queued so far are done (at most ``timeout_s``); False on timeout."""
+        """Wait until the background work queued so far is done (at most ``timeout_s``); False on timeout."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self._writes.unfinished_tasks:
+        while self._work.unfinished_tasks:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(0.01)
         return True
 
-    def _write_loop(self) -> None:
+    def _later(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work_loop, name="region-index-writer", daemon=True)
+                self._worker.start()
+                atexit.register(self.flush, EXIT_FLUSH_S)
+        self._work.put(job)
+
+    def _work_loop(self) -> None:
         while True:
-            records, vectors = self._writes.get()
+            job = self._work.get()
             try:
-                for model in dict.fromkeys(r.model for r in records):  # a store write holds one model
-                    rows = [i for i, r in enumerate(records) if r.model == model]
-                    self.store.upsert([records[i] for i in rows], vectors[rows])
-                    if any(records[i].source == "human" for i in rows):
-                        self.humans_added(records[rows[0]].project, model)
-            except Exception as exc:  # noqa: BLE001 - the index is derived: a lost write never fails an answer
-                log.warning("%d region(s) of project %s not indexed for search (%s: %s)", len(records),
-                            records[0].project, exc.__class__.__name__, exc)
+                job()
+            except Exception as exc:  # noqa: BLE001 - the index is derived: lost work never fails an answer
+                log.warning("region index: background work failed (%s: %s)", exc.__class__.__name__, exc)
             finally:
-                self._writes.task_done()
+                self._work.task_done()
+
+    def _write(self, records: list[RegionRecord], vectors: np.ndarray) -> None:
+        try:
+            for model in dict.fromkeys(r.model for r in records):  # a store write holds one model
+                rows = [i for i, r in enumerate(records) if r.model == model]
+                self.store.upsert([records[i] for i in rows], vectors[rows])
+                if any(records[i].source == "human" for i in rows):
+                    self.humans_added(records[rows[0]].project, model)
+        except Exception as exc:  # noqa: BLE001 - see _work_loop
+            log.warning("%d region(s) of project %s not indexed for search (%s: %s)", len(records),
+                        records[0].project, exc.__class__.__name__, exc)
 
     def humans_added(self, project: str, model: str) -> None:
-        """Forget that ``project`` had no human regions of ``model`` (an annotation was just indexed)."""
-        self._no_humans.pop((str(project), model), None)
+        """``project`` has human regions of ``model`` now (an annotation was just indexed)."""
+        self._humans[(str(project), model)] = (True, time.monotonic())
+
+    def _check_humans(self, key: tuple[str, str]) -> None:
+        """Whether the project has a human region of the model at all (an exact scan of the store: in the
+        background, once per :data:`NO_HUMANS_TTL_S` at most)."""
+        flt = SearchFilter(model=key[1], projects=(key[0],), sources=("human",))
+        self._humans[key] = (bool(self.store.fetch(flt, 1)[0]), time.monotonic())
 
     def labelled_similarity(self, project: str, model: str, vectors: np.ndarray) -> list[float | None]:
         """Per row of ``vectors`` ``[N, D]``: the largest cosine similarity to a ``human`` region of ``project``
-        indexed under ``model`` (one filtered top-1 query a row), None when there is none. Never raises: on a
-        store failure every row is None (logged)."""
-        n = int(np.asarray(vectors).shape[0]) if np.asarray(vectors).ndim == 2 else 0
+        indexed under ``model`` (one filtered top-1 query a row), None when there is none (or an approximate
+        store index found none for the row). Never raises: on a store failure every row is None (logged).
+
+        Whether the project has human regions of the model at all is known in this process (an annotation it
+        indexed, a query that found one) or checked in the background; until then, and for
+        :data:`NO_HUMANS_TTL_S` after a check found none, every row is None without a query (a filtered query
+        that finds nothing costs a scan of the project's regions)."""
+        x = np.asarray(vectors, np.float32)
+        n = int(x.shape[0]) if x.ndim == 2 else 0
         key = (str(project), model)
-        seen = self._no_humans.get(key)
-        if n == 0 or (seen is not None and time.monotonic() - seen < NO_HUMANS_TTL_S):
+        known, when = self._humans.get(key, (False, None))
+        if n == 0 or not known:
+            if n and (when is None or time.monotonic() - when >= NO_HUMANS_TTL_S):
+                self._humans[key] = (False, time.monotonic())  # one check at a time
+                self._later(lambda: self._check_humans(key))
             return [None] * n
-        flt = SearchFilter(model=model, projects=(str(project),), sources=("human",))
+        flt = SearchFilter(model=model, projects=key[:1], sources=("human",))
         try:
-            out: list[float | None] = []
-            for row in np.asarray(vectors, np.float32):
-                hits = self.store.search(row, flt, 1)
-                if not hits:  # none for one row: none for any
-                    self._no_humans[key] = time.monotonic()
-                    return [None] * n
-                out.append(float(hits[0].similarity))
-            self._no_humans.pop(key, None)
-            return out
+            hits = [self.store.search(row, flt, 1) for row in x]
+            return [float(h[0].similarity) if h else None for h in hits]
         except Exception as exc:  # noqa: BLE001 - a similarity is an extra of the answer, never its failure
             log.warning("project %s: no labelled similarity (%s: %s)", project, exc.__class__.__name__, exc)
             return [None] * n
