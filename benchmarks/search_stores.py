@@ -256,8 +256,8 @@ def write(results: list[dict[str, Any]]) -> None:
                      f" | {r['p95_ms']} | {r['recall10']:.3f} |")
     for r in results:
         for sw in r.get("nprobe_sweep", []):
-            knob = {"pgvector": f"probes {sw['nprobe']} of {r['nlist']}", "pgvector_hnsw": f"ef_search {sw['nprobe']}"
-                    }.get(r["store"], f"nprobe {sw['nprobe']} of {r['nlist']}")
+            knob = (f"ef_search {sw['nprobe']}" if r["store"] == "pgvector_hnsw" else
+                    f"{'probes' if r['store'] == 'pgvector' else 'nprobe'} {sw['nprobe']} of {r['nlist']}")
             lines.append(f"| {r['store']} ({knob}) | {r['regions']:,} | | | | "
                          f"{sw['p50_ms']} | {sw['p95_ms']} | {sw['recall10']:.3f} |")
     servers = sorted({r["server"] for r in results if r.get("server")})
