@@ -13,16 +13,22 @@ label); the product's prototypes are refitted (``backend.learning.fit``) and the
 
 * ``random``: any unlabelled region;
 * ``uncertainty``: the lowest top-1 probability first (the task score before trust: the lowest region score);
-* ``product``: the product's task score (``backend.trust.score``): calibrated uncertainty plus coverage of the
-  region's suggested label by examples.
+* ``product``: the product's task score (``backend.trust.score.region_priority``): calibrated uncertainty plus
+  coverage, ``1 - labelled_similarity`` (the region's largest cosine to a labelled region, what the region
+  search gives a suggestion's ``meta``), computed here from the embeddings. A region with no labelled region yet
+  has no similarity (the first round is uncertainty alone).
+
+The similarity weight is chosen on the pool alone (``select_weight``: the loop on the pool's even scenes scored
+on its odd scenes and back, 6 rounds) and then reported on test.
 
 After the last round, the labelled regions are the project's examples: they are calibrated out of sample
 (``backend.trust.heldout`` folds grouped by image, ``backend.trust.calibration``) at the target precision, and on
 test we count the share of regions verified and the precision they actually reach. ``--seeds`` seeds (random
 picks and the pool's order), own names and opaque names (``type-00`` .. ``type-24``).
 
-Writes ``benchmarks/results/active_loop.{json,md,png}`` (the plot also to ``docs/active_loop.png``) and the
-reliability diagram of the product's calibration on test to ``docs/trust_reliability.png``.
+Writes ``benchmarks/results/active_loop.{json,md,png}`` and the reliability diagram of the product's calibration
+on test ``active_loop_reliability.png`` (with ``--docs`` both also to ``docs/active_loop.png`` and
+``docs/trust_reliability.png``).
 
     python -m benchmarks.active_loop
 """
@@ -43,7 +49,8 @@ import numpy as np
 from backend.learning.fit import fit_prototypes, vision_prototypes
 from backend.trust.calibration import Calibration, fit_calibration
 from backend.trust.heldout import heldout_predictions, label_probabilities
-from backend.trust.score import COVERAGE_WEIGHT, region_priority
+from backend.trust.score import SIMILARITY_WEIGHT, region_priority
+from worker.protocol import normalize
 
 RESULTS = Path(__file__).with_name("results")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -74,10 +81,11 @@ def collect_set(clip: Any, name: str, cache: Path) -> dict[str, np.ndarray]:
     return data
 
 
-def load_data(cache: Path, only: str | None = None
+def load_data(cache: Path, only: str | None = None, crop_weight: float | None = None
               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], float]:
     """Pool and test regions (``x1`` one view, ``x2`` two views ``[N, D]``, both mixed with the masked crop as
-    the product does; ``label`` ``[N]``, ``scene`` ``[N]``), text prototypes per naming ``[L, D]`` and the logit
+    the product does at ``crop_weight``, default ``MASKINV_CROP_WEIGHT``'s; ``label`` ``[N]``, ``scene``
+    ``[N]``; the unmixed ``lets``, ``lets2`` and ``crops``), text prototypes per naming ``[L, D]`` and the logit
     scale. ``only``: embed that set and stop (to fill the cache in parallel)."""
     import torch
 
@@ -99,9 +107,10 @@ def load_data(cache: Path, only: str | None = None
             if name == "test":  # evaluated on regions of multi-object scenes, as benchmarks.few_shot
                 raw = {k: v[raw["n_in_image"] >= 2] for k, v in raw.items()}
             views2 = combine_views(np.stack([raw["lets"], raw["lets_hflip"]]))
-            sets[name] = {"x1": mix_crop(raw["lets"], raw["crops"], DEFAULT_CROP_WEIGHT),
-                          "x2": mix_crop(views2, raw["crops"], DEFAULT_CROP_WEIGHT),
-                          "label": raw["label"], "scene": raw["scene"]}
+            w = DEFAULT_CROP_WEIGHT if crop_weight is None else crop_weight
+            sets[name] = {"x1": mix_crop(raw["lets"], raw["crops"], w), "x2": mix_crop(views2, raw["crops"], w),
+                          "label": raw["label"], "scene": raw["scene"], "lets": raw["lets"], "lets2": views2,
+                          "crops": raw["crops"]}
     if only is not None:
         raise SystemExit(0)
     names = SceneWorld(image_size=SIZE).class_names
@@ -144,20 +153,31 @@ class Project:
 
 
 def priorities(order: str, probs: np.ndarray, project: Project, rng: np.random.Generator,
-               calib: Calibration | None, coverage_weight: float = COVERAGE_WEIGHT) -> np.ndarray:
-    """Labelling priority ``[N]`` of pool regions with label probabilities ``probs`` (high = label first)."""
+               calib: Calibration | None, similarity: np.ndarray | None = None,
+               coverage_weight: float = SIMILARITY_WEIGHT) -> np.ndarray:
+    """Labelling priority ``[N]`` of pool regions with label probabilities ``probs`` (high = label first);
+    ``similarity`` ``[N]``: each region's largest cosine to a labelled region (None: nothing labelled)."""
     if order == "random":
         return rng.random(len(probs))
     top, score = probs.argmax(1), probs.max(1)
     if order == "uncertainty":
         return 1.0 - score
     p = score if calib is None else np.array([calib.probability(str(c), s) for c, s in zip(top, score)])
-    return np.array([region_priority(pi, int(project.counts[c]), coverage_weight=coverage_weight)
-                     for pi, c in zip(p, top)])
+    sims = [None] * len(p) if similarity is None else [float(v) for v in similarity]
+    return np.array([region_priority(pi, int(project.counts[c]), coverage_weight=coverage_weight, similarity=si)
+                     for pi, c, si in zip(p, top, sims)])
+
+
+def labelled_similarity(x: np.ndarray, labelled: np.ndarray) -> np.ndarray | None:
+    """Per region of ``x`` ``[N, D]``: the largest cosine to a row of ``labelled`` ``[M, D]``; None when M is 0
+    (as the region search answers for a project without human regions)."""
+    if len(labelled) == 0:
+        return None
+    return (normalize(np.asarray(x, np.float64)) @ normalize(np.asarray(labelled, np.float64)).T).max(axis=1)
 
 
 def run_loop(pool: dict, test: dict, text: np.ndarray, scale: float, order: str, seed: int, rounds: int,
-             batch: int, coverage_weight: float = COVERAGE_WEIGHT) -> tuple[list[list[float]], Project]:
+             batch: int, coverage_weight: float = SIMILARITY_WEIGHT) -> tuple[list[list[float]], Project]:
     """``[[labels, test Acc@1], ...]`` over the rounds of one order and seed, and the final project."""
     rng = np.random.default_rng(seed)
     labelled = np.zeros(len(pool["label"]), bool)
@@ -172,9 +192,63 @@ def run_loop(pool: dict, test: dict, text: np.ndarray, scale: float, order: str,
         free = np.flatnonzero(~labelled)
         free = free[rng.permutation(len(free))]  # ties broken at random
         calib = proj.calibration() if order == "product" else None
-        pri = priorities(order, proj.probabilities(pool, free), proj, rng, calib, coverage_weight)
+        sim = labelled_similarity(pool["x2"][free], pool["x2"][idx]) if order == "product" else None
+        pri = priorities(order, proj.probabilities(pool, free), proj, rng, calib, sim, coverage_weight)
         labelled[free[np.argsort(-pri, kind="stable")[:batch]]] = True
     raise AssertionError("unreachable")
+
+
+def select_weight(pool: dict, text: np.ndarray, scale: float, weights: Sequence[float], seeds: int,
+                  rounds: int = 6, batch: int = 25) -> dict:
+    """The similarity weight chosen on the pool alone: the product loop on the pool's even scenes scored on its
+    odd scenes and back (``seeds`` seeds), mean Acc@1 over rounds 1..``rounds``; random's curve for reference."""
+    halves = [{k: v[pool["scene"] % 2 == h] for k, v in pool.items()} for h in (0, 1)]
+    curves: dict[str, list[float]] = {}
+    for name, order, w in [("random", "random", 0.0)] + [(f"{w:g}", "product", w) for w in weights]:
+        runs = [run_loop(halves[h], halves[1 - h], text, scale, order, seed, rounds, batch, w)[0]
+                for seed in range(seeds) for h in (0, 1)]
+        curves[name] = np.mean([[a for _, a in c] for c in runs], axis=0).round(2).tolist()
+        print(f"select {name}: {curves[name]}", flush=True)
+    best = max((f"{w:g}" for w in weights), key=lambda k: float(np.mean(curves[k][1:])))
+    return {"curves": curves, "chosen": float(best), "rounds": rounds}
+
+
+def crop_weight_table(pool: dict, texts: dict[str, np.ndarray], scale: float, weights: Sequence[float],
+                      seeds: int, sizes: Sequence[int] = (50, 250)) -> list[dict]:
+    """The masked crop's weight measured on the pool alone: prototypes fitted on ``sizes`` random regions of the
+    pool's even scenes score its odd scenes and back (``seeds`` draws): Acc@1, zero-shot Acc@1 (one view, text
+    alone) and the precision of the 30 % most confident (top-1 probability), per naming and weight."""
+    from worker.jobs.embed import mix_crop
+
+    rows = []
+    even = pool["scene"] % 2 == 0
+    for naming, text in texts.items():
+        for w in weights:
+            x1, x2 = mix_crop(pool["lets"], pool["crops"], w), mix_crop(pool["lets2"], pool["crops"], w)
+            acc: dict[int, list[float]] = {n: [] for n in sizes}
+            top30: dict[int, list[float]] = {n: [] for n in sizes}
+            zero = []
+            for h in (even, ~even):
+                tr, te = np.flatnonzero(h), np.flatnonzero(~h)
+                y = pool["label"]
+                z = label_probabilities(x1[te], text, scale, text, np.zeros(len(text)), np.zeros_like(text),
+                                        np.zeros(len(text), np.int64))
+                zero.append(float((z.argmax(1) == y[te]).mean() * 100))
+                for seed in range(seeds):
+                    for n in sizes:
+                        idx = np.random.default_rng(seed).permutation(tr)[:n]
+                        wts, b = fit_prototypes(text, x2[idx], y[idx], scale)
+                        means, counts = vision_prototypes(text, x2[idx], y[idx])
+                        p = label_probabilities(x2[te], text, scale, wts, b, means, counts)
+                        right = p.argmax(1) == y[te]
+                        acc[n].append(float(right.mean() * 100))
+                        top = np.argsort(-p.max(1))[: int(round(0.3 * len(te)))]
+                        top30[n].append(float(right[top].mean() * 100))
+            rows.append({"naming": naming, "crop_weight": w, "zero_shot": round(float(np.mean(zero)), 1),
+                         **{f"acc_{n}": round(float(np.mean(acc[n])), 1) for n in sizes},
+                         **{f"top30_precision_{n}": round(float(np.mean(top30[n])), 1) for n in sizes}})
+            print(f"crop weight {rows[-1]}", flush=True)
+    return rows
 
 
 def verified_on_test(proj: Project, test: dict, target: float = TARGET) -> dict:
@@ -260,10 +334,30 @@ def plot_reliability(rel: dict, path: Path, bins: int = 10) -> list[dict]:
 def to_markdown(out: dict, config: dict) -> str:
     lines = ["# Simulated labelling loop (scene world)", "",
              f"Model `{config['model']}`; pool: {config['pool']} regions of val scenes, test: {out['test_regions']} "
-             f"regions of multi-object test scenes (never labelled). {config['batch']} labels per round, "
+             f"regions of multi-object test scenes (never labelled); masked-crop weight "
+             f"{config.get('crop_weight') or 'default (0.3)'}. {config['batch']} labels per round, "
              f"{config['rounds']} rounds, seeds {config['seeds']}; mean over seeds (± std). Orders: random, "
-             "uncertainty (lowest top-1 probability first), product (calibrated uncertainty + coverage, "
-             f"coverage weight {config['coverage_weight']}). Target precision {TARGET}.", ""]
+             "uncertainty (lowest top-1 probability first), product (calibrated uncertainty + coverage "
+             f"1 - labelled similarity, weight {config['coverage_weight']}). Target precision {TARGET}.", ""]
+    crops = out["details"].get("crop_weights")
+    if crops:
+        keys = [k for k in crops[0] if k.startswith(("acc_", "top30"))]
+        lines += ["The masked crop's weight (`MASKINV_CROP_WEIGHT`) measured on the pool alone (prototypes fitted "
+                  "on n random regions of its even scenes score its odd scenes and back; `top30` = precision of "
+                  "the 30 % most confident):", "", "| names | crop weight | zero-shot | " + " | ".join(keys) + " |",
+                  "|---|---:|---:|" + "---:|" * len(keys)]
+        lines += [f"| {r['naming']} | {r['crop_weight']:g} | {r['zero_shot']:.1f} | "
+                  + " | ".join(f"{r[k]:.1f}" for k in keys) + " |" for r in crops]
+        lines.append("")
+    sel = out["details"].get("selection")
+    if sel:
+        lines += [f"Similarity weight chosen on the pool alone (even scenes labelled, odd scenes scored, and back; "
+                  f"mean Acc@1 over rounds 1..{sel['rounds']}): **{sel['chosen']:g}**.", "",
+                  "| order | " + " | ".join(str(25 * r) for r in range(sel["rounds"] + 1)) + " |",
+                  "|---|" + "---:|" * (sel["rounds"] + 1)]
+        lines += [f"| {'random' if k == 'random' else 'product, weight ' + k} | " + " | ".join(f"{v:.1f}" for v in c)
+                  + " |" for k, c in sel["curves"].items()]
+        lines.append("")
     for naming in ("own", "opaque"):
         res = out if naming == "own" else out["opaque"]
         lines += [f"## {naming} names", "", "| labels | " + " | ".join(ORDERS) + " |",
@@ -288,7 +382,7 @@ def to_markdown(out: dict, config: dict) -> str:
               "| kind | bin | regions | mean probability | share right |", "|---|---|---:|---:|---:|"]
     for r in out["details"]["reliability"]:
         lines.append(f"| {r['kind']} | {r['bin']} | {r['n']} | {r['mean_p']:.3f} | {r['right']:.3f} |")
-    lines += ["", f"Generated by `python -m benchmarks.active_loop` ({platform.machine()}, "
+    lines += ["", f"Generated by `python -m benchmarks.active_loop{config['args']}` ({platform.machine()}, "
                   f"{config['seconds']:.0f} s of loop).", ""]
     return "\n".join(lines)
 
@@ -315,13 +409,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--coverage-weight", type=float, default=COVERAGE_WEIGHT)
+    ap.add_argument("--coverage-weight", type=float, default=SIMILARITY_WEIGHT,
+                    help="similarity weight of the product order (the product's SIMILARITY_WEIGHT)")
+    ap.add_argument("--select", type=float, nargs="*", default=[1.0, 1.5, 2.0, 2.5, 3.0, 4.0],
+                    help="similarity weights compared on the pool alone (none: skip)")
     ap.add_argument("--cache", default="/tmp/active_loop_cache")
     ap.add_argument("--out", default=str(RESULTS / "active_loop.md"))
+    ap.add_argument("--docs", action="store_true", help="copy the two figures to docs/")
     ap.add_argument("--collect", choices=tuple(SPECS), help="only embed this set into the cache")
+    ap.add_argument("--crop-weight", type=float, default=None,
+                    help="MASKINV_CROP_WEIGHT of every embedding (default: the service's default)")
+    ap.add_argument("--crop-weights", type=float, nargs="*", default=[0.3, 1.0, 2.0, 3.0, 5.0],
+                    help="crop weights compared on the pool alone (none: skip)")
     a = ap.parse_args(argv)
-    pool, test, texts, scale = load_data(Path(a.cache), a.collect)
+    pool, test, texts, scale = load_data(Path(a.cache), a.collect, a.crop_weight)
     t0 = time.perf_counter()
+    selection = select_weight(pool, texts["own"], scale, a.select, a.seeds) if a.select else None
+    crop_table = crop_weight_table(pool, texts, scale, a.crop_weights, a.seeds) if a.crop_weights else None
     out: dict = {}
     reliability: dict = {"calibrated": [], "raw": [], "right": []}
     for naming, text in texts.items():
@@ -353,21 +457,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
          "measured": None if saved is None else round(saved, 1), "threshold": 30.0,
          "met": bool(saved is not None and saved >= 30.0)},
     ]
-    png_rel = DOCS / "trust_reliability.png"
-    rows = plot_reliability(reliability, png_rel)
-    config = {"model": "maskinv-scene-tiny", "pool": int(len(pool["label"])), "batch": a.batch,
-              "rounds": a.rounds, "seeds": list(range(a.seeds)), "coverage_weight": a.coverage_weight,
-              "seconds": time.perf_counter() - t0}
-    result["details"] = {"config": config, "reliability": rows}
     out_md = Path(a.out)
     out_md.parent.mkdir(parents=True, exist_ok=True)
+    png_rel = out_md.with_name(out_md.stem + "_reliability.png")
+    rows = plot_reliability(reliability, png_rel)
+    config = {"model": "maskinv-scene-tiny", "pool": int(len(pool["label"])), "batch": a.batch,
+              "crop_weight": a.crop_weight, "args": "".join(f" {v}" for v in (argv or [])),
+              "rounds": a.rounds, "seeds": list(range(a.seeds)), "coverage_weight": a.coverage_weight,
+              "seconds": time.perf_counter() - t0}
+    result["details"] = {"config": config, "reliability": rows, "selection": selection, "crop_weights": crop_table}
     out_md.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out_md.write_text(to_markdown(result, config))
     plot(out, out_md.with_suffix(".png"))
-    shutil.copy(out_md.with_suffix(".png"), DOCS / "active_loop.png")
+    if a.docs:  # the product's figures in docs/
+        shutil.copy(out_md.with_suffix(".png"), DOCS / "active_loop.png")
+        shutil.copy(png_rel, DOCS / "trust_reliability.png")
     print(out_md.read_text())
     return result
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])
