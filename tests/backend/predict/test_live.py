@@ -15,6 +15,7 @@ from worker.protocol import sha256_hex
 
 from backend.search.api import current_model
 from backend.search.records import SearchFilter
+from backend.trust.score import prediction_score
 from backend_support import config, png_bytes, predict, rect, task
 
 PROJECT = {"id": 1, "label_config": config("rectangle")}
@@ -88,6 +89,7 @@ def test_labelled_similarity_once_a_human_region_is_indexed_also_from_the_result
         sims = {r["id"]: r["meta"]["labelled_similarity"] for r in pred["result"] if r["type"] == "rectanglelabels"}
         # the same regions as the annotated ones: their nearest human region is themselves
         assert set(sims) == {"r1", "r2"} and all(0.98 <= s <= 1.0001 for s in sims.values()), sims
+        assert pred["score"] == pytest.approx(prediction_score(pred["result"]))  # the task score saw them
     other = suggest(client, 6, 9, rect("x", x=0, y=0, w=100, h=100))  # another image, the whole of it
     (item,) = [r for r in other["result"] if r["type"] == "rectanglelabels"]
     assert -1.0 <= item["meta"]["labelled_similarity"] <= 1.0001  # a random model finds most regions alike
