@@ -84,6 +84,14 @@ class BoundedCache(Generic[K, V]):
         with self._lock:
             return [item[0] for item in self._store.values()]
 
+    def discard(self, match: Callable[[K], bool]) -> int:
+        """Drop every value whose key ``match`` accepts; how many."""
+        with self._lock:
+            gone = [key for key in self._store.keys() if match(key)]
+            for key in gone:
+                self._store.pop(key, None)
+            return len(gone)
+
     def clear(self) -> None:
         with self._lock:
             self._store.clear()

@@ -29,12 +29,16 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from backend.bounded_cache import BoundedCache
 from backend.search.records import RegionRecord, SearchFilter
 from backend.search.store import RegionStore, open_store
 
 log = logging.getLogger(__name__)
-#: seconds a project and model found without human regions is believed to stay so (another process may add some)
-NO_HUMANS_TTL_S = 60.0
+#: seconds a project's human vectors are served from memory (another process may index annotations meanwhile)
+HUMANS_TTL_S = 60.0
+#: human regions of a project that labelled_similarity compares with, and the memory their cache may hold
+HUMAN_ROWS = 20_000
+HUMAN_CACHE_MB = 256
 #: seconds the process waits at exit for the background writes still queued
 EXIT_FLUSH_S = 10.0
 
@@ -80,8 +84,9 @@ class RegionIndex:
         self._lock = threading.Lock()
         self._work: queue.Queue[Callable[[], None]] = queue.Queue()  # the background writer's jobs
         self._worker: threading.Thread | None = None
-        #: (project, model) -> (has human regions, when that was learned; None: never)
-        self._humans: dict[tuple[str, str], tuple[bool, float | None]] = {}
+        #: (project, model) -> the project's human vectors [H, D] (labelled_similarity)
+        self._humans: BoundedCache[tuple[str, str], np.ndarray] = BoundedCache(
+            None, HUMAN_CACHE_MB << 20, lambda _k, v: int(v.nbytes) + 64, ttl_s=HUMANS_TTL_S)
 
     @property
     def store(self) -> RegionStore:
@@ -140,49 +145,55 @@ class RegionIndex:
                         records[0].project, exc.__class__.__name__, exc)
 
     def humans_added(self, project: str, model: str) -> None:
-        """``project`` has human regions of ``model`` now (an annotation was just indexed)."""
-        self._humans[(str(project), model)] = (True, time.monotonic())
+        """``project`` has new human regions (an annotation was just indexed): forget its cached ones."""
+        self._forget_humans(str(project))
 
-    def _check_humans(self, key: tuple[str, str]) -> None:
-        """Whether the project has a human region of the model at all (an exact scan of the store: in the
-        background, once per :data:`NO_HUMANS_TTL_S` at most)."""
-        flt = SearchFilter(model=key[1], projects=(key[0],), sources=("human",))
-        self._humans[key] = (bool(self.store.fetch(flt, 1)[0]), time.monotonic())
+    def _forget_humans(self, project: str) -> None:
+        self._humans.discard(lambda key: key[0] == project)
+
+    def human_vectors(self, project: str, model: str) -> np.ndarray:
+        """The unit vectors ``[H, D]`` of the project's ``human`` regions under ``model`` (at most
+        :data:`HUMAN_ROWS`, the first indexed), from a cache bounded by :data:`HUMAN_CACHE_MB` and kept
+        :data:`HUMANS_TTL_S` seconds (another process may index annotations; this one's own writes and deletions
+        drop the project's entry at once). ``[0, 0]`` without any."""
+        key = (str(project), model)
+        hit, cached = self._humans.lookup(key)
+        if hit and cached is not None:
+            return cached
+        flt = SearchFilter(model=model, projects=(key[0],), sources=("human",))
+        vectors = self.store.fetch(flt, HUMAN_ROWS)[1]
+        vectors = np.asarray(vectors, np.float32) if len(vectors) else np.zeros((0, 0), np.float32)
+        self._humans.put(key, vectors)
+        return vectors
 
     def labelled_similarity(self, project: str, model: str, vectors: np.ndarray) -> list[float | None]:
         """Per row of ``vectors`` ``[N, D]``: the largest cosine similarity to a ``human`` region of ``project``
-        indexed under ``model`` (one filtered top-1 query a row), None when there is none (or an approximate
-        store index found none for the row). Never raises: on a store failure every row is None (logged).
-
-        Whether the project has human regions of the model at all is known in this process (an annotation it
-        indexed, a query that found one) or checked in the background; until then, and for
-        :data:`NO_HUMANS_TTL_S` after a check found none, every row is None without a query (a filtered query
-        that finds nothing costs a scan of the project's regions)."""
+        indexed under ``model`` (exact, against :meth:`human_vectors`), None when there is none. Never raises: on
+        a store failure every row is None (logged)."""
         x = np.asarray(vectors, np.float32)
         n = int(x.shape[0]) if x.ndim == 2 else 0
-        key = (str(project), model)
-        known, when = self._humans.get(key, (False, None))
-        if n == 0 or not known:
-            if n and (when is None or time.monotonic() - when >= NO_HUMANS_TTL_S):
-                self._humans[key] = (False, time.monotonic())  # one check at a time
-                self._later(lambda: self._check_humans(key))
-            return [None] * n
-        flt = SearchFilter(model=model, projects=key[:1], sources=("human",))
+        if n == 0:
+            return []
         try:
-            hits = [self.store.search(row, flt, 1) for row in x]
-            return [float(h[0].similarity) if h else None for h in hits]
+            humans = self.human_vectors(project, model)
         except Exception as exc:  # noqa: BLE001 - a similarity is an extra of the answer, never its failure
             log.warning("project %s: no labelled similarity (%s: %s)", project, exc.__class__.__name__, exc)
             return [None] * n
+        if humans.shape[0] == 0 or humans.shape[1] != x.shape[1]:
+            return [None] * n
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return [float(v) for v in (x @ humans.T).max(axis=1)]
 
     def remove_annotations(self, project: str, annotations: Iterable[Any]) -> int:
         n = self.store.delete_annotations(project, [str(a) for a in annotations])
+        self._forget_humans(str(project))
         log.info("project %s: %d region(s) of deleted annotations left the search index", project, n)
         return n
 
     def remove_tasks(self, project: str, tasks: Iterable[Any]) -> int:
         ids = [int(t) for t in tasks if isinstance(t, int) or (isinstance(t, str) and t.isdigit())]
         n = self.store.delete_tasks(project, ids)
+        self._forget_humans(str(project))
         log.info("project %s: %d task(s) deleted, %d region(s) left the search index", project, len(ids), n)
         return n
 

@@ -117,7 +117,8 @@ def test_index_trouble_never_fails_a_prediction(client, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
     monkeypatch.setattr(store, "upsert", broken)
-    monkeypatch.setattr(store, "search", broken)
+    monkeypatch.setattr(store, "fetch", broken)
+    service_of(client).search_index._humans.clear()
     pred = suggest(client, 8, 8, rect("r9"))
     (item,) = [r for r in pred["result"] if r["type"] == "rectanglelabels"]
     assert "labelled_similarity" not in item["meta"]

@@ -1,5 +1,5 @@
 """The region index's live side (embedded store): background writes, the similarity to the nearest human region
-and what it knows about a project's human regions, and the records of predicted regions."""
+and the project's human regions it keeps, and the records of predicted regions."""
 
 from __future__ import annotations
 
@@ -58,35 +58,42 @@ def test_labelled_similarity_is_the_cosine_of_the_nearest_human_region(index):
     index.index_records([r1, r2], np.stack([v1, v2]))
     index.index_records([RegionRecord(model="m", project="1", task=3, region="s", source="suggested")],
                         unit(1, 1)[None])  # not a human region: never the nearest
-    index.humans_added("1", "m")
     sims = index.labelled_similarity("1", "m", np.stack([unit(1, 0.1), unit(1, 1), unit(0, 0, 1)]))
     assert sims == pytest.approx([float(unit(1, 0.1) @ v1), float(unit(1, 1) @ v1), 0.0], abs=1e-3)
     assert index.labelled_similarity("1", "other-model", unit(1)[None]) == [None]
     assert index.labelled_similarity("2", "m", unit(1)[None]) == [None]  # another project
 
 
-def test_human_regions_written_elsewhere_are_found_by_a_background_check(tmp_path, monkeypatch):
+def test_human_regions_written_elsewhere_are_seen_once_the_cached_ones_expire(tmp_path, monkeypatch):
     from backend.search import index as module
 
+    monkeypatch.setattr(module, "HUMANS_TTL_S", 3600.0)
     writer = RegionIndex("embedded", str(tmp_path))
     reader = RegionIndex("embedded", str(tmp_path))  # another process's index over the same store
-    assert reader.labelled_similarity("1", "m", unit(1)[None]) == [None] and reader.flush(30)
-    assert reader.labelled_similarity("1", "m", unit(1)[None]) == [None]  # checked: none, believed for a while
+    assert reader.labelled_similarity("1", "m", unit(1)[None]) == [None]
     rec, vec = human("a", unit(1))
     writer.index_records([rec], vec[None])
-    monkeypatch.setattr(module, "NO_HUMANS_TTL_S", 0.0)  # the while is over: the next call checks again
-    assert reader.labelled_similarity("1", "m", unit(1)[None]) == [None] and reader.flush(30)
+    assert reader.labelled_similarity("1", "m", unit(1)[None]) == [None]  # its cached "none" still holds
+    reader._humans.discard(lambda key: True)  # what the end of HUMANS_TTL_S does
     assert reader.labelled_similarity("1", "m", unit(1)[None]) == [pytest.approx(1.0, abs=1e-3)]
     writer.close()
     reader.close()
 
 
-def test_a_store_failure_gives_no_similarity(index, monkeypatch):
-    index.humans_added("1", "m")
+def test_this_process_sees_its_own_annotations_and_deletions_at_once(index):
+    assert index.labelled_similarity("1", "m", unit(1)[None]) == [None]
+    rec, vec = human("a", unit(1))
+    index.index_later([rec], vec[None])
+    assert index.flush(30)
+    assert index.labelled_similarity("1", "m", unit(1)[None]) == [pytest.approx(1.0, abs=1e-3)]
+    index.remove_annotations("1", ["a1"])
+    assert index.labelled_similarity("1", "m", unit(1)[None]) == [None]
 
+
+def test_a_store_failure_gives_no_similarity(index, monkeypatch):
     def broken(*args):
         raise RuntimeError("gone")
-    monkeypatch.setattr(index.store, "search", broken)
+    monkeypatch.setattr(index.store, "fetch", broken)
     assert index.labelled_similarity("1", "m", np.stack([unit(1), unit(0, 1)])) == [None, None]
 
 
