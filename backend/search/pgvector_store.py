@@ -38,6 +38,11 @@ INDEX_CHECK_S = 60.0
 LISTS_PER_SQRT = 4
 #: rebuild a width's index once its rows have grown this many times since the build (lists follow sqrt(N))
 REBUILD_GROWTH = 4
+#: at most this many lists: pgvector's k-means keeps (50 samples a list) x lists floats in maintenance_work_mem
+#: (4000 lists ask 3.5 GB, 2000 about 0.9 GB of the 1 GB the build sets); a server allowing less gets fewer lists
+MAX_LISTS = 2000
+#: the index build's maintenance_work_mem
+BUILD_MEMORY = "1GB"
 #: lists probed per query (before an iterative scan widens it); MASKINV_SEARCH_PG_PROBES overrides
 PROBES = 32
 #: the first pgvector with ``ivfflat.iterative_scan``
@@ -67,7 +72,7 @@ def _probes(probes: int | None) -> int:
 
 
 def _lists(n: int) -> int:
-    return max(16, int(LISTS_PER_SQRT * math.sqrt(n)))
+    return max(16, min(MAX_LISTS, int(LISTS_PER_SQRT * math.sqrt(n))))
 
 
 def _index_lists(db: psycopg.Connection, table: str) -> int | None:
@@ -92,12 +97,22 @@ def _ensure_index(db: psycopg.Connection, table: str) -> bool:
     if not db.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (table,)).fetchone()[0]:  # type: ignore[index]
         return lists is not None
     try:
-        db.execute("SET maintenance_work_mem = '1GB'")
-        db.execute(f"DROP INDEX IF EXISTS {table}_ivfc_next")  # a build cut short
-        # cosine, not inner product: pgvector clusters cosine lists on the sphere (normalised centres); on unit
-        # rows the order is the same
-        db.execute(f"CREATE INDEX CONCURRENTLY {table}_ivfc_next ON {table} USING ivfflat (vec vector_cosine_ops) "
-                   f"WITH (lists = {_lists(n)})")
+        db.execute(f"SET maintenance_work_mem = '{BUILD_MEMORY}'")
+        want = _lists(n)
+        while True:
+            db.execute(f"DROP INDEX IF EXISTS {table}_ivfc_next")  # a build cut short
+            try:
+                # cosine, not inner product: pgvector clusters cosine lists on the sphere (normalised centres); on
+                # unit rows the order is the same
+                db.execute(f"CREATE INDEX CONCURRENTLY {table}_ivfc_next ON {table} USING ivfflat "
+                           f"(vec vector_cosine_ops) WITH (lists = {want})")
+                break
+            except psycopg.errors.ProgramLimitExceeded:  # "memory required is ... MB, maintenance_work_mem is ..."
+                if want <= 16:
+                    raise
+                log.warning("ivfflat index of %s: %d lists do not fit maintenance_work_mem, trying %d", table, want,
+                            want // 2)
+                want //= 2
         with db.transaction():
             db.execute(f"DROP INDEX IF EXISTS {table}_ivfc")
             db.execute(f"DROP INDEX IF EXISTS {table}_ivf")  # the inner-product index of an earlier version

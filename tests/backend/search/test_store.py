@@ -196,6 +196,20 @@ def test_pgvector_builds_its_index_in_the_background_and_anew_as_the_rows_grow(
     assert [h.record.region for h in pg_store.search(x[1], flt, 10)] == _exact(recs, x, x[1], flt, 10)
 
 
+def test_pgvector_builds_fewer_lists_when_the_server_allows_less_memory(
+        pg_store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backend.search import pgvector_store
+
+    monkeypatch.setattr(pgvector_store, "BUILD_MEMORY", "1MB")  # 219 lists of 3000 rows need about 2.6 MB
+    recs, x = _clustered(3000)
+    pg_store.upsert(recs, x)
+    assert pg_store.build_index("m1", DIM)
+    assert 0 < pg_store.index_lists(DIM) < 219  # halved until the k-means fits
+    pg_store.probes = 10_000
+    flt = SearchFilter(model="m1", projects=("p",))
+    assert [h.record.region for h in pg_store.search(x[5], flt, 10)] == _exact(recs, x, x[5], flt, 10)
+
+
 def test_pgvector_probes_come_from_the_environment(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from backend.search.pgvector_store import PROBES, PgvectorStore
 
