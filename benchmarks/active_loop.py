@@ -251,6 +251,51 @@ def crop_weight_table(pool: dict, texts: dict[str, np.ndarray], scale: float, we
     return rows
 
 
+def _probe(x: np.ndarray, y: np.ndarray, n_labels: int, lam: float = 1e-4, steps: int = 800,
+           lr: float = 0.5) -> np.ndarray:
+    """A plain multinomial logistic probe on unit rows of ``x`` ``[N, D]`` (times 3): weights ``[D + 1, L]``."""
+    xb = np.hstack([3 * normalize(np.asarray(x, np.float64)), np.ones((len(x), 1))])
+    w, onehot = np.zeros((xb.shape[1], n_labels)), np.eye(n_labels)[y]
+    for _ in range(steps):
+        z = xb @ w
+        p = np.exp(z - z.max(1, keepdims=True))
+        w -= lr * (xb.T @ (p / p.sum(1, keepdims=True) - onehot) / len(xb) + lam * w)
+    return w
+
+
+def classifier_ceilings(pool: dict, test: dict, text: np.ndarray, scale: float) -> list[dict]:
+    """How far other classifiers of the same regions go, fitted on every pool region and scored on test: Acc@1
+    and the share right among the 10 / 20 / 30 % most confident test regions (what any threshold could
+    verify). The product's prototypes, a plain logistic probe on the product's embedding, on the LETs alone and
+    on the masked crop alone, and a 10-nearest-neighbour vote."""
+    def row(name: str, top: np.ndarray, conf: np.ndarray) -> dict:
+        right = (top == test["label"])[np.argsort(-conf, kind="stable")]
+        return {"classifier": name, "acc": round(float(right.mean() * 100), 1),
+                **{f"top{c}": round(float(right[: int(round(c / 100 * len(right)))].mean() * 100), 1)
+                   for c in (10, 20, 30)}}
+
+    y, n = pool["label"], len(text)
+    proj = Project(text, scale, pool["x2"], y, pool["scene"])
+    p = proj.probabilities(test)
+    rows = [row("product prototypes", p.argmax(1), p.max(1))]
+    srt = np.sort(p, axis=1)
+    rows.append(row("product prototypes, margin", p.argmax(1), srt[:, -1] - srt[:, -2]))
+    for name, key in (("logistic probe, product embedding", "x2"), ("logistic probe, LETs alone", "lets2"),
+                      ("logistic probe, masked crop alone", "crops")):
+        w = _probe(pool[key], y, n)
+        z = np.hstack([3 * normalize(np.asarray(test[key], np.float64)), np.ones((len(test[key]), 1))]) @ w
+        q = np.exp(z - z.max(1, keepdims=True))
+        q /= q.sum(1, keepdims=True)
+        rows.append(row(name, q.argmax(1), q.max(1)))
+    sim = normalize(np.asarray(test["x2"], np.float64)) @ normalize(np.asarray(pool["x2"], np.float64)).T
+    near = np.argsort(-sim, axis=1)[:, :10]
+    votes = np.stack([np.bincount(y[r], minlength=n) for r in near])
+    rows.append(row("10-nearest-neighbour vote", votes.argmax(1), votes.max(1) + 0.01 * sim.max(1)))
+    for r in rows:
+        print(f"ceiling {r}", flush=True)
+    return rows
+
+
 def verified_on_test(proj: Project, test: dict, target: float = TARGET) -> dict:
     """Share of test regions verified at ``target`` and the precision they reach, plus the reliability data."""
     calib = proj.calibration(target)
@@ -259,7 +304,10 @@ def verified_on_test(proj: Project, test: dict, target: float = TARGET) -> dict:
     right = top == test["label"]
     ver = np.array([calib is not None and calib.verified(str(c), s) for c, s in zip(top, score)])
     cal = np.array([calib.probability(str(c), s) if calib else s for c, s in zip(top, score)])
+    ranked = right[np.argsort(-score, kind="stable")]
+    ceiling = {f"{c}": float(ranked[: int(round(c / 100 * len(ranked)))].mean() * 100) for c in (10, 20, 30, 50)}
     return {"coverage": float(ver.mean() * 100), "precision": float(right[ver].mean() * 100) if ver.any() else None,
+            "ceiling": ceiling,
             "labels": int(len(proj.y)), "verifiable_labels": len(calib.thresholds) if calib else 0,
             "_reliability": {"calibrated": cal.tolist(), "raw": score.tolist(), "right": right.tolist()}}
 
@@ -349,6 +397,14 @@ def to_markdown(out: dict, config: dict) -> str:
         lines += [f"| {r['naming']} | {r['crop_weight']:g} | {r['zero_shot']:.1f} | "
                   + " | ".join(f"{r[k]:.1f}" for k in keys) + " |" for r in crops]
         lines.append("")
+    ceil = out["details"].get("ceilings")
+    if ceil:
+        lines += ["Classifiers of the same test regions fitted on all pool regions (own names): Acc@1 and the share "
+                  "right among the 10 / 20 / 30 % most confident (what any threshold could verify):", "",
+                  "| classifier | Acc@1 | top 10 % | top 20 % | top 30 % |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['classifier']} | {r['acc']:.1f} | {r['top10']:.1f} | {r['top20']:.1f} | {r['top30']:.1f} |"
+                  for r in ceil]
+        lines.append("")
     sel = out["details"].get("selection")
     if sel:
         lines += [f"Similarity weight chosen on the pool alone (even scenes labelled, odd scenes scored, and back; "
@@ -374,7 +430,9 @@ def to_markdown(out: dict, config: dict) -> str:
                   f"Verified after the product's last round ({v['labels']} labels): "
                   f"{v['coverage']:.1f} % of test regions verified at target {TARGET}, precision "
                   f"{v['precision'] if v['precision'] is None else round(v['precision'], 1)} % "
-                  f"(per seed: {res['verified_per_seed']}).", ""]
+                  f"(per seed: {res['verified_per_seed']}). What any threshold could verify: the most "
+                  "confident (top-1 probability) " + ", ".join(f"{c} %: {p} % right" for c, p in res["ceiling"].items())
+                  + " of test regions (mean over seeds).", ""]
     lines += ["## Bars (own names)", "", "| bar | measured | threshold | met |", "|---|---:|---:|---|"]
     for b in out["bars"]:
         lines.append(f"| {b['bar']} | {b['measured']} | {b['threshold']} | {'yes' if b['met'] else '**no**'} |")
@@ -400,6 +458,8 @@ def summarise(curves: dict[str, list], verified: list[dict], n_test: int) -> dic
                          "labels": int(verified[0]["labels"])},
             "loop": {o: [[int(n), round(a, 2)] for n, a in pts] for o, pts in loop.items()},
             "labels_to_reach": reach, "loop_std": {o: [round(s, 2) for s in v] for o, v in loop_std.items()},
+            "ceiling": {c: round(float(np.mean([v["ceiling"][c] for v in verified])), 1)
+                        for c in verified[0]["ceiling"]},
             "verified_per_seed": [(round(v["coverage"], 1),
                                    None if v["precision"] is None else round(v["precision"], 1)) for v in verified]}
 
@@ -426,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t0 = time.perf_counter()
     selection = select_weight(pool, texts["own"], scale, a.select, a.seeds) if a.select else None
     crop_table = crop_weight_table(pool, texts, scale, a.crop_weights, a.seeds) if a.crop_weights else None
+    ceilings = classifier_ceilings(pool, test, texts["own"], scale)
     out: dict = {}
     reliability: dict = {"calibrated": [], "raw": [], "right": []}
     for naming, text in texts.items():
@@ -465,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "crop_weight": a.crop_weight, "args": "".join(f" {v}" for v in (argv or [])),
               "rounds": a.rounds, "seeds": list(range(a.seeds)), "coverage_weight": a.coverage_weight,
               "seconds": time.perf_counter() - t0}
-    result["details"] = {"config": config, "reliability": rows, "selection": selection, "crop_weights": crop_table}
+    result["details"] = {"config": config, "reliability": rows, "selection": selection, "crop_weights": crop_table,
+                         "ceilings": ceilings}
     out_md.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out_md.write_text(to_markdown(result, config))
     plot(out, out_md.with_suffix(".png"))
