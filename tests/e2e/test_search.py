@@ -1,5 +1,6 @@
-"""End-to-end region search with a real Label Studio 1.23: annotations reach the index through the webhook,
-predictions through ``maskinv-search backfill``; a text query from the CLI and from ``POST /search`` finds them;
+"""End-to-end region search with a real Label Studio 1.23: annotations reach the index through the webhook, the
+backend's own predictions as it makes them, predictions from elsewhere (imported) through ``maskinv-search
+backfill``; a text query from the CLI and from ``POST /search`` finds them;
 ``--to-label-studio`` writes the hits as their own prediction set (``search:<digest>``), annotations untouched;
 deleting a task in Label Studio (``TASKS_DELETED``) takes its regions out of the index."""
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ls_harness import BackendServer, started, LabelStudioClient
+from ls_harness import BackendServer, LabelStudioClient, started
 from test_active_learning import BOX, CONFIG, DISC, H, W, region
 from test_label_studio import scene_png
 
@@ -59,7 +60,7 @@ def wait_hits(backend: BackendServer, pid: int, want: int, timeout_s: float = 18
 def test_index_search_and_hits_in_label_studio(ls: LabelStudioClient, search_backend):
     backend, env = search_backend
     pid = ls.create_project("region search", CONFIG)["id"]
-    tasks = ls.upload_images(pid, [(f"scene{i}.png", scene_png(W, H, seed=i)) for i in range(3)])
+    tasks = ls.upload_images(pid, [(f"scene{i}.png", scene_png(W, H, seed=i)) for i in range(4)])
     ml = ls.connect_ml_backend(pid, backend.url)
     assert ml["state"] == "CO", ml
     anns = [ls.create_annotation(t["id"], [region("b", BOX, ["car"]), region("d", DISC, ["dog"])])
@@ -67,13 +68,22 @@ def test_index_search_and_hits_in_label_studio(ls: LabelStudioClient, search_bac
     doc = wait_hits(backend, pid, 4)  # the two annotations' regions, through the webhook
     assert {(h["task"], h["region"], h["source"]) for h in doc["hits"]} == {
         (t["id"], r, "human") for t in tasks[:2] for r in ("b", "d")}
-    # the third task gets a prediction; backfill indexes it (and skips what the webhook indexed)
+    # the third task gets the backend's prediction: its regions are indexed as the backend makes them
     ls.retrieve_predictions(pid, [tasks[2]["id"]])
     assert ls.predictions(tasks[2]["id"])
+    predicted = {r["id"] for r in ls.predictions(tasks[2]["id"])[0]["result"] if r["type"].endswith("labels")}
+    doc = wait_hits(backend, pid, 4 + len(predicted))
+    live = {(h["region"], h["source"]) for h in doc["hits"] if h["task"] == tasks[2]["id"]}
+    assert {r for r, _ in live} == predicted and {s for _, s in live} <= {"suggested", "proposed"}, live
+    # the fourth holds a prediction imported from elsewhere: backfill embeds and indexes it, skips the rest
+    ls.request("POST", "/api/predictions/", json={"task": tasks[3]["id"], "model_version": "imported",
+                                                  "score": 0.5, "result": [region("p", BOX, ["car"])]},
+               expect=(201,))
     done = cli(env, "backfill", str(pid), "--no-progress")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["tasks"] == 3 and report["skipped_tasks"] == 2 and report["predicted_regions"] >= 1, report
+    assert (report["tasks"], report["skipped_tasks"], report["indexed_tasks"]) == (4, 3, 1), report
+    assert report["predicted_regions"] == 1, report
 
     q = cli(env, "query", "--project", str(pid), "--text", "car", "-k", "50", "--json", "--to-label-studio")
     assert q.returncode == 0, q.stderr[-2000:]
@@ -81,7 +91,7 @@ def test_index_search_and_hits_in_label_studio(ls: LabelStudioClient, search_bac
     assert {h["task"] for h in answer["hits"]} == {t["id"] for t in tasks}
     version = f"search:{answer['query']}"
     written = answer["label_studio"][0]
-    assert written["model_version"] == version and written["tasks"] == 3, written
+    assert written["model_version"] == version and written["tasks"] == 4, written
     for t, ann in zip(tasks[:2], anns):
         preds = [p for p in ls.predictions(t["id"]) if p["model_version"] == version]
         assert len(preds) == 1 and {r["id"] for r in preds[0]["result"]} == {"b", "d"}
