@@ -57,6 +57,7 @@ from backend.predict.propose import decide, split_override, untouched
 from backend.labelstudio.regions import collect_regions
 from backend.runs.store import ALIVE_TTL_S, Heartbeat, RunStatus, RunStore, claim_key, new_run_id, redact_urls
 from backend.service import PredictError, Service
+from backend.trust.verified import verified_prediction
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +439,10 @@ class ProjectRun:
             self.service.stamp_examples([answer], self.service.examples_state(self.project_id))
             try:
                 self.api.create_prediction(tid, answer["result"], answer.get("score"), self.version)
+                verified = verified_prediction({**answer, "model_version": self.version})
+                if verified is not None:  # as /predict does for a batch: the verified regions on their own
+                    self.api.create_prediction(tid, verified["result"], verified["score"],
+                                               verified["model_version"])
             except LabelStudioAPIError as exc:
                 return TaskOutcome(tid, "failed", str(exc), "api")
             try:

@@ -140,6 +140,24 @@ def test_run_writes_one_prediction_per_task_and_skips_the_rest(service, cfg, stu
     assert again.labelled == 0 and api.writes == 2 and again.skipped_by["predicted"] == 3
 
 
+def test_verified_regions_are_also_written_as_the_verified_prediction(service, cfg, stub_predict):
+    api = FakeAPI(keep_results=False)
+    written: list[tuple[Any, list, Any, str]] = []
+    api.create_prediction = lambda tid, result, score, version: written.append((tid, result, score, version))
+
+    def answers(t):
+        a = answer_for(t)
+        for item, verified in zip(a["result"], (True, False)):
+            item.update(score=0.9, meta={"verified": verified, "calibrated": 0.97 if verified else 0.6})
+        return a
+    stub_predict["answer"] = answers
+    s = make_run(service, cfg, api, proposals=False).run([task(1, 2), task(2, 0)], total=2)
+    assert s.labelled == 1
+    assert [(tid, version) for tid, _, _, version in written] == [(1, VERSION), (1, f"{VERSION}-verified")]
+    (_, full, _, _), (_, only, score, _) = written
+    assert [r["id"] for r in full] == ["r1-0", "r1-1"] and [r["id"] for r in only] == ["r1-0"] and score == 0.97
+
+
 def test_prediction_written_meanwhile_is_not_written_twice(service, cfg, stub_predict):
     api = FakeAPI()
 
