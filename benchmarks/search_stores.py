@@ -14,7 +14,9 @@ process: data generation in chunks of 50 000 rows included) is the store's.
 
 ``--pg pgserver`` (the default) runs the pgvector store against a private PostgreSQL 16 + pgvector 0.6.2 from the
 ``pgserver`` package (the test extra), started in a temporary directory for the run and removed after; a URL
-names a server of your own. The IVF stores are also measured at the lists probed per query of ``--sweep``.
+names a server of your own. Store ``pgvector_hnsw``: the same table with an HNSW index in place of the store's
+ivfflat; ``pgvector_iterative``: the store as it is, under its own name, for a ``--pg`` server with
+pgvector >= 0.8. The IVF stores are also measured at the lists probed per query of ``--sweep``.
 
 Writes benchmarks/results/search_stores.json and .md.
 """
@@ -257,7 +259,7 @@ def write(results: list[dict[str, Any]]) -> None:
     for r in results:
         for sw in r.get("nprobe_sweep", []):
             knob = (f"ef_search {sw['nprobe']}" if r["store"] == "pgvector_hnsw" else
-                    f"{'probes' if r['store'] == 'pgvector' else 'nprobe'} {sw['nprobe']} of {r['nlist']}")
+                    f"{'probes' if r['store'].startswith('pgvector') else 'nprobe'} {sw['nprobe']} of {r['nlist']}")
             lines.append(f"| {r['store']} ({knob}) | {r['regions']:,} | | | | "
                          f"{sw['p50_ms']} | {sw['p95_ms']} | {sw['recall10']:.3f} |")
     servers = sorted({r["server"] for r in results if r.get("server")})
@@ -265,7 +267,8 @@ def write(results: list[dict[str, Any]]) -> None:
         lines += ["", f"pgvector rows: {'; '.join(servers)}; build s includes the index build (`index_s` in the "
                   "JSON). `pgvector`: the store as it is, ivfflat, 32 lists probed by default; rows *(probes N of "
                   "L)* query the same index with N of its L lists. `pgvector_hnsw`: the same table with an HNSW "
-                  "index (m 16, ef_construction 64) instead, at `hnsw.ef_search` 40 (rows *(ef_search N)*)."]
+                  "index (m 16, ef_construction 64) instead, at `hnsw.ef_search` 40 (rows *(ef_search N)*). "
+                  "`pgvector_iterative`: the store as it is on a server whose pgvector has iterative scans."]
     (OUT / "search_stores.md").write_text(
         "# Region stores at scale\n\nProject-filtered top-10 over 512-d synthetic region vectors (the filtered "
         f"project holds {int(BIG_SHARE * 100)} % of the regions), {QUERIES} queries, recall@10 against exact "
