@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_compose_file():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    # the cpu worker and the demo are profiles (tests/test_compose.py)
-    assert set(services) == {"label-studio", "redis", "backend", "worker", "worker-cpu", "demo"}
+    # the cpu worker, the demo and the search database are profiles (tests/test_compose.py)
+    assert set(services) == {"label-studio", "redis", "backend", "worker", "worker-cpu", "demo", "pgvector"}
     assert services["label-studio"]["image"].startswith("heartexlabs/label-studio:1.23")
     assert all("healthcheck" in s for s in services.values())
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
