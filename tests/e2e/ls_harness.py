@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +56,8 @@ class HarnessError(RuntimeError):
 def started(server: Any) -> Any:
     """``server`` started (a LabelStudioServer, BackendServer, ...); on failure it is stopped and the test fails
     with the harness's message (no traceback: the message names what did not come up)."""
+    import pytest  # here: scripts/label_studio_env.sh runs this module with Label Studio's Python, which has none
+
     try:
         server.start()
     except HarnessError as exc:
