@@ -46,11 +46,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from backend.learning.fit import fit_prototypes, vision_prototypes
+from backend.learning.fit import FEATURE_ANCHOR, fit_prototypes, vision_prototypes
 from backend.trust.calibration import Calibration, fit_calibration
 from backend.trust.heldout import heldout_predictions, label_probabilities
 from backend.trust.score import SIMILARITY_WEIGHT, region_priority
 from worker.protocol import normalize
+from worker.protocol.features import learning_features, text_features
 
 RESULTS = Path(__file__).with_name("results")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -108,7 +109,9 @@ def load_data(cache: Path, only: str | None = None, crop_weight: float | None = 
                 raw = {k: v[raw["n_in_image"] >= 2] for k, v in raw.items()}
             views2 = combine_views(np.stack([raw["lets"], raw["lets_hflip"]]))
             w = DEFAULT_CROP_WEIGHT if crop_weight is None else crop_weight
-            sets[name] = {"x1": mix_crop(raw["lets"], raw["crops"], w), "x2": mix_crop(views2, raw["crops"], w),
+            x2 = mix_crop(views2, raw["crops"], w)
+            sets[name] = {"x1": mix_crop(raw["lets"], raw["crops"], w), "x2": x2,
+                          "f2": learning_features(x2, raw["crops"]),
                           "label": raw["label"], "scene": raw["scene"], "lets": raw["lets"], "lets2": views2,
                           "crops": raw["crops"]}
     if only is not None:
@@ -123,21 +126,25 @@ def load_data(cache: Path, only: str | None = None, crop_weight: float | None = 
 
 # ---------------------------------------------------------------------- the product's pieces
 class Project:
-    """The product's state for a set of labelled regions: prototypes, and (on demand) its calibration."""
+    """The product's state for a set of labelled regions: prototypes, and (on demand) its calibration. ``x``
+    ``[N, 2D]``: the regions' learning features (``worker.protocol.features``: the two-view embedding beside the
+    masked crop, what the product keeps per example), fitted with ``backend.learning.fit.FEATURE_ANCHOR``."""
 
     def __init__(self, text: np.ndarray, scale: float, x: np.ndarray, y: np.ndarray, groups: np.ndarray):
-        self.text, self.scale, self.x, self.y, self.groups = text, scale, x, y, groups
+        self.scale, self.x, self.y, self.groups = scale, x, y, groups
+        self.text = text_features(text) if len(y) else text
         n = len(text)
         if len(y):
-            self.w, self.b = fit_prototypes(text, x, y, scale)
-            self.means, self.counts = vision_prototypes(text, x, y)
+            self.w, self.b = fit_prototypes(self.text, x, y, scale, anchor=FEATURE_ANCHOR)
+            self.means, self.counts = vision_prototypes(self.text, x, y)
         else:
             self.w, self.b = text.astype(np.float32), np.zeros(n, np.float32)
             self.means, self.counts = np.zeros_like(self.w), np.zeros(n, np.int64)
 
     def probabilities(self, data: dict[str, np.ndarray], idx: np.ndarray | None = None) -> np.ndarray:
-        """``[N, L]`` label probabilities, as the worker computes them (one view without examples, two with)."""
-        x = data["x2" if len(self.y) else "x1"]
+        """``[N, L]`` label probabilities, as the worker computes them (one view without examples; with examples
+        the learning features of two views)."""
+        x = data["f2" if len(self.y) else "x1"]
         x = x if idx is None else x[idx]
         return label_probabilities(x, self.text, self.scale, self.w, self.b, self.means, self.counts)
 
@@ -147,7 +154,7 @@ class Project:
             return None
         order = np.argsort(self.groups, kind="stable")
         pred, score = heldout_predictions(self.text, self.scale, self.x[order], self.y[order],
-                                          [str(g) for g in self.groups[order]])
+                                          [str(g) for g in self.groups[order]], anchor=FEATURE_ANCHOR)
         labels = [str(i) for i in range(len(self.text))]
         return fit_calibration(labels, pred, score, pred == self.y[order], self.counts, target)
 
@@ -184,7 +191,7 @@ def run_loop(pool: dict, test: dict, text: np.ndarray, scale: float, order: str,
     curve = []
     for r in range(rounds + 1):
         idx = np.flatnonzero(labelled)
-        proj = Project(text, scale, pool["x2"][idx], pool["label"][idx], pool["scene"][idx])
+        proj = Project(text, scale, pool["f2"][idx], pool["label"][idx], pool["scene"][idx])
         acc = float((proj.probabilities(test).argmax(1) == test["label"]).mean() * 100)
         curve.append([int(labelled.sum()), acc])
         if r == rounds:
@@ -237,9 +244,10 @@ def crop_weight_table(pool: dict, texts: dict[str, np.ndarray], scale: float, we
                 for seed in range(seeds):
                     for n in sizes:
                         idx = np.random.default_rng(seed).permutation(tr)[:n]
-                        wts, b = fit_prototypes(text, x2[idx], y[idx], scale)
-                        means, counts = vision_prototypes(text, x2[idx], y[idx])
-                        p = label_probabilities(x2[te], text, scale, wts, b, means, counts)
+                        f2, tf = learning_features(x2, pool["crops"]), text_features(text)
+                        wts, b = fit_prototypes(tf, f2[idx], y[idx], scale, anchor=FEATURE_ANCHOR)
+                        means, counts = vision_prototypes(tf, f2[idx], y[idx])
+                        p = label_probabilities(f2[te], tf, scale, wts, b, means, counts)
                         right = p.argmax(1) == y[te]
                         acc[n].append(float(right.mean() * 100))
                         top = np.argsort(-p.max(1))[: int(round(0.3 * len(te)))]
@@ -275,11 +283,15 @@ def classifier_ceilings(pool: dict, test: dict, text: np.ndarray, scale: float) 
                    for c in (10, 20, 30)}}
 
     y, n = pool["label"], len(text)
-    proj = Project(text, scale, pool["x2"], y, pool["scene"])
+    proj = Project(text, scale, pool["f2"], y, pool["scene"])
     p = proj.probabilities(test)
     rows = [row("product prototypes", p.argmax(1), p.max(1))]
     srt = np.sort(p, axis=1)
     rows.append(row("product prototypes, margin", p.argmax(1), srt[:, -1] - srt[:, -2]))
+    w0, b0 = fit_prototypes(text, pool["x2"], y, scale)  # before the crop was kept beside the embedding
+    m0, c0 = vision_prototypes(text, pool["x2"], y)
+    p0 = label_probabilities(test["x2"], text, scale, w0, b0, m0, c0)
+    rows.append(row("product prototypes on the embedding alone (anchor 1)", p0.argmax(1), p0.max(1)))
     for name, key in (("logistic probe, product embedding", "x2"), ("logistic probe, LETs alone", "lets2"),
                       ("logistic probe, masked crop alone", "crops")):
         w = _probe(pool[key], y, n)

@@ -121,7 +121,7 @@ def score_candidates(engine, scorer, item: Item, labels: Sequence[str], size: in
     res = engine.invert(item.image, np.stack([c.mask for c in cands]), size=size, steps=steps)
     ok = [i for i, e in enumerate(res.errors) if e is None]
     masks = np.stack([cands[i].mask for i in ok])
-    lets = P.mixed_with_crops(engine, item.image, masks, res.lets[ok], crop_weight)  # the product's labels
+    lets = P.mixed_with_crops(engine, item.image, masks, res.lets[ok], crop_weight)[0]  # the product's labels
     probs = scorer.probabilities(lets, labels, DEFAULT_TEMPLATES).cpu().numpy()
     frame = to_frame(masks, item.masks.shape[1:])
     iou = P.mask_iou(frame, item.masks)

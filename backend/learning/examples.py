@@ -66,21 +66,34 @@ def projects_refusal(project: str, max_projects: int) -> ExampleBudgetError:
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled region's LET."""
+    """One labelled region's embedding (the LET mixed with its masked crop) and, when the embedding mixed one in,
+    the masked crop itself (what the examples are learned on beside the embedding, ``worker.protocol.features``)."""
 
     region_id: str
     label: str
     model_key: str
     let: np.ndarray  # [D] float32
+    crop: np.ndarray | None = None  # [D] float32
 
     def to_json(self) -> dict[str, Any]:
-        return {"region_id": self.region_id, "label": self.label, "model_key": self.model_key,
-                "let": base64.b64encode(np.asarray(self.let, "<f4").tobytes()).decode("ascii")}
+        doc = {"region_id": self.region_id, "label": self.label, "model_key": self.model_key,
+               "let": _b64(self.let)}
+        if self.crop is not None:
+            doc["crop"] = _b64(self.crop)
+        return doc
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Example":
-        let = np.frombuffer(base64.b64decode(data["let"]), dtype="<f4").astype(np.float32)
-        return cls(str(data["region_id"]), str(data["label"]), str(data["model_key"]), let)
+        crop = _vector(data["crop"]) if data.get("crop") else None
+        return cls(str(data["region_id"]), str(data["label"]), str(data["model_key"]), _vector(data["let"]), crop)
+
+
+def _b64(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")
+
+
+def _vector(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float32)
 
 
 def examples_digest(examples: Sequence[Example]) -> str:
@@ -90,6 +103,8 @@ def examples_digest(examples: Sequence[Example]) -> str:
     for e in sorted(examples, key=lambda e: (e.region_id, e.label, e.model_key)):
         h.update(f"{e.region_id}\n{e.label}\n{e.model_key}\n".encode())
         h.update(np.asarray(e.let, "<f2").tobytes())
+        if e.crop is not None:
+            h.update(b"crop" + np.asarray(e.crop, "<f2").tobytes())
     return h.hexdigest()
 
 
@@ -141,6 +156,9 @@ class SqliteExampleStore:
                     label TEXT NOT NULL, model_key TEXT NOT NULL, let BLOB NOT NULL);
                 CREATE INDEX IF NOT EXISTS examples_by_annotation ON examples (project, annotation_id);
             """)
+            # the masked crop beside the embedding (files made before crops were kept have no such column)
+            if "crop" not in {row[1] for row in db.execute("PRAGMA table_info(examples)")}:
+                db.execute("ALTER TABLE examples ADD COLUMN crop BLOB")
 
     def _conn(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -173,9 +191,11 @@ class SqliteExampleStore:
             if examples:
                 db.execute("INSERT INTO annotations VALUES (?, ?, ?, ?)",
                            (project, annotation_id, digest, len(examples)))
-                db.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?)",
+                db.executemany("INSERT INTO examples (project, annotation_id, region_id, label, model_key, let, crop) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?)",
                                [(project, annotation_id, e.region_id, e.label, e.model_key,
-                                 np.asarray(e.let, "<f4").tobytes()) for e in examples])
+                                 np.asarray(e.let, "<f4").tobytes(),
+                                 None if e.crop is None else np.asarray(e.crop, "<f4").tobytes()) for e in examples])
             db.execute("COMMIT")
             return True
         except sqlite3.Error as exc:
@@ -194,11 +214,12 @@ class SqliteExampleStore:
         return {r[0] for r in self._conn().execute("SELECT annotation_id FROM annotations WHERE project=?", (project,))}
 
     def examples(self, project: str, model_key: str | None = None) -> list[Example]:
-        q = "SELECT region_id, label, model_key, let FROM examples WHERE project=?"
+        q = "SELECT region_id, label, model_key, let, crop FROM examples WHERE project=?"
         args: tuple = (project,)
         if model_key is not None:
             q, args = q + " AND model_key=?", (project, model_key)
-        return [Example(r[0], r[1], r[2], np.frombuffer(r[3], "<f4").astype(np.float32))
+        return [Example(r[0], r[1], r[2], np.frombuffer(r[3], "<f4").astype(np.float32),
+                        None if r[4] is None else np.frombuffer(r[4], "<f4").astype(np.float32))
                 for r in self._conn().execute(q + " ORDER BY annotation_id, rowid", args)]
 
     def snapshot(self, project: str, model_key: str | None = None) -> tuple[str, list[Example]]:

@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from typing import Sequence
+
 from worker.protocol import log_softmax_rows as _log_softmax
 from worker.protocol import normalize  # noqa: F401 - part of this module's API
+from worker.protocol.features import learning_features, text_features
+
+from backend.learning.examples import Example
 
 #: names the fitting method: part of the prototypes' version (and so of ``model_version`` and the result cache
 #: keys), so prototypes fitted by another method from the same examples are never taken for these
-FIT_VERSION = "shared-map-prior-1"
+FIT_VERSION = "shared-map-prior-crops-1"
 #: strength of the pull back to the text prototypes, per label (chosen on val; see benchmarks/results/few_shot.md)
 DEFAULT_ANCHOR = 1.0
+#: the per-label pull when examples are fitted on learning features (embedding beside the masked crop,
+#: :mod:`worker.protocol.features`): the crop half has no text to be pulled to, so the examples lead (chosen on
+#: the scene world's val pool, ``benchmarks/active_loop.py``)
+FEATURE_ANCHOR = 0.01
 #: strength of the pull of the shared text-to-vision map ``M`` back to zero (chosen on val)
 DEFAULT_SHARED_ANCHOR = 0.3
 DEFAULT_STEPS = 150
@@ -124,3 +133,15 @@ def vision_prototypes(text: np.ndarray, examples: np.ndarray, labels: np.ndarray
     protos = (sums + prior * (z @ a)) / (counts[:, None] + prior)
     protos[counts == 0] = 0.0
     return normalize(protos).astype(np.float32), counts.astype(np.int64)
+
+
+def example_features(examples: Sequence[Example], text: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """What ``examples`` are fitted on: (features ``[N, F]``, text prototypes ``[L, F]``, per-label anchor).
+    Learning features (``F = 2D``: each embedding beside its masked crop, text over the embedding half,
+    :data:`FEATURE_ANCHOR`) when every example kept its crop; else the embeddings alone (``F = D``, examples
+    stored before crops were kept, or a project that mixes no crop in; :data:`DEFAULT_ANCHOR`)."""
+    x = np.stack([np.asarray(e.let, np.float32) for e in examples])
+    crops = [e.crop for e in examples]
+    if all(c is not None and np.shape(c) == x.shape[1:] for c in crops):
+        return learning_features(x, np.stack(crops)), text_features(text), FEATURE_ANCHOR  # type: ignore[arg-type]
+    return x, np.asarray(text, np.float32), DEFAULT_ANCHOR

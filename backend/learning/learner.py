@@ -52,7 +52,7 @@ from backend.bounded_cache import BoundedCache
 from backend.learning.examples import Example, ExampleStore, ExampleStoreError, make_example_store
 from backend.labelstudio.api import sdk_tasks
 from backend.labelstudio.label_config import LabelConfigError, ProjectConfig
-from backend.learning.fit import FIT_VERSION, fit_prototypes, vision_prototypes
+from backend.learning.fit import FIT_VERSION, example_features, fit_prototypes, vision_prototypes
 from backend.trust.calibration import Calibration
 from backend.trust.project import calibrate_examples
 from backend.learning.origin import learns_untouched, untouched
@@ -405,7 +405,9 @@ class Learner:
             if reg.get("error") or not let_doc:
                 allowance.skip(annotation, r.id, str(reg.get("error") or "no embedding")[:300], "region")
                 continue
-            out += [Example(r.id, lab, key, decode_vectors(let_doc)[0]) for lab in labs]
+            crop_doc = (reg.get("meta") or {}).get("crop")
+            crop = decode_vectors(crop_doc)[0] if crop_doc else None
+            out += [Example(r.id, lab, key, decode_vectors(let_doc)[0], crop) for lab in labs]
         return out
 
     # ------------------------------------------------------------------ rebuild from Label Studio
@@ -520,9 +522,9 @@ class Learner:
         doc = None
         if examples:
             text, scale = self.text_prototypes(labels, params, (model or {}).get("id") or "?")
-            x = np.stack([e.let for e in examples])
+            x, text, anchor = example_features(examples, text)
             y = np.asarray([index[e.label] for e in examples])
-            w, b = fit_prototypes(text, x, y, scale)
+            w, b = fit_prototypes(text, x, y, scale, anchor=anchor)
             means, counts = vision_prototypes(text, x, y)
             has = counts > 0
             doc = {"version": sha256_hex(f"{version}\n{mkey}\n{labels}\n{FIT_VERSION}".encode())[:12],

@@ -16,7 +16,7 @@ import numpy as np
 
 from worker.protocol import log_softmax_rows, normalize
 
-from backend.learning.fit import fit_prototypes, vision_prototypes
+from backend.learning.fit import DEFAULT_ANCHOR, fit_prototypes, vision_prototypes
 
 #: weight and logit scale of the vision term (the worker's ``worker.text.prototypes.VISION_WEIGHT`` / ``SCALE``)
 VISION_WEIGHT = 1.5
@@ -59,9 +59,11 @@ def fold_of(groups: Sequence[str], folds: int) -> np.ndarray:
 
 
 def heldout_predictions(text: np.ndarray, scale: float, x: np.ndarray, y: np.ndarray, groups: Sequence[str],
-                        folds: int = DEFAULT_FOLDS) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-sample suggestions for examples ``x`` ``[N, D]`` with label indices ``y`` ``[N]``: the suggested
-    label index ``[N]`` and its probability ``[N]``, each block scored by prototypes fitted on the others."""
+                        folds: int = DEFAULT_FOLDS, anchor: float = DEFAULT_ANCHOR) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-sample suggestions for examples ``x`` ``[N, F]`` with label indices ``y`` ``[N]`` (``F``: the width of
+    ``text`` ``[L, F]``; both from :func:`backend.learning.fit.example_features`, with its ``anchor``): the
+    suggested label index ``[N]`` and its probability ``[N]``, each block scored by prototypes fitted on the
+    others."""
     y = np.asarray(y, int)
     fold = fold_of(groups, folds)
     predicted = np.zeros(len(y), int)
@@ -69,7 +71,7 @@ def heldout_predictions(text: np.ndarray, scale: float, x: np.ndarray, y: np.nda
     for f in np.unique(fold):
         test, train = fold == f, fold != f
         if train.any():
-            w, b = fit_prototypes(text, x[train], y[train], scale)
+            w, b = fit_prototypes(text, x[train], y[train], scale, anchor=anchor)
             means, counts = vision_prototypes(text, x[train], y[train])
         else:
             w, b = np.asarray(text, np.float32), np.zeros(len(text), np.float32)

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from backend.learning.examples import Example
+from backend.learning.fit import example_features
 from backend.trust.calibration import Calibration, fit_calibration
 from backend.trust.heldout import DEFAULT_FOLDS, heldout_predictions
 
@@ -31,7 +32,7 @@ def calibrate_examples(text: np.ndarray, scale: float, labels: Sequence[str], ex
     if len(used) > MAX_CALIBRATION_EXAMPLES:
         keep = np.linspace(0, len(used) - 1, MAX_CALIBRATION_EXAMPLES).astype(int)
         used = [used[i] for i in keep]
-    x = np.stack([e.let for e in used])
+    x, features_text, anchor = example_features(used, text)
     y = np.asarray([index[e.label] for e in used])
-    predicted, score = heldout_predictions(text, scale, x, y, [e.region_id for e in used], folds)
+    predicted, score = heldout_predictions(features_text, scale, x, y, [e.region_id for e in used], folds, anchor)
     return fit_calibration(list(labels), predicted, score, predicted == y, counts, target)

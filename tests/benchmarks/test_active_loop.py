@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from benchmarks.active_loop import ORDERS, labels_to_reach, run_loop, summarise, verified_on_test
+from worker.protocol.features import learning_features
 
 
 def _world(n: int, seed: int) -> dict[str, np.ndarray]:
@@ -12,7 +13,8 @@ def _world(n: int, seed: int) -> dict[str, np.ndarray]:
     label = rng.integers(0, 4, n)
     centres = np.eye(4, 8)
     x = centres[label] + 0.6 * rng.normal(size=(n, 8))
-    return {"x1": x, "x2": x, "label": label, "scene": np.arange(n) // 2}
+    crops = centres[label] + 0.3 * rng.normal(size=(n, 8))
+    return {"x1": x, "x2": x, "f2": learning_features(x, crops), "label": label, "scene": np.arange(n) // 2}
 
 
 def test_each_order_labels_one_batch_per_round_and_learns():

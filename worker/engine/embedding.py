@@ -45,13 +45,13 @@ def mix_crop(lets: np.ndarray, crops: np.ndarray, weight: float) -> np.ndarray:
 
 
 def mixed_with_crops(engine: MaskInversionEngine, image: ImageLike, masks: Sequence[np.ndarray],
-                     lets: torch.Tensor, crop_weight: float) -> torch.Tensor:
+                     lets: torch.Tensor, crop_weight: float) -> tuple[torch.Tensor, np.ndarray | None]:
     """LETs ``[N, D]`` of ``masks`` mixed (:func:`mix_crop`) with their masked crops at the model's native size
-    (``engine.crop_embeddings``), on the LETs' device; ``crop_weight`` 0: the LETs unchanged."""
+    (``engine.crop_embeddings``), on the LETs' device, and those crops ``[N, D]``; ``crop_weight`` 0: the LETs
+    unchanged and no crops."""
     if not crop_weight:
-        return lets
+        return lets, None
     import torch
 
-    crops = engine.crop_embeddings(image, list(masks), "masked_crop")[0]
-    return torch.from_numpy(mix_crop(lets.detach().float().cpu().numpy(), crops.float().cpu().numpy(),
-                                     crop_weight)).to(lets.device)
+    crops = engine.crop_embeddings(image, list(masks), "masked_crop")[0].float().cpu().numpy()
+    return torch.from_numpy(mix_crop(lets.detach().float().cpu().numpy(), crops, crop_weight)).to(lets.device), crops

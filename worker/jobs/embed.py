@@ -6,21 +6,26 @@ returns each region's LET, and optionally the text prototypes of a label set, co
     payload = worker.protocol.EmbedRegionsJob.to_dict()
             = {"v": 1, "image": {"sha256", "data_b64"}, "regions": [{"id": str, "mask": EncodedMask}, ...],
                "params": InversionParams, "labels": [str, ...] (optional), "dtype": "float16" | "float32"}
-    result  = JobResult(kind="embed_regions", regions=[RegionResult(id, meta={"let": Vectors [1, D]}), ...],
+    result  = JobResult(kind="embed_regions", regions=[RegionResult(id, meta={"let": Vectors [1, D],
+                                                                               "crop": Vectors [1, D]}), ...],
                         meta={"text": Vectors [L, D] (when labels were given), "logit_scale": float,
                               "embed_dim": int})
 
     Vectors = {"dtype": "float32" | "float16", "shape": [N, D], "data": base64 of the little-endian array}
     (worker.text.prototypes.encode_vectors / decode_vectors; float16 by default: 2 bytes per dimension)
 
-LETs are the raw (unnormalised) LETs of :meth:`worker.engine.engine.MaskInversionEngine.invert`. Both this job and
+``crop`` (when the params mix in the masked crop) is the region's masked-crop embedding, which the backend keeps
+beside the embedding for learning (:mod:`worker.protocol.features`). LETs are the raw (unnormalised) LETs of
+:meth:`worker.engine.engine.MaskInversionEngine.invert`. Both this job and
 ``label_regions`` look LETs up in the LET cache (:mod:`worker.jobs.let_cache`) before inverting.
 
 Prototypes for ``label_regions`` (optional ``"prototypes"`` in its payload; built by the backend from the
 project's examples, :mod:`backend.learning.learner`)::
 
-    {"version": str, "labels": [str, ...], "weights": Vectors [P, D], "bias": [float] * P,
-     "means": Vectors [P, D], "counts": [int] * P}
+    {"version": str, "labels": [str, ...], "weights": Vectors [P, D or 2D], "bias": [float] * P,
+     "means": Vectors [P, D or 2D], "counts": [int] * P}
+
+(2D: over learning features, the embedding beside the masked crop, :mod:`worker.protocol.features`)
 
 one row per label *with examples* (labels of the job not listed fall back to text); scored by
 :func:`worker.text.prototypes.combined_logits`. Each region's ``meta`` then carries ``margin`` (top-1 minus top-2
@@ -42,6 +47,7 @@ from worker.jobs.runtime import Runtime, check_text_limits, get_runtime
 from worker.protocol import (MAX_EMBED_LABELS, EmbedRegionsJob, InversionParams, JobResult, PayloadError,
                              ProtocolError, RegionResult, check_limits, decode_image, decode_region_masks, encode_mask,
                              region_ids)
+from worker.protocol.features import learning_features, text_features, uses_crops
 from worker.text.prototypes import combined_logits, decode_vectors, encode_vectors
 
 log = logging.getLogger(__name__)
@@ -80,6 +86,7 @@ class LetBatch:
     image_hit: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     cached: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [N] bool: the LET came from the cache
+    crops: np.ndarray | None = None  # [N, D] masked-crop embeddings (with params.crop_weight > 0), zeros at errors
 
 
 def region_lets(rt: Runtime, image_bytes: bytes, image_sha256: str, masks: Sequence[np.ndarray],
@@ -113,6 +120,7 @@ def region_lets(rt: Runtime, image_bytes: bytes, image_sha256: str, masks: Seque
         crops = region_crops(rt, image_bytes, image_sha256, masks, batch.errors, cache, prefix)
         good = [i for i, e in enumerate(batch.errors) if e is None]
         batch.lets[good] = mix_crop(batch.lets[good], crops[good], params.crop_weight)
+        batch.crops = crops
         batch.timings["crop_s"] = time.perf_counter() - t0
     return batch
 
@@ -239,9 +247,10 @@ def parse_prototypes(doc: Any, labels: Sequence[str], dim: int) -> dict[str, Any
         raise PayloadError(f"prototypes: {exc}") from None
     bias, counts = doc.get("bias"), doc.get("counts")
     p = len(names)
-    if weights.shape != (p, dim) or means.shape != (p, dim):
-        raise PayloadError(f"prototypes.weights and .means must be [{p}, {dim}], got {list(weights.shape)} and "
-                           f"{list(means.shape)}")
+    width = int(weights.shape[1]) if weights.ndim == 2 else -1
+    if width not in (dim, 2 * dim) or weights.shape != (p, width) or means.shape != (p, width):
+        raise PayloadError(f"prototypes.weights and .means must be [{p}, {dim}] (embeddings) or [{p}, {2 * dim}] "
+                           f"(embeddings and crops), got {list(weights.shape)} and {list(means.shape)}")
     if (not isinstance(bias, list) or len(bias) != p
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and np.isfinite(b) for b in bias)):
         raise PayloadError(f"prototypes.bias must be {p} finite numbers")
@@ -250,8 +259,8 @@ def parse_prototypes(doc: Any, labels: Sequence[str], dim: int) -> dict[str, Any
         raise PayloadError(f"prototypes.counts must be {p} non-negative integers")
     index = {name: j for j, name in enumerate(names)}
     n = len(labels)
-    out: dict[str, Any] = {"weights": np.zeros((n, dim), np.float32), "bias": np.zeros(n, np.float32),
-           "means": np.zeros((n, dim), np.float32), "counts": np.zeros(n, np.int64),
+    out: dict[str, Any] = {"weights": np.zeros((n, width), np.float32), "bias": np.zeros(n, np.float32),
+           "means": np.zeros((n, width), np.float32), "counts": np.zeros(n, np.int64),
            "version": str(doc.get("version") or "")[:100]}
     for i, label in enumerate(labels):
         j = index.get(label)
@@ -262,11 +271,19 @@ def parse_prototypes(doc: Any, labels: Sequence[str], dim: int) -> dict[str, Any
 
 
 def score_regions(rt: Runtime, lets: np.ndarray, labels: Sequence[str], templates: Sequence[str], top_k: int,
-                  prototypes: dict[str, Any] | None = None
+                  prototypes: dict[str, Any] | None = None, crops: np.ndarray | None = None
                   ) -> tuple[list[list[tuple[str, float]]], list[dict[str, Any]]]:
-    """Top-k ``(label, probability)`` per LET ``[N, D]`` and per-region meta (margin, examples behind top-1)."""
+    """Top-k ``(label, probability)`` per region embedding ``lets`` ``[N, D]`` and per-region meta (margin,
+    examples behind top-1). Prototypes over learning features (``[L, 2D]``, ``worker.protocol.features``) need the
+    regions' masked crops ``crops`` ``[N, D]``; without them such prototypes are left out (text alone)."""
     text = text_prototypes(rt, labels, templates)
     scale = logit_scale(rt)
+    if prototypes is not None and uses_crops(prototypes["weights"].shape[1], text.shape[1]):
+        if crops is None:
+            log.warning("example prototypes over crops, but no crops for these regions: scored by text alone")
+            prototypes = None
+        else:
+            lets, text = learning_features(lets, crops), text_features(text)
     if prototypes is None:
         logits = combined_logits(lets, text, scale)
     else:
@@ -319,7 +336,9 @@ def embed_regions(job: dict[str, Any]) -> dict[str, Any]:
         log.warning("embed job rejected: %s", exc)
         return JobResult.rejected(str(exc), ids, rt.model_info(), kind="embed_regions").to_dict()
     out = [RegionResult.failed(rid, err) if err else
-           RegionResult(id=rid, meta={"let": encode_vectors(batch.lets[k:k + 1], dtype)})
+           RegionResult(id=rid, meta={"let": encode_vectors(batch.lets[k:k + 1], dtype),
+                                      **({"crop": encode_vectors(batch.crops[k:k + 1], dtype)}
+                                         if batch.crops is not None else {})})
            for k, (rid, err) in enumerate(zip(ids, batch.errors))]
     total = time.perf_counter() - t0
     log.info("embed job: %d region(s) (%d from the LET cache) in %.2fs", len(ids), batch.hits, total)

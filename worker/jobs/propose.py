@@ -130,9 +130,9 @@ def propose_regions(job: dict[str, Any]) -> dict[str, Any]:
         sam = _sam_source(settings, rt.clip.device) if "sam" in opts.sources else None
         score_fn = None
         if prototypes is not None:  # labelled like drawn regions of the project: text + its examples
-            def score_fn(lets):
+            def score_fn(lets, crops):
                 return score_regions(rt, lets.detach().float().cpu().numpy(), labels, params.templates,
-                                     params.top_k, prototypes)[0]
+                                     params.top_k, prototypes, crops)[0]
         with rt.lock:
             res = propose(rt.engine, rt.scorer, image_bytes, labels, params.templates, size=params.size,
                           sources=opts.sources, steps=params.steps, lr=params.lr, top_k=params.top_k,

@@ -59,7 +59,9 @@ def label_regions(job: dict[str, Any]) -> dict[str, Any]:
             errors = list(res.errors) if res else []
             good = [k for k, e in enumerate(errors) if e is None]
             lets_good = res.lets[good] if res is not None and good else None  # [G, D]
-            scored, region_meta = (score_regions(rt, lets_good, labels, params.templates, params.top_k, prototypes)
+            crops_good = res.crops[good] if res is not None and good and res.crops is not None else None
+            scored, region_meta = (score_regions(rt, lets_good, labels, params.templates, params.top_k, prototypes,
+                                                 crops_good)
                                    if lets_good is not None and labels else ([], []))
             # retrieval captions need a label to pick a phrase bank; a ClipCap captioner needs only the LET
             can_caption = bool(scored) or (bool(good) and rt.captioner.mode != "retrieval")

@@ -331,7 +331,8 @@ def objectness(final_loss: torch.Tensor | np.ndarray, power: float = OBJECTNESS_
 
 
 #: top-k ``(label, probability)`` per LET ``[N, D]`` (e.g. text and a project's example prototypes)
-ScoreFn = Callable[[torch.Tensor], list[list[tuple[str, float]]]]
+#: how candidates are labelled: (embeddings ``[N, D]``, masked crops ``[N, D]`` or None) -> top-k per candidate
+ScoreFn = Callable[[torch.Tensor, "np.ndarray | None"], list[list[tuple[str, float]]]]
 
 
 def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], labels: Sequence[str],
@@ -351,9 +352,9 @@ def label_candidates(engine, scorer, image: ImageLike, cands: list[Candidate], l
     if not ok:
         return []
     check_time("the candidates' masked crops")
-    lets = mixed_with_crops(engine, image, [cands[i].mask for i in ok], res.lets[ok], crop_weight)
+    lets, crops = mixed_with_crops(engine, image, [cands[i].mask for i in ok], res.lets[ok], crop_weight)
     check_time("scoring the candidates")
-    scored = score_fn(lets) if score_fn is not None else scorer.score(lets, labels, templates, top_k=top_k)
+    scored = score_fn(lets, crops) if score_fn is not None else scorer.score(lets, labels, templates, top_k=top_k)
     check_time("the candidates' objectness features")
     k, grid = keys if keys is not None else image_keys(engine, image, size)
     masks = np.stack([cands[i].mask for i in ok])

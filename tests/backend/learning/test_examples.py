@@ -63,3 +63,36 @@ def test_redis_example_keys_have_no_ttl(redis_conn, redis_ns):
     s = RedisExampleStore(redis_conn, redis_ns)
     s.replace_annotation("1", "a", [ex("r1", "cat")])
     assert redis_conn.ttl(f"{redis_ns}:examples:1") == -1
+
+
+def test_an_example_keeps_its_masked_crop_and_the_crop_is_part_of_the_version(store):
+    crop = np.arange(8, dtype=np.float32)
+    with_crop = Example("r1", "cat", "m|64|2|0.1|0.0", ex("r1", "cat").let, crop)
+    store.replace_annotation("1", "a", [ex("r1", "cat")])
+    before = store.version("1")
+    assert store.replace_annotation("1", "a", [with_crop])  # re-embedded with its crop: a new version
+    assert store.version("1") != before
+    (got,) = store.examples("1")
+    np.testing.assert_array_equal(got.crop, crop)
+    np.testing.assert_array_equal(got.let, with_crop.let)
+
+
+def test_a_store_file_made_before_crops_were_kept_is_read_and_extended(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:  # the layout without the crop column
+        db.executescript("""
+            CREATE TABLE annotations (project TEXT NOT NULL, annotation_id TEXT NOT NULL, digest TEXT NOT NULL,
+                                      n INTEGER NOT NULL, PRIMARY KEY (project, annotation_id));
+            CREATE TABLE examples (project TEXT NOT NULL, annotation_id TEXT NOT NULL, region_id TEXT NOT NULL,
+                                   label TEXT NOT NULL, model_key TEXT NOT NULL, let BLOB NOT NULL);
+        """)
+        db.execute("INSERT INTO annotations VALUES ('1', 'a', 'd0', 1)")
+        db.execute("INSERT INTO examples VALUES ('1', 'a', 'r1', 'cat', 'm', ?)",
+                   (np.ones(8, "<f4").tobytes(),))
+    store = SqliteExampleStore(path)
+    (old,) = store.examples("1")
+    assert old.crop is None and old.let.shape == (8,)
+    store.replace_annotation("1", "b", [Example("r2", "dog", "m", np.ones(8, np.float32), np.zeros(8, np.float32))])
+    assert [e.crop is None for e in store.examples("1")] == [True, False]
