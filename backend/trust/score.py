@@ -30,7 +30,7 @@ from typing import Any, Iterable
 #: benchmarks/active_loop.py)
 COVERAGE_WEIGHT = 1.0
 #: weight of the similarity coverage ``1 - labelled_similarity`` against uncertainty (same choice)
-SIMILARITY_WEIGHT = 2.0
+SIMILARITY_WEIGHT = 2.5
 
 
 def coverage(examples: int, similarity: float | None = None) -> float:
