@@ -35,6 +35,15 @@ def png_bytes(width: int = 80, height: int = 60, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def two_masks(height: int = 60, width: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint rectangular region masks ``[H, W]`` on a ``png_bytes`` image: left and right."""
+    a = np.zeros((height, width), bool)
+    a[10:40, 5:30] = True
+    b = np.zeros((height, width), bool)
+    b[20:50, 40:75] = True
+    return a, b
+
+
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 

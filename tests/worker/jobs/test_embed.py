@@ -10,15 +10,11 @@ from worker.engine.embedding import combine_views, mix_crop
 from worker.protocol import decode_vectors, encode_vectors
 from worker.protocol import JOB_KINDS, JobResult, allowed_functions
 
-from backend_support import png_bytes
+from backend_support import png_bytes, two_masks
 
 
 def masks():
-    a = np.zeros((60, 80), bool)
-    a[10:40, 5:30] = True
-    b = np.zeros((60, 80), bool)
-    b[20:50, 40:75] = True
-    return a, b
+    return two_masks()
 
 
 def embed_payload(image: bytes, labels=(), dtype="float32", extra_regions=()):

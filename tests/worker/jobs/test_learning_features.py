@@ -10,17 +10,13 @@ from backend.learning.fit import FEATURE_ANCHOR, example_features, fit_prototype
 from worker.protocol import InversionParams, LabelRegionsJob, decode_vectors, encode_image, encode_mask, encode_vectors
 from worker.protocol.features import learning_features, text_features
 
-from backend_support import png_bytes
+from backend_support import png_bytes, two_masks
 
 MIXED = InversionParams(size=64, steps=2, caption=False, crop_weight=0.3)
 
 
 def masks():
-    a = np.zeros((60, 80), bool)
-    a[10:40, 5:30] = True
-    b = np.zeros((60, 80), bool)
-    b[20:50, 40:75] = True
-    return a, b
+    return two_masks()
 
 
 def embed(img: bytes, params: InversionParams, labels=("cat", "dog", "cow")) -> dict:
