@@ -61,6 +61,27 @@ def until(what: str, probe: Callable[[], Any], timeout_s: float, every_s: float 
     raise AssertionError(f"gave up waiting for {what}")
 
 
+#: how long a page may take to reach a state on a slow, shared CPU (never sleep-and-assert)
+PAGE_TIMEOUT_MS = 120_000
+
+
+def log_in(page: Any, stack: "Stack", timeout_ms: int = PAGE_TIMEOUT_MS) -> None:
+    """Fill Label Studio's login form and click *Log in*. On a loaded host the page can re-render the form between
+    filling and clicking (it then comes back empty): like a person, fill it again, up to three times."""
+    for attempt in range(3):
+        page.goto(f"{stack.ls_url}/user/login/", wait_until="networkidle")
+        page.locator("#email").fill(stack.username)
+        page.locator("#password").fill(stack.password)
+        page.locator("button.login-button").click()
+        try:
+            page.wait_for_url(lambda url: "/user/login" not in url,
+                              timeout=timeout_ms if attempt == 2 else timeout_ms // 4)
+            return
+        except Exception:  # noqa: BLE001 - Playwright's TimeoutError: still on the login page
+            if attempt == 2:
+                raise
+
+
 def missing_requirement() -> str | None:
     """Why the browser tests cannot run here (``None`` when they can)."""
     if importlib.util.find_spec("playwright") is None:

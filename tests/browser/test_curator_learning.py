@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from browser_harness import REPO_ROOT, SHOTS, Project, Stack, scenes, until, with_vocabulary
+from browser_harness import REPO_ROOT, SHOTS, Project, Stack, log_in, scenes, until, with_vocabulary
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 
@@ -67,14 +67,6 @@ def curated(stack: Stack) -> Curated:
     _until("the backend's version as the project's prediction source",
            lambda: client.request("GET", f"/api/projects/{proj.id}/")["model_version"] == version)
     return Curated(proj, model_url, version)
-
-
-def log_in(page: Any, stack: Stack) -> None:
-    page.goto(f"{stack.ls_url}/user/login/")
-    page.locator("#email").fill(stack.username)
-    page.locator("#password").fill(stack.password)
-    page.locator("button.login-button").click()
-    page.wait_for_url(lambda url: "/user/login" not in url, timeout=PAGE_TIMEOUT_MS)
 
 
 def shot(page: Any, name: str) -> Any:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from browser_harness import REPO_ROOT, SHOTS, Project, Stack
+from browser_harness import REPO_ROOT, SHOTS, Project, Stack, log_in
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
 
@@ -35,21 +35,6 @@ SUGGESTION_TIMEOUT_MS = 180_000
 # ------------------------------------------------------------------------------------------------------------
 # steps an annotator takes
 # ------------------------------------------------------------------------------------------------------------
-def log_in(page: Any, stack: Stack) -> None:
-    """Fill the login form and click *Log in*. On a loaded host the page can re-render the form between filling and
-    clicking (it then comes back empty): like a person, fill it again, up to three times."""
-    for attempt in range(3):
-        page.goto(f"{stack.ls_url}/user/login/", wait_until="networkidle")
-        page.locator("#email").fill(stack.username)
-        page.locator("#password").fill(stack.password)
-        page.locator("button.login-button").click()
-        try:
-            wait_ms = PAGE_TIMEOUT_MS if attempt == 2 else PAGE_TIMEOUT_MS // 4
-            page.wait_for_url(lambda url: "/user/login" not in url, timeout=wait_ms)
-            return
-        except Exception:  # noqa: BLE001 - Playwright's TimeoutError: still on the login page
-            if attempt == 2:
-                raise
 
 
 def open_task(page: Any, stack: Stack, project: Project, k: int) -> Any:

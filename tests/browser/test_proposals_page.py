@@ -21,7 +21,7 @@ import pytest
 from collections.abc import Iterator
 from pathlib import Path
 
-from browser_harness import (CURATING_ENV, REPO_ROOT, SHOTS, DemoBackend, Project, SceneTask, Stack,
+from browser_harness import (CURATING_ENV, REPO_ROOT, SHOTS, DemoBackend, Project, SceneTask, Stack, log_in,
                              with_vocabulary)
 from ls_harness import HarnessError
 
@@ -69,14 +69,6 @@ def connect(stack: Stack, project_id: int, url: str, tries: int = 3) -> dict:
             if k == tries - 1 or "timed out" not in str(exc):
                 raise
     raise AssertionError("unreachable")
-
-
-def log_in(page: Any, stack: Stack) -> None:
-    page.goto(f"{stack.ls_url}/user/login/")
-    page.locator("#email").fill(stack.username)
-    page.locator("#password").fill(stack.password)
-    page.locator("button.login-button").click()
-    page.wait_for_url(lambda url: "/user/login" not in url, timeout=PAGE_TIMEOUT_MS)
 
 
 def retrieve_predictions(page: Any, stack: Stack, project: Project) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 
-from browser_harness import REPO_ROOT, SHOTS, Stack, until, with_vocabulary
+from browser_harness import REPO_ROOT, SHOTS, Stack, log_in, until, with_vocabulary
 from training.scene_world import SceneWorld
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow]
@@ -145,11 +145,7 @@ def test_verified_suggestions_become_annotations_the_rest_stay_suggestions(stack
     view = client.request("POST", "/api/dm/views/", json={"project": trust.id, "data": {
         "title": "not annotated", "filters": {"conjunction": "and", "items": [
             {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}]}}})
-    page.goto(f"{stack.ls_url}/user/login/")
-    page.locator("#email").fill(stack.username)
-    page.locator("#password").fill(stack.password)
-    page.locator("button.login-button").click()
-    page.wait_for_url(lambda url: "/user/login" not in url, timeout=PAGE_TIMEOUT_MS)
+    log_in(page, stack)
     page.goto(f"{stack.ls_url}/projects/{trust.id}/data?tab={view['id']}")
     page.get_by_label("Select all rows").first.wait_for(state="visible", timeout=PAGE_TIMEOUT_MS)
     page.locator(".lsf-table-row, .lsf-table__row-wrapper").first.wait_for(state="visible", timeout=PAGE_TIMEOUT_MS)
