@@ -2,8 +2,9 @@
 
 With a region index the label and proposal jobs are asked for each region's embedding (the vector its labels
 were scored on). Per region the answer then gets ``meta.labelled_similarity``: the largest cosine similarity of
-its embedding to a ``human`` region of the same project and model (one filtered top-1 query a region; absent
-when the project has no human region of that model yet). After the answers are built, the regions are indexed
+its embedding to a ``human`` region of the same project and model (exact, against the project's human vectors
+that :meth:`backend.search.index.RegionIndex.human_vectors` keeps; absent when the project has no human region
+of that model yet). After the answers are built, the regions are indexed
 in the background (:meth:`backend.search.index.RegionIndex.index_later`) as ``suggested`` (drawn regions) or
 ``proposed`` with task, region id, top label, score (the item's, as Label Studio shows it), model key, image
 digest and box; the embedding itself never goes into the prediction. Nothing here fails a prediction: trouble
