@@ -245,11 +245,22 @@ def one(store: str, n: int, pg: str, sweep: list[int]) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def host_name() -> str:
+    """This machine as the tables name it: cores, CPU model and its widest vector extension (from /proc/cpuinfo)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return f"{os.cpu_count()}-core CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "CPU")
+    simd = "AVX-512" if " avx512f" in info else "AVX2" if " avx2" in info else "no AVX2"
+    return f"{os.cpu_count()}-core {model} ({simd})"
+
+
 def write(results: list[dict[str, Any]]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     doc = {"setup": {"dim": DIM, "clusters": CLUSTERS, "noise": NOISE, "projects": PROJECTS,
                      "filtered_project_share": BIG_SHARE,
-                     "queries": QUERIES, "k": K, "host": os.environ.get("BENCH_HOST", "2-core Xeon (AVX-512)")},
+                     "queries": QUERIES, "k": K, "host": os.environ.get("BENCH_HOST") or host_name()},
            "results": results}
     (OUT / "search_stores.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = ["| store | regions | build s | disk MB | RSS MB | p50 ms | p95 ms | recall@10 |", "|---" * 8 + "|"]
